@@ -1,0 +1,32 @@
+# The two set-up commands of the README. Both create .venv if needed and install
+# the package with the extras they need; nothing hand-installed is assumed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install first. These releases are the newest this project's
+# machines can install; elsewhere override it, e.g. `make test TORCH="torch"`.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?= -m "not slow and not gpu"
+
+.PHONY: install test demo lint bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[all,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/captum-faithful demo
+
+lint: install
+	$(PY) -m pip install --quiet ruff
+	$(PY) -m ruff check captum_faithful tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,222 @@
+"""Small helpers shared by the attribution methods and the metrics.
+
+Argument checks raise early with a message that names the argument and the expected
+form; model-facing helpers never write to the user's model or tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_faithful._compat import _format_additional_forward_args, _run_forward
+
+
+def optional_import(module: str, extra: str) -> Any:
+    """Import ``module`` or raise an ImportError that names the pip extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{module!r} is needed for this feature. Install it with "
+            f"`pip install captum-faithful[{extra}]`."
+        ) from err
+
+
+def as_logits(output: Any) -> Tensor:
+    """Reduce a forward output to a tensor.
+
+    A Hugging Face ``ModelOutput`` or a mapping is reduced to its ``logits`` field
+    (``logits_per_image`` for CLIP-style outputs); a tuple to its first element.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) or hasattr(output, "keys"):
+        for key in ("logits", "logits_per_image"):
+            if key in output.keys() and output[key] is not None:
+                return output[key]
+        raise TypeError(
+            "forward_func returned a mapping without a 'logits' field; expected a "
+            f"tensor or a ModelOutput with logits, got keys {list(output.keys())}"
+        )
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"forward_func must return a tensor or a ModelOutput, got {type(output).__name__}"
+    )
+
+
+def logits_forward(forward_func: Callable) -> Callable:
+    """Wrap ``forward_func`` so that it returns a tensor (see :func:`as_logits`)."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Tensor:
+        return as_logits(forward_func(*args, **kwargs))
+
+    return wrapped
+
+
+def run_forward(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    additional_forward_args: Any = None,
+) -> Tensor:
+    """Forward ``inputs`` (a tuple) and the additional arguments, return logits."""
+    additional_forward_args = _format_additional_forward_args(additional_forward_args)
+    return as_logits(_run_forward(forward_func, inputs, None, additional_forward_args))
+
+
+def check_finite(name: str, tensors: Tensor | Sequence[Tensor]) -> None:
+    """Raise ValueError if any tensor in ``tensors`` holds NaN or Inf."""
+    if isinstance(tensors, Tensor):
+        tensors = (tensors,)
+    for tensor in tensors:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"`{name}` must be a tensor or a tuple of tensors, "
+                f"got {type(tensor).__name__}"
+            )
+        if tensor.is_floating_point() or tensor.is_complex():
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"`{name}` contains NaN or Inf values")
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """Return ``value`` as int, raising if it is not an integer ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_float(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Return ``value`` as float, raising if it is not a real number in range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"`{name}` must not be NaN")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        bound = ">=" if low_inclusive else ">"
+        raise ValueError(f"`{name}` must be {bound} {low}, got {value}")
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        bound = "<=" if high_inclusive else "<"
+        raise ValueError(f"`{name}` must be {bound} {high}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """Raise ValueError unless ``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+    return value
+
+
+def resolve_model(forward_func: Callable, model: nn.Module | None) -> nn.Module:
+    """The module whose parameters a method needs: ``model`` or ``forward_func``."""
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"`model` must be a torch.nn.Module, got {type(model).__name__}"
+            )
+        return model
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return owner
+    raise TypeError(
+        "`forward_func` is not an nn.Module, so pass the module that owns the "
+        "parameters as `model=`"
+    )
+
+
+def resolve_targets(output: Tensor, target: Any) -> Tensor:
+    """Per-sample class indices, shape (N,), for a 2-D output (N, C).
+
+    ``target=None`` takes the class predicted by ``output`` (argmax); an int applies
+    to every sample; a list or tensor gives one class per sample. Indices outside
+    ``[0, C)`` raise ValueError.
+    """
+    if output.dim() != 2:
+        raise ValueError(
+            "expected a model output of shape (N, n_classes), got shape "
+            f"{tuple(output.shape)}"
+        )
+    n, n_classes = output.shape
+    if target is None:
+        return output.detach().argmax(dim=1)
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        classes = torch.full((n,), int(target), dtype=torch.long, device=output.device)
+    elif isinstance(target, Tensor):
+        if target.numel() == 1:
+            classes = target.reshape(1).expand(n).long().to(output.device)
+        elif target.dim() == 1 and target.numel() == n:
+            classes = target.long().to(output.device)
+        else:
+            raise ValueError(
+                f"`target` must be a scalar or hold one class per sample ({n}), "
+                f"got shape {tuple(target.shape)}"
+            )
+        if target.is_floating_point() and not bool((target == target.round()).all()):
+            raise ValueError("`target` must hold integer class indices")
+    elif isinstance(target, (list, tuple)):
+        if len(target) != n or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
+        ):
+            raise ValueError(
+                f"`target` as a list must hold one integer class per sample ({n}), "
+                f"got {target!r}"
+            )
+        classes = torch.tensor([int(t) for t in target], device=output.device)
+    else:
+        raise TypeError(
+            "`target` must be None, an int, a list of ints or a tensor, got "
+            f"{type(target).__name__}"
+        )
+    if n and (int(classes.min()) < 0 or int(classes.max()) >= n_classes):
+        raise ValueError(
+            f"`target` out of range: the output has {n_classes} classes, got "
+            f"classes from {int(classes.min())} to {int(classes.max())}"
+        )
+    return classes
+
+
+@contextmanager
+def preserve_model_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore train/eval mode and ``requires_grad`` flags of ``model`` on exit.
+
+    Methods may switch these for the duration of a call (e.g. to take gradients of a
+    frozen model); the user gets them back exactly, also when the call raises.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def progress(iterable: Iterable, show: bool, **tqdm_kwargs: Any) -> Iterable:
+    """``iterable`` wrapped in a tqdm bar when ``show`` (tqdm is in the demo extra)."""
+    if not show:
+        return iterable
+    tqdm = optional_import("tqdm.auto", "demo").tqdm
+    return tqdm(iterable, **tqdm_kwargs)

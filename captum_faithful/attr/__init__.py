@@ -1,0 +1,3 @@
+"""Attribution methods, mirroring ``captum.attr``."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Faithfulness metrics, mirroring ``captum.metrics``."""
+
+__all__: list[str] = []

@@ -1,0 +1,59 @@
+import pytest
+import torch
+from helpers import ModelSnapshot
+
+from captum_faithful._utils import (
+    as_logits,
+    check_finite,
+    preserve_model_state,
+    resolve_model,
+    resolve_targets,
+)
+
+
+def test_resolve_targets_forms():
+    out = torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 1.0]])
+    assert resolve_targets(out, None).tolist() == [1, 0]
+    assert resolve_targets(out, 2).tolist() == [2, 2]
+    assert resolve_targets(out, [0, 2]).tolist() == [0, 2]
+    assert resolve_targets(out, torch.tensor([2, 1])).tolist() == [2, 1]
+    assert resolve_targets(out, torch.tensor(1)).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="target"):
+        resolve_targets(out, 3)
+    with pytest.raises(ValueError, match="target"):
+        resolve_targets(out, [0, 1, 2])
+    with pytest.raises(TypeError, match="target"):
+        resolve_targets(out, "cat")
+
+
+def test_as_logits_reduces_model_outputs():
+    logits = torch.randn(2, 3)
+    assert as_logits({"logits": logits, "hidden": None}) is logits
+    assert as_logits((logits, torch.zeros(1))) is logits
+    with pytest.raises(TypeError, match="logits"):
+        as_logits({"scores": logits})
+
+
+def test_check_finite_names_the_argument():
+    check_finite("inputs", (torch.ones(2),))
+    with pytest.raises(ValueError, match="`attributions`"):
+        check_finite("attributions", torch.tensor([1.0, float("nan")]))
+
+
+def test_resolve_model_requires_a_module(cnn):
+    assert resolve_model(cnn, None) is cnn
+    assert resolve_model(cnn.forward, None) is cnn
+    with pytest.raises(TypeError, match="model"):
+        resolve_model(lambda x: x, None)
+
+
+def test_preserve_model_state_restores_after_exception(cnn):
+    cnn[0].weight.requires_grad_(False)
+    snapshot = ModelSnapshot.take(cnn)
+    with pytest.raises(RuntimeError):
+        with preserve_model_state(cnn):
+            cnn.train()
+            for p in cnn.parameters():
+                p.requires_grad_(True)
+            raise RuntimeError("boom")
+    snapshot.assert_same(cnn)
