@@ -11,14 +11,24 @@ from captum_faithful.metrics._core.baselines import (
     mean_baseline,
     zero_baseline,
 )
+from captum_faithful.metrics._core.faithfulness_correlation import (
+    faithfulness_correlation,
+)
 from captum_faithful.metrics._core.insertion_deletion import deletion_auc, insertion_auc
+from captum_faithful.metrics._core.parameter_randomization import (
+    parameter_randomization,
+)
 from captum_faithful.metrics._core.patch_mask import patch_mask
+from captum_faithful.metrics._core.saco import saco
 
 __all__ = [
     "blur_baseline",
     "deletion_auc",
+    "faithfulness_correlation",
     "insertion_auc",
     "mean_baseline",
+    "parameter_randomization",
     "patch_mask",
+    "saco",
     "zero_baseline",
 ]

@@ -502,3 +502,42 @@ def perturbed_target_scores(
             )
         )
     return torch.cat(scores).view(n, n_perturbations)
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..n along the last dimension, ties given their average rank (the
+    convention of ``scipy.stats.rankdata``), as float64."""
+    n = values.shape[-1]
+    sorted_values, order = torch.sort(values, dim=-1, stable=True)
+    starts_group = torch.ones_like(sorted_values, dtype=torch.bool)
+    starts_group[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
+    group = starts_group.long().cumsum(-1) - 1
+    ones = torch.ones_like(group, dtype=torch.float64)
+    size = torch.zeros_like(ones).scatter_add_(-1, group, ones)
+    positions = torch.arange(1, n + 1, dtype=torch.float64, device=values.device)
+    first = torch.zeros_like(ones).scatter_reduce_(
+        -1, group, positions.expand_as(ones), reduce="amin", include_self=False
+    )
+    sorted_ranks = first.gather(-1, group) + (size.gather(-1, group) - 1) / 2
+    return torch.empty_like(sorted_ranks).scatter_(-1, order, sorted_ranks)
+
+
+def pearson_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation along the last dimension, in float64; NaN where either
+    side is constant."""
+    a = a.to(torch.float64)
+    b = b.to(torch.float64)
+    constant = (a == a[..., :1]).all(-1) | (b == b[..., :1]).all(-1)
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    correlation = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    return torch.where(constant, torch.nan, correlation.clamp(-1.0, 1.0))
+
+
+def spearman_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation along the last dimension (Pearson of average
+    ranks), in float64; NaN where either side is constant."""
+    return pearson_correlation(average_ranks(a), average_ranks(b))
+
+
+CORRELATIONS = {"pearson": pearson_correlation, "spearman": spearman_correlation}
