@@ -94,6 +94,7 @@ def render(
     labels: np.ndarray,
     pool: np.ndarray,
     seed: int | list[int] | tuple[int, ...],
+    distractor_strength: float = 1.0,
 ) -> DigitBlocks:
     """Render one image per scan.
 
@@ -140,7 +141,7 @@ def render(
 
     background_t = torch.from_numpy(background).float()[:, :, None, None]
     colour_t = torch.from_numpy(ink_colour).float()[:, :, None, None]
-    density = ink + other
+    density = ink + distractor_strength * other
     images = background_t * (1 - density) + colour_t * density
     images = (images + torch.from_numpy(noise).float()).clamp(0.0, 1.0)
     return DigitBlocks(
