@@ -61,6 +61,10 @@ class MetricInputs:
         n_features (int): Number of features F.
         n_examples (int): Batch size N.
         chunk_size (int): Perturbed examples per forward pass.
+        feature_ranges (tuple): Per input, ``(start, stop)`` when its elements, in
+            order, are features ``start .. stop-1`` for every sample (the default
+            masks), else None; lets :func:`build_perturbed_inputs` slice instead of
+            gather.
     """
 
     inputs: tuple[Tensor, ...]
@@ -71,6 +75,7 @@ class MetricInputs:
     n_features: int
     n_examples: int
     chunk_size: int
+    feature_ranges: tuple[tuple[int, int] | None, ...] = ()
 
 
 def format_inputs(inputs: Any) -> tuple[tuple[Tensor, ...], bool]:
@@ -338,7 +343,19 @@ def prepare_metric_inputs(
         n_features=n_features,
         n_examples=n,
         chunk_size=chunk_size,
+        feature_ranges=tuple(contiguous_feature_range(ids) for ids in feature_ids),
     )
+
+
+def contiguous_feature_range(ids: Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` if ``ids`` is shared by all samples and its elements, in
+    order, are the features ``start, start + 1, ..., stop - 1``; else None."""
+    if ids.shape[0] != 1:
+        return None
+    flat = ids.reshape(-1)
+    start = int(flat[0])
+    expected = torch.arange(start, start + flat.numel(), device=flat.device)
+    return (start, start + flat.numel()) if torch.equal(flat, expected) else None
 
 
 def feature_scores(
@@ -451,14 +468,21 @@ def build_perturbed_inputs(
     is ``inputs[samples[r]][e]`` where ``take_input[r, feature(e)]`` is True and the
     baseline's value otherwise. ``take_input`` has shape (R, F)."""
     rows = []
-    for x, b, ids in zip(setup.inputs, setup.baselines, setup.feature_ids, strict=True):
-        if ids.shape[0] == 1:
-            elements = take_input[:, ids.reshape(-1)]
+    ranges = setup.feature_ranges or (None,) * len(setup.inputs)
+    for x, b, ids, span in zip(
+        setup.inputs, setup.baselines, setup.feature_ids, ranges, strict=True
+    ):
+        if span is not None:
+            elements = take_input[:, span[0] : span[1]]
+        elif ids.shape[0] == 1:
+            elements = take_input.index_select(1, ids.reshape(-1))
         else:
             elements = take_input.gather(1, ids.reshape(ids.shape[0], -1)[samples])
-        elements = elements.view(samples.shape[0], *ids.shape[1:])
+        elements = elements.reshape(samples.shape[0], *ids.shape[1:])
         index = samples.to(x.device)
-        rows.append(torch.where(elements, x[index], b[index]))
+        # a baseline shared by all samples (expanded, stride 0) is broadcast, not copied
+        b = b[:1] if b.stride(0) == 0 else b.index_select(0, index)
+        rows.append(torch.where(elements, x.index_select(0, index), b))
     return tuple(rows)
 
 
