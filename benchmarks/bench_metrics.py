@@ -71,16 +71,35 @@ def best_time(fn, repeats):
     return min(times)
 
 
+def paired_times(first, second, repeats):
+    """Minimum times of two functions run alternately (same machine load)."""
+    times = ([], [])
+    for _ in range(repeats):
+        times[0].append(best_time(first, 1))
+        times[1].append(best_time(second, 1))
+    return min(times[0]), min(times[1])
+
+
 @torch.no_grad()
-def floor_time(model, n_rows, shape, chunk, repeats):
-    """Model calls on ``n_rows`` ready-made images, ``chunk`` at a time."""
+def sweep(model, run, n_rows, shape, repeats):
+    """Minimum time per chunk size of the floor (model calls on ``n_rows``
+    ready-made images) and of the metric, measured alternately so that both see
+    the same machine load."""
     rows = torch.rand(n_rows, *shape)
 
-    def run():
+    def floor(chunk):
         for start in range(0, n_rows, chunk):
             model(rows[start : start + chunk])
 
-    return best_time(run, repeats)
+    floors, metrics = [], []
+    for chunk in CHUNKS:
+        floor_times, metric_times = [], []
+        for _ in range(repeats):
+            floor_times.append(best_time(lambda c=chunk: floor(c), 1))
+            metric_times.append(best_time(lambda c=chunk: run(c), 1))
+        floors.append(min(floor_times))
+        metrics.append(min(metric_times))
+    return floors, metrics
 
 
 # --- per-image reference loops: one image, one perturbation per forward ---------
@@ -234,20 +253,17 @@ def main():
         )
         metrics = make_metrics(model, x, attr, subsets)
         print(f"\n=== 3x{size}x{size}, batch {BATCH} ===")
-        print("chunk sweep (seconds; floor = model calls only):")
-        header = f"{'metric':<26}" + "".join(f"{c:>9}" for c in CHUNKS)
-        print(header)
-        floors = {}
+        print("chunk sweep (seconds, min over repeats; floor = model calls only):")
+        print(f"{'metric':<30}" + "".join(f"{c:>9}" for c in CHUNKS))
+        summary = {}
         for name, (run, n_rows, _) in metrics.items():
-            floor_row = [
-                floor_time(model, n_rows, shape, c, args.repeats) for c in CHUNKS
-            ]
-            metric_row = [
-                best_time(lambda c=c, run=run: run(c), args.repeats) for c in CHUNKS
-            ]
-            floors[name] = min(floor_row)
-            print(f"{name + ' floor':<26}" + "".join(f"{t:9.4f}" for t in floor_row))
-            print(f"{name:<26}" + "".join(f"{t:9.4f}" for t in metric_row))
+            floors, times = sweep(model, run, n_rows, shape, args.repeats)
+            summary[name] = (
+                times[CHUNKS.index(DEFAULT_MAX_EXAMPLES_PER_BATCH)],
+                floors,
+            )
+            print(f"{name + ' floor':<30}" + "".join(f"{t:9.4f}" for t in floors))
+            print(f"{name:<30}" + "".join(f"{t:9.4f}" for t in times))
 
         print(
             f"\nper metric at the default chunk ({DEFAULT_MAX_EXAMPLES_PER_BATCH}); "
@@ -258,15 +274,18 @@ def main():
             f"{'ref loop s':>11}{'speed-up':>9}{'max |Δ|':>10}"
         )
         for name, (run, _, reference) in metrics.items():
-            seconds = best_time(lambda run=run: run(None), args.repeats)
-            ratio = seconds / floors[name]
-            line = f"{name:<26}{seconds:9.4f}{floors[name]:9.4f}{ratio:7.2f}"
+            seconds, floors = summary[name]
+            floor = min(floors)
+            line = f"{name:<26}{seconds:9.4f}{floor:9.4f}{seconds / floor:7.2f}"
             if not args.no_reference:
                 start = time.perf_counter()
                 expected = reference()
                 ref_seconds = time.perf_counter() - start
                 delta = (run(None).double() - expected.double()).abs().max()
-                line += f"{ref_seconds:11.3f}{ref_seconds / seconds:9.1f}{float(delta):10.2e}"
+                line += (
+                    f"{ref_seconds:11.3f}{ref_seconds / seconds:9.1f}"
+                    f"{float(delta):10.2e}"
+                )
             print(line)
         compare_with_quantus(model, x, attr, args.repeats)
 
@@ -325,8 +344,7 @@ def compare_with_quantus(model, x, attr, repeats):
             return_curves=True,
         )[1]
 
-    quantus_seconds = best_time(run_quantus_pf, repeats)
-    ours_seconds = best_time(run_ours_pf, repeats)
+    quantus_seconds, ours_seconds = paired_times(run_quantus_pf, run_ours_pf, repeats)
     delta = np.abs(run_ours_pf()[:, 1:].numpy() - run_quantus_pf()).max()
     print(
         f"{f'PixelFlipping ({steps} steps)':<34}{ours_seconds:9.4f}{quantus_seconds:10.4f}"
@@ -373,8 +391,7 @@ def compare_with_quantus(model, x, attr, repeats):
             generator=torch.Generator().manual_seed(0),
         )
 
-    quantus_seconds = best_time(run_quantus_fc, repeats)
-    ours_seconds = best_time(run_ours_fc, repeats)
+    quantus_seconds, ours_seconds = paired_times(run_quantus_fc, run_ours_fc, repeats)
     np.random.seed(0)
     replay = np.zeros((BATCH, N_SAMPLES, n_elements), dtype=bool)
     for run in range(N_SAMPLES):
