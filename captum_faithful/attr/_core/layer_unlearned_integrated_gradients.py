@@ -261,7 +261,7 @@ class LayerUnlearnedIntegratedGradients(
                 starts = self._learn(layer_forward, formatted, layer_out, classes, args)
             else:
                 starts = self._layer_eval(forward, given, args)[0]
-            if internal_batch_size is not None:
+            if internal_batch_size is not None and n_steps > 1:
                 attributions = _batch_attribution(
                     self,
                     n_examples,

@@ -227,7 +227,7 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
                 starts = self._learn(forward, formatted, classes, args)
             else:
                 starts = given
-            if internal_batch_size is not None:
+            if internal_batch_size is not None and n_steps > 1:
                 attributions = _batch_attribution(
                     self,
                     formatted[0].shape[0],

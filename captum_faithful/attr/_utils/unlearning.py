@@ -149,11 +149,16 @@ def _unlearn_one(
     target: Tensor,
     extra: tuple[Tensor, ...],
 ) -> Tensor:
-    """Algorithm 1, lines 4 and the target of line 5, for one (unbatched) sample."""
+    """Algorithm 1, lines 4 and the target of line 5, for one (unbatched) sample.
+
+    Buffers are copied inside the transformed function: torch.func forbids in-place
+    updates (BatchNorm running statistics in training mode) of captured tensors.
+    """
     args = _sample_args(sample, extra, positions, template)
 
     def loss(theta: dict[str, Tensor]) -> Tensor:
-        logits = functional_call(wrapper, {**theta, **buffers}, args)
+        copies = {name: b.clone() for name, b in buffers.items()}
+        logits = functional_call(wrapper, {**theta, **copies}, args)
         return F.cross_entropy(logits, target.reshape(1))
 
     direction = grad(loss)(params)
@@ -163,7 +168,8 @@ def _unlearn_one(
         norm > 0, unlearning_step / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0
     )
     theta_hat = {name: params[name] + scale * direction[name] for name in params}
-    logits = functional_call(wrapper, {**theta_hat, **buffers}, args)
+    copies = {name: b.clone() for name, b in buffers.items()}
+    logits = functional_call(wrapper, {**theta_hat, **copies}, args)
     return torch.log_softmax(logits, dim=1)[0]
 
 
@@ -286,6 +292,21 @@ def match_baselines(
     return tuple(s + d for s, d in zip(starts, deltas, strict=True))
 
 
+#: A single point of each Riemann rule (Captum's rules need two or more).
+_SINGLE_POINT = {"riemann_left": 0.0, "riemann_middle": 0.5, "riemann_right": 1.0}
+
+
+def path_points(method: str, n_steps: int) -> tuple[list[float], list[float]]:
+    """Captum's step sizes and path points for ``method``; one Riemann point too.
+
+    ``n_steps=1`` with ``riemann_right`` is one gradient at the input, with weight 1.
+    """
+    if n_steps == 1 and method in _SINGLE_POINT:
+        return [1.0], [_SINGLE_POINT[method]]
+    step_sizes_func, alphas_func = approximation_parameters(method)
+    return step_sizes_func(n_steps), alphas_func(n_steps)
+
+
 def integrated_gradients(
     gradient_func: Callable,
     forward_fn: Callable[..., Tensor],
@@ -304,11 +325,7 @@ def integrated_gradients(
     ``α_k`` for ``method``, times ``(x − x')`` when ``multiply_by_inputs``. All steps
     of all samples are evaluated in one batch (step-major, as in Captum).
     """
-    if step_sizes_and_alphas is None:
-        step_sizes_func, alphas_func = approximation_parameters(method)
-        step_sizes, alphas = step_sizes_func(n_steps), alphas_func(n_steps)
-    else:
-        step_sizes, alphas = step_sizes_and_alphas
+    step_sizes, alphas = step_sizes_and_alphas or path_points(method, n_steps)
     scaled = tuple(
         torch.cat([b + alpha * (x - b) for alpha in alphas], dim=0).requires_grad_()
         for x, b in zip(inputs, baselines, strict=True)
@@ -468,6 +485,8 @@ def check_call_arguments(
     """Validate the integration arguments of ``attribute``."""
     n_steps = check_int("n_steps", n_steps, minimum=1)
     method = check_choice("method", method, SUPPORTED_METHODS)
+    if method == "riemann_trapezoid" and n_steps < 2:
+        raise ValueError("`n_steps` must be >= 2 with method='riemann_trapezoid'")
     if internal_batch_size is not None:
         internal_batch_size = check_int(
             "internal_batch_size", internal_batch_size, minimum=1
