@@ -1,3 +1,5 @@
 """Faithfulness metrics, mirroring ``captum.metrics``."""
 
-__all__: list[str] = []
+from captum_faithful.metrics._core.path_monotonicity import path_monotonicity
+
+__all__: list[str] = ["path_monotonicity"]
