@@ -16,6 +16,7 @@ are substituted with :func:`torch.func.functional_call` for the duration of a ca
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,8 @@ from captum_faithful._utils import (
 #: float32: the vectorised step materialises the per-sample gradients and the
 #: per-sample unlearned parameters of one chunk at a time.
 DEFAULT_UNLEARNING_BUDGET = 2**26
+
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented"
 
 
 class ParametrizedForward(nn.Module):
@@ -218,14 +221,18 @@ def unlearned_log_probs(
     if mode in ("auto", "vmap"):
         batched = vmap(one, in_dims=(0, 0, 0), randomness="different")
         try:
-            chunks = [
-                batched(
-                    tuple(t[start : start + chunk_size] for t in inputs),
-                    targets[start : start + chunk_size],
-                    tuple(t[start : start + chunk_size] for t in extra),
-                )
-                for start in range(0, n_examples, chunk_size)
-            ]
+            with warnings.catch_warnings():
+                # ops without a batching rule (e.g. fused attention kernels) still
+                # run under vmap, one sample at a time; that is no user error
+                warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+                chunks = [
+                    batched(
+                        tuple(t[start : start + chunk_size] for t in inputs),
+                        targets[start : start + chunk_size],
+                        tuple(t[start : start + chunk_size] for t in extra),
+                    )
+                    for start in range(0, n_examples, chunk_size)
+                ]
             return torch.cat(chunks).detach()
         except Exception:
             if mode == "vmap":
