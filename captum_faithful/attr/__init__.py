@@ -1,3 +1,13 @@
 """Attribution methods, mirroring ``captum.attr``."""
 
-__all__: list[str] = []
+from captum_faithful.attr._core.layer_unlearned_integrated_gradients import (
+    LayerUnlearnedIntegratedGradients,
+)
+from captum_faithful.attr._core.unlearned_integrated_gradients import (
+    UnlearnedIntegratedGradients,
+)
+
+__all__: list[str] = [
+    "LayerUnlearnedIntegratedGradients",
+    "UnlearnedIntegratedGradients",
+]
