@@ -1,3 +1,5 @@
 """Attribution methods, mirroring ``captum.attr``."""
 
-__all__: list[str] = []
+from captum_faithful.attr._core.transmm import TransMM
+
+__all__: list[str] = ["TransMM"]
