@@ -183,10 +183,12 @@ class TransMM(GradientAttribution):
         Called for each block in :meth:`gated_layers` with that block's output
         ``(N, T, d)`` and the gradient of the target logit w.r.t. it; returns gates
         ``(N, n_patches)`` that multiply the patch columns of :math:`\bar{A}^{(\ell)}`
-        before the layer's update. TransMM gates nothing; subclasses override this
-        one step (see :class:`FeatureGatedTransMM`).
+        before the layer's update. TransMM's gates are all 1 (and it asks for
+        none: :meth:`gated_layers` is empty); subclasses override this one step
+        (see :class:`FeatureGatedTransMM`).
         """
-        raise NotImplementedError(f"{type(self).__name__} does not gate layer {layer}")
+        prefix = self.adapter.num_prefix_tokens
+        return residual.new_ones(residual.shape[0], residual.shape[1] - prefix)
 
     def _attribute(
         self,
