@@ -17,7 +17,9 @@ import torch
 from torch import Tensor, nn
 
 IMAGE = 24
+
 PATCH = 8
+GRID = IMAGE // PATCH
 HIDDEN = 32
 LAYERS = 2
 HF_KW = dict(
@@ -200,6 +202,7 @@ BUILDERS = {
     "dinov2": hf_dinov2,
     "dinov2_registers": lambda seed=0: hf_dinov2(seed, registers=2),
     "timm": timm_vit,
+    "timm_registers": lambda seed=0: timm_vit(seed, reg_tokens=2),
 }
 
 
