@@ -11,14 +11,16 @@ def make_sae(
     d_sae: int = 64,
     hook_name: str | None = None,
     seed: int = 0,
+    k: int = 8,
 ):
-    """An sae-lens SAE of ``architecture`` (standard, topk, jumprelu, gated)."""
+    """An sae-lens SAE of ``architecture`` (standard, topk with ``k``, jumprelu,
+    gated)."""
     import sae_lens
     from sae_lens.saes.sae import SAEMetadata
 
     classes = {
         "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig, {}),
-        "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig, {"k": 8}),
+        "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig, {"k": k}),
         "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig, {}),
         "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig, {}),
     }

@@ -8,7 +8,10 @@ from sae_factory import make_sae, saved_sae
 from tiny_vits import GRID, hf_clip, hf_vit, images, reference_transmm, timm_vit
 
 from captum_faithful import FeatureGatedTransMM, TransMM, load_sae
-from captum_faithful.attr._core.feature_gated_transmm import robust_normalize
+from captum_faithful.attr._core.feature_gated_transmm import (
+    feature_scores,
+    robust_normalize,
+)
 
 
 def _blocks(tiny):
@@ -181,6 +184,27 @@ def test_shuffle_decoder_changes_result_reproducibly():
     tiny.set_eager()
     expected = reference_gates(tiny, x, {0: sae}, perms={0: perm})
     torch.testing.assert_close(g_shuffled[0], expected[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 16])  # density 1/32 (sparse product), 1/4 (dense)
+@pytest.mark.parametrize("variant", ["combined", "activation", "gradient"])
+def test_feature_scores_equal_sum_over_features(k, variant):
+    sae = make_sae("topk", k=k, seed=4)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 32, generator=generator)
+    g = torch.randn(2, 5, 32, generator=generator)
+    perm = torch.randperm(64, generator=generator)
+    for permutation in (None, perm):
+        w_dec = sae.W_dec.detach() if permutation is None else sae.W_dec.detach()[perm]
+        f = sae.encode(x).detach()
+        feature_grad = torch.einsum("kd,npd->npk", w_dec, g)
+        expected = {
+            "combined": (f * feature_grad).sum(-1),
+            "activation": f.sum(-1),
+            "gradient": feature_grad.abs().sum(-1),
+        }[variant]
+        result = feature_scores(sae, x, g, variant, permutation)
+        torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_robust_normalize_matches_numpy_even_and_odd():
