@@ -1,3 +1,7 @@
 """Faithfulness metrics, mirroring ``captum.metrics``."""
 
-__all__: list[str] = []
+from captum_faithful.metrics._core.activation_deviation import activation_deviation
+
+__all__: list[str] = [
+    "activation_deviation",
+]
