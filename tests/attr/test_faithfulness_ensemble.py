@@ -168,7 +168,7 @@ def test_two_adam_steps_match_hand_written_games(objective, area_weight):
     u = u.repeat(len(games), 2, 1, 6, 6).requires_grad_()
     m, v = torch.zeros_like(u), torch.zeros_like(u)
     for t in range(1, n_iter + 1):
-        weight = area_weight if area_weight is not None else 50.0 * t / n_iter
+        weight = area_weight if area_weight is not None else 200.0 * (t / n_iter) ** 2
         loss = 0.0
         for g, sign in enumerate(games):
             for i in range(2):
@@ -400,3 +400,111 @@ def test_vm_keeps_activations_closer_than_none_on_real_and_blank_images(trained)
     # measured 0.74 (real) and 0.86 (blank) on this model; SPEC §4 reports 0.58/0.60
     assert ratios["real"] < 0.9, ratios
     assert ratios["blank"] < 0.95, ratios
+
+
+def _insertion_scores(trained):
+    from captum.attr import IntegratedGradients
+
+    from captum_faithful.metrics import insertion_auc
+
+    model, images, predicted = trained
+    reference = monochrome_reference(images, torch.Generator().manual_seed(2))
+    fei = FaithfulnessEnsemble(model, clip="none").attribute(
+        images, baselines=reference, target=predicted
+    )
+    ig = IntegratedGradients(model).attribute(
+        images, baselines=reference.expand_as(images), target=predicted, n_steps=32
+    )
+    random = torch.rand(images.shape, generator=torch.Generator().manual_seed(3))
+    return {
+        name: float(
+            insertion_auc(
+                model, images, attr, target=predicted, baselines=reference, n_steps=32
+            ).mean()
+        )
+        for name, attr in (("fei", fei), ("ig", ig), ("random", random))
+    }
+
+
+@pytest.fixture(scope="module")
+def insertion_scores(trained):
+    return _insertion_scores(trained)
+
+
+def test_fei_none_beats_random_attributions_on_insertion(insertion_scores):
+    scores = insertion_scores
+    assert scores["fei"] > scores["random"] + 0.1, scores
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured on this digits CNN: FEI none 0.87-0.88 vs Captum IG 0.93-0.95 "
+    "insertion AUC (same reference); the soft maps reach p~0.96 at q=1/6 but their "
+    "binarised top-q only ~0.73 (soft/hard gap of the SPEC formulation)",
+)
+def test_fei_none_beats_integrated_gradients_on_insertion(insertion_scores):
+    scores = insertion_scores
+    assert scores["fei"] > scores["ig"], scores
+
+
+def test_blank_image_diagnostic_matches_its_definition_and_vm_finds_less(trained):
+    from captum_faithful.attr import blank_image_diagnostic
+
+    model, images, _ = trained
+    blank = torch.rand(6, 3, 1, 1, generator=torch.Generator().manual_seed(5))
+    blank = blank.expand(-1, -1, 16, 16).contiguous()
+    report = blank_image_diagnostic(
+        model,
+        blank,
+        clips=["none", "vm"],
+        n_steps=16,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert set(report) == {"none", "vm"}
+    # independent recomputation for "vm": same reference, same FEI, hand-built curve
+    reference = torch.rand(6, 3, 1, 1, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = model(blank).argmax(1)
+    attributions = FaithfulnessEnsemble(model, clip="vm").attribute(
+        blank, baselines=reference, target=target
+    )
+    curve = hard_insertion_images(blank, attributions, reference, 16)
+    with torch.no_grad():
+        probs = model(curve.flatten(0, 1)).softmax(1).view(6, 17, -1)
+    probs = probs.gather(2, target.view(6, 1, 1).expand(6, 17, 1)).squeeze(2)
+    assert torch.allclose(report["vm"]["probability"], probs.mean(1), atol=1e-5)
+    assert torch.allclose(
+        report["vm"]["insertion_auc"],
+        torch.trapezoid(probs, dx=1 / 16, dim=1),
+        atol=1e-5,
+    )
+    clean = blank.repeat_interleave(17, dim=0)
+    deviation = activation_deviation(model, "conv", clean, curve.flatten(0, 1))
+    assert torch.allclose(
+        report["vm"]["mse"], deviation["mse"].view(6, 17).mean(1), rtol=1e-4
+    )
+    assert torch.allclose(
+        report["vm"]["cosine"], deviation["cosine"].view(6, 17).mean(1), atol=1e-5
+    )
+    # the unconstrained optimiser manufactures more evidence on blank images
+    none_p = report["none"]["probability"].mean()
+    vm_p = report["vm"]["probability"].mean()
+    assert vm_p < none_p - 0.03, (float(vm_p), float(none_p))
+
+
+def test_blank_image_diagnostic_bad_input(cnn):
+    from captum_faithful.attr import blank_image_diagnostic
+
+    blank = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="constant"):
+        blank_image_diagnostic(cnn, torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="`clips`"):
+        blank_image_diagnostic(cnn, blank, clips=["vm", "strong"])
+    with pytest.raises(ValueError, match="`clips`"):
+        blank_image_diagnostic(cnn, blank, clips=["vm", "vm"])
+    with pytest.raises(ValueError, match="`value_range`"):
+        blank_image_diagnostic(cnn, blank, value_range=(1.0, 0.0))
+    with pytest.raises(ValueError, match="`n_iter`"):
+        blank_image_diagnostic(cnn, blank, n_iter=0)
+    with pytest.raises(ValueError, match="`baselines`"):
+        blank_image_diagnostic(cnn, blank, baselines=torch.zeros(3, 3, 1, 1))

@@ -105,3 +105,46 @@ def test_bad_input_raises_clear_errors():
         activation_deviation(model, "conv", x, torch.full_like(x, float("nan")))
     with pytest.raises(TypeError, match="model"):
         activation_deviation(lambda t: t, "conv", x, x)
+
+
+def test_insertion_activation_deviation_follows_the_hard_insertion_curve(cnn):
+    from captum_faithful.metrics import insertion_activation_deviation
+
+    x = torch.rand(3, 3, 6, 6)
+    reference = torch.rand(3, 3, 1, 1)
+    attributions = torch.randn(3, 1, 6, 6)
+    attributions[0, 0, 0, :3] = 5.0  # ties: broken by the lower pixel index
+    n_steps = 9
+    result = insertion_activation_deviation(
+        cnn, "conv", x, attributions, baselines=reference, n_steps=n_steps
+    )
+    chunked = insertion_activation_deviation(
+        cnn,
+        "conv",
+        x,
+        attributions,
+        baselines=reference,
+        n_steps=n_steps,
+        max_examples_per_batch=4,
+    )
+    # independent: build every curve image with a loop, compare with the clean image
+    mse = torch.zeros(3)
+    cos = torch.zeros(3)
+    for i in range(3):
+        order = sorted(
+            range(36), key=lambda p: (-float(attributions[i, 0].flatten()[p]), p)
+        )
+        for k in range(n_steps + 1):
+            keep = torch.zeros(36, dtype=torch.bool)
+            keep[order[: round(k * 36 / n_steps)]] = True
+            image = torch.where(keep.view(1, 6, 6), x[i], reference[i])
+            one = activation_deviation(cnn, "conv", x[i : i + 1], image.unsqueeze(0))
+            mse[i] += one["mse"][0] / (n_steps + 1)
+            cos[i] += one["cosine"][0] / (n_steps + 1)
+    for out in (result, chunked):
+        assert torch.allclose(out["mse"], mse, rtol=1e-4)
+        assert torch.allclose(out["cosine"], cos, atol=1e-5)
+    with pytest.raises(ValueError, match="`n_steps`"):
+        insertion_activation_deviation(cnn, "conv", x, attributions, n_steps=0)
+    with pytest.raises(ValueError, match="attributions"):
+        insertion_activation_deviation(cnn, "conv", x, attributions[:2])
