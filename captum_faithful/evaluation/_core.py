@@ -82,8 +82,8 @@ def evaluate(
     a (sample, method) pair share the same ``seconds``.
 
     **Randomness.** With ``seed`` set, the torch random generators are seeded with
-    ``seed + batch number`` for each batch inside ``torch.random.fork_rng`` (the
-    caller's generator state is left as it was), so random explainers and metrics
+    ``seed + batch number`` before each batch, inside ``torch.random.fork_rng`` (the
+    caller's generator state is restored afterwards), so random explainers and metrics
     (NoiseTunnel, faithfulness correlation without a ``generator``) give the same
     rows whether the run is single-process, distributed or resumed.
 
@@ -192,22 +192,24 @@ def evaluate(
         mine = todo[first:last]
         failure: BaseException | None = None
         try:
-            loader = _loader_over(dataloader, mine, batch_size, n_samples)
-            batches = progress(
-                zip(mine, loader, strict=True),
-                show_progress and group.rank == 0,
-                total=len(mine),
-                desc="evaluate",
-                unit="batch",
-            )
-            for batch_id, batch in batches:
-                start = batch_id * batch_size
-                indices = range(start, min(start + batch_size, n_samples))
-                with _seeded(seed, batch_id, device):
+            with _preserved_rng(seed, device):
+                loader = _loader_over(dataloader, mine, batch_size, n_samples)
+                batches = progress(
+                    zip(mine, loader, strict=True),
+                    show_progress and group.rank == 0,
+                    total=len(mine),
+                    desc="evaluate",
+                    unit="batch",
+                )
+                for batch_id, batch in batches:
+                    start = batch_id * batch_size
+                    indices = range(start, min(start + batch_size, n_samples))
+                    if seed is not None:
+                        torch.manual_seed(seed + batch_id)
                     rows = _evaluate_batch(
                         model, batch, indices, explainers, metrics, target, device
                     )
-                storage.write_batch(batch_id, rows)
+                    storage.write_batch(batch_id, rows)
         except BaseException as err:  # noqa: B036 - re-raised below on every rank
             failure = err
         group.raise_if_any_failed(failure)
@@ -459,13 +461,13 @@ def _loader_over(
 
 
 @contextmanager
-def _seeded(seed: int | None, batch_id: int, device: torch.device) -> Iterator[None]:
+def _preserved_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """With a seed, the caller's torch generator state is restored on exit."""
     if seed is None:
         yield
         return
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed + batch_id)
         yield
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 _MAX_DEPTH = 3
+_NAMED = {"explainer_settings": "explainers", "metric_settings": "metrics"}
 
 
 def _qualname(obj: Any) -> str:
@@ -114,7 +115,7 @@ def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if (
             isinstance(old, dict)
             and isinstance(new, dict)
-            and key in ("explainer_settings", "metric_settings")
+            and key in _NAMED
         ):
             for name in sorted(set(old) | set(new)):
                 if old.get(name) != new.get(name):
@@ -125,8 +126,8 @@ def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
                         if name not in new
                         else "changed"
                     )
-                    found.append(f"{key.split('_')[0]}[{name!r}] {state}")
-        elif isinstance(old, (dict, list)) or isinstance(new, (dict, list)):
+                    found.append(f"{_NAMED[key]}[{name!r}] {state}")
+        elif isinstance(old, dict) or isinstance(new, dict):
             found.append(f"{key} changed")
         else:
             found.append(f"{key} {old!r} -> {new!r}")
