@@ -6,6 +6,10 @@ machinery (validation, baselines, feature ranking, chunked perturbed forwards) i
 ``captum_faithful.metrics._utils``.
 """
 
+from captum_faithful.metrics._core.activation_deviation import (
+    activation_deviation,
+    insertion_activation_deviation,
+)
 from captum_faithful.metrics._core.baselines import (
     blur_baseline,
     mean_baseline,
@@ -19,16 +23,20 @@ from captum_faithful.metrics._core.parameter_randomization import (
     parameter_randomization,
 )
 from captum_faithful.metrics._core.patch_mask import patch_mask
+from captum_faithful.metrics._core.path_monotonicity import path_monotonicity
 from captum_faithful.metrics._core.saco import saco
 
 __all__ = [
+    "activation_deviation",
     "blur_baseline",
     "deletion_auc",
     "faithfulness_correlation",
+    "insertion_activation_deviation",
     "insertion_auc",
     "mean_baseline",
     "parameter_randomization",
     "patch_mask",
+    "path_monotonicity",
     "saco",
     "zero_baseline",
 ]
