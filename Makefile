@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -m "not slow and not gpu"
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo tutorials lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: install
 
 demo: install
 	$(VENV)/bin/captum-faithful demo
+
+# Re-executes the tutorials in place (stored outputs) with the quick demo models.
+tutorials: install
+	cd tutorials && PYTHONPATH=.. ../$(VENV)/bin/jupyter execute --inplace *.ipynb
 
 lint: install
 	$(PY) -m pip install --quiet ruff

@@ -6,6 +6,10 @@ trained once per test session by the ``quick_demo`` fixture). Any failing cell f
 the test. The last code cell of every tutorial prints one line
 ``TUTORIAL_CHECKS {json}`` with the values the notebook computed; the test checks
 them against what the methods guarantee.
+
+nbclient/nbformat run in a subprocess: pytest puts ``tests/`` first on ``sys.path``,
+where the package ``tests/attr`` shadows ``attr`` (attrs), which jsonschema and so
+nbformat import. The notebooks are read here as plain JSON.
 """
 
 from __future__ import annotations
@@ -13,13 +17,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
@@ -30,41 +32,70 @@ NOTEBOOKS = (
     "4_evaluating_faithfulness.ipynb",
 )
 MARKER = "TUTORIAL_CHECKS "
+# Executes argv[1] (outputs cleared first) with a `python3` kernel of this interpreter
+# and writes the executed notebook to argv[2]; a failing cell raises.
+RUNNER = """
+import sys
+import nbformat
+from nbclient import NotebookClient
+notebook = nbformat.read(sys.argv[1], as_version=4)
+nbformat.validate(notebook)
+for cell in notebook.cells:
+    if cell.cell_type == "code":
+        cell.outputs = []
+        cell.execution_count = None
+try:
+    NotebookClient(notebook, timeout=600, kernel_name="python3").execute()
+finally:
+    nbformat.write(notebook, sys.argv[2])
+"""
 
 
-def _checks(notebook: nbformat.NotebookNode) -> dict:
+def _read(path: Path) -> dict:
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    assert notebook["nbformat"] == 4
+    return notebook
+
+
+def _text(output: dict) -> str:
+    text = output.get("text", "")
+    return "".join(text) if isinstance(text, list) else text
+
+
+def _code_cells(notebook: dict) -> list[dict]:
+    return [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+
+
+def _checks(notebook: dict) -> dict:
     """The JSON printed after ``TUTORIAL_CHECKS`` by the notebook's last code cell."""
-    last = [cell for cell in notebook.cells if cell.cell_type == "code"][-1]
+    last = _code_cells(notebook)[-1]
     lines = [
         line
         for output in last.get("outputs", [])
         if output.get("output_type") == "stream"
-        for line in output.get("text", "").splitlines()
+        for line in _text(output).splitlines()
         if line.startswith(MARKER)
     ]
     assert len(lines) == 1, f"the last cell must print one {MARKER!r} line, got {lines}"
     return json.loads(lines[0][len(MARKER) :])
 
 
-def _execute(name: str, workdir: Path) -> nbformat.NotebookNode:
-    copy = workdir / name
-    shutil.copy(TUTORIALS / name, copy)
-    notebook = nbformat.read(copy, as_version=4)
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            cell.outputs = []
+def _execute(name: str, workdir: Path) -> dict:
+    executed = workdir / f"executed_{name}"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
     )
-    client = NotebookClient(
-        notebook,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(workdir)}},
+    run = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(TUTORIALS / name), str(executed)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
-    client.execute(env=env)
-    return notebook
+    assert run.returncode == 0, f"{name} failed:\n{run.stderr[-6000:]}"
+    return _read(executed)
 
 
 def _assert_unit_interval(values, name: str) -> None:
@@ -153,12 +184,11 @@ def test_every_tutorial_is_tested():
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_stored_notebook_has_outputs(name):
     """The committed notebook is executed, error-free, and shows its figures."""
-    notebook = nbformat.read(TUTORIALS / name, as_version=4)
-    nbformat.validate(notebook)
-    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert code and all(cell.execution_count for cell in code), "unexecuted cells"
-    outputs = [output for cell in code for output in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
+    notebook = _read(TUTORIALS / name)
+    code = _code_cells(notebook)
+    assert code and all(cell["execution_count"] for cell in code), "unexecuted cells"
+    outputs = [output for cell in code for output in cell["outputs"]]
+    assert not [o for o in outputs if o["output_type"] == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "no figure stored"
     _checks(notebook)
 
