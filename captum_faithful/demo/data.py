@@ -94,7 +94,7 @@ def render(
     labels: np.ndarray,
     pool: np.ndarray,
     seed: int | list[int] | tuple[int, ...],
-    distractor_strength: float = 1.0,
+    lighter_share: float = 0.5,
 ) -> DigitBlocks:
     """Render one image per scan.
 
@@ -104,6 +104,8 @@ def render(
         pool (np.ndarray): (M, 8, 8) scans the distractors are drawn from, uniformly
             and independently of ``labels``.
         seed (int or sequence of int): entropy for numpy's ``default_rng``.
+        lighter_share (float, optional): probability that the ink is lighter than
+            the background (else darker). Default: 0.5
 
     Returns:
         DigitBlocks: the rendered images with their masks.
@@ -112,7 +114,7 @@ def render(
     rng = np.random.default_rng(seed)
     digit_top = rng.random(n) < 0.5
     offsets = rng.integers(0, IMAGE_SIZE - BLOCK_SIZE + 1, size=(n, 2))
-    lighter = rng.random(n) < 0.5
+    lighter = rng.random(n) < lighter_share
     background = np.where(
         lighter[:, None], rng.uniform(0.0, 0.5, (n, 3)), rng.uniform(0.5, 1.0, (n, 3))
     )
@@ -132,16 +134,22 @@ def render(
     for i in range(n):
         rows = (0, BLOCK_SIZE) if digit_top[i] else (BLOCK_SIZE, 0)
         col_digit, col_other = int(offsets[i, 0]), int(offsets[i, 1])
-        block = (slice(rows[0], rows[0] + BLOCK_SIZE), slice(col_digit, col_digit + BLOCK_SIZE))
+        block = (
+            slice(rows[0], rows[0] + BLOCK_SIZE),
+            slice(col_digit, col_digit + BLOCK_SIZE),
+        )
         ink[i, 0][block] = digit_ink[i, 0]
         masks[i, 0][block] = True
-        block = (slice(rows[1], rows[1] + BLOCK_SIZE), slice(col_other, col_other + BLOCK_SIZE))
+        block = (
+            slice(rows[1], rows[1] + BLOCK_SIZE),
+            slice(col_other, col_other + BLOCK_SIZE),
+        )
         other[i, 0][block] = distractor_ink[i, 0]
         distractor_masks[i, 0][block] = True
 
     background_t = torch.from_numpy(background).float()[:, :, None, None]
     colour_t = torch.from_numpy(ink_colour).float()[:, :, None, None]
-    density = ink + distractor_strength * other
+    density = ink + other
     images = background_t * (1 - density) + colour_t * density
     images = (images + torch.from_numpy(noise).float()).clamp(0.0, 1.0)
     return DigitBlocks(
@@ -154,7 +162,7 @@ def render(
 
 
 def make_blocks(
-    split: str = "test", seed: int = 0, rendering: int = 0
+    split: str = "test", seed: int = 0, rendering: int = 0, lighter_share: float = 0.5
 ) -> DigitBlocks:
     """The training or test split rendered as BlockMNIST-style colour images.
 
@@ -165,6 +173,10 @@ def make_blocks(
         rendering (int, optional): index of the rendering; other values give the same
             scans with new colours, positions and distractors (used as augmentation
             when training). Default: 0
+        lighter_share (float, optional): probability that an image's ink is lighter
+            than its background. The data set is 0.5; training uses 1.0 for its
+            first epochs (a curriculum: with one polarity, features linear in the
+            pixels already separate the classes). Default: 0.5
 
     Returns:
         DigitBlocks: images (N, 3, 32, 32), labels, evidence masks.
@@ -179,6 +191,7 @@ def make_blocks(
         raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
     check_int("seed", seed, minimum=0)
     check_int("rendering", rendering, minimum=0)
+    check_float("lighter_share", lighter_share, 0.0, 1.0)
     scans, labels = load_scans()
     train, test = split_indices(len(scans), seed)
     index = train if split == "train" else test
@@ -189,4 +202,5 @@ def make_blocks(
         labels[index],
         scans[index],
         [seed, 0 if split == "train" else 1, rendering],
+        lighter_share=lighter_share,
     )
