@@ -628,6 +628,8 @@ def test_bad_inputs_raise_clear_errors(cnn, images):
         ({"epsilon": -1.0}, "epsilon"),
         ({"pgd_steps": -1}, "pgd_steps"),
         ({"pgd_step_size": 0.0}, "pgd_step_size"),
+        ({"pgd_step_size": float("inf")}, "pgd_step_size"),
+        ({"epsilon": float("nan")}, "epsilon"),
         ({"unlearning_step": 0.0}, "unlearning_step"),
         ({"unlearning_batch_size": 0}, "unlearning_batch_size"),
     ],
