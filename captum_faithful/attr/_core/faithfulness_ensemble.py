@@ -225,6 +225,14 @@ class FaithfulnessEnsemble(GradientAttribution):
                     iterations, while a strong constant weight erases the ClipGrad
                     effect).
                     Default: None
+
+    Examples::
+
+        >>> from captum_faithful import FaithfulnessEnsemble
+        >>> fei = FaithfulnessEnsemble(model, clip="vm", layers="conv")
+        >>> attributions, maps = fei.attribute(
+        >>>     images, target=labels, generator=torch.Generator().manual_seed(0),
+        >>>     return_quantile_maps=True)      # maps: (N, 5, H, W), nested
     """
 
     def __init__(
