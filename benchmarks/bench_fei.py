@@ -229,7 +229,8 @@ def variant_table(model, images, predicted, n_steps):
         blank_attributions = fei.attribute(
             blank, baselines=blank_reference, target=blank_target
         )
-        coverage = float((maps.mean((2, 3)) - levels).abs().max())
+        games = maps.shape[1] // len(levels)
+        coverage = float((maps.mean((2, 3)) - levels.repeat(games)).abs().max())
         row = scores(attributions, blank_attributions)
         row["coverage_err"] = coverage
         rows.append(
