@@ -1,3 +1,42 @@
-"""Faithfulness metrics, mirroring ``captum.metrics``."""
+"""Faithfulness metrics, mirroring ``captum.metrics``.
 
-__all__: list[str] = []
+Every metric is a function ``metric(forward_func, inputs, attributions, target=...,
+additional_forward_args=..., ...)`` that returns one value per example. The shared
+machinery (validation, baselines, feature ranking, chunked perturbed forwards) is in
+``captum_faithful.metrics._utils``.
+"""
+
+from captum_faithful.metrics._core.activation_deviation import (
+    activation_deviation,
+    insertion_activation_deviation,
+)
+from captum_faithful.metrics._core.baselines import (
+    blur_baseline,
+    mean_baseline,
+    zero_baseline,
+)
+from captum_faithful.metrics._core.faithfulness_correlation import (
+    faithfulness_correlation,
+)
+from captum_faithful.metrics._core.insertion_deletion import deletion_auc, insertion_auc
+from captum_faithful.metrics._core.parameter_randomization import (
+    parameter_randomization,
+)
+from captum_faithful.metrics._core.patch_mask import patch_mask
+from captum_faithful.metrics._core.path_monotonicity import path_monotonicity
+from captum_faithful.metrics._core.saco import saco
+
+__all__ = [
+    "activation_deviation",
+    "blur_baseline",
+    "deletion_auc",
+    "faithfulness_correlation",
+    "insertion_activation_deviation",
+    "insertion_auc",
+    "mean_baseline",
+    "parameter_randomization",
+    "patch_mask",
+    "path_monotonicity",
+    "saco",
+    "zero_baseline",
+]

@@ -1,0 +1,198 @@
+"""ClipGrad: selective gradient clipping on layer outputs (the FEI paper's constraint).
+
+A small context manager in the zennit style: it installs forward hooks on the
+selected layers on ``__enter__`` and removes them on ``__exit__``, also when the
+body raises. Inside, the clean activations ``h`` are captured once
+(:meth:`ClipGrad.capture`); every later forward that builds a graph registers a
+tensor hook on the layer output ``h~`` that zeroes the entries of the incoming
+gradient ``g = d loss / d h~`` named by the rule, with ``d = h~ - h``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_faithful._utils import check_choice
+
+CLIP_RULES = ("vm", "ivm", "avm", "ibm", "none")
+
+
+def clip_mask(rule: str, grad: Tensor, deviation: Tensor, clean: Tensor) -> Tensor:
+    r"""The gradient entries a ClipGrad rule zeroes (a boolean tensor).
+
+    With ``g`` the gradient of the loss with respect to the perturbed activation
+    :math:`\tilde h`, :math:`d = \tilde h - h` (``deviation``) and :math:`h` the clean
+    activation (``clean``), a gradient-descent step moves :math:`\tilde h` by
+    :math:`-\eta g`. The rules zero ``g`` where that step would:
+
+    - ``"vm"``: move :math:`\tilde h` away from :math:`h`,
+      :math:`g d < 0` or :math:`d = 0`;
+    - ``"ivm"``: amplify, :math:`g < 0` and :math:`d \ge 0`;
+    - ``"avm"``: suppress, :math:`g > 0` and :math:`d \le 0`;
+    - ``"ibm"``: activate a unit that is inactive on the
+      clean input, :math:`h \le 0` and :math:`g < 0`;
+    - ``"none"``: nothing.
+    """
+    check_choice("rule", rule, CLIP_RULES)
+    if rule == "vm":
+        return (grad * deviation < 0) | (deviation == 0)
+    if rule == "ivm":
+        return (grad < 0) & (deviation >= 0)
+    if rule == "avm":
+        return (grad > 0) & (deviation <= 0)
+    if rule == "ibm":
+        return (clean <= 0) & (grad < 0)
+    return torch.zeros_like(grad, dtype=torch.bool)
+
+
+class ClipGrad:
+    r"""Zero the gradient entries that would move layer outputs off their clean values.
+
+    Used by :class:`FaithfulnessEnsemble` for its insertion game; usable on its own
+    for any optimisation of a model's input. On entry, forward hooks are installed on
+    ``layers``; :meth:`capture` records the clean activations :math:`h`; afterwards,
+    for every forward that builds a graph, the gradient arriving at each layer output
+    :math:`\tilde h` has the entries named by ``rule`` set to zero (see
+    :func:`clip_mask`). Because the hooks sit on the layer outputs, the clipped
+    gradient is what flows on to earlier layers and to the input.
+
+    Rows: the clean activations (optionally re-indexed by ``index``) cover the first
+    ``n`` rows of a perturbed batch; later rows (e.g. FEI's deletion game) pass
+    unclipped. A layer called several times per forward is paired call by call.
+
+    Args:
+
+        layers (Sequence[nn.Module]): the modules whose outputs are constrained,
+                    e.g. from ``captum_faithful._layers.select_layers``.
+        rule (str, optional): ``"vm"``, ``"ivm"``, ``"avm"``, ``"ibm"`` or
+                    ``"none"`` (hooks installed, nothing zeroed).
+                    Default: ``"vm"``
+
+    Examples::
+
+        >>> with ClipGrad([model.conv1, model.conv2], rule="vm") as clip:
+        >>>     clip.capture(lambda: model(x))
+        >>>     loss = -model(x_perturbed.requires_grad_()).softmax(1)[:, 3].sum()
+        >>>     loss.backward()   # gradients clipped at conv1 and conv2
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], rule: str = "vm") -> None:
+        check_choice("rule", rule, CLIP_RULES)
+        layers = list(layers)
+        if not layers or not all(isinstance(m, nn.Module) for m in layers):
+            raise TypeError("`layers` must be a non-empty sequence of nn.Module")
+        self.layers = layers
+        self.rule = rule
+        self.clean: list[list[Tensor]] = [[] for _ in layers]
+        self._calls = [0] * len(layers)
+        self._capturing = False
+        self._index: Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> ClipGrad:
+        try:
+            for position, layer in enumerate(self.layers):
+                self._handles.append(
+                    layer.register_forward_hook(self._make_hook(position))
+                )
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clean = [[] for _ in self.layers]
+        self._capturing = False
+
+    def capture(self, forward: Callable[[], Any], index: Tensor | None = None) -> Any:
+        """Run ``forward()`` without gradients, keep the layer outputs as ``h``.
+
+        Returns what ``forward()`` returns.
+
+        Args:
+
+            forward (Callable): runs the model on the clean inputs.
+            index (Tensor, optional): row ``r`` of later perturbed batches is
+                        compared with clean row ``index[r]``; the clean outputs are
+                        gathered once here. ``None`` pairs row ``r`` with row ``r``.
+                        Default: None
+        """
+        if not self._handles:
+            raise RuntimeError("ClipGrad.capture() must be called inside `with`")
+        self.clean = [[] for _ in self.layers]
+        self._index = index
+        self._capturing = True
+        try:
+            with torch.no_grad():
+                result = forward()
+        finally:
+            self._capturing = False
+            self._index = None
+        missing = [
+            type(m).__name__
+            for m, c in zip(self.layers, self.clean, strict=True)
+            if not c
+        ]
+        if missing:
+            raise ValueError(
+                f"`layers`: {missing} were not called by the forward, so ClipGrad "
+                "has no clean activation for them"
+            )
+        self._calls = [0] * len(self.layers)
+        return result
+
+    def _make_hook(self, position: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    "ClipGrad needs layers whose output is a tensor; "
+                    f"{type(module).__name__} returned {type(output).__name__}"
+                )
+            if self._capturing:
+                clean = output.detach()
+                if self._index is not None:
+                    clean = clean.index_select(0, self._index.to(clean.device))
+                else:
+                    clean = clean.clone()
+                self.clean[position].append(clean)
+                return
+            if self.rule == "none" or not output.requires_grad:
+                return
+            calls = self.clean[position]
+            if not calls:
+                raise RuntimeError("ClipGrad: call capture() before the optimisation")
+            h = calls[self._calls[position] % len(calls)]
+            self._calls[position] += 1
+            n = h.shape[0]
+            if output.shape[0] < n or output.shape[1:] != h.shape[1:]:
+                raise ValueError(
+                    f"ClipGrad: {type(module).__name__} output of shape "
+                    f"{tuple(output.shape)} does not match the clean activation "
+                    f"{tuple(h.shape)}"
+                )
+            # d is taken now: an in-place activation may overwrite `output` next.
+            d = output.detach()[:n] - h
+            output.register_hook(self._make_grad_hook(n, d, h))
+
+        return hook
+
+    def _make_grad_hook(self, n: int, d: Tensor, h: Tensor) -> Callable:
+        rule = self.rule
+
+        def grad_hook(grad: Tensor) -> Tensor:
+            head = grad[:n].masked_fill(clip_mask(rule, grad[:n], d, h), 0.0)
+            if grad.shape[0] == n:
+                return head
+            return torch.cat([head, grad[n:]])
+
+        return grad_hook

@@ -1,0 +1,1 @@
+"""One module per metric; the shared machinery lives in ``metrics/_utils.py``."""

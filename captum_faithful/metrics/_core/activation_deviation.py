@@ -1,0 +1,239 @@
+"""Activation deviation: internal faithfulness of a perturbation (FEI paper)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captum_faithful._compat import (
+    _format_additional_forward_args,
+    _format_tensor_into_tuples,
+    _run_forward,
+)
+from captum_faithful._layers import LayerSpec, record_activations, select_layers
+from captum_faithful._utils import check_finite, check_int, preserve_model_state
+from captum_faithful.metrics._core.insertion_deletion import feature_counts
+from captum_faithful.metrics._utils import (
+    build_perturbed_inputs,
+    feature_scores,
+    prepare_metric_inputs,
+    rank_features,
+    select_additional_forward_args,
+)
+
+
+def activation_deviation(
+    model: nn.Module,
+    layers: LayerSpec,
+    inputs: Tensor | tuple[Tensor, ...],
+    perturbed_inputs: Tensor | tuple[Tensor, ...],
+    additional_forward_args: Any = None,
+) -> dict[str, Tensor]:
+    r"""How far a perturbation moves the model's internal activations.
+
+    An explanation that keeps the model's output while rerouting its computation is
+    not faithful to the model's reasoning (FEI paper). This metric compares the
+    outputs of the selected layers on the clean inputs, :math:`h_\ell(x)`, with those
+    on the perturbed inputs, :math:`h_\ell(\tilde x)`, sample by sample, and averages
+    over the layers (every call of a layer that runs several times counts as one
+    layer):
+
+    .. math::
+        \mathrm{MSE}_i = \frac{1}{L} \sum_\ell \mathrm{mean}\big((h_\ell(\tilde x_i)
+        - h_\ell(x_i))^2\big), \qquad
+        \cos_i = \frac{1}{L} \sum_\ell \frac{\langle h_\ell(\tilde x_i), h_\ell(x_i)
+        \rangle}{\lVert h_\ell(\tilde x_i) \rVert \, \lVert h_\ell(x_i) \rVert}
+
+    Two all-zero activations count as identical (cosine 1); one all-zero activation
+    against a non-zero one has cosine 0. Runs under ``torch.no_grad()``; the model's
+    modes, flags and hooks are left as they were.
+
+    Args:
+
+        model (nn.Module): the model; ``model(*inputs, *additional_forward_args)``
+                    is run on both inputs.
+        layers (str or list): ``"conv"`` (every ``nn.Conv2d``), ``"early"`` /
+                    ``"late"`` (first / second half of them), or a list of modules or
+                    submodule names.
+        inputs (Tensor or tuple[Tensor, ...]): clean inputs, batch size N.
+        perturbed_inputs (Tensor or tuple[Tensor, ...]): perturbed inputs, same
+                    shapes as ``inputs``.
+        additional_forward_args (Any, optional): passed after the inputs, unchanged,
+                    to both forwards.
+                    Default: None
+
+    Returns:
+        dict: ``{"mse": Tensor (N,), "cosine": Tensor (N,)}``.
+
+    Examples::
+
+        >>> dev = activation_deviation(model, "conv", images, images + noise)
+        >>> dev["mse"], dev["cosine"]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`model` must be a torch.nn.Module, got {type(model).__name__}"
+        )
+    modules = select_layers(model, layers)
+    clean = _format_tensor_into_tuples(inputs)
+    perturbed = _format_tensor_into_tuples(perturbed_inputs)
+    for name, tensors in (("inputs", clean), ("perturbed_inputs", perturbed)):
+        if not all(isinstance(t, Tensor) for t in tensors):
+            raise TypeError(f"`{name}` must be a tensor or a tuple of tensors")
+        check_finite(name, tensors)
+    if len(clean) != len(perturbed) or any(
+        a.shape != b.shape for a, b in zip(clean, perturbed, strict=False)
+    ):
+        raise ValueError(
+            "`perturbed_inputs` must have the shapes of `inputs`, got "
+            f"{[tuple(t.shape) for t in perturbed]} for "
+            f"{[tuple(t.shape) for t in clean]}"
+        )
+    afa = _format_additional_forward_args(additional_forward_args)
+    with preserve_model_state(model), torch.no_grad():
+        with record_activations(modules) as clean_acts:
+            _run_forward(model, clean, None, afa)
+        with record_activations(modules) as perturbed_acts:
+            _run_forward(model, perturbed, None, afa)
+    return deviation_from_records(clean_acts, perturbed_acts)
+
+
+def insertion_activation_deviation(
+    model: nn.Module,
+    layers: LayerSpec,
+    inputs: Tensor | tuple[Tensor, ...],
+    attributions: Tensor | tuple[Tensor, ...],
+    baselines: Any = "blur",
+    additional_forward_args: Any = None,
+    feature_mask: Tensor | tuple[Tensor, ...] | None = None,
+    n_steps: int = 100,
+    max_examples_per_batch: int | None = None,
+) -> dict[str, Tensor]:
+    r"""Activation deviation along the hard insertion curve of an attribution.
+
+    The images of :func:`~captum_faithful.metrics.insertion_auc`'s curve (the top
+    ``round(k F / n_steps)`` features by attribution taken from the input, the rest
+    from the baseline, k = 0..n_steps; same ranking, tie-breaking and baselines) are
+    compared with the clean input by :func:`activation_deviation`, and the values are
+    averaged over the n_steps + 1 curve points. Because every attribution is scored at
+    exactly the same coverages, maps are compared at equal coverage (SPEC §4): a
+    soft map cannot look internally faithful just by keeping more of the input.
+
+    .. math::
+        \mathrm{MSE}_i = \frac{1}{n+1} \sum_{k=0}^{n} \mathrm{MSE}\big(x_i,
+        \tilde x_i^{(k)}\big), \qquad \tilde x^{(k)} = m_k \odot x + (1 - m_k) \odot b
+
+    Args:
+
+        model (nn.Module): the model.
+        layers (str or list): as in :func:`activation_deviation`.
+        inputs (Tensor or tuple[Tensor, ...]): clean inputs, batch size N.
+        attributions (Tensor or tuple[Tensor, ...]): one map per input, the input's
+                    shape or broadcastable to it (e.g. (N, 1, H, W)).
+        baselines (str, scalar, Tensor, Callable, optional): what replaces the
+                    features not yet inserted, as in ``insertion_auc``.
+                    Default: ``"blur"``
+        additional_forward_args (Any, optional): passed after the inputs.
+                    Default: None
+        feature_mask (Tensor, optional): Captum's feature mask; ``None`` makes each
+                    spatial location of a 4-D input one feature.
+                    Default: None
+        n_steps (int, optional): curve segments (n_steps + 1 points).
+                    Default: 100
+        max_examples_per_batch (int, optional): perturbed images per forward.
+                    Default: None (the metrics' default chunk size)
+
+    Returns:
+        dict: ``{"mse": Tensor (N,), "cosine": Tensor (N,)}``.
+
+    Examples::
+
+        >>> dev = insertion_activation_deviation(model, "conv", images, attr,
+        >>>                                      baselines=reference, n_steps=20)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`model` must be a torch.nn.Module, got {type(model).__name__}"
+        )
+    modules = select_layers(model, layers)
+    n_steps = check_int("n_steps", n_steps, 1)
+    setup = prepare_metric_inputs(
+        inputs, attributions, baselines, feature_mask, None, max_examples_per_batch
+    )
+    n, steps = setup.n_examples, n_steps + 1
+    with preserve_model_state(model), torch.no_grad():
+        ranks = rank_features(
+            feature_scores(
+                setup.attributions, setup.inputs, setup.feature_ids, setup.n_features
+            )
+        )
+        counts = torch.tensor(
+            feature_counts(setup.n_features, n_steps), device=ranks.device
+        )
+        clean = [[] for _ in modules]
+        for start in range(0, n, setup.chunk_size):
+            samples = torch.arange(start, min(n, start + setup.chunk_size))
+            with record_activations(modules) as records:
+                _run_forward(
+                    model,
+                    tuple(x[samples.to(x.device)] for x in setup.inputs),
+                    None,
+                    select_additional_forward_args(additional_forward_args, samples, n),
+                )
+            for store, calls in zip(clean, records, strict=True):
+                store.append(calls)
+        clean = [[torch.cat(c) for c in zip(*chunks, strict=True)] for chunks in clean]
+        mse, cosine = [], []
+        for start in range(0, n * steps, setup.chunk_size):
+            rows = torch.arange(start, min(n * steps, start + setup.chunk_size))
+            samples, points = rows // steps, rows % steps
+            take = ranks[samples.to(ranks.device)] < counts[points].unsqueeze(1)
+            with record_activations(modules) as records:
+                _run_forward(
+                    model,
+                    build_perturbed_inputs(setup, samples, take),
+                    None,
+                    select_additional_forward_args(additional_forward_args, samples, n),
+                )
+            values = deviation_from_records(clean, records, samples)
+            mse.append(values["mse"])
+            cosine.append(values["cosine"])
+    return {
+        "mse": torch.cat(mse).view(n, steps).mean(1),
+        "cosine": torch.cat(cosine).view(n, steps).mean(1),
+    }
+
+
+def deviation_from_records(
+    clean: list[list[Tensor]], perturbed: list[list[Tensor]], rows: Tensor | None = None
+) -> dict[str, Tensor]:
+    """MSE and cosine per perturbed row, averaged over layers and calls.
+
+    ``clean[l][c]`` is the output of call c of layer l on the clean inputs; perturbed
+    row r is compared with clean row ``rows[r]`` (row r when ``rows`` is None).
+    """
+    mse, cosine, count = 0.0, 0.0, 0
+    for clean_calls, perturbed_calls in zip(clean, perturbed, strict=True):
+        if len(clean_calls) != len(perturbed_calls):
+            raise ValueError(
+                "a layer ran a different number of times on the clean and the "
+                "perturbed inputs"
+            )
+        for h, h_tilde in zip(clean_calls, perturbed_calls, strict=True):
+            if rows is not None:
+                h = h.index_select(0, rows.to(h.device))
+            h, h_tilde = h.flatten(1).double(), h_tilde.flatten(1).double()
+            mse = mse + ((h_tilde - h) ** 2).mean(dim=1)
+            cosine = cosine + _cosine(h, h_tilde)
+            count += 1
+    return {"mse": (mse / count).float(), "cosine": (cosine / count).float()}
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    norm_a, norm_b = a.norm(dim=1), b.norm(dim=1)
+    both_zero = (norm_a == 0) & (norm_b == 0)
+    value = F.cosine_similarity(a, b, dim=1, eps=1e-12)
+    return torch.where(both_zero, torch.ones_like(value), value)

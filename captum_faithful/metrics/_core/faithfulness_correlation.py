@@ -1,0 +1,227 @@
+"""Faithfulness correlation, MuFidelity (Bhatt et al. 2020)."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from captum_faithful._compat import (
+    BaselineType,
+    TargetType,
+    TensorOrTupleOfTensorsGeneric,
+)
+from captum_faithful._utils import check_choice, check_int
+from captum_faithful.metrics._utils import (
+    CORRELATIONS,
+    MetricInputs,
+    clean_target_scores,
+    feature_scores,
+    perturbed_target_scores,
+    prepare_metric_inputs,
+)
+
+
+def subset_count(subset_size: Any, n_features: int) -> int:
+    """Number of features per subset: ``subset_size`` itself when it is an int
+    (1 <= size <= F), else ``max(1, round(subset_size * F))`` for a fraction in
+    (0, 1]."""
+    if isinstance(subset_size, numbers.Integral) and not isinstance(subset_size, bool):
+        if not 1 <= subset_size <= n_features:
+            raise ValueError(
+                f"`subset_size` as a count must be in [1, {n_features}] (the number "
+                f"of features), got {subset_size}"
+            )
+        return int(subset_size)
+    if isinstance(subset_size, numbers.Real) and not isinstance(subset_size, bool):
+        if not 0.0 < float(subset_size) <= 1.0:
+            raise ValueError(
+                "`subset_size` as a fraction must be in (0, 1], got "
+                f"{float(subset_size)}"
+            )
+        return max(1, round(float(subset_size) * n_features))
+    raise TypeError(
+        "`subset_size` must be a fraction in (0, 1] or a feature count, got "
+        f"{subset_size!r}"
+    )
+
+
+def kth_smallest(keys: Tensor, k: int) -> Tensor:
+    """The k-th smallest value of every row of ``keys`` (2-D), shape (rows, 1);
+    numpy's introselect on the CPU (several times faster than torch there)."""
+    if keys.device.type == "cpu":
+        values = np.partition(keys.numpy(), k - 1, axis=1)[:, k - 1 : k]
+        return torch.from_numpy(values)
+    return keys.kthvalue(k, dim=1, keepdim=True).values
+
+
+def random_feature_subsets(
+    n_examples: int,
+    n_samples: int,
+    n_features: int,
+    size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Boolean membership (N, n_samples, F) of uniformly random ``size``-subsets.
+
+    Example by example (memory stays at n_samples x F keys), ``n_samples x F``
+    uniform keys are drawn from ``generator``; each subset holds the ``size``
+    features with the smallest keys (a tie at the threshold, rare with float32
+    keys, is broken by the feature index).
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    members = torch.zeros(n_examples, n_samples, n_features, dtype=torch.bool)
+    for example in range(n_examples):
+        keys = torch.rand(n_samples, n_features, generator=generator, device=gen_device)
+        chosen = keys <= kth_smallest(keys, size)
+        ties = (chosen.sum(dim=1) != size).nonzero().flatten()
+        if ties.numel():
+            smallest = keys[ties].argsort(dim=1, stable=True)[:, :size]
+            chosen[ties] = torch.zeros_like(chosen[ties]).scatter_(1, smallest, True)
+        members[example] = chosen.cpu()
+    return members.to(device)
+
+
+def faithfulness_correlation_for_subsets(
+    forward_func: Callable,
+    setup: MetricInputs,
+    subsets: Tensor,
+    target: TargetType,
+    additional_forward_args: Any,
+    correlation: str,
+    apply_softmax: bool,
+) -> Tensor:
+    """Faithfulness correlation for given feature subsets ``subsets``
+    (N, n_samples, F) boolean: the correlation, over the subsets, between the
+    summed attribution of a subset and the score drop when it is replaced by the
+    baseline. Used by :func:`faithfulness_correlation` and by benchmarks that
+    replay another library's subsets."""
+    with torch.no_grad():
+        clean, classes = clean_target_scores(
+            forward_func, setup, target, additional_forward_args, apply_softmax
+        )
+        scores = feature_scores(
+            setup.attributions, setup.inputs, setup.feature_ids, setup.n_features
+        )
+        subsets = subsets.to(scores.device)
+
+        def take_input(samples: Tensor, perturbations: Tensor) -> Tensor:
+            return ~subsets[samples, perturbations]
+
+        perturbed = perturbed_target_scores(
+            forward_func,
+            setup,
+            take_input,
+            subsets.shape[1],
+            classes,
+            additional_forward_args,
+            apply_softmax,
+        )
+        attribution_sums = torch.stack(
+            [
+                members.to(torch.float64) @ row
+                for members, row in zip(subsets, scores, strict=True)
+            ]
+        )
+        drops = clean.double().unsqueeze(1) - perturbed.double()
+        return CORRELATIONS[correlation](attribution_sums, drops)
+
+
+def faithfulness_correlation(
+    forward_func: Callable,
+    inputs: TensorOrTupleOfTensorsGeneric,
+    attributions: TensorOrTupleOfTensorsGeneric,
+    target: TargetType = None,
+    additional_forward_args: Any = None,
+    baselines: BaselineType | str | Callable = "zero",
+    feature_mask: Tensor | tuple[Tensor, ...] | None = None,
+    subset_size: float | int = 0.25,
+    n_samples: int = 100,
+    correlation: str = "pearson",
+    apply_softmax: bool = False,
+    max_examples_per_batch: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Faithfulness correlation (MuFidelity, Bhatt et al. 2020).
+
+    For ``n_samples`` random subsets S of the features (each of ``subset_size``
+    features, drawn uniformly without replacement per example from
+    ``generator``), replace S by the baseline and record the drop of the target
+    score; the metric is the correlation, over the subsets, between the summed
+    attribution of S and that drop. A feature's attribution is the sum of the
+    attributions of its elements. NaN when either side is constant.
+
+    .. math::
+        \mu_F = \operatorname{corr}_{S}\Big(\sum_{i \in S} a_i,\;
+        \phi(x) - \phi(x_{S \to b})\Big)
+
+    Args:
+        forward_func (Callable): The model or any callable returning (N, n_classes)
+            outputs.
+        inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
+            same shape or broadcastable to it with the same batch size.
+        target (int, tuple, Tensor or list, optional): Class per sample; None
+            scores the class predicted on the unperturbed input. Default: None
+        additional_forward_args (Any, optional): Extra arguments for
+            ``forward_func``. Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero",
+            "mean", "blur", a number, a tensor or a callable. Default: "zero"
+        feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids, Captum's
+            meaning; None: one feature per spatial location for 4-D inputs, one per
+            element otherwise. Default: None
+        subset_size (float or int, optional): Fraction of the features in (0, 1]
+            (rounded, at least one) or a feature count. Default: 0.25
+        n_samples (int, optional): Number of random subsets, >= 2. Default: 100
+        correlation (str, optional): "pearson" or "spearman". Default: "pearson"
+        apply_softmax (bool, optional): Softmax probability (True) or raw output
+            (False). Default: False
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass;
+            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``. Default: None
+        generator (torch.Generator, optional): Source of the random subsets; None
+            uses torch's global generator. Default: None
+
+    Returns:
+        Tensor: Correlation per sample, shape (N,), float64.
+
+    Examples::
+
+        >>> from captum_faithful.metrics import faithfulness_correlation
+        >>> g = torch.Generator().manual_seed(0)
+        >>> mu = faithfulness_correlation(model, images, attributions,
+        ...                               target=labels, generator=g)
+    """
+    n_samples = check_int("n_samples", n_samples, 2)
+    check_choice("correlation", correlation, tuple(CORRELATIONS))
+    if not isinstance(apply_softmax, bool):
+        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator, got {type(generator).__name__}"
+        )
+    setup = prepare_metric_inputs(
+        inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
+    )
+    size = subset_count(subset_size, setup.n_features)
+    subsets = random_feature_subsets(
+        setup.n_examples,
+        n_samples,
+        setup.n_features,
+        size,
+        generator,
+        setup.feature_ids[0].device,
+    )
+    return faithfulness_correlation_for_subsets(
+        forward_func,
+        setup,
+        subsets,
+        target,
+        additional_forward_args,
+        correlation,
+        apply_softmax,
+    )

@@ -1,0 +1,259 @@
+"""Insertion and deletion curves and their AUC (Petsiuk et al. 2018, RISE)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captum_faithful._compat import (
+    BaselineType,
+    TargetType,
+    TensorOrTupleOfTensorsGeneric,
+)
+from captum_faithful._utils import check_int
+from captum_faithful.metrics._utils import (
+    MetricInputs,
+    clean_target_scores,
+    feature_scores,
+    perturbed_target_scores,
+    prepare_metric_inputs,
+    rank_features,
+)
+
+
+def feature_counts(n_features: int, n_steps: int) -> list[int]:
+    """Features revealed (insertion) or removed (deletion) at each curve point:
+    ``round(k * F / n_steps)`` for k = 0..n_steps (Python's round, half to even)."""
+    return [round(k * n_features / n_steps) for k in range(n_steps + 1)]
+
+
+def trapezoid_auc(curves: Tensor) -> Tensor:
+    """Area under curves sampled at n_steps+1 equally spaced points of [0, 1]
+    (trapezoid rule); ``curves`` has shape (N, n_steps + 1)."""
+    n_steps = curves.shape[1] - 1
+    return torch.trapezoid(curves, dx=1.0 / n_steps, dim=1)
+
+
+def _curve(
+    insertion: bool,
+    forward_func: Callable,
+    inputs: Any,
+    attributions: Any,
+    target: TargetType,
+    additional_forward_args: Any,
+    baselines: Any,
+    feature_mask: Any,
+    n_steps: int,
+    apply_softmax: bool,
+    max_examples_per_batch: int | None,
+    return_curves: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    n_steps = check_int("n_steps", n_steps, 1)
+    if not isinstance(apply_softmax, bool):
+        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    setup: MetricInputs = prepare_metric_inputs(
+        inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
+    )
+    n_features = setup.n_features
+    # The copy equal to the clean input: everything revealed (insertion) or nothing
+    # removed (deletion). It is scored once, by the clean pass.
+    clean_count = n_features if insertion else 0
+    counts = feature_counts(n_features, n_steps)
+    distinct = sorted(set(counts) - {clean_count})
+    with torch.no_grad():
+        clean, classes = clean_target_scores(
+            forward_func, setup, target, additional_forward_args, apply_softmax
+        )
+        ranks = rank_features(
+            feature_scores(
+                setup.attributions, setup.inputs, setup.feature_ids, n_features
+            )
+        )
+        thresholds = torch.tensor(distinct, dtype=torch.long, device=ranks.device)
+
+        def take_input(samples: Tensor, perturbations: Tensor) -> Tensor:
+            revealed = ranks[samples] < thresholds[perturbations].unsqueeze(1)
+            return revealed if insertion else ~revealed
+
+        scores = perturbed_target_scores(
+            forward_func,
+            setup,
+            take_input,
+            len(distinct),
+            classes,
+            additional_forward_args,
+            apply_softmax,
+        )
+        columns = {count: scores[:, i] for i, count in enumerate(distinct)}
+        columns[clean_count] = clean.to(scores.dtype)
+        curves = torch.stack([columns[count] for count in counts], dim=1)
+        auc = trapezoid_auc(curves)
+    if return_curves:
+        return auc, curves
+    return auc
+
+
+def insertion_auc(
+    forward_func: Callable,
+    inputs: TensorOrTupleOfTensorsGeneric,
+    attributions: TensorOrTupleOfTensorsGeneric,
+    target: TargetType = None,
+    additional_forward_args: Any = None,
+    baselines: BaselineType | str | Callable = "blur",
+    feature_mask: Tensor | tuple[Tensor, ...] | None = None,
+    n_steps: int = 100,
+    apply_softmax: bool = True,
+    max_examples_per_batch: int | None = None,
+    return_curves: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Insertion AUC: how fast the target score recovers as the most important
+    features are placed, in attribution order, onto a baseline.
+
+    Features are ranked by their score (the sum of the attributions of their
+    elements), highest first, ties broken by the lower feature index. Curve point
+    k = 0..n_steps is the target score of the baseline with the top
+    :math:`c_k = \operatorname{round}(kF/\text{n\_steps})` features taken from the
+    input. The AUC integrates the curve over :math:`x = k/\text{n\_steps} \in [0, 1]`
+    with the trapezoid rule. Higher is better. All copies of all samples are built
+    as batched tensors and forwarded ``max_examples_per_batch`` at a time, under
+    ``torch.no_grad()``.
+
+    .. math::
+        \text{AUC} = \frac{1}{n}\sum_{k=1}^{n} \frac{y_{k-1} + y_k}{2},\quad
+        y_k = \phi\big(x \odot M_{c_k} + b \odot (1 - M_{c_k})\big)
+
+    where :math:`M_c` selects the elements of the top-c features and :math:`\phi` is
+    the target-class score.
+
+    Args:
+        forward_func (Callable): The model or any callable returning (N, n_classes)
+            outputs (a Hugging Face ``ModelOutput`` is reduced to its logits).
+        inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
+            same shape or broadcastable to it with the same batch size
+            (e.g. (N, 1, H, W) for images).
+        target (int, tuple, Tensor or list, optional): Class per sample, as in
+            Captum. None scores the class predicted on the unperturbed input.
+            Default: None
+        additional_forward_args (Any, optional): Extra arguments for
+            ``forward_func``; tensors whose first dimension is N are repeated along
+            with their sample. Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): What a
+            hidden feature shows: "zero", "mean" (per sample, per channel), "blur"
+            (Gaussian, kernel 11, sigma 5, reflect padding), a number, a tensor
+            broadcastable to the input, or a callable ``input -> tensor``.
+            Default: "blur"
+        feature_mask (Tensor or tuple[Tensor, ...], optional): Integer ids, same
+            id = same feature (Captum's meaning); broadcastable to the input with
+            batch dimension 1 or N. None: one feature per spatial location for 4-D
+            inputs (all channels together), one per element otherwise.
+            Default: None
+        n_steps (int, optional): Number of curve segments (n_steps+1 points),
+            >= 1. Default: 100
+        apply_softmax (bool, optional): Score = softmax probability of the target
+            class (True) or the raw output (False). Default: True
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass.
+            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH`` (64, the fastest measured
+            on CPU). The result does not depend on it. Default: None
+        return_curves (bool, optional): Also return the curves. Default: False
+
+    Returns:
+        Tensor or (Tensor, Tensor): AUC per sample, shape (N,); with
+        ``return_curves=True`` also the curves, shape (N, n_steps + 1).
+
+    Examples::
+
+        >>> from captum.attr import Saliency
+        >>> from captum_faithful.metrics import insertion_auc
+        >>> attributions = Saliency(model).attribute(images, target=labels)
+        >>> auc = insertion_auc(model, images, attributions, target=labels)
+    """
+    return _curve(
+        True,
+        forward_func,
+        inputs,
+        attributions,
+        target,
+        additional_forward_args,
+        baselines,
+        feature_mask,
+        n_steps,
+        apply_softmax,
+        max_examples_per_batch,
+        return_curves,
+    )
+
+
+def deletion_auc(
+    forward_func: Callable,
+    inputs: TensorOrTupleOfTensorsGeneric,
+    attributions: TensorOrTupleOfTensorsGeneric,
+    target: TargetType = None,
+    additional_forward_args: Any = None,
+    baselines: BaselineType | str | Callable = "zero",
+    feature_mask: Tensor | tuple[Tensor, ...] | None = None,
+    n_steps: int = 100,
+    apply_softmax: bool = True,
+    max_examples_per_batch: int | None = None,
+    return_curves: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Deletion AUC: how fast the target score falls as the most important
+    features are replaced, in attribution order, by a baseline.
+
+    Same ranking, feature counts and trapezoid rule as :func:`insertion_auc`; curve
+    point k is the target score of the input with its top
+    :math:`c_k = \operatorname{round}(kF/\text{n\_steps})` features replaced by the
+    baseline. Lower is better. This is Quantus' pixel flipping with the AUC taken.
+
+    .. math::
+        \text{AUC} = \frac{1}{n}\sum_{k=1}^{n} \frac{y_{k-1} + y_k}{2},\quad
+        y_k = \phi\big(b \odot M_{c_k} + x \odot (1 - M_{c_k})\big)
+
+    Args:
+        forward_func (Callable): The model or any callable returning (N, n_classes)
+            outputs.
+        inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
+            same shape or broadcastable to it with the same batch size.
+        target (int, tuple, Tensor or list, optional): Class per sample; None
+            scores the class predicted on the unperturbed input. Default: None
+        additional_forward_args (Any, optional): Extra arguments for
+            ``forward_func``. Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero",
+            "mean", "blur", a number, a tensor or a callable (see
+            :func:`insertion_auc`). Default: "zero"
+        feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids (see
+            :func:`insertion_auc`). Default: None
+        n_steps (int, optional): Number of curve segments, >= 1. Default: 100
+        apply_softmax (bool, optional): Softmax probability (True) or raw output.
+            Default: True
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass;
+            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``. Default: None
+        return_curves (bool, optional): Also return the curves. Default: False
+
+    Returns:
+        Tensor or (Tensor, Tensor): AUC per sample, shape (N,); with
+        ``return_curves=True`` also the curves, shape (N, n_steps + 1).
+
+    Examples::
+
+        >>> from captum_faithful.metrics import deletion_auc
+        >>> auc = deletion_auc(model, images, attributions, target=labels)
+    """
+    return _curve(
+        False,
+        forward_func,
+        inputs,
+        attributions,
+        target,
+        additional_forward_args,
+        baselines,
+        feature_mask,
+        n_steps,
+        apply_softmax,
+        max_examples_per_batch,
+        return_curves,
+    )

@@ -1,0 +1,614 @@
+"""Shared machinery of the perturbation metrics.
+
+Every perturbation metric follows the same steps, and each step has one function here:
+
+1. :func:`prepare_metric_inputs` validates ``inputs``, ``attributions``,
+   ``baselines`` and ``feature_mask`` together (shapes, NaN/Inf, types) and resolves
+   them into a :class:`MetricInputs` record, before any forward pass. It uses
+   :func:`format_inputs`, :func:`validate_attributions`, :func:`resolve_baselines`,
+   :func:`resolve_feature_masks` and :func:`check_target_form`.
+2. :func:`feature_scores` sums the attributions of every feature, and
+   :func:`rank_features` turns the scores into ranks (descending score, ties broken
+   by the lower feature index).
+3. :func:`clean_target_scores` runs the unperturbed inputs once: it fixes the target
+   class (``target=None`` = predicted class) and the reference score.
+4. :func:`perturbed_target_scores` builds the perturbed copies of all samples as
+   batched tensors (:func:`build_perturbed_inputs`), ``max_examples_per_batch`` at a
+   time, and returns the target-class score of each copy. Its forward loop,
+   :func:`chunked_target_scores` (one pass per chunk: :func:`target_scores`), takes
+   any row builder, e.g. points on an interpolation path.
+
+Also here: :func:`average_ranks`, :func:`pearson_correlation` and
+:func:`spearman_correlation` (batched, along the last dimension).
+
+A perturbation is described by a function ``take_input(samples, perturbations)``
+that returns, for each requested (sample, perturbation) pair, a boolean row over
+the features: ``True`` keeps the input's value, ``False`` uses the baseline's. The
+copies are built chunk by chunk, so the result does not depend on the chunk size.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captum_faithful._compat import _format_additional_forward_args
+from captum_faithful._utils import check_finite, check_int, resolve_targets, run_forward
+from captum_faithful.metrics._core.baselines import BASELINE_PRESETS
+
+#: Default number of perturbed examples per forward pass when
+#: ``max_examples_per_batch=None``. Measured with ``benchmarks/bench_metrics.py`` on a
+#: small CNN on a 2-core CPU: chunks of 32-128 copies ran fastest at 3x32x32 and
+#: 3x64x64; one giant batch was slower (cache misses) and tiny chunks paid the
+#: per-call overhead.
+DEFAULT_MAX_EXAMPLES_PER_BATCH = 64
+
+TakeInput = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class MetricInputs:
+    """Validated, resolved arguments of a perturbation metric.
+
+    Attributes:
+        inputs (tuple of Tensor): The inputs, as a tuple.
+        is_tuple (bool): Whether the user passed a tuple.
+        attributions (tuple of Tensor): One per input, broadcastable to it.
+        baselines (tuple of Tensor): One per input, expanded to its shape.
+        feature_ids (tuple of Tensor): One int64 tensor per input, of shape
+            (1 or N, ...) broadcastable to the input, holding feature indices in
+            ``[0, n_features)``; the same index in two places is the same feature.
+        n_features (int): Number of features F.
+        n_examples (int): Batch size N.
+        chunk_size (int): Perturbed examples per forward pass.
+        feature_ranges (tuple): Per input, ``(start, stop)`` when its elements, in
+            order, are features ``start .. stop-1`` for every sample (the default
+            masks), else None; lets :func:`build_perturbed_inputs` slice instead of
+            gather.
+    """
+
+    inputs: tuple[Tensor, ...]
+    is_tuple: bool
+    attributions: tuple[Tensor, ...]
+    baselines: tuple[Tensor, ...]
+    feature_ids: tuple[Tensor, ...]
+    n_features: int
+    n_examples: int
+    chunk_size: int
+    feature_ranges: tuple[tuple[int, int] | None, ...] = ()
+
+
+def format_inputs(inputs: Any) -> tuple[tuple[Tensor, ...], bool]:
+    """Return ``(inputs_as_tuple, is_tuple)`` after checking types, batch and values.
+
+    Every input must be a non-empty tensor with a leading batch dimension of the same
+    size N >= 1, free of NaN/Inf.
+    """
+    is_tuple = isinstance(inputs, (tuple, list))
+    items = tuple(inputs) if is_tuple else (inputs,)
+    if not items or not all(isinstance(x, Tensor) for x in items):
+        raise TypeError(
+            "`inputs` must be a tensor or a non-empty tuple of tensors, got "
+            f"{type(inputs).__name__}"
+        )
+    for x in items:
+        if x.dim() < 1 or x.numel() == 0:
+            raise ValueError(
+                "`inputs` must be non-empty tensors of shape (N, ...), got shape "
+                f"{tuple(x.shape)}"
+            )
+    n = items[0].shape[0]
+    if any(x.shape[0] != n for x in items):
+        raise ValueError(
+            "every tensor in `inputs` must have the same batch size, got "
+            f"{[x.shape[0] for x in items]}"
+        )
+    check_finite("inputs", items)
+    return items, is_tuple
+
+
+def _as_tuple_like(name: str, value: Any, inputs: tuple[Tensor, ...]) -> tuple:
+    """``value`` as a tuple with one entry per input (a single value is shared
+    only when there is one input)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != len(inputs):
+            raise ValueError(
+                f"`{name}` must hold one entry per input tensor ({len(inputs)}), "
+                f"got {len(value)}"
+            )
+        return tuple(value)
+    if len(inputs) != 1:
+        raise ValueError(
+            f"`{name}` must be a tuple with one entry per input tensor "
+            f"({len(inputs)}) when `inputs` is a tuple of several tensors"
+        )
+    return (value,)
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def validate_attributions(
+    attributions: Any, inputs: tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
+    """Check that ``attributions`` mirror ``inputs``: one tensor per input, with the
+    input's number of dimensions, batch size N, every other dimension equal to the
+    input's or 1 (e.g. (N, 1, H, W) for (N, C, H, W) images), and finite values."""
+    items = _as_tuple_like("attributions", attributions, inputs)
+    for a, x in zip(items, inputs, strict=True):
+        if not isinstance(a, Tensor):
+            raise TypeError(
+                "`attributions` must be a tensor or a tuple of tensors, got "
+                f"{type(a).__name__}"
+            )
+        if (
+            a.dim() != x.dim()
+            or a.shape[0] != x.shape[0]
+            or not _broadcasts_to(a.shape, x.shape)
+        ):
+            raise ValueError(
+                "`attributions` must have the shape of the inputs, or one that "
+                f"broadcasts to it with the same batch size: input {tuple(x.shape)}, "
+                f"attributions {tuple(a.shape)}"
+            )
+    check_finite("attributions", items)
+    return items
+
+
+def resolve_baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Turn ``baselines`` into one tensor per input, expanded to the input's shape.
+
+    ``baselines`` is a string preset (``"zero"``, ``"mean"``, ``"blur"``), a number,
+    a tensor broadcastable to the input, a callable ``input -> tensor`` (applied to
+    each input tensor), or a tuple of these with one entry per input. The result is
+    finite, on the input's device and dtype; nothing is computed in place.
+    """
+    if isinstance(baselines, (tuple, list)):
+        items = _as_tuple_like("baselines", baselines, inputs)
+    else:
+        items = (baselines,) * len(inputs)
+    resolved = []
+    for b, x in zip(items, inputs, strict=True):
+        if isinstance(b, str):
+            if b not in BASELINE_PRESETS:
+                raise ValueError(
+                    f"`baselines` must be one of {tuple(BASELINE_PRESETS)}, a number, "
+                    f"a tensor or a callable, got {b!r}"
+                )
+            b = BASELINE_PRESETS[b](x)
+        elif isinstance(b, numbers.Real) and not isinstance(b, bool):
+            b = torch.full((), float(b), dtype=x.dtype, device=x.device)
+        elif callable(b) and not isinstance(b, Tensor):
+            b = b(x)
+        if not isinstance(b, Tensor):
+            raise TypeError(
+                "`baselines` must be a string preset, a number, a tensor or a "
+                f"callable returning a tensor, got {type(b).__name__}"
+            )
+        if b.dim() > x.dim() or not _broadcasts_to(b.shape, x.shape):
+            raise ValueError(
+                "`baselines` must broadcast to the input shape "
+                f"{tuple(x.shape)}, got shape {tuple(b.shape)}"
+            )
+        check_finite("baselines", b)
+        resolved.append(b.to(device=x.device, dtype=x.dtype).expand_as(x))
+    return tuple(resolved)
+
+
+def default_feature_ids(inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], int]:
+    """Features when ``feature_mask=None``: one per spatial location (all channels
+    together) for a 4-D input (N, C, H, W), one per element otherwise; numbered
+    across the inputs of a tuple in order."""
+    ids, offset = [], 0
+    for x in inputs:
+        shape = (1, 1, *x.shape[2:]) if x.dim() == 4 else (1, *x.shape[1:])
+        count = 1
+        for size in shape:
+            count *= size
+        ids.append(torch.arange(offset, offset + count, device=x.device).view(shape))
+        offset += count
+    return tuple(ids), offset
+
+
+def resolve_feature_masks(
+    feature_mask: Any, inputs: tuple[Tensor, ...]
+) -> tuple[tuple[Tensor, ...], int]:
+    """Validate ``feature_mask`` and relabel its ids to ``0 .. F-1``.
+
+    Captum's meaning: one integer tensor per input, broadcastable to it, with a batch
+    dimension of 1 (shared by all samples) or N; elements with the same integer form
+    one feature, also across the tensors of a tuple. Feature order (the tie-breaker
+    of the ranking) is the order of the integer ids. A per-sample mask must use the
+    same set of ids in every sample, so that all samples have the same F features.
+
+    Returns:
+        (ids, n_features): one int64 tensor per input of the input's number of
+        dimensions, and F.
+    """
+    if feature_mask is None:
+        return default_feature_ids(inputs)
+    items = _as_tuple_like("feature_mask", feature_mask, inputs)
+    masks = []
+    for m, x in zip(items, inputs, strict=True):
+        if not isinstance(m, Tensor):
+            raise TypeError(
+                "`feature_mask` must be an integer tensor or a tuple of them, got "
+                f"{type(m).__name__}"
+            )
+        if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
+            raise TypeError(
+                f"`feature_mask` must hold integer feature ids, got dtype {m.dtype}"
+            )
+        if m.dim() > x.dim() or not _broadcasts_to(m.shape, x.shape):
+            raise ValueError(
+                f"`feature_mask` must broadcast to the input shape {tuple(x.shape)}, "
+                f"got shape {tuple(m.shape)}"
+            )
+        m = m.reshape((1,) * (x.dim() - m.dim()) + tuple(m.shape))
+        masks.append(m.to(device=x.device, dtype=torch.long))
+    unique_ids = torch.unique(torch.cat([m.reshape(-1).cpu() for m in masks]))
+    n_features = unique_ids.numel()
+    ids = tuple(
+        torch.searchsorted(unique_ids.to(m.device), m.contiguous()) for m in masks
+    )
+    if any(m.shape[0] != 1 for m in ids):
+        n = inputs[0].shape[0]
+        present = torch.zeros(n, n_features, dtype=torch.bool, device=ids[0].device)
+        for m in ids:
+            flat = m.reshape(m.shape[0], -1).expand(n, -1).to(present.device)
+            present.scatter_(1, flat, True)
+        if not bool(present.all()):
+            raise ValueError(
+                "a per-sample `feature_mask` must use the same feature ids in every "
+                "sample"
+            )
+    return ids, n_features
+
+
+def check_target_form(target: Any, n_examples: int) -> None:
+    """Check what can be checked about ``target`` before a forward pass: its type,
+    one class per sample, non-negative integers. The upper bound (number of classes)
+    is checked by :func:`resolve_targets` after the clean forward pass."""
+    if target is None:
+        return
+    if isinstance(target, bool):
+        raise TypeError("`target` must be None, an int, a list of ints or a tensor")
+    if isinstance(target, numbers.Integral):
+        values = [int(target)]
+    elif isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex():
+            if not bool((target == target.round()).all()):
+                raise ValueError("`target` must hold integer class indices")
+        if target.numel() not in (1, n_examples) or target.dim() > 1:
+            raise ValueError(
+                f"`target` must be a scalar or hold one class per sample "
+                f"({n_examples}), got shape {tuple(target.shape)}"
+            )
+        values = target.reshape(-1).tolist()
+    elif isinstance(target, (list, tuple)):
+        if len(target) != n_examples or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
+        ):
+            raise ValueError(
+                f"`target` as a list must hold one integer class per sample "
+                f"({n_examples}), got {target!r}"
+            )
+        values = [int(t) for t in target]
+    else:
+        raise TypeError(
+            "`target` must be None, an int, a list of ints or a tensor, got "
+            f"{type(target).__name__}"
+        )
+    if values and min(values) < 0:
+        raise ValueError(
+            f"`target` out of range: class indices must be >= 0, got {min(values)}"
+        )
+
+
+def resolve_chunk_size(max_examples_per_batch: Any) -> int:
+    """``max_examples_per_batch`` as a positive int; None means
+    :data:`DEFAULT_MAX_EXAMPLES_PER_BATCH`."""
+    if max_examples_per_batch is None:
+        return DEFAULT_MAX_EXAMPLES_PER_BATCH
+    return check_int("max_examples_per_batch", max_examples_per_batch, 1)
+
+
+def prepare_metric_inputs(
+    inputs: Any,
+    attributions: Any,
+    baselines: Any,
+    feature_mask: Any,
+    target: Any,
+    max_examples_per_batch: Any,
+) -> MetricInputs:
+    """Validate and resolve the common arguments of a perturbation metric at once,
+    raising ValueError/TypeError that names the argument before any forward pass."""
+    inputs, is_tuple = format_inputs(inputs)
+    n = inputs[0].shape[0]
+    attributions = validate_attributions(attributions, inputs)
+    chunk_size = resolve_chunk_size(max_examples_per_batch)
+    check_target_form(target, n)
+    feature_ids, n_features = resolve_feature_masks(feature_mask, inputs)
+    with torch.no_grad():
+        baselines = resolve_baselines(baselines, inputs)
+    return MetricInputs(
+        inputs=inputs,
+        is_tuple=is_tuple,
+        attributions=attributions,
+        baselines=baselines,
+        feature_ids=feature_ids,
+        n_features=n_features,
+        n_examples=n,
+        chunk_size=chunk_size,
+        feature_ranges=tuple(contiguous_feature_range(ids) for ids in feature_ids),
+    )
+
+
+def contiguous_feature_range(ids: Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` if ``ids`` is shared by all samples and its elements, in
+    order, are the features ``start, start + 1, ..., stop - 1``; else None."""
+    if ids.shape[0] != 1:
+        return None
+    flat = ids.reshape(-1)
+    start = int(flat[0])
+    expected = torch.arange(start, start + flat.numel(), device=flat.device)
+    return (start, start + flat.numel()) if torch.equal(flat, expected) else None
+
+
+def feature_scores(
+    attributions: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    feature_ids: Sequence[Tensor],
+    n_features: int,
+) -> Tensor:
+    """Score of each feature: the sum of the attributions of its input elements.
+
+    Attributions are broadcast to the input's shape first, so a (N, 1, H, W) map on
+    (N, C, H, W) images counts once per channel. Computed in float64 (ranking ties
+    are then real ties, not rounding noise).
+
+    Returns:
+        Tensor: shape (N, F), float64.
+    """
+    n = inputs[0].shape[0]
+    device = feature_ids[0].device
+    scores = torch.zeros(n, n_features, dtype=torch.float64, device=device)
+    for a, x, ids in zip(attributions, inputs, feature_ids, strict=True):
+        a = a.detach().to(torch.float64).expand_as(x)
+        summed = tuple(
+            d for d in range(1, x.dim()) if ids.shape[d] == 1 and x.shape[d] != 1
+        )
+        if summed:
+            a = a.sum(dim=summed, keepdim=True)
+        full = (n, *torch.broadcast_shapes(a.shape[1:], ids.shape[1:]))
+        a = a.expand(full).reshape(n, -1)
+        flat_ids = ids.expand(full).reshape(n, -1).to(device)
+        scores.scatter_add_(1, flat_ids, a.to(device))
+    return scores
+
+
+def rank_features(scores: Tensor) -> Tensor:
+    """Rank of each feature, shape (N, F): 0 for the highest score; equal scores are
+    ranked by feature index (lower index first)."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    positions = torch.arange(scores.shape[1], device=scores.device)
+    ranks.scatter_(1, order, positions.expand_as(order))
+    return ranks
+
+
+def select_additional_forward_args(
+    additional_forward_args: Any, samples: Tensor, n_examples: int
+) -> Any:
+    """The additional forward arguments for rows built from ``samples``: a tensor
+    whose first dimension is N is indexed by sample; anything else is passed as is
+    (Captum's convention of batch-first tensors)."""
+    args = _format_additional_forward_args(additional_forward_args)
+    if args is None:
+        return None
+    return tuple(
+        arg.index_select(0, samples.to(arg.device))
+        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_examples
+        else arg
+        for arg in args
+    )
+
+
+def target_scores(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    classes: Tensor,
+    additional_forward_args: Any,
+    apply_softmax: bool,
+) -> Tensor:
+    """One forward pass; the score of class ``classes[r]`` for every row r: the
+    softmax probability when ``apply_softmax``, else the raw output."""
+    output = run_forward(forward_func, inputs, additional_forward_args)
+    if output.dim() != 2:
+        raise ValueError(
+            "expected forward_func to return shape (N, n_classes), got "
+            f"{tuple(output.shape)}"
+        )
+    if apply_softmax:
+        output = torch.softmax(output, dim=1)
+    return output.gather(1, classes.view(-1, 1).to(output.device)).squeeze(1)
+
+
+def clean_target_scores(
+    forward_func: Callable,
+    setup: MetricInputs,
+    target: Any,
+    additional_forward_args: Any,
+    apply_softmax: bool,
+) -> tuple[Tensor, Tensor]:
+    """Forward the unperturbed inputs (in chunks) and return ``(scores, classes)``,
+    each of shape (N,): ``classes`` is ``target`` or, for ``target=None``, the
+    predicted class; ``scores`` the target-class score. Raises ValueError if a
+    target class is out of range."""
+    outputs = []
+    n = setup.n_examples
+    for start in range(0, n, setup.chunk_size):
+        samples = torch.arange(start, min(n, start + setup.chunk_size))
+        rows = tuple(x[start : start + setup.chunk_size] for x in setup.inputs)
+        args = select_additional_forward_args(additional_forward_args, samples, n)
+        outputs.append(run_forward(forward_func, rows, args))
+    output = torch.cat(outputs)
+    classes = resolve_targets(output, target)
+    scores = torch.softmax(output, dim=1) if apply_softmax else output
+    return scores.gather(1, classes.view(-1, 1)).squeeze(1), classes
+
+
+def build_perturbed_inputs(
+    setup: MetricInputs, samples: Tensor, take_input: Tensor
+) -> tuple[Tensor, ...]:
+    """Perturbed copies for the rows ``samples`` (shape (R,)): element e of row r
+    is ``inputs[samples[r]][e]`` where ``take_input[r, feature(e)]`` is True and the
+    baseline's value otherwise. ``take_input`` has shape (R, F)."""
+    rows = []
+    ranges = setup.feature_ranges or (None,) * len(setup.inputs)
+    for x, b, ids, span in zip(
+        setup.inputs, setup.baselines, setup.feature_ids, ranges, strict=True
+    ):
+        if span is not None:
+            elements = take_input[:, span[0] : span[1]]
+        elif ids.shape[0] == 1:
+            elements = take_input.index_select(1, ids.reshape(-1))
+        else:
+            elements = take_input.gather(1, ids.reshape(ids.shape[0], -1)[samples])
+        elements = elements.reshape(samples.shape[0], *ids.shape[1:])
+        index = samples.to(x.device)
+        # a baseline shared by all samples (expanded, stride 0) is broadcast, not copied
+        b = b[:1] if b.stride(0) == 0 else b.index_select(0, index)
+        rows.append(torch.where(elements, x.index_select(0, index), b))
+    return tuple(rows)
+
+
+def chunked_target_scores(
+    forward_func: Callable,
+    build_rows: Callable[[Tensor, Tensor], tuple[Tensor, ...]],
+    n_examples: int,
+    n_perturbations: int,
+    classes: Tensor,
+    additional_forward_args: Any,
+    apply_softmax: bool,
+    chunk_size: int,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Target-class scores of ``n_perturbations`` modified copies of every sample,
+    forwarded ``chunk_size`` copies at a time.
+
+    The N x P copies are enumerated sample-major; for each chunk,
+    ``build_rows(samples, perturbations)`` (two LongTensors of shape (R,) on
+    ``device``) returns the chunk's model inputs as a tuple of batched tensors.
+    Copy r of the chunk is scored on class ``classes[samples[r]]``; tensors in
+    ``additional_forward_args`` with a leading dimension N follow their sample.
+    Any metric that scores copies of its inputs (perturbations, interpolation
+    paths) can use this as its batched forward loop.
+
+    Returns:
+        Tensor: shape (N, P).
+    """
+    total = n_examples * n_perturbations
+    scores = []
+    for start in range(0, total, chunk_size):
+        rows = torch.arange(start, min(total, start + chunk_size), device=device)
+        samples, perturbations = rows // n_perturbations, rows % n_perturbations
+        args = select_additional_forward_args(
+            additional_forward_args, samples, n_examples
+        )
+        scores.append(
+            target_scores(
+                forward_func,
+                build_rows(samples, perturbations),
+                classes[samples.to(classes.device)],
+                args,
+                apply_softmax,
+            )
+        )
+    return torch.cat(scores).view(n_examples, n_perturbations)
+
+
+def perturbed_target_scores(
+    forward_func: Callable,
+    setup: MetricInputs,
+    take_input: TakeInput,
+    n_perturbations: int,
+    classes: Tensor,
+    additional_forward_args: Any,
+    apply_softmax: bool,
+) -> Tensor:
+    """Target-class scores of ``n_perturbations`` perturbed copies of every sample.
+
+    ``take_input(samples, perturbations)`` (both LongTensors of shape (R,)) returns
+    the (R, F) boolean feature selection of each copy (True = input's value,
+    False = baseline's); the copies are built by :func:`build_perturbed_inputs`
+    and forwarded ``setup.chunk_size`` at a time by :func:`chunked_target_scores`.
+
+    Returns:
+        Tensor: shape (N, P).
+    """
+
+    def build_rows(samples: Tensor, perturbations: Tensor) -> tuple[Tensor, ...]:
+        return build_perturbed_inputs(
+            setup, samples, take_input(samples, perturbations)
+        )
+
+    return chunked_target_scores(
+        forward_func,
+        build_rows,
+        setup.n_examples,
+        n_perturbations,
+        classes,
+        additional_forward_args,
+        apply_softmax,
+        setup.chunk_size,
+        setup.feature_ids[0].device,
+    )
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..n along the last dimension, ties given their average rank (the
+    convention of ``scipy.stats.rankdata``), as float64."""
+    n = values.shape[-1]
+    sorted_values, order = torch.sort(values, dim=-1, stable=True)
+    starts_group = torch.ones_like(sorted_values, dtype=torch.bool)
+    starts_group[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
+    group = starts_group.long().cumsum(-1) - 1
+    ones = torch.ones_like(group, dtype=torch.float64)
+    size = torch.zeros_like(ones).scatter_add_(-1, group, ones)
+    positions = torch.arange(1, n + 1, dtype=torch.float64, device=values.device)
+    first = torch.zeros_like(ones).scatter_reduce_(
+        -1, group, positions.expand_as(ones), reduce="amin", include_self=False
+    )
+    sorted_ranks = first.gather(-1, group) + (size.gather(-1, group) - 1) / 2
+    return torch.empty_like(sorted_ranks).scatter_(-1, order, sorted_ranks)
+
+
+def pearson_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation along the last dimension, in float64; NaN where either
+    side is constant."""
+    a = a.to(torch.float64)
+    b = b.to(torch.float64)
+    constant = (a == a[..., :1]).all(-1) | (b == b[..., :1]).all(-1)
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    correlation = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    return torch.where(constant, torch.nan, correlation.clamp(-1.0, 1.0))
+
+
+def spearman_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation along the last dimension (Pearson of average
+    ranks), in float64; NaN where either side is constant."""
+    return pearson_correlation(average_ranks(a), average_ranks(b))
+
+
+CORRELATIONS = {"pearson": pearson_correlation, "spearman": spearman_correlation}

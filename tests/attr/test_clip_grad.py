@@ -1,0 +1,179 @@
+import itertools
+
+import pytest
+import torch
+from helpers import ModelSnapshot, small_cnn
+from torch import nn
+
+from captum_faithful._layers import select_layers
+from captum_faithful.attr import ClipGrad
+from captum_faithful.attr._core.clip_grad import CLIP_RULES, clip_mask
+
+
+class Copy(nn.Module):
+    """A toy layer whose output equals its input (a new tensor)."""
+
+    def forward(self, x):
+        return x * 1.0
+
+
+def _zeroed_by_rule(rule, h, d, g):
+    """The rules of SPEC §4, written out element by element."""
+    if rule == "vm":
+        return g * d < 0 or d == 0
+    if rule == "ivm":
+        return g < 0 and d >= 0
+    if rule == "avm":
+        return g > 0 and d <= 0
+    if rule == "ibm":
+        return h <= 0 and g < 0
+    return False
+
+
+# Every sign combination of clean activation h, deviation d and incoming gradient g.
+COMBOS = list(itertools.product((-1.5, 0.0, 2.0), (-0.5, 0.0, 0.25), (-3.0, 0.0, 1.0)))
+
+
+@pytest.mark.parametrize("rule", CLIP_RULES)
+def test_each_rule_zeroes_exactly_the_named_entries(rule):
+    h = torch.tensor([[c[0] for c in COMBOS]])
+    d = torch.tensor([[c[1] for c in COMBOS]])
+    g = torch.tensor([[c[2] for c in COMBOS]])
+    layer = Copy()
+    perturbed = (h + d).clone().requires_grad_()
+    with ClipGrad([layer], rule) as clip:
+        clip.capture(lambda: layer(h))
+        (layer(perturbed) * g).sum().backward()
+    expected = g.clone()
+    for i, (hv, dv, gv) in enumerate(COMBOS):
+        if _zeroed_by_rule(rule, hv, dv, gv):
+            expected[0, i] = 0.0
+    assert torch.equal(perturbed.grad, expected)
+    if rule != "none":
+        assert (expected == 0).sum() > (g == 0).sum()  # the rule did zero something
+
+
+@pytest.mark.parametrize("rule", CLIP_RULES)
+def test_clip_mask_matches_elementwise_rule(rule):
+    h, d, g = (torch.tensor([c[i] for c in COMBOS]) for i in range(3))
+    mask = clip_mask(rule, g, d, h)
+    expected = [_zeroed_by_rule(rule, *c) for c in COMBOS]
+    assert mask.tolist() == expected
+
+
+def test_rows_after_the_clean_rows_pass_unclipped_and_index_pairs_rows():
+    layer = Copy()
+    clean = torch.tensor([[1.0, 1.0], [5.0, 5.0]])
+    # rows 0-2 are compared with clean rows 1, 0, 1; row 3 is not clipped
+    perturbed = torch.tensor(
+        [[5.0, 6.0], [1.0, 0.0], [5.0, 4.0], [1.0, 1.0]], requires_grad=True
+    )
+    g = torch.tensor([[1.0, 1.0], [1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    with ClipGrad([layer], "vm") as clip:
+        clip.capture(lambda: layer(clean), index=torch.tensor([1, 0, 1]))
+        (layer(perturbed) * g).sum().backward()
+    # d = [[0, 1], [0, -1], [0, -1]]; vm zeroes d = 0 and g*d < 0
+    expected = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [-1.0, -1.0]])
+    assert torch.equal(perturbed.grad, expected)
+
+
+def test_inplace_relu_after_the_layer_does_not_change_the_clipping():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 6, 6)
+    x_tilde = x + 0.5 * torch.randn_like(x)
+    grads = []
+    for inplace in (False, True):
+        torch.manual_seed(2)
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.ReLU(inplace=inplace), nn.Conv2d(4, 5, 3)
+        )
+        x_req = x_tilde.clone().requires_grad_()
+        with ClipGrad(select_layers(model, "conv"), "ibm") as clip:
+            clip.capture(lambda model=model: model(x))
+            model(x_req).sum().backward()
+        grads.append(x_req.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+def test_reused_module_is_paired_call_by_call():
+    layer = Copy()
+
+    def forward(a):
+        return layer(a) + layer(2 * a)
+
+    x = torch.tensor([[1.0, -1.0]])
+    with ClipGrad([layer], "vm") as clip:
+        clip.capture(lambda: forward(x))
+        assert [c.tolist() for c in clip.clean[0]] == [[[1.0, -1.0]], [[2.0, -2.0]]]
+        x_tilde = torch.tensor([[2.0, -1.0]], requires_grad=True)
+        forward(x_tilde).sum().backward()
+    # call 1: d = [1, 0], g = [1, 1] -> keeps entry 0; call 2: d = [2, 0], g = [1, 1]
+    # -> keeps entry 0 (times 2 from the chain rule); entry 1 has d = 0 in both calls
+    assert torch.equal(x_tilde.grad, torch.tensor([[3.0, 0.0]]))
+
+
+def test_hooks_removed_after_use_and_when_forward_raises():
+    model = small_cnn()
+    snapshot = ModelSnapshot.take(model)
+    layers = select_layers(model, "conv")
+    x = torch.randn(2, 3, 8, 8)
+    with ClipGrad(layers, "vm") as clip:
+        clip.capture(lambda: model(x))
+        assert all(len(m._forward_hooks) == 1 for m in layers)
+        model(x.clone().requires_grad_()).sum().backward()
+    snapshot.assert_same(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ClipGrad(layers, "vm") as clip:
+            clip.capture(lambda: model(x))
+
+            def failing(a):
+                model(a)
+                raise RuntimeError("boom")
+
+            failing(x.clone().requires_grad_())
+    snapshot.assert_same(model)
+    with pytest.raises(ValueError, match="shape"):
+        with ClipGrad(layers, "vm") as clip:
+            clip.capture(lambda: model(x))
+            model(torch.randn(1, 3, 8, 8, requires_grad=True))
+    snapshot.assert_same(model)
+
+
+def test_vm_on_a_resnet_blocks_every_path_when_nothing_deviates():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    snapshot = ModelSnapshot.take(model)
+    x = torch.randn(2, 3, 32, 32)
+    layers = select_layers(model, "conv")
+    assert len(layers) == 20  # 17 3x3/7x7 convs + 3 downsample convs
+    for rule, expect_zero in (("vm", True), ("none", False)):
+        x_req = x.clone().requires_grad_()
+        with ClipGrad(layers, rule) as clip:
+            clip.capture(lambda: model(x))
+            model(x_req)[:, 1].sum().backward()
+        # d = 0 at every conv output: vm blocks all gradient; the stem conv is on
+        # every path from the input, so nothing reaches it.
+        assert bool((x_req.grad == 0).all()) == expect_zero
+    snapshot.assert_same(model)
+
+
+def test_layer_selection_presets_names_and_errors():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+    )
+    convs = [model[0], model[2], model[3]]
+    assert select_layers(model, "conv") == convs
+    assert select_layers(model, "early") == convs[:2]
+    assert select_layers(model, "late") == convs[1:]
+    assert select_layers(model, ["2", model[0], "2"]) == [model[2], model[0]]
+    with pytest.raises(ValueError, match="no submodule named 'conv9'"):
+        select_layers(model, ["conv9"])
+    with pytest.raises(ValueError, match="layers"):
+        select_layers(model, "all")
+    with pytest.raises(ValueError, match="not part of the model"):
+        select_layers(model, [nn.Conv2d(1, 1, 1)])
+    with pytest.raises(ValueError, match="Conv2d"):
+        select_layers(nn.Sequential(nn.Linear(2, 2)), "conv")
+    with pytest.raises(ValueError, match="rule"):
+        ClipGrad(convs, "clip-all")

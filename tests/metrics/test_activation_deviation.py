@@ -1,0 +1,150 @@
+import math
+
+import pytest
+import torch
+from helpers import ModelSnapshot, small_cnn
+from torch import nn
+
+from captum_faithful.metrics import activation_deviation
+
+
+def _reference(layer_outputs_clean, layer_outputs_perturbed):
+    """Per sample: mean over layers of the MSE and of the cosine, by plain loops."""
+    n = layer_outputs_clean[0].shape[0]
+    mse, cos = [], []
+    for i in range(n):
+        m_sum, c_sum = 0.0, 0.0
+        for a, b in zip(layer_outputs_clean, layer_outputs_perturbed, strict=True):
+            u = a[i].flatten().tolist()
+            v = b[i].flatten().tolist()
+            m_sum += sum((p - q) ** 2 for p, q in zip(u, v, strict=True)) / len(u)
+            dot = sum(p * q for p, q in zip(u, v, strict=True))
+            c_sum += dot / (
+                math.sqrt(sum(p * p for p in u)) * math.sqrt(sum(q * q for q in v))
+            )
+        mse.append(m_sum / len(layer_outputs_clean))
+        cos.append(c_sum / len(layer_outputs_clean))
+    return torch.tensor(mse), torch.tensor(cos)
+
+
+def test_matches_a_loop_over_samples_and_layers(cnn):
+    x = torch.randn(3, 3, 8, 8)
+    x_tilde = x + torch.randn_like(x)
+    snapshot = ModelSnapshot.take(cnn)
+    result = activation_deviation(cnn, "conv", x, x_tilde)
+    snapshot.assert_same(cnn)
+    conv1, conv2 = cnn[0], cnn[3]
+
+    def conv_outputs(inp):
+        with torch.no_grad():
+            a = conv1(inp)
+            b = conv2(cnn[2](cnn[1](a)))
+        return [a, b]
+
+    mse, cos = _reference(conv_outputs(x), conv_outputs(x_tilde))
+    assert torch.allclose(result["mse"], mse, rtol=1e-5)
+    assert torch.allclose(result["cosine"], cos, rtol=1e-5)
+    assert result["mse"].shape == (3,)
+    # one layer by name gives that layer only
+    only_first = activation_deviation(cnn, ["0"], x, x_tilde)
+    mse1, cos1 = _reference(conv_outputs(x)[:1], conv_outputs(x_tilde)[:1])
+    assert torch.allclose(only_first["mse"], mse1, rtol=1e-5)
+    assert torch.allclose(only_first["cosine"], cos1, rtol=1e-5)
+
+
+def test_identical_inputs_and_zero_activations():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+    x = torch.randn(2, 1, 4, 4)
+    same = activation_deviation(model, "conv", x, x.clone())
+    assert torch.equal(same["mse"], torch.zeros(2))
+    assert torch.allclose(same["cosine"], torch.ones(2))
+    zeros = torch.zeros(2, 1, 4, 4)
+    # both all-zero: identical (cosine 1); zero against non-zero: cosine 0
+    out = activation_deviation(
+        model, [model[1]], zeros, torch.stack([zeros[0], x[0].abs() + 1])
+    )
+    assert out["cosine"].tolist() == [1.0, 0.0]
+
+
+def test_tuple_inputs_and_additional_forward_args():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, a, b, scale):
+            return self.conv(a + b) * scale
+
+    model = TwoInputs()
+    a, b = torch.randn(2, 1, 5, 5), torch.randn(2, 1, 5, 5)
+    out = activation_deviation(
+        model, "conv", (a, b), (a, b + 1), additional_forward_args=2.0
+    )
+    with torch.no_grad():
+        h, h_tilde = model.conv(a + b), model.conv(a + b + 1)
+    mse, cos = _reference([h], [h_tilde])
+    assert torch.allclose(out["mse"], mse, rtol=1e-5)
+    assert torch.allclose(out["cosine"], cos, rtol=1e-5)
+
+
+def test_bad_input_raises_clear_errors():
+    model = small_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="perturbed_inputs"):
+        activation_deviation(model, "conv", x, x[:1])
+    with pytest.raises(ValueError, match="no submodule named 'fc'"):
+        activation_deviation(model, ["fc"], x, x)
+    with pytest.raises(ValueError, match="Conv2d"):
+        activation_deviation(
+            nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), "conv", x, x
+        )
+    with pytest.raises(ValueError, match="NaN"):
+        activation_deviation(model, "conv", x, torch.full_like(x, float("nan")))
+    with pytest.raises(TypeError, match="model"):
+        activation_deviation(lambda t: t, "conv", x, x)
+
+
+def test_insertion_activation_deviation_follows_the_hard_insertion_curve(cnn):
+    from captum_faithful.metrics import insertion_activation_deviation
+
+    x = torch.rand(3, 3, 6, 6)
+    reference = torch.rand(3, 3, 1, 1)
+    attributions = torch.randn(3, 1, 6, 6)
+    attributions[0, 0, 0, :3] = 5.0  # ties: broken by the lower pixel index
+    n_steps = 9
+    result = insertion_activation_deviation(
+        cnn, "conv", x, attributions, baselines=reference, n_steps=n_steps
+    )
+    chunked = insertion_activation_deviation(
+        cnn,
+        "conv",
+        x,
+        attributions,
+        baselines=reference,
+        n_steps=n_steps,
+        max_examples_per_batch=4,
+    )
+    # independent: build every curve image with a loop, compare with the clean image
+    mse = torch.zeros(3)
+    cos = torch.zeros(3)
+    for i in range(3):
+        order = sorted(
+            range(36), key=lambda p: (-float(attributions[i, 0].flatten()[p]), p)
+        )
+        for k in range(n_steps + 1):
+            keep = torch.zeros(36, dtype=torch.bool)
+            keep[order[: round(k * 36 / n_steps)]] = True
+            image = torch.where(keep.view(1, 6, 6), x[i], reference[i])
+            one = activation_deviation(cnn, "conv", x[i : i + 1], image.unsqueeze(0))
+            mse[i] += one["mse"][0] / (n_steps + 1)
+            cos[i] += one["cosine"][0] / (n_steps + 1)
+    for out in (result, chunked):
+        assert torch.allclose(out["mse"], mse, rtol=1e-4)
+        assert torch.allclose(out["cosine"], cos, atol=1e-5)
+    with pytest.raises(ValueError, match="`n_steps`"):
+        insertion_activation_deviation(cnn, "conv", x, attributions, n_steps=0)
+    with pytest.raises(ValueError, match="attributions"):
+        insertion_activation_deviation(cnn, "conv", x, attributions[:2])

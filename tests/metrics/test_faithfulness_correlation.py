@@ -1,0 +1,171 @@
+import pytest
+import torch
+from captum.attr import InputXGradient
+from helpers import small_cnn
+from metric_reference import (
+    reference_baseline,
+    reference_faithfulness_correlation,
+)
+
+from captum_faithful.metrics import faithfulness_correlation, patch_mask
+from captum_faithful.metrics._core.faithfulness_correlation import (
+    random_feature_subsets,
+)
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.rand(3, 3, 12, 12)
+
+
+@pytest.mark.parametrize(
+    "baseline,mask,size,count,chunk",
+    [
+        ("zero", None, 0.25, 36, None),
+        ("mean", "patch", 3, 3, 7),
+        ("blur", "element", 0.1, 43, 1),
+    ],
+)
+def test_matches_per_image_loop(cnn, images, baseline, mask, size, count, chunk):
+    torch.manual_seed(2)
+    attr = torch.randn_like(images)
+    if mask == "patch":
+        mask = patch_mask(images, 4)
+    elif mask == "element":
+        mask = torch.arange(images[0].numel()).view(1, 3, 12, 12)
+    pearson_ref, spearman_ref = reference_faithfulness_correlation(
+        cnn,
+        images,
+        attr,
+        reference_baseline(baseline, images),
+        mask,
+        count,
+        n_samples=12,
+        seed=7,
+        softmax=True,
+    )
+    for correlation, expected in (("pearson", pearson_ref), ("spearman", spearman_ref)):
+        value = faithfulness_correlation(
+            cnn,
+            images,
+            attr,
+            baselines=baseline,
+            feature_mask=mask,
+            subset_size=size,
+            n_samples=12,
+            correlation=correlation,
+            apply_softmax=True,
+            max_examples_per_batch=chunk,
+            generator=torch.Generator().manual_seed(7),
+        )
+        torch.testing.assert_close(value, expected, atol=1e-5, rtol=0)
+
+
+def test_input_x_gradient_on_a_linear_model_correlates_perfectly():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    x = torch.randn(4, 3, 8, 8)
+    target = torch.tensor([0, 3, 1, 4])
+    attr = InputXGradient(model).attribute(x.requires_grad_(), target=target)
+    x = x.detach()
+    value = faithfulness_correlation(
+        model, x, attr, target=target, baselines="zero", apply_softmax=False
+    )
+    torch.testing.assert_close(value, torch.ones(4, dtype=torch.float64))
+    # a wrong attribution (reversed sign) correlates at -1, a random one in between
+    value = faithfulness_correlation(
+        model, x, -attr, target=target, baselines="zero", apply_softmax=False
+    )
+    torch.testing.assert_close(value, -torch.ones(4, dtype=torch.float64))
+    random = faithfulness_correlation(model, x, torch.randn_like(x), target=target)
+    assert (random.abs() < 0.9).all()
+
+
+def test_same_generator_seed_same_value_and_chunk_independence(cnn, images):
+    attr = torch.randn_like(images)
+    values = [
+        faithfulness_correlation(
+            cnn,
+            images,
+            attr,
+            n_samples=20,
+            max_examples_per_batch=c,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for c in (1, 9, None, 500)
+    ]
+    for v in values[1:]:
+        torch.testing.assert_close(v, values[0], atol=1e-6, rtol=0)
+    other = faithfulness_correlation(
+        cnn, images, attr, n_samples=20, generator=torch.Generator().manual_seed(1)
+    )
+    assert not torch.allclose(other, values[0])
+
+
+def test_subsets_have_exact_size_and_ties_go_to_the_lower_index(monkeypatch):
+    real_rand = torch.rand
+
+    def coarse_rand(*args, **kwargs):  # keys in {0, .25, .5, .75}: many ties
+        return (real_rand(*args, **kwargs) * 4).floor() / 4
+
+    monkeypatch.setattr(torch, "rand", coarse_rand)
+    members = random_feature_subsets(3, 5, 10, 4, torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    generator = torch.Generator().manual_seed(0)
+    for n in range(3):
+        keys = (torch.rand(5, 10, generator=generator) * 4).floor() / 4
+        smallest = keys.argsort(dim=1, stable=True)[:, :4]
+        expected = torch.zeros(5, 10, dtype=torch.bool).scatter_(1, smallest, True)
+        assert torch.equal(members[n], expected)
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = small_cnn()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [
+        (dict(subset_size=0.0), ValueError, "subset_size"),
+        (dict(subset_size=1.5), ValueError, "subset_size"),
+        (dict(subset_size=65), ValueError, "subset_size"),
+        (dict(subset_size="half"), TypeError, "subset_size"),
+        (dict(n_samples=1), ValueError, "n_samples"),
+        (dict(correlation="kendall"), ValueError, "correlation"),
+        (dict(generator=0), TypeError, "generator"),
+        (dict(baselines=torch.zeros(2, 2, 8, 8)), ValueError, "baselines"),
+        (dict(inputs=torch.full((2, 3, 8, 8), float("inf"))), ValueError, "inputs"),
+        (dict(target=torch.tensor([0.5, 1.0])), ValueError, "target"),
+    ],
+)
+def test_bad_input_raises_before_any_forward(kwargs, error, name):
+    model = CountingModel()
+    x = kwargs.pop("inputs", torch.rand(2, 3, 8, 8))
+    with pytest.raises(error, match=name):
+        faithfulness_correlation(model, x, torch.rand(2, 1, 8, 8), **kwargs)
+    assert model.calls == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda(images):
+    attr = torch.randn_like(images)
+    cpu = faithfulness_correlation(
+        small_cnn(), images, attr, generator=torch.Generator().manual_seed(0)
+    )
+    gpu = faithfulness_correlation(
+        small_cnn().cuda(),
+        images.cuda(),
+        attr.cuda(),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0)

@@ -1,0 +1,144 @@
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from captum_faithful.metrics import mean_baseline, patch_mask, zero_baseline
+from captum_faithful.metrics._utils import (
+    average_ranks,
+    feature_scores,
+    pearson_correlation,
+    prepare_metric_inputs,
+    rank_features,
+    resolve_feature_masks,
+    spearman_correlation,
+)
+
+
+def test_rank_features_descending_with_index_tie_break():
+    scores = torch.tensor([[0.5, 2.0, 0.5, -1.0, 2.0]], dtype=torch.float64)
+    ranks = rank_features(scores)
+    # order: feature 1, 4 (tie, lower index first), 0, 2 (tie), 3
+    assert ranks.tolist() == [[2, 0, 3, 4, 1]]
+
+
+def test_feature_scores_sum_the_broadcast_attributions():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 4)
+    attr = torch.randn(2, 1, 4, 4)
+    mask = patch_mask(x, 2)
+    setup = prepare_metric_inputs(x, attr, "zero", mask, None, None)
+    scores = feature_scores(
+        setup.attributions, setup.inputs, setup.feature_ids, setup.n_features
+    )
+    expanded = attr.expand_as(x).double()
+    for n in range(2):
+        for f in range(4):
+            region = mask[0].expand(3, 4, 4) == f
+            assert abs(float(scores[n, f]) - float(expanded[n][region].sum())) < 1e-12
+
+
+def test_default_features_pixel_for_images_element_otherwise():
+    setup = prepare_metric_inputs(
+        (torch.rand(2, 3, 5, 6), torch.rand(2, 7)),
+        (torch.rand(2, 3, 5, 6), torch.rand(2, 7)),
+        (0.0, 0.0),
+        None,
+        None,
+        None,
+    )
+    assert setup.n_features == 30 + 7
+    assert setup.feature_ids[0].shape == (1, 1, 5, 6)
+    assert setup.feature_ids[1].flatten().tolist() == list(range(30, 37))
+
+
+def test_feature_mask_ids_are_relabelled_in_id_order():
+    x = torch.rand(1, 1, 2, 2)
+    mask = torch.tensor([[[[40, 7], [7, 12]]]])
+    ids, n_features = resolve_feature_masks(mask, (x,))
+    assert n_features == 3
+    assert ids[0].flatten().tolist() == [2, 0, 0, 1]
+    with pytest.raises(ValueError, match="feature_mask"):
+        per_sample = torch.tensor([[[0, 1]], [[0, 2]]]).view(2, 1, 1, 2)
+        resolve_feature_masks(per_sample, (torch.rand(2, 1, 1, 2),))
+
+
+def test_patch_mask_numbers_patches_row_by_row():
+    mask = patch_mask(torch.zeros(1, 3, 5, 4), (2, 3))
+    expected = torch.tensor(
+        [[0, 0, 0, 1], [0, 0, 0, 1], [2, 2, 2, 3], [2, 2, 2, 3], [4, 4, 4, 5]]
+    )
+    assert torch.equal(mask[0, 0], expected)
+    both = patch_mask((torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2)), 2)
+    assert both[1].flatten().tolist() == [4, 4, 4, 4]
+    with pytest.raises(ValueError, match="patch_size"):
+        patch_mask(torch.zeros(1, 3, 4, 4), 0)
+    with pytest.raises(ValueError, match="inputs"):
+        patch_mask(torch.zeros(3, 4, 4), 2)
+
+
+def test_baseline_presets():
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 4, 5)
+    before = x.clone()
+    mean = mean_baseline(x)
+    for n in range(2):
+        for c in range(3):
+            assert torch.allclose(mean[n, c], x[n, c].mean().expand(4, 5))
+    assert torch.equal(zero_baseline(x), torch.zeros_like(x))
+    assert torch.equal(x, before)
+    flat = torch.rand(2, 6)
+    torch.testing.assert_close(
+        mean_baseline(flat), flat.mean(1, keepdim=True).expand(2, 6)
+    )
+
+
+def test_correlations_match_scipy():
+    torch.manual_seed(2)
+    a = torch.randint(0, 4, (5, 30)).double()  # many ties
+    b = torch.randn(5, 30)
+    assert np.allclose(
+        average_ranks(a).numpy(), scipy.stats.rankdata(a.numpy(), axis=1)
+    )
+    for n in range(5):
+        assert (
+            abs(
+                float(spearman_correlation(a, b)[n])
+                - scipy.stats.spearmanr(a[n], b[n])[0]
+            )
+            < 1e-12
+        )
+        assert (
+            abs(
+                float(pearson_correlation(a, b)[n])
+                - scipy.stats.pearsonr(a[n], b[n])[0]
+            )
+            < 1e-12
+        )
+    assert torch.isnan(pearson_correlation(torch.full((1, 4), 0.1), b[:1, :4])).all()
+
+
+def test_chunked_target_scores_scores_any_row_builder():
+    from captum_faithful.metrics._utils import chunked_target_scores
+
+    torch.manual_seed(3)
+    weight = torch.randn(5, 4)
+
+    def model(x, scale):
+        return (x @ weight) * scale
+
+    x = torch.rand(3, 5)
+    scale = torch.tensor([[1.0], [2.0], [-1.0]])
+    classes = torch.tensor([0, 3, 1])
+
+    def path(samples, steps):  # straight line from 0 to x in 4 steps
+        return (x[samples] * (steps.float() / 4).unsqueeze(1),)
+
+    for chunk in (1, 4, 100):
+        scores = chunked_target_scores(
+            model, path, 3, 5, classes, (scale,), False, chunk
+        )
+        for n in range(3):
+            for k in range(5):
+                expected = model(x[n : n + 1] * k / 4, scale[n : n + 1])[0, classes[n]]
+                assert abs(float(scores[n, k] - expected)) < 1e-6

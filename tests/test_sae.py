@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from sae_factory import make_sae, saved_sae
+
+from captum_faithful import load_sae
+from captum_faithful.sae import sae_d_in, sae_hook_name
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "gated"])
+def test_folder_round_trip(tmp_path, arch):
+    folder, sae = saved_sae(tmp_path, arch, hook_name="blocks.2.hook_resid_post")
+    loaded = load_sae(folder)
+    assert type(loaded) is type(sae)
+    for name, value in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    x = torch.randn(5, 32)
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+    assert (
+        sae_d_in(loaded) == 32 and sae_hook_name(loaded) == "blocks.2.hook_resid_post"
+    )
+    assert load_sae(str(folder), device="cpu").W_dec.device.type == "cpu"
+
+
+def test_instance_is_returned_as_is():
+    sae = make_sae("topk")
+    assert load_sae(sae) is sae
+
+
+def test_pretrained_goes_through_from_pretrained(monkeypatch):
+    import sae_lens
+
+    calls = []
+    sae = make_sae()
+
+    def fake(release, sae_id, device="cpu", **kwargs):
+        calls.append((release, sae_id, device))
+        return sae
+
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", fake)
+    assert load_sae(("my-release", "blocks.1.hook_resid_post")) is sae
+    assert load_sae("other-release", "layer_3", device="cpu") is sae
+    assert calls == [
+        ("my-release", "blocks.1.hook_resid_post", "cpu"),
+        ("other-release", "layer_3", "cpu"),
+    ]
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        load_sae(tmp_path / "missing")
+    with pytest.raises(TypeError, match="source"):
+        load_sae(42)
+    with pytest.raises(ValueError, match="release, sae_id"):
+        load_sae(("only-release",))
+    with pytest.raises(ValueError, match="not both"):
+        load_sae(("release", "id"), sae_id="id")
+    with pytest.raises(TypeError, match="sae_id"):
+        load_sae("release", sae_id=3)
+
+
+def test_import_does_not_load_heavy_dependencies():
+    code = (
+        "import sys, captum_faithful; "
+        "print(sorted(m for m in ('sae_lens', 'transformers', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=str(__import__("pathlib").Path(__file__).parents[1]),
+    )
+    assert out.stdout.strip() == "[]"
