@@ -84,12 +84,34 @@ def paired_times(first, second, repeats):
     return min(times[0]), min(times[1])
 
 
+class Recorder(torch.nn.Module):
+    """The model, optionally recording (a copy of) every input batch it sees."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.rows = None
+
+    def forward(self, x):
+        if self.rows is not None:
+            self.rows.append(x.clone())
+        return self.model(x)
+
+
 @torch.no_grad()
-def sweep(model, run, n_rows, shape, repeats):
-    """Minimum time per chunk size of the floor (model calls on ``n_rows``
-    ready-made images) and of the metric, measured alternately so that both see
-    the same machine load."""
-    rows = torch.rand(n_rows, *shape)
+def sweep(model, run, n_rows, repeats):
+    """Minimum time per chunk size of the floor and of the metric, measured
+    alternately so that both see the same machine load.
+
+    The floor forwards exactly the images the metric forwards (recorded from one
+    run: the copies it needs plus the clean pass), already built, ``chunk`` at a
+    time: the forward cost depends on the image content (e.g. large constant
+    regions run faster), so random images would not be a fair floor."""
+    model.rows = []
+    run(None)
+    rows = torch.cat(model.rows)
+    model.rows = None
+    assert rows.shape[0] == n_rows, (rows.shape, n_rows)
 
     def floor(chunk):
         for start in range(0, n_rows, chunk):
@@ -238,7 +260,7 @@ def main():
     parser.add_argument("--no-reference", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = small_cnn()
+    model = Recorder(small_cnn())
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {BATCH}"
     )
@@ -261,7 +283,7 @@ def main():
         print(f"{'metric':<30}" + "".join(f"{c:>9}" for c in CHUNKS))
         summary = {}
         for name, (run, n_rows, _) in metrics.items():
-            floors, times = sweep(model, run, n_rows, shape, args.repeats)
+            floors, times = sweep(model, run, n_rows, args.repeats)
             summary[name] = (
                 times[CHUNKS.index(DEFAULT_MAX_EXAMPLES_PER_BATCH)],
                 floors,
