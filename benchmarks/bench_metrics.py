@@ -14,7 +14,9 @@ For a batch of 16 images on a small CNN at 3x32x32 and 3x64x64 it prints:
    ``FaithfulnessCorrelation`` at matched settings (same features, zero baseline,
    same subsets), the speed-up over Quantus and the largest |difference|.
 
-Timings are the minimum over ``--repeats`` runs (the machine may be shared).
+Timings are process CPU times (run with OMP_NUM_THREADS=1: then CPU time is the
+work done, little affected by other processes on a shared machine), minimum over
+``--repeats`` runs, the compared functions measured alternately.
 
 Usage::
 
@@ -63,11 +65,13 @@ SUBSET = 0.25
 
 
 def best_time(fn, repeats):
+    """Minimum CPU time of the process over ``repeats`` calls (with one thread, this
+    is the work done, little affected by other processes on a shared machine)."""
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return min(times)
 
 
@@ -91,14 +95,14 @@ def sweep(model, run, n_rows, shape, repeats):
         for start in range(0, n_rows, chunk):
             model(rows[start : start + chunk])
 
-    floors, metrics = [], []
-    for chunk in CHUNKS:
-        floor_times, metric_times = [], []
-        for _ in range(repeats):
-            floor_times.append(best_time(lambda c=chunk: floor(c), 1))
-            metric_times.append(best_time(lambda c=chunk: run(c), 1))
-        floors.append(min(floor_times))
-        metrics.append(min(metric_times))
+    floors = {chunk: [] for chunk in CHUNKS}
+    metrics = {chunk: [] for chunk in CHUNKS}
+    for _ in range(repeats):
+        for chunk in CHUNKS:
+            floors[chunk].append(best_time(lambda c=chunk: floor(c), 1))
+            metrics[chunk].append(best_time(lambda c=chunk: run(c), 1))
+    floors = [min(floors[chunk]) for chunk in CHUNKS]
+    metrics = [min(metrics[chunk]) for chunk in CHUNKS]
     return floors, metrics
 
 
@@ -278,9 +282,9 @@ def main():
             floor = min(floors)
             line = f"{name:<26}{seconds:9.4f}{floor:9.4f}{seconds / floor:7.2f}"
             if not args.no_reference:
-                start = time.perf_counter()
+                start = time.process_time()
                 expected = reference()
-                ref_seconds = time.perf_counter() - start
+                ref_seconds = time.process_time() - start
                 delta = (run(None).double() - expected.double()).abs().max()
                 line += (
                     f"{ref_seconds:11.3f}{ref_seconds / seconds:9.1f}"
