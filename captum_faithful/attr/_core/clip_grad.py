@@ -36,6 +36,9 @@ def clip_mask(rule: str, grad: Tensor, deviation: Tensor, clean: Tensor) -> Tens
     - ``"ibm"``: activate a unit that is inactive on the
       clean input, :math:`h \le 0` and :math:`g < 0`;
     - ``"none"``: nothing.
+
+    Only the signs of ``deviation`` and ``clean`` matter, so they may be passed as
+    sign tensors.
     """
     check_choice("rule", rule, CLIP_RULES)
     if rule == "vm":
