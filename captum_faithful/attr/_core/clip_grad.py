@@ -196,7 +196,11 @@ class ClipGrad:
 
         def grad_hook(grad: Tensor) -> Tensor:
             head = grad[:n]
-            head = head.masked_fill(clip_mask(rule, head, d_sign, h_sign), 0.0)
+            if rule == "vm":
+                # same entries as clip_mask: g d <= 0 zeroes g d < 0, d = 0 and g = 0
+                head = torch.where(head * d_sign > 0, head, 0.0)
+            else:
+                head = head.masked_fill(clip_mask(rule, head, d_sign, h_sign), 0.0)
             if grad.shape[0] == n:
                 return head
             return torch.cat([head, grad[n:]])
