@@ -7,9 +7,18 @@ and attribution classes in ``captum_faithful.attr``.
 
 from captum_faithful.attr import *  # noqa: F401,F403
 from captum_faithful.attr import __all__ as _attr_all
+from captum_faithful.evaluation import Results, evaluate
 from captum_faithful.metrics import *  # noqa: F401,F403
 from captum_faithful.metrics import __all__ as _metrics_all
+from captum_faithful.sae import load_sae
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", *_attr_all, *_metrics_all]
+__all__ = [
+    "__version__",
+    "Results",
+    "evaluate",
+    "load_sae",
+    *_attr_all,
+    *_metrics_all,
+]

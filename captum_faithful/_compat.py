@@ -17,7 +17,10 @@ from captum._utils.common import (
     _select_targets,
 )
 from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensorsGeneric
-from captum.attr._utils.approximation_methods import approximation_parameters
+from captum.attr._utils.approximation_methods import (
+    SUPPORTED_METHODS,
+    approximation_parameters,
+)
 from captum.attr._utils.batching import _batch_attribution
 from captum.attr._utils.common import (
     _format_input_baseline,
@@ -26,6 +29,7 @@ from captum.attr._utils.common import (
 )
 
 __all__ = [
+    "SUPPORTED_METHODS",
     "BaselineType",
     "TargetType",
     "TensorOrTupleOfTensorsGeneric",

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that provide a subcommand; the first is the default job.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("captum_faithful.evaluation.cli",)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:

@@ -3,9 +3,21 @@
 from captum_faithful.attr._core.blank_image_diagnostic import blank_image_diagnostic
 from captum_faithful.attr._core.clip_grad import ClipGrad
 from captum_faithful.attr._core.faithfulness_ensemble import FaithfulnessEnsemble
+from captum_faithful.attr._core.feature_gated_transmm import FeatureGatedTransMM
+from captum_faithful.attr._core.layer_unlearned_integrated_gradients import (
+    LayerUnlearnedIntegratedGradients,
+)
+from captum_faithful.attr._core.transmm import TransMM
+from captum_faithful.attr._core.unlearned_integrated_gradients import (
+    UnlearnedIntegratedGradients,
+)
 
 __all__: list[str] = [
     "ClipGrad",
     "FaithfulnessEnsemble",
+    "FeatureGatedTransMM",
+    "LayerUnlearnedIntegratedGradients",
+    "TransMM",
+    "UnlearnedIntegratedGradients",
     "blank_image_diagnostic",
 ]

@@ -23,6 +23,7 @@ from captum_faithful.metrics._core.parameter_randomization import (
     parameter_randomization,
 )
 from captum_faithful.metrics._core.patch_mask import patch_mask
+from captum_faithful.metrics._core.path_monotonicity import path_monotonicity
 from captum_faithful.metrics._core.saco import saco
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "mean_baseline",
     "parameter_randomization",
     "patch_mask",
+    "path_monotonicity",
     "saco",
     "zero_baseline",
 ]

@@ -14,7 +14,12 @@ Every perturbation metric follows the same steps, and each step has one function
    class (``target=None`` = predicted class) and the reference score.
 4. :func:`perturbed_target_scores` builds the perturbed copies of all samples as
    batched tensors (:func:`build_perturbed_inputs`), ``max_examples_per_batch`` at a
-   time, and returns the target-class score of each copy (:func:`target_scores`).
+   time, and returns the target-class score of each copy. Its forward loop,
+   :func:`chunked_target_scores` (one pass per chunk: :func:`target_scores`), takes
+   any row builder, e.g. points on an interpolation path.
+
+Also here: :func:`average_ranks`, :func:`pearson_correlation` and
+:func:`spearman_correlation` (batched, along the last dimension).
 
 A perturbation is described by a function ``take_input(samples, perturbations)``
 that returns, for each requested (sample, perturbation) pair, a boolean row over
@@ -61,6 +66,10 @@ class MetricInputs:
         n_features (int): Number of features F.
         n_examples (int): Batch size N.
         chunk_size (int): Perturbed examples per forward pass.
+        feature_ranges (tuple): Per input, ``(start, stop)`` when its elements, in
+            order, are features ``start .. stop-1`` for every sample (the default
+            masks), else None; lets :func:`build_perturbed_inputs` slice instead of
+            gather.
     """
 
     inputs: tuple[Tensor, ...]
@@ -71,6 +80,7 @@ class MetricInputs:
     n_features: int
     n_examples: int
     chunk_size: int
+    feature_ranges: tuple[tuple[int, int] | None, ...] = ()
 
 
 def format_inputs(inputs: Any) -> tuple[tuple[Tensor, ...], bool]:
@@ -328,7 +338,8 @@ def prepare_metric_inputs(
     chunk_size = resolve_chunk_size(max_examples_per_batch)
     check_target_form(target, n)
     feature_ids, n_features = resolve_feature_masks(feature_mask, inputs)
-    baselines = resolve_baselines(baselines, inputs)
+    with torch.no_grad():
+        baselines = resolve_baselines(baselines, inputs)
     return MetricInputs(
         inputs=inputs,
         is_tuple=is_tuple,
@@ -338,7 +349,19 @@ def prepare_metric_inputs(
         n_features=n_features,
         n_examples=n,
         chunk_size=chunk_size,
+        feature_ranges=tuple(contiguous_feature_range(ids) for ids in feature_ids),
     )
+
+
+def contiguous_feature_range(ids: Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` if ``ids`` is shared by all samples and its elements, in
+    order, are the features ``start, start + 1, ..., stop - 1``; else None."""
+    if ids.shape[0] != 1:
+        return None
+    flat = ids.reshape(-1)
+    start = int(flat[0])
+    expected = torch.arange(start, start + flat.numel(), device=flat.device)
+    return (start, start + flat.numel()) if torch.equal(flat, expected) else None
 
 
 def feature_scores(
@@ -451,15 +474,67 @@ def build_perturbed_inputs(
     is ``inputs[samples[r]][e]`` where ``take_input[r, feature(e)]`` is True and the
     baseline's value otherwise. ``take_input`` has shape (R, F)."""
     rows = []
-    for x, b, ids in zip(setup.inputs, setup.baselines, setup.feature_ids, strict=True):
-        if ids.shape[0] == 1:
-            elements = take_input[:, ids.reshape(-1)]
+    ranges = setup.feature_ranges or (None,) * len(setup.inputs)
+    for x, b, ids, span in zip(
+        setup.inputs, setup.baselines, setup.feature_ids, ranges, strict=True
+    ):
+        if span is not None:
+            elements = take_input[:, span[0] : span[1]]
+        elif ids.shape[0] == 1:
+            elements = take_input.index_select(1, ids.reshape(-1))
         else:
             elements = take_input.gather(1, ids.reshape(ids.shape[0], -1)[samples])
-        elements = elements.view(samples.shape[0], *ids.shape[1:])
+        elements = elements.reshape(samples.shape[0], *ids.shape[1:])
         index = samples.to(x.device)
-        rows.append(torch.where(elements, x[index], b[index]))
+        # a baseline shared by all samples (expanded, stride 0) is broadcast, not copied
+        b = b[:1] if b.stride(0) == 0 else b.index_select(0, index)
+        rows.append(torch.where(elements, x.index_select(0, index), b))
     return tuple(rows)
+
+
+def chunked_target_scores(
+    forward_func: Callable,
+    build_rows: Callable[[Tensor, Tensor], tuple[Tensor, ...]],
+    n_examples: int,
+    n_perturbations: int,
+    classes: Tensor,
+    additional_forward_args: Any,
+    apply_softmax: bool,
+    chunk_size: int,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Target-class scores of ``n_perturbations`` modified copies of every sample,
+    forwarded ``chunk_size`` copies at a time.
+
+    The N x P copies are enumerated sample-major; for each chunk,
+    ``build_rows(samples, perturbations)`` (two LongTensors of shape (R,) on
+    ``device``) returns the chunk's model inputs as a tuple of batched tensors.
+    Copy r of the chunk is scored on class ``classes[samples[r]]``; tensors in
+    ``additional_forward_args`` with a leading dimension N follow their sample.
+    Any metric that scores copies of its inputs (perturbations, interpolation
+    paths) can use this as its batched forward loop.
+
+    Returns:
+        Tensor: shape (N, P).
+    """
+    total = n_examples * n_perturbations
+    scores = []
+    for start in range(0, total, chunk_size):
+        rows = torch.arange(start, min(total, start + chunk_size), device=device)
+        samples, perturbations = rows // n_perturbations, rows % n_perturbations
+        args = select_additional_forward_args(
+            additional_forward_args, samples, n_examples
+        )
+        scores.append(
+            target_scores(
+                forward_func,
+                build_rows(samples, perturbations),
+                classes[samples.to(classes.device)],
+                args,
+                apply_softmax,
+            )
+        )
+    return torch.cat(scores).view(n_examples, n_perturbations)
 
 
 def perturbed_target_scores(
@@ -473,35 +548,31 @@ def perturbed_target_scores(
 ) -> Tensor:
     """Target-class scores of ``n_perturbations`` perturbed copies of every sample.
 
-    The N x P copies are enumerated sample-major and forwarded
-    ``setup.chunk_size`` at a time; ``take_input(samples, perturbations)`` (both
-    LongTensors of shape (R,)) returns the (R, F) boolean feature selection of each
-    copy (True = input's value, False = baseline's).
+    ``take_input(samples, perturbations)`` (both LongTensors of shape (R,)) returns
+    the (R, F) boolean feature selection of each copy (True = input's value,
+    False = baseline's); the copies are built by :func:`build_perturbed_inputs`
+    and forwarded ``setup.chunk_size`` at a time by :func:`chunked_target_scores`.
 
     Returns:
         Tensor: shape (N, P).
     """
-    n = setup.n_examples
-    total = n * n_perturbations
-    device = setup.feature_ids[0].device
-    scores = []
-    for start in range(0, total, setup.chunk_size):
-        rows = torch.arange(start, min(total, start + setup.chunk_size), device=device)
-        samples, perturbations = rows // n_perturbations, rows % n_perturbations
-        perturbed = build_perturbed_inputs(
+
+    def build_rows(samples: Tensor, perturbations: Tensor) -> tuple[Tensor, ...]:
+        return build_perturbed_inputs(
             setup, samples, take_input(samples, perturbations)
         )
-        args = select_additional_forward_args(additional_forward_args, samples, n)
-        scores.append(
-            target_scores(
-                forward_func,
-                perturbed,
-                classes[samples.to(classes.device)],
-                args,
-                apply_softmax,
-            )
-        )
-    return torch.cat(scores).view(n, n_perturbations)
+
+    return chunked_target_scores(
+        forward_func,
+        build_rows,
+        setup.n_examples,
+        n_perturbations,
+        classes,
+        additional_forward_args,
+        apply_softmax,
+        setup.chunk_size,
+        setup.feature_ids[0].device,
+    )
 
 
 def average_ranks(values: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ def ordered_features(attr_n, ids):
     feature_list = sorted(set(ids.reshape(-1).tolist()))
     a = attr_n.to(torch.float64).expand(ids.shape)
     score = {f: float(a[ids == f].sum()) for f in feature_list}
-    order = sorted(feature_list, key=lambda f: (-score[f], feature_list.index(f)))
+    order = sorted(feature_list, key=lambda f: (-score[f], f))
     return order, score
 
 
@@ -127,7 +127,7 @@ def reference_faithfulness_correlation(
     model, x, attr, baseline, mask, size, n_samples, seed, softmax, target=None
 ):
     """Per-image, per-subset loop; subsets drawn with the documented protocol: per
-    example, rank n_samples x F uniform keys and take the ``size`` smallest."""
+    example, n_samples x F uniform keys; a subset = the ``size`` smallest keys."""
     import scipy.stats
 
     generator = torch.Generator().manual_seed(seed)
@@ -141,7 +141,7 @@ def reference_faithfulness_correlation(
         clean = score_one(model, x[n], cls, softmax)
         sums, drops = [], []
         for row in keys:
-            chosen = [feature_list[i] for i in row.argsort()[:size].tolist()]
+            chosen = [feature_list[i] for i in row.argsort(stable=True)[:size].tolist()]
             removed = torch.isin(ids, torch.tensor(chosen, dtype=ids.dtype))
             sums.append(float(a[removed].sum()))
             img = torch.where(removed, baseline[n], x[n])

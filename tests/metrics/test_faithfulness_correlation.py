@@ -8,6 +8,9 @@ from metric_reference import (
 )
 
 from captum_faithful.metrics import faithfulness_correlation, patch_mask
+from captum_faithful.metrics._core.faithfulness_correlation import (
+    random_feature_subsets,
+)
 
 
 @pytest.fixture
@@ -98,6 +101,23 @@ def test_same_generator_seed_same_value_and_chunk_independence(cnn, images):
         cnn, images, attr, n_samples=20, generator=torch.Generator().manual_seed(1)
     )
     assert not torch.allclose(other, values[0])
+
+
+def test_subsets_have_exact_size_and_ties_go_to_the_lower_index(monkeypatch):
+    real_rand = torch.rand
+
+    def coarse_rand(*args, **kwargs):  # keys in {0, .25, .5, .75}: many ties
+        return (real_rand(*args, **kwargs) * 4).floor() / 4
+
+    monkeypatch.setattr(torch, "rand", coarse_rand)
+    members = random_feature_subsets(3, 5, 10, 4, torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    generator = torch.Generator().manual_seed(0)
+    for n in range(3):
+        keys = (torch.rand(5, 10, generator=generator) * 4).floor() / 4
+        smallest = keys.argsort(dim=1, stable=True)[:, :4]
+        expected = torch.zeros(5, 10, dtype=torch.bool).scatter_(1, smallest, True)
+        assert torch.equal(members[n], expected)
 
 
 class CountingModel(torch.nn.Module):

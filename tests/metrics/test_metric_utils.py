@@ -116,3 +116,29 @@ def test_correlations_match_scipy():
             < 1e-12
         )
     assert torch.isnan(pearson_correlation(torch.full((1, 4), 0.1), b[:1, :4])).all()
+
+
+def test_chunked_target_scores_scores_any_row_builder():
+    from captum_faithful.metrics._utils import chunked_target_scores
+
+    torch.manual_seed(3)
+    weight = torch.randn(5, 4)
+
+    def model(x, scale):
+        return (x @ weight) * scale
+
+    x = torch.rand(3, 5)
+    scale = torch.tensor([[1.0], [2.0], [-1.0]])
+    classes = torch.tensor([0, 3, 1])
+
+    def path(samples, steps):  # straight line from 0 to x in 4 steps
+        return (x[samples] * (steps.float() / 4).unsqueeze(1),)
+
+    for chunk in (1, 4, 100):
+        scores = chunked_target_scores(
+            model, path, 3, 5, classes, (scale,), False, chunk
+        )
+        for n in range(3):
+            for k in range(5):
+                expected = model(x[n : n + 1] * k / 4, scale[n : n + 1])[0, classes[n]]
+                assert abs(float(scores[n, k] - expected)) < 1e-6

@@ -1,0 +1,388 @@
+"""UNI benchmark: speed against Captum IG and its floor, and faithfulness vs IG.
+
+Run from the repository root (not part of CI; needs scikit-learn and timm)::
+
+    python benchmarks/bench_uni.py                 # both tables
+    python benchmarks/bench_uni.py --only speed    # or --only faithfulness
+
+Speed (batch 16, 3x32x32, a small CNN and a small timm ViT), each timing the
+minimum over ``--repeats`` runs:
+
+- UNI with defaults / Captum ``IntegratedGradients(n_steps=50)`` (target <= 0.5).
+- UNI / its floor (target <= 1.5). Floor = ``pgd_steps`` forward+backward passes
+  of the batch + ``n_steps`` x batch examples forward+backward at the fastest
+  chunk size + the per-sample unlearning written directly with torch.func
+  (``vmap(grad)`` and one vmapped forward with per-sample parameters).
+- Vectorised / per-sample-loop unlearning at batch 16 (target >= 4).
+- Extra peak heap memory of the unlearning step (glibc ``mallinfo2`` polled from
+  a thread; Linux only) against ``unlearning_batch_size``.
+
+Faithfulness: a small CNN (4x4 pooled head) trained for about a minute on
+scikit-learn digits at 3x32x32, each drawn on a random-colour noisy background,
+darker than a light background and lighter than a dark one. UNI and
+IG with black, blur and uniform-noise baselines on held-out images; insertion AUC
+(blur baseline), deletion AUC (zero baseline) from ``captum_faithful.metrics``
+and path monotonicity along each method's own path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captum.attr import IntegratedGradients  # noqa: E402
+
+from captum_faithful import UnlearnedIntegratedGradients  # noqa: E402
+from captum_faithful.attr._utils.unlearning import (  # noqa: E402
+    ParametrizedForward,
+    buffer_copies,
+    unlearned_log_probs,
+    unlearned_parameters,
+)
+from captum_faithful.metrics import path_monotonicity  # noqa: E402
+
+BATCH = 16
+UNI_DEFAULTS = {"n_steps": 15, "pgd_steps": 10}
+
+
+def small_cnn(n_classes: int = 10, pool: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(pool),
+        nn.Flatten(),
+        nn.Linear(64 * pool * pool, n_classes),
+    )
+
+
+def small_vit(n_classes: int = 10) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=32,
+        patch_size=4,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        num_classes=n_classes,
+    )
+
+
+MODELS = {"cnn": small_cnn, "vit": small_vit}
+
+
+def interleaved_best(fns: dict, repeats: int) -> dict[str, float]:
+    """Minimum time of each function, runs interleaved so load hits all alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
+
+
+def input_fwd_bwd(model: nn.Module, x: Tensor, target: Tensor) -> None:
+    x = x.detach().requires_grad_(True)
+    out = model(x)[torch.arange(x.shape[0]), target.repeat(x.shape[0] // BATCH)]
+    torch.autograd.grad(out.sum(), x)
+
+
+def raw_unlearning(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """The unavoidable per-sample work, written directly with torch.func."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(xi: Tensor, ci: Tensor) -> Tensor:
+        def loss(p):
+            return F.cross_entropy(functional_call(model, p, (xi[None],)), ci[None])
+
+        g = grad(loss)(params)
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+        theta = {k: params[k] + g[k] / norm for k in params}
+        return functional_call(model, theta, (xi[None],)).log_softmax(1)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return vmap(one)(x, target)
+
+
+def speed(name: str, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(BATCH, 3, 32, 32)
+    target = model(x).argmax(1)
+    uni = UnlearnedIntegratedGradients(model)
+    ig = IntegratedGradients(model)
+    wrapper = ParametrizedForward(model, model)
+    params, buffers = unlearned_parameters(model), buffer_copies(model)
+
+    def unlearn(mode: str) -> Tensor:
+        return unlearned_log_probs(
+            wrapper, params, buffers, (x,), target, None, 1.0, BATCH, mode
+        )
+
+    path = torch.cat([x] * UNI_DEFAULTS["n_steps"])
+    chunks = (16, 48, 80, 240)
+    fns = {
+        "uni": lambda: uni.attribute(x),
+        "ig50": lambda: ig.attribute(x, target=target, n_steps=50),
+        "pass": lambda: input_fwd_bwd(model, x, target),
+        "raw_unlearn": lambda: raw_unlearning(model, x, target),
+        "vmap": lambda: unlearn("vmap"),
+        "loop": lambda: unlearn("loop"),
+    }
+    for chunk in chunks:
+        fns[f"path{chunk}"] = lambda c=chunk: [
+            input_fwd_bwd(model, path[i : i + c], target)
+            for i in range(0, len(path), c)
+        ]
+    t = interleaved_best(fns, repeats)
+    best_chunk = min(chunks, key=lambda c: t[f"path{c}"])
+    floor = (
+        UNI_DEFAULTS["pgd_steps"] * t["pass"]
+        + t[f"path{best_chunk}"]
+        + t["raw_unlearn"]
+    )
+    return {
+        "model": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "uni_s": t["uni"],
+        "ig50_s": t["ig50"],
+        "uni/ig50": t["uni"] / t["ig50"],
+        "floor_s": floor,
+        "uni/floor": t["uni"] / floor,
+        "floor_chunk": best_chunk,
+        "unlearn_vmap_s": t["vmap"],
+        "unlearn_loop_s": t["loop"],
+        "loop/vmap": t["loop"] / t["vmap"],
+        "vmap/raw": t["vmap"] / t["raw_unlearn"],
+    }
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (field, ctypes.c_size_t)
+        for field in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _heap_in_use() -> int:
+    """Bytes malloc has handed out (glibc mallinfo2: heap + mmapped chunks)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def extra_peak_mb(fn) -> float:
+    """Peak heap growth during ``fn()``, polled every 0.2 ms from a thread."""
+    base = _heap_in_use()
+    peak, running = [base], [True]
+
+    def poll() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], _heap_in_use())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        fn()
+    finally:
+        running[0] = False
+        thread.join()
+    return (max(peak[0], _heap_in_use()) - base) / 2**20
+
+
+def memory(name: str, chunks: list[int], repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(BATCH, 3, 32, 32)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    wrapper = ParametrizedForward(model, model)
+    params, buffers = unlearned_parameters(model), buffer_copies(model)
+    n_params = sum(p.numel() for p in params.values())
+    rows = []
+    for chunk in chunks:
+
+        def run(c: int = chunk) -> Tensor:
+            return unlearned_log_probs(
+                wrapper, params, buffers, (x,), target, None, 1.0, c
+            )
+
+        run()
+        rows.append(
+            {
+                "model": name,
+                "unlearning_batch_size": chunk,
+                "extra_peak_mb": min(extra_peak_mb(run) for _ in range(repeats)),
+                "chunk*|theta|*4B (MB)": chunk * n_params * 4 / 2**20,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- faithfulness
+
+
+def digits_dataset(seed: int = 0) -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    generator = torch.Generator().manual_seed(seed)
+    strokes = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    strokes = F.interpolate(strokes, size=(32, 32), mode="bilinear")
+    n = strokes.shape[0]
+    background = torch.rand(n, 3, 1, 1, generator=generator)
+    # the digit is darker than a light background and lighter than a dark one
+    sign = torch.where(background.mean(1, keepdim=True) > 0.5, -1.0, 1.0)
+    contrast = 0.4 + 0.4 * torch.rand(n, 3, 1, 1, generator=generator)
+    foreground = (background + sign * contrast).clamp(0, 1)
+    images = background + (foreground - background) * strokes
+    images = images + 0.05 * torch.randn(images.shape, generator=generator)
+    return images.clamp(0, 1), torch.tensor(digits.target)
+
+
+def train(model: nn.Module, x: Tensor, y: Tensor, seconds: float) -> float:
+    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    start, epoch = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(x), 64):
+            idx = order[i : i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        epoch += 1
+    model.eval()
+    return epoch
+
+
+def blur(x: Tensor) -> Tensor:
+    coords = torch.arange(11, dtype=x.dtype) - 5
+    kernel = torch.exp(-(coords**2) / (2 * 5.0**2))
+    kernel = (kernel / kernel.sum()).to(x.device)
+    c = x.shape[1]
+    padded = F.pad(x, (5, 5, 5, 5), mode="reflect")
+    out = F.conv2d(padded, kernel.view(1, 1, 1, 11).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(out, kernel.view(1, 1, 11, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def faithfulness(n_images: int, train_seconds: float) -> list[dict]:
+    from captum_faithful import metrics
+
+    torch.manual_seed(0)
+    images, labels = digits_dataset()
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+    train_idx, test_idx = order[:1400], order[1400:]
+    model = small_cnn(pool=4)
+    epochs = train(model, images[train_idx], labels[train_idx], train_seconds)
+    x_test, y_test = images[test_idx], labels[test_idx]
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    print(f"trained {epochs} epochs, held-out accuracy {accuracy:.3f}")
+
+    x, y = x_test[:n_images], y_test[:n_images]
+    uni = UnlearnedIntegratedGradients(model)
+    ig = IntegratedGradients(model)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(2))
+    methods = {
+        "UNI": (lambda: uni.attribute(x, target=y), uni.compute_baselines(x, y)),
+        "IG black": (lambda: ig.attribute(x, 0.0, target=y), torch.zeros_like(x)),
+        "IG blur": (lambda: ig.attribute(x, blur(x), target=y), blur(x)),
+        "IG noise": (lambda: ig.attribute(x, noise, target=y), noise),
+    }
+    has_auc = hasattr(metrics, "insertion_auc") and hasattr(metrics, "deletion_auc")
+    rows = []
+    for name, (explain, baseline) in methods.items():
+        start = time.perf_counter()
+        attributions = explain()
+        seconds = (time.perf_counter() - start) / len(x)
+        monotonicity = path_monotonicity(model, x, baseline, target=y)
+        row = {
+            "method": name,
+            "path_monotonicity": _mean_std(monotonicity),
+            "s/image": seconds,
+        }
+        if has_auc:
+            row["insertion_auc"] = _mean_std(
+                metrics.insertion_auc(model, x, attributions, target=y)
+            )
+            row["deletion_auc"] = _mean_std(
+                metrics.deletion_auc(model, x, attributions, target=y)
+            )
+        rows.append(row)
+    if not has_auc:
+        print("insertion/deletion AUC: captum_faithful.metrics has no insertion_auc")
+    return rows
+
+
+def _mean_std(values: Tensor) -> str:
+    values = values[~torch.isnan(values)].double()
+    return f"{values.mean().item():.3f} ± {values.std().item():.3f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [
+            f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["speed", "faithfulness"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--train-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    if args.only in (None, "speed"):
+        print("\n## Speed (batch 16, 3x32x32, min of repeats)\n")
+        print(markdown([speed(name, args.repeats) for name in MODELS]))
+        print(
+            "\n## Unlearning step: extra peak heap (mallinfo2) vs unlearning_batch_size\n"
+        )
+        rows = []
+        for name in MODELS:
+            rows += memory(name, [1, 2, 4, 8, 16], 3)
+        print(markdown(rows))
+    if args.only in (None, "faithfulness"):
+        print("\n## Faithfulness (trained CNN, held-out digits, mean ± std)\n")
+        print(markdown(faithfulness(args.images, args.train_seconds)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,559 @@
+"""The math of UNI (unlearning-based neural interpretations), one function per step.
+
+1. :func:`unlearned_log_probs` — per sample, the unlearning direction
+   ``g_i = ∇_θ CE(f(x_i; θ), c_i)``, the unlearned parameters
+   ``θ̂_i = θ + η g_i / ‖g_i‖`` (one global L2 norm over all parameters) and the target
+   distribution ``log softmax f(x_i; θ̂_i)``; vectorised with ``torch.func.vmap`` in
+   chunks, with a per-sample loop for models vmap cannot run.
+2. :func:`match_baselines` — projected gradient descent on
+   ``KL(p̂_i ‖ softmax f(x_i + δ; θ))`` with ``δ`` rescaled to norm ``ε`` per sample.
+3. :func:`integrated_gradients` — the Riemann / Gauss-Legendre path integral from the
+   baseline to the input with the original parameters.
+
+The user's model is never written to: unlearned parameters and copies of the buffers
+are substituted with :func:`torch.func.functional_call` for the duration of a call.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from captum_faithful._compat import (
+    SUPPORTED_METHODS,
+    _expand_additional_forward_args,
+    _expand_target,
+    _reshape_and_sum,
+    approximation_parameters,
+)
+from captum_faithful._utils import (
+    as_logits,
+    check_choice,
+    check_finite,
+    check_float,
+    check_int,
+)
+
+#: With ``unlearning_batch_size=None`` a chunk holds at most this many parameter
+#: values (chunk size x number of unlearned parameters), i.e. 256 MB per copy at
+#: float32: the vectorised step materialises the per-sample gradients and the
+#: per-sample unlearned parameters of one chunk at a time.
+DEFAULT_UNLEARNING_BUDGET = 2**26
+
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented"
+
+
+class ParametrizedForward(nn.Module):
+    """``forward_func`` as a module that owns ``model``'s parameters and buffers.
+
+    :func:`torch.func.functional_call` on this module substitutes tensors for the
+    parameters and buffers of ``model`` (names prefixed ``"model."``) while
+    ``forward_func`` runs, which lets any callable that closes over ``model`` be
+    evaluated with unlearned parameters. The output is reduced to logits.
+    """
+
+    def __init__(self, forward_func: Callable, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # a plain attribute, not a submodule, so the parameters are listed once
+        object.__setattr__(self, "_forward_func", forward_func)
+
+    def forward(self, *args: Any) -> Tensor:
+        return as_logits(self._forward_func(*args))
+
+
+def unlearned_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters UNI unlearns, detached, keyed for :class:`ParametrizedForward`.
+
+    Every floating-point parameter with ``requires_grad``; when none requires grad
+    (a model frozen for inference) every floating-point parameter.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    return {f"model.{n}": p.detach() for n, p in (trainable or named)}
+
+
+def buffer_copies(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of the buffers of ``model`` (keyed for :class:`ParametrizedForward`).
+
+    Passed to :func:`torch.func.functional_call`, they take the in-place updates a
+    module in training mode makes (BatchNorm running statistics), so the user's
+    buffers are never written to.
+    """
+    return {f"model.{n}": b.detach().clone() for n, b in model.named_buffers()}
+
+
+def protected_forward(
+    wrapper: ParametrizedForward, buffers: dict[str, Tensor]
+) -> Callable[..., Tensor]:
+    """The model's forward with the original parameters and the buffer copies."""
+    if not buffers:
+        return wrapper
+
+    def forward(*args: Any) -> Tensor:
+        return functional_call(wrapper, buffers, args)
+
+    return forward
+
+
+def kl_divergence(log_target: Tensor, logits: Tensor) -> Tensor:
+    """``KL(p̂ ‖ softmax(logits))`` per sample, summed over classes.
+
+    ``log_target`` holds ``log p̂`` (N, C); returns shape (N,).
+    """
+    log_probs = torch.log_softmax(logits, dim=1)
+    return (log_target.exp() * (log_target - log_probs)).sum(dim=1)
+
+
+def split_per_sample(
+    additional_forward_args: tuple | None, n_examples: int
+) -> tuple[list[int], tuple[Tensor, ...], tuple]:
+    """Separate the per-sample tensors of ``additional_forward_args``.
+
+    Returns the positions of the tensors that have the batch size on dim 0, those
+    tensors, and the full argument tuple (used as a template).
+    """
+    args = additional_forward_args or ()
+    positions = [
+        i
+        for i, arg in enumerate(args)
+        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_examples
+    ]
+    return positions, tuple(args[i] for i in positions), tuple(args)
+
+
+def _sample_args(
+    sample: tuple[Tensor, ...],
+    extra: tuple[Tensor, ...],
+    positions: Sequence[int],
+    template: tuple,
+) -> tuple:
+    """The forward arguments of one sample, each with a batch dimension of 1."""
+    args = list(template)
+    for position, tensor in zip(positions, extra, strict=True):
+        args[position] = tensor.unsqueeze(0)
+    return (*(t.unsqueeze(0) for t in sample), *args)
+
+
+def _unlearn_one(
+    wrapper: ParametrizedForward,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    unlearning_step: float,
+    positions: Sequence[int],
+    template: tuple,
+    sample: tuple[Tensor, ...],
+    target: Tensor,
+    extra: tuple[Tensor, ...],
+) -> Tensor:
+    """Algorithm 1, lines 4 and the target of line 5, for one (unbatched) sample.
+
+    Buffers are copied inside the transformed function: torch.func forbids in-place
+    updates (BatchNorm running statistics in training mode) of captured tensors.
+    """
+    args = _sample_args(sample, extra, positions, template)
+
+    def loss(theta: dict[str, Tensor]) -> Tensor:
+        copies = {name: b.clone() for name, b in buffers.items()}
+        logits = functional_call(wrapper, {**theta, **copies}, args)
+        return F.cross_entropy(logits, target.reshape(1))
+
+    direction = grad(loss)(params)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in direction.values()))
+    # a zero gradient (a saturated prediction) leaves θ unchanged
+    scale = torch.where(
+        norm > 0, unlearning_step / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0
+    )
+    theta_hat = {name: params[name] + scale * direction[name] for name in params}
+    copies = {name: b.clone() for name, b in buffers.items()}
+    logits = functional_call(wrapper, {**theta_hat, **copies}, args)
+    return torch.log_softmax(logits, dim=1)[0]
+
+
+def unlearning_chunk_size(
+    unlearning_batch_size: int | None, params: dict[str, Tensor], n_examples: int
+) -> int:
+    """Samples per vectorised unlearning chunk (see :data:`DEFAULT_UNLEARNING_BUDGET`)."""
+    if unlearning_batch_size is not None:
+        return max(1, min(unlearning_batch_size, n_examples))
+    n_params = sum(p.numel() for p in params.values())
+    return max(1, min(n_examples, DEFAULT_UNLEARNING_BUDGET // max(n_params, 1)))
+
+
+def unlearned_log_probs(
+    wrapper: ParametrizedForward,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    inputs: tuple[Tensor, ...],
+    targets: Tensor,
+    additional_forward_args: tuple | None,
+    unlearning_step: float,
+    chunk_size: int,
+    mode: str = "auto",
+) -> Tensor:
+    """``log softmax f(x_i; θ̂_i)`` for every sample, shape (N, C), detached.
+
+    ``θ̂_i = θ + η ∇_θ CE(f(x_i; θ), c_i) / ‖∇_θ CE(f(x_i; θ), c_i)‖`` with one L2
+    norm over all tensors in ``params``. Every sample is run alone (batch of one).
+    ``mode="vmap"`` vectorises ``chunk_size`` samples at a time with
+    ``torch.func.vmap``; ``"loop"`` runs them one by one; ``"auto"`` tries vmap and
+    falls back to the loop when vmap cannot run the model (data-dependent control
+    flow, in-place updates of unbatched tensors, ...). Both compute the same
+    function.
+    """
+    n_examples = inputs[0].shape[0]
+    positions, extra, template = split_per_sample(additional_forward_args, n_examples)
+
+    def one(sample: tuple, target: Tensor, extra_i: tuple) -> Tensor:
+        return _unlearn_one(
+            wrapper, params, buffers, unlearning_step, positions, template,
+            sample, target, extra_i,
+        )  # fmt: skip
+
+    inputs = tuple(t.detach() for t in inputs)
+    extra = tuple(t.detach() for t in extra)
+    if mode in ("auto", "vmap"):
+        batched = vmap(one, in_dims=(0, 0, 0), randomness="different")
+        try:
+            with warnings.catch_warnings():
+                # ops without a batching rule (e.g. fused attention kernels) still
+                # run under vmap, one sample at a time; that is no user error
+                warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+                chunks = [
+                    batched(
+                        tuple(t[start : start + chunk_size] for t in inputs),
+                        targets[start : start + chunk_size],
+                        tuple(t[start : start + chunk_size] for t in extra),
+                    )
+                    for start in range(0, n_examples, chunk_size)
+                ]
+            return torch.cat(chunks).detach()
+        except Exception:
+            if mode == "vmap":
+                raise
+    rows = [
+        one(tuple(t[i] for t in inputs), targets[i], tuple(t[i] for t in extra))
+        for i in range(n_examples)
+    ]
+    return torch.stack(rows).detach()
+
+
+def project_to_sphere(deltas: tuple[Tensor, ...], epsilon: float) -> tuple[Tensor, ...]:
+    """Rescale ``δ`` to L2 norm ``epsilon`` per sample, jointly over all tensors.
+
+    A sample whose ``δ`` is zero is left at zero.
+    """
+    squared = sum(d.reshape(d.shape[0], -1).pow(2).sum(dim=1) for d in deltas)
+    norm = torch.sqrt(squared)
+    scale = torch.where(
+        norm > 0, epsilon / norm.clamp_min(torch.finfo(norm.dtype).tiny), 1.0
+    )
+    return tuple(d * scale.reshape(-1, *([1] * (d.dim() - 1))) for d in deltas)
+
+
+def match_baselines(
+    gradient_func: Callable,
+    forward_fn: Callable[..., Tensor],
+    starts: tuple[Tensor, ...],
+    log_target: Tensor,
+    additional_forward_args: tuple | None,
+    pgd_steps: int,
+    epsilon: float,
+    pgd_step_size: float,
+) -> tuple[Tensor, ...]:
+    """Algorithm 1, lines 5-7: the baselines ``x' = x + δ^T``.
+
+    ``δ⁰ = 0``; for ``t < T``: ``δ ← δ − μ ∇_δ KL(p̂ ‖ softmax f(x + δ))`` followed by
+    :func:`project_to_sphere`. The KL of every sample only depends on its own ``δ``,
+    so one batched gradient of the summed KL gives all per-sample gradients.
+    """
+    starts = tuple(s.detach() for s in starts)
+    n_inputs = len(starts)
+
+    def objective(*args: Any) -> Tensor:
+        moved = tuple(s + d for s, d in zip(starts, args[:n_inputs], strict=True))
+        return kl_divergence(log_target, forward_fn(*moved, *args[n_inputs:]))
+
+    deltas = tuple(torch.zeros_like(s) for s in starts)
+    for _ in range(pgd_steps):
+        deltas = tuple(d.requires_grad_() for d in deltas)
+        grads = gradient_func(
+            forward_fn=objective,
+            inputs=deltas,
+            target_ind=None,
+            additional_forward_args=additional_forward_args,
+        )
+        deltas = project_to_sphere(
+            tuple(
+                (d - pgd_step_size * g).detach()
+                for d, g in zip(deltas, grads, strict=True)
+            ),
+            epsilon,
+        )
+    return tuple(s + d for s, d in zip(starts, deltas, strict=True))
+
+
+#: A single point of each Riemann rule (Captum's rules need two or more).
+_SINGLE_POINT = {"riemann_left": 0.0, "riemann_middle": 0.5, "riemann_right": 1.0}
+
+
+def path_points(method: str, n_steps: int) -> tuple[list[float], list[float]]:
+    """Captum's step sizes and path points for ``method``; one Riemann point too.
+
+    ``n_steps=1`` with ``riemann_right`` is one gradient at the input, with weight 1.
+    """
+    if n_steps == 1 and method in _SINGLE_POINT:
+        return [1.0], [_SINGLE_POINT[method]]
+    step_sizes_func, alphas_func = approximation_parameters(method)
+    return step_sizes_func(n_steps), alphas_func(n_steps)
+
+
+def integrated_gradients(
+    gradient_func: Callable,
+    forward_fn: Callable[..., Tensor],
+    inputs: tuple[Tensor, ...],
+    baselines: tuple[Tensor, ...],
+    target: Tensor,
+    additional_forward_args: tuple | None,
+    n_steps: int,
+    method: str,
+    multiply_by_inputs: bool,
+    step_sizes_and_alphas: tuple[list[float], list[float]] | None = None,
+) -> tuple[Tensor, ...]:
+    """Path integral of the target gradient from ``baselines`` to ``inputs``.
+
+    ``Σ_k w_k ∇f_c(x' + α_k (x − x'))`` with Captum's step sizes ``w_k`` and points
+    ``α_k`` for ``method``, times ``(x − x')`` when ``multiply_by_inputs``. All steps
+    of all samples are evaluated in one batch (step-major, as in Captum).
+    """
+    step_sizes, alphas = step_sizes_and_alphas or path_points(method, n_steps)
+    scaled = tuple(
+        torch.cat([b + alpha * (x - b) for alpha in alphas], dim=0).requires_grad_()
+        for x, b in zip(inputs, baselines, strict=True)
+    )
+    expanded_args = (
+        _expand_additional_forward_args(additional_forward_args, n_steps)
+        if additional_forward_args is not None
+        else None
+    )
+    grads = gradient_func(
+        forward_fn=forward_fn,
+        inputs=scaled,
+        target_ind=_expand_target(target, n_steps),
+        additional_forward_args=expanded_args,
+    )
+    totals = []
+    for g in grads:
+        weights = torch.tensor(step_sizes, dtype=g.dtype, device=g.device)
+        weighted = g.contiguous().view(n_steps, -1) * weights.view(n_steps, 1)
+        totals.append(
+            _reshape_and_sum(weighted, n_steps, g.shape[0] // n_steps, g.shape[1:])
+        )
+    if not multiply_by_inputs:
+        return tuple(t.detach() for t in totals)
+    return tuple(
+        (t * (x - b)).detach()
+        for t, x, b in zip(totals, inputs, baselines, strict=True)
+    )
+
+
+def completeness_gap(
+    forward_fn: Callable[..., Tensor],
+    attributions: tuple[Tensor, ...],
+    inputs: tuple[Tensor, ...],
+    baselines: tuple[Tensor, ...],
+    target: Tensor,
+    additional_forward_args: tuple | None,
+) -> Tensor:
+    """``Σ attributions − (f_c(x) − f_c(x'))`` per sample (Captum's delta)."""
+    args = additional_forward_args or ()
+    with torch.no_grad():
+        rows = torch.arange(target.shape[0], device=target.device)
+        end = forward_fn(*inputs, *args)[rows, target]
+        start = forward_fn(*baselines, *args)[rows, target]
+        total = sum(a.reshape(a.shape[0], -1).sum(dim=1) for a in attributions)
+    return total - (end - start)
+
+
+def resolve_class_targets(logits: Tensor, target: Any) -> Any:
+    """Bring Captum's tuple targets for 2-D outputs into the form of ``resolve_targets``.
+
+    Captum indexes the non-batch dimensions with a tuple: for an (N, C) output that
+    is ``(c,)`` for every sample, or a list of one-element tuples.
+    """
+    if logits.dim() != 2:
+        raise ValueError(
+            "UNI needs class logits of shape (N, n_classes) from forward_func, got "
+            f"an output of shape {tuple(logits.shape)}"
+        )
+    if isinstance(target, tuple):
+        if len(target) != 1:
+            raise ValueError(
+                "`target` as a tuple indexes the output dimensions after the batch; "
+                f"the output has one, so expected (class,), got {target!r}"
+            )
+        return target[0]
+    if (
+        isinstance(target, list)
+        and target
+        and all(isinstance(t, tuple) for t in target)
+    ):
+        if not all(len(t) == 1 for t in target):
+            raise ValueError(
+                "`target` as a list of tuples needs one-element tuples (class,) for "
+                f"an output of shape (N, n_classes), got {target!r}"
+            )
+        return [t[0] for t in target]
+    return target
+
+
+def check_sample_args(additional_forward_args: tuple | None, n_examples: int) -> None:
+    """Tensors in ``additional_forward_args`` must have the batch size on dim 0."""
+    for i, arg in enumerate(additional_forward_args or ()):
+        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] != n_examples:
+            raise ValueError(
+                f"`additional_forward_args[{i}]` must have the batch size "
+                f"{n_examples} on dim 0 (as in Captum), got shape {tuple(arg.shape)}"
+            )
+
+
+def _positive_finite(name: str, value: Any) -> float:
+    value = check_float(name, value, low=0.0, low_inclusive=False)
+    if value == float("inf"):
+        raise ValueError(f"`{name}` must be finite, got inf")
+    return value
+
+
+class UnlearningSettings:
+    """The validated hyperparameters of Algorithm 1 (η, T, ε, μ, chunk size)."""
+
+    def __init__(
+        self,
+        unlearning_step: float,
+        pgd_steps: int,
+        epsilon: float,
+        pgd_step_size: float,
+        unlearning_batch_size: int | None,
+    ) -> None:
+        self.unlearning_step = _positive_finite("unlearning_step", unlearning_step)
+        self.pgd_steps = check_int("pgd_steps", pgd_steps, minimum=0)
+        self.epsilon = _positive_finite("epsilon", epsilon)
+        self.pgd_step_size = _positive_finite("pgd_step_size", pgd_step_size)
+        self.unlearning_batch_size = (
+            None
+            if unlearning_batch_size is None
+            else check_int("unlearning_batch_size", unlearning_batch_size, minimum=1)
+        )
+
+
+class UnlearningHyperparameters:
+    """Read-only access to the hyperparameters, for the UNI attribution classes."""
+
+    _settings: UnlearningSettings
+
+    @property
+    def unlearning_step(self) -> float:
+        return self._settings.unlearning_step
+
+    @property
+    def pgd_steps(self) -> int:
+        return self._settings.pgd_steps
+
+    @property
+    def epsilon(self) -> float:
+        return self._settings.epsilon
+
+    @property
+    def pgd_step_size(self) -> float:
+        return self._settings.pgd_step_size
+
+    @property
+    def unlearning_batch_size(self) -> int | None:
+        return self._settings.unlearning_batch_size
+
+
+def check_unlearnable(model: nn.Module) -> None:
+    """UNI needs parameters to unlearn: raise a clear error when there are none."""
+    if not any(p.is_floating_point() for p in model.parameters()):
+        raise ValueError(
+            "UNI unlearns the model's parameters, but the model has no floating-point "
+            "parameters; pass the module that holds them as `model=`"
+        )
+
+
+def check_call_arguments(
+    n_steps: Any, method: Any, internal_batch_size: Any
+) -> tuple[int, str, int | None]:
+    """Validate the integration arguments of ``attribute``."""
+    n_steps = check_int("n_steps", n_steps, minimum=1)
+    method = check_choice("method", method, SUPPORTED_METHODS)
+    if method == "riemann_trapezoid" and n_steps < 2:
+        raise ValueError("`n_steps` must be >= 2 with method='riemann_trapezoid'")
+    if internal_batch_size is not None:
+        internal_batch_size = check_int(
+            "internal_batch_size", internal_batch_size, minimum=1
+        )
+    return n_steps, method, internal_batch_size
+
+
+def format_inputs(inputs: Any, require_float: bool) -> tuple[Tensor, ...]:
+    """``inputs`` as a tuple of tensors sharing the batch size, checked for NaN/Inf."""
+    formatted = inputs if isinstance(inputs, tuple) else (inputs,)
+    if not formatted or not all(isinstance(t, Tensor) for t in formatted):
+        raise TypeError(
+            "`inputs` must be a tensor or a non-empty tuple of tensors, got "
+            f"{type(inputs).__name__}"
+        )
+    if any(t.dim() == 0 for t in formatted):
+        raise ValueError("`inputs` need a leading batch dimension")
+    n_examples = formatted[0].shape[0]
+    if n_examples == 0 or any(t.shape[0] != n_examples for t in formatted):
+        raise ValueError(
+            "`inputs` must share a batch size >= 1 on dim 0, got shapes "
+            f"{[tuple(t.shape) for t in formatted]}"
+        )
+    if require_float and not all(t.is_floating_point() for t in formatted):
+        raise TypeError(
+            "`inputs` must be floating-point tensors (UNI perturbs them); for token "
+            "ids use LayerUnlearnedIntegratedGradients on the embedding layer"
+        )
+    check_finite("inputs", formatted)
+    return tuple(t.detach() for t in formatted)
+
+
+def format_baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Explicit baselines as full tensors shaped like ``inputs`` (Captum's forms).
+
+    Each baseline is a scalar or a tensor broadcastable to its input (batch size 1
+    or N); a tuple holds one per input.
+    """
+    formatted = baselines if isinstance(baselines, tuple) else (baselines,)
+    if len(formatted) != len(inputs):
+        raise ValueError(
+            f"`baselines` must hold one baseline per input ({len(inputs)}), got "
+            f"{len(formatted)}"
+        )
+    result = []
+    for i, (baseline, x) in enumerate(zip(formatted, inputs, strict=True)):
+        if isinstance(baseline, bool) or not isinstance(baseline, (Tensor, int, float)):
+            raise TypeError(
+                f"`baselines[{i}]` must be a tensor or a number, got "
+                f"{type(baseline).__name__}"
+            )
+        baseline = torch.as_tensor(baseline, device=x.device)
+        check_finite("baselines", baseline)
+        try:
+            expanded = torch.broadcast_to(baseline.to(x.dtype), x.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"`baselines[{i}]` of shape {tuple(baseline.shape)} cannot be "
+                f"broadcast to the input shape {tuple(x.shape)}"
+            ) from err
+        result.append(expanded.detach())
+    return tuple(result)

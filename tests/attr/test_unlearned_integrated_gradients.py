@@ -1,0 +1,667 @@
+"""UnlearnedIntegratedGradients against an independent per-sample Algorithm 1."""
+
+from __future__ import annotations
+
+import copy
+
+import matplotlib
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import IntegratedGradients, NoiseTunnel
+from captum.metrics import infidelity, sensitivity_max
+from helpers import ModelSnapshot, small_cnn
+from torch import nn
+
+from captum_faithful import UnlearnedIntegratedGradients
+from captum_faithful.attr._utils.unlearning import (
+    ParametrizedForward,
+    buffer_copies,
+    unlearned_log_probs,
+    unlearned_parameters,
+)
+
+matplotlib.use("Agg")
+
+
+# ---------------------------------------------------------------- reference
+
+
+def reference_unlearned_probs(model, sample_args, target, eta=1.0):
+    """p̂ for one sample: deep copy, explicit ascent step written into the copy."""
+    unlearned = copy.deepcopy(model)
+    params = [p for p in unlearned.parameters() if p.requires_grad]
+    if not params:
+        params = list(unlearned.parameters())
+        for p in params:
+            p.requires_grad_(True)
+    loss = F.cross_entropy(unlearned(*sample_args), target.reshape(1))
+    grads = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.add_(eta * g / norm)
+        return F.softmax(unlearned(*sample_args), dim=1)
+
+
+def reference_baselines(
+    model, inputs, targets, extra=(), eta=1.0, steps=10, eps=0.25, mu=0.1
+):
+    """Algorithm 1 lines 1-7, one sample at a time, tuple inputs perturbed jointly."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    out = [[] for _ in inputs]
+    for i in range(inputs[0].shape[0]):
+        xi = tuple(x[i : i + 1] for x in inputs)
+        ei = tuple(e[i : i + 1] for e in extra)
+        p_hat = reference_unlearned_probs(model, (*xi, *ei), targets[i], eta)
+        deltas = [torch.zeros_like(x) for x in xi]
+        for _ in range(steps):
+            deltas = [d.detach().requires_grad_(True) for d in deltas]
+            moved = [x + d for x, d in zip(xi, deltas, strict=True)]
+            q = F.log_softmax(model(*moved, *ei), dim=1)
+            kl = (p_hat * (p_hat.log() - q)).sum()
+            grads = torch.autograd.grad(kl, deltas)
+            deltas = [d - mu * g for d, g in zip(deltas, grads, strict=True)]
+            norm = torch.sqrt(sum((d**2).sum() for d in deltas))
+            deltas = [eps * d / norm for d in deltas]
+        for slot, x, d in zip(out, xi, deltas, strict=True):
+            slot.append((x + d).detach())
+    return tuple(torch.cat(slot) for slot in out)
+
+
+def kl_to(model, p_hat, x):
+    with torch.no_grad():
+        q = F.log_softmax(model(x), dim=1)
+    return (p_hat * (p_hat.log() - q)).sum(dim=1)
+
+
+# ---------------------------------------------------------------- models
+
+
+class TwoInputNet(nn.Module):
+    """Image and vector inputs plus a per-sample scale passed as an extra arg."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.vec = nn.Linear(5, 8)
+        self.head = nn.Linear(4 * 4 + 8, 4)
+
+    def forward(self, image, vector, scale=None):
+        a = F.adaptive_avg_pool2d(F.relu(self.conv(image)), 2).flatten(1)
+        b = torch.tanh(self.vec(vector))
+        out = self.head(torch.cat([a, b], dim=1))
+        return out if scale is None else out * scale.unsqueeze(1)
+
+
+class CheckingNet(nn.Module):
+    """A value check in forward is data-dependent control flow: vmap cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small_cnn(n_classes=5, seed=3)
+
+    def forward(self, x):
+        if not torch.isfinite(x).all():
+            raise ValueError("non-finite input")
+        return self.body(x)
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+class DictOutput(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return {"logits": self.model(x), "hidden": x}
+
+
+class FailingNet(nn.Module):
+    """Raises in one phase of UNI (recognised by batch size and requires_grad)."""
+
+    def __init__(self, phase):
+        super().__init__()
+        self.body = small_cnn(seed=5)
+        self.body[3].register_forward_hook(lambda *args: None)
+        self.phase = phase
+
+    def forward(self, x):
+        phase = {
+            (4, False): "target",
+            (1, True): "unlearning",
+            (4, True): "matching",
+            (60, True): "integral",
+        }.get((x.shape[0], torch.is_grad_enabled()))
+        if phase == self.phase:
+            raise RuntimeError("boom")
+        return self.body(x)
+
+
+@pytest.fixture
+def images():
+    return torch.randn(4, 3, 16, 16)
+
+
+# ---------------------------------------------------------------- Algorithm 1
+
+
+def test_baselines_equal_reference_loop(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    targets = cnn(images).argmax(1)
+    (expected,) = reference_baselines(cnn, images, targets)
+    got = uni.compute_baselines(images)
+    assert got.shape == images.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_baselines_equal_reference_with_explicit_hyperparameters(cnn, images):
+    uni = UnlearnedIntegratedGradients(
+        cnn, unlearning_step=0.5, pgd_steps=4, epsilon=0.7, pgd_step_size=0.3
+    )
+    targets = torch.tensor([0, 3, 3, 9])
+    (expected,) = reference_baselines(
+        cnn, images, targets, eta=0.5, steps=4, eps=0.7, mu=0.3
+    )
+    got = uni.compute_baselines(images, target=targets)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_tuple_inputs_and_additional_args_equal_reference():
+    torch.manual_seed(1)
+    model = TwoInputNet().eval()
+    image, vector = torch.randn(3, 3, 4, 4), torch.randn(3, 5)
+    scale = torch.tensor([1.0, 2.0, 0.5])
+    uni = UnlearnedIntegratedGradients(model)
+    targets = model(image, vector, scale).argmax(1)
+    expected = reference_baselines(model, (image, vector), targets, extra=(scale,))
+    got = uni.compute_baselines((image, vector), additional_forward_args=scale)
+    assert isinstance(got, tuple) and len(got) == 2
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+    # the L2 ball is joint over both tensors
+    dist = torch.sqrt(
+        (got[0] - image).flatten(1).pow(2).sum(1)
+        + (got[1] - vector).flatten(1).pow(2).sum(1)
+    )
+    torch.testing.assert_close(dist, torch.full((3,), 0.25), atol=1e-5, rtol=0)
+    attributions = uni.attribute((image, vector), additional_forward_args=scale)
+    assert [a.shape for a in attributions] == [image.shape, vector.shape]
+
+
+def test_baselines_at_distance_epsilon(cnn, images):
+    for eps in (0.25, 2.0):
+        baselines = UnlearnedIntegratedGradients(cnn, epsilon=eps).compute_baselines(
+            images
+        )
+        dist = (baselines - images).flatten(1).norm(dim=1)
+        torch.testing.assert_close(dist, torch.full((4,), eps), atol=1e-5, rtol=0)
+
+
+def test_kl_to_unlearned_distribution_is_lower_at_baseline(cnn, images):
+    targets = cnn(images).argmax(1)
+    baselines = UnlearnedIntegratedGradients(cnn).compute_baselines(images)
+    for i in range(images.shape[0]):
+        p_hat = reference_unlearned_probs(cnn, (images[i : i + 1],), targets[i])
+        at_input = kl_to(cnn, p_hat, images[i : i + 1])
+        at_baseline = kl_to(cnn, p_hat, baselines[i : i + 1])
+        assert at_baseline.item() < at_input.item()
+
+
+def test_pgd_steps_zero_gives_the_input_and_zero_attributions(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn, pgd_steps=0)
+    assert torch.equal(uni.compute_baselines(images), images)
+    assert torch.equal(uni.attribute(images), torch.zeros_like(images))
+
+
+# ---------------------------------------------------------------- path integral
+
+
+@pytest.mark.parametrize(
+    ("n_steps", "method", "multiply"),
+    [
+        (15, "riemann_right", True),
+        (2, "riemann_right", True),
+        (5, "riemann_left", True),
+        (7, "gausslegendre", True),
+        (6, "riemann_trapezoid", False),
+    ],
+)
+def test_attributions_equal_captum_ig_on_learned_baseline(
+    cnn, images, n_steps, method, multiply
+):
+    uni = UnlearnedIntegratedGradients(cnn, multiply_by_inputs=multiply)
+    baselines = uni.compute_baselines(images)
+    targets = cnn(images).argmax(1)
+    expected = IntegratedGradients(cnn, multiply_by_inputs=multiply).attribute(
+        images, baselines=baselines, target=targets, n_steps=n_steps, method=method
+    )
+    got = uni.attribute(images, n_steps=n_steps, method=method)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_single_step_is_gradient_at_input_times_difference(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    baselines = uni.compute_baselines(images, target=2)
+    x = images.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(cnn(x)[:, 2].sum(), x)
+    got = uni.attribute(images, target=2, n_steps=1)
+    torch.testing.assert_close(got, grad * (images - baselines), atol=1e-6, rtol=1e-5)
+
+
+def test_completeness_within_five_percent_at_400_steps(cnn):
+    images = torch.randn(3, 3, 16, 16) * 3
+    uni = UnlearnedIntegratedGradients(cnn, epsilon=3.0)
+    targets = cnn(images).argmax(1)
+    attributions, delta = uni.attribute(
+        images, n_steps=400, return_convergence_delta=True
+    )
+    baselines = uni.compute_baselines(images)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        gap = cnn(images)[rows, targets] - cnn(baselines)[rows, targets]
+    total = attributions.flatten(1).sum(1)
+    assert bool(((total - gap).abs() <= 0.05 * gap.abs()).all())
+    torch.testing.assert_close(delta, total - gap, atol=1e-5, rtol=1e-4)
+    captum_delta = IntegratedGradients(cnn).compute_convergence_delta(
+        attributions, baselines, images, target=targets
+    )
+    torch.testing.assert_close(delta, captum_delta, atol=1e-5, rtol=1e-4)
+
+
+def test_explicit_baselines_are_used_as_given(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    ig = IntegratedGradients(cnn)
+    for baselines in (0.5, torch.rand(1, 3, 16, 16), torch.rand(4, 3, 16, 16)):
+        got, delta = uni.attribute(
+            images, baselines=baselines, target=1, return_convergence_delta=True
+        )
+        expected, expected_delta = ig.attribute(
+            images,
+            baselines=baselines,
+            target=1,
+            n_steps=15,
+            method="riemann_right",
+            return_convergence_delta=True,
+        )
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(delta, expected_delta, atol=1e-5, rtol=1e-4)
+
+
+def test_internal_batch_size_gives_same_attributions(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    full = uni.attribute(images, n_steps=9)
+    with pytest.warns(UserWarning):
+        tiny = uni.attribute(images, n_steps=9, internal_batch_size=3)
+    chunked = uni.attribute(images, n_steps=9, internal_batch_size=8)
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tiny, full, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- batching, vmap
+
+
+def test_batched_equals_one_by_one(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    batched, delta = uni.attribute(images, return_convergence_delta=True)
+    for i in range(images.shape[0]):
+        single, single_delta = uni.attribute(
+            images[i : i + 1], return_convergence_delta=True
+        )
+        torch.testing.assert_close(single, batched[i : i + 1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(single_delta, delta[i : i + 1], atol=1e-6, rtol=0)
+
+
+def _log_probs(model, inputs, targets, mode, chunk, extra=None):
+    return unlearned_log_probs(
+        ParametrizedForward(model, model),
+        unlearned_parameters(model),
+        buffer_copies(model),
+        inputs,
+        targets,
+        extra,
+        1.0,
+        chunk,
+        mode,
+    )
+
+
+def test_vmap_path_equals_loop_path(cnn, images):
+    targets = torch.tensor([1, 2, 3, 4])
+    loop = _log_probs(cnn, (images,), targets, "loop", 4)
+    for chunk in (1, 3, 4):
+        vectorised = _log_probs(cnn, (images,), targets, "vmap", chunk)
+        torch.testing.assert_close(vectorised, loop, atol=1e-5, rtol=1e-5)
+    for i in range(4):
+        expected = reference_unlearned_probs(cnn, (images[i : i + 1],), targets[i])
+        torch.testing.assert_close(loop[i].exp(), expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_vmap_path_equals_loop_path_with_tuple_and_extra_args():
+    torch.manual_seed(2)
+    model = TwoInputNet().eval()
+    inputs = (torch.randn(5, 3, 4, 4), torch.randn(5, 5))
+    extra = (torch.rand(5) + 0.5,)
+    targets = torch.tensor([0, 1, 2, 3, 0])
+    loop = _log_probs(model, inputs, targets, "loop", 5, extra)
+    vectorised = _log_probs(model, inputs, targets, "vmap", 2, extra)
+    torch.testing.assert_close(vectorised, loop, atol=1e-5, rtol=1e-5)
+
+
+def test_unlearning_batch_size_does_not_change_the_result(cnn, images):
+    full = UnlearnedIntegratedGradients(cnn).attribute(images)
+    chunked = UnlearnedIntegratedGradients(cnn, unlearning_batch_size=1).attribute(
+        images
+    )
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-5)
+
+
+def test_data_dependent_control_flow_falls_back_to_the_loop():
+    model = CheckingNet().eval()
+    images = torch.randn(3, 3, 8, 8)
+    targets = model(images).argmax(1)
+    with pytest.raises(RuntimeError):
+        _log_probs(model, (images,), targets, "vmap", 3)
+    auto = _log_probs(model, (images,), targets, "auto", 3)
+    loop = _log_probs(model, (images,), targets, "loop", 3)
+    torch.testing.assert_close(auto, loop, atol=0, rtol=0)
+    (expected,) = reference_baselines(model, images, targets)
+    got = UnlearnedIntegratedGradients(model).compute_baselines(images)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_batchnorm_in_train_mode_uses_copies_of_the_buffers():
+    torch.manual_seed(3)
+    model = BatchNormNet().train()
+    images = torch.randn(4, 3, 8, 8)
+    snapshot = ModelSnapshot.take(model)
+    targets = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(RuntimeError):  # in-place running-stat update under vmap
+        _log_probs(model, (images,), targets, "vmap", 4)
+    auto = _log_probs(model, (images,), targets, "auto", 4)
+    loop = _log_probs(model, (images,), targets, "loop", 4)
+    torch.testing.assert_close(auto, loop, atol=0, rtol=0)
+    attributions = UnlearnedIntegratedGradients(model).attribute(images, target=targets)
+    assert torch.isfinite(attributions).all()
+    snapshot.assert_same(model)
+
+
+# ---------------------------------------------------------------- model safety
+
+
+def test_model_untouched_after_success(images):
+    model = small_cnn(seed=1)
+    model[0].weight.requires_grad_(False)
+    model[3].train()
+    model[0].register_forward_hook(lambda *args: None)
+    snapshot = ModelSnapshot.take(model)
+    uni = UnlearnedIntegratedGradients(model)
+    uni.attribute(images, return_convergence_delta=True)
+    uni.attribute(images, baselines=0.0, internal_batch_size=8)
+    snapshot.assert_same(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("phase", ["target", "unlearning", "matching", "integral"])
+def test_model_untouched_after_exception_in_forward(images, phase):
+    model = FailingNet(phase).eval()
+    model.body[0].requires_grad_(False)
+    snapshot = ModelSnapshot.take(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        UnlearnedIntegratedGradients(model, unlearning_batch_size=2).attribute(images)
+    snapshot.assert_same(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_user_inputs_not_modified(cnn, images):
+    x = images.clone().requires_grad_(True)
+    UnlearnedIntegratedGradients(cnn).attribute(x)
+    assert x.requires_grad and x.grad is None
+    assert torch.equal(x.detach(), images)
+
+
+def test_only_trainable_parameters_are_unlearned(images):
+    model = small_cnn(seed=2)
+    model[0].requires_grad_(False)
+    targets = model(images).argmax(1)
+    (expected,) = reference_baselines(model, images, targets)
+    got = UnlearnedIntegratedGradients(model).compute_baselines(images)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_frozen_model_unlearns_all_parameters(cnn, images):
+    trainable = UnlearnedIntegratedGradients(cnn).compute_baselines(images)
+    cnn.requires_grad_(False)
+    frozen = UnlearnedIntegratedGradients(cnn).compute_baselines(images)
+    torch.testing.assert_close(frozen, trainable, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in cnn.parameters())
+
+
+def test_model_output_mapping_is_reduced_to_logits(cnn, images):
+    wrapped = DictOutput(cnn)
+    expected = UnlearnedIntegratedGradients(cnn).attribute(images)
+    got = UnlearnedIntegratedGradients(wrapped).attribute(images)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_forward_function_with_model_argument(cnn, images):
+    def forward(x):
+        return cnn(x * 2.0)
+
+    uni = UnlearnedIntegratedGradients(forward, model=cnn)
+    targets = forward(images).argmax(1)
+    expected = IntegratedGradients(forward).attribute(
+        images,
+        baselines=uni.compute_baselines(images),
+        target=targets,
+        n_steps=15,
+        method="riemann_right",
+    )
+    torch.testing.assert_close(uni.attribute(images), expected, atol=1e-6, rtol=1e-5)
+    (reference,) = reference_baselines(_Doubling(cnn), images, targets)
+    torch.testing.assert_close(
+        uni.compute_baselines(images), reference, atol=1e-4, rtol=0
+    )
+
+
+class _Doubling(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x * 2.0)
+
+
+# ---------------------------------------------------------------- targets
+
+
+def test_every_captum_target_form_gives_the_same_result(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    expected = uni.attribute(images, target=torch.tensor([3, 3, 3, 3]))
+    for target in (3, (3,), torch.tensor(3), torch.tensor([3]), [3, 3, 3, 3]):
+        torch.testing.assert_close(
+            uni.attribute(images, target=target), expected, atol=0, rtol=0
+        )
+    per_sample = uni.attribute(images, target=[0, 1, 2, 3])
+    torch.testing.assert_close(
+        uni.attribute(images, target=[(0,), (1,), (2,), (3,)]), per_sample
+    )
+    torch.testing.assert_close(
+        uni.attribute(images, target=torch.tensor([0, 1, 2, 3])), per_sample
+    )
+
+
+def test_target_none_explains_the_predicted_class(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    predicted = cnn(images).argmax(1)
+    torch.testing.assert_close(
+        uni.attribute(images), uni.attribute(images, target=predicted)
+    )
+
+
+# ---------------------------------------------------------------- Captum drop-in
+
+
+def test_works_under_no_grad(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    expected = uni.attribute(images)
+    with torch.no_grad():
+        got = uni.attribute(images)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_noise_tunnel(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    expected = uni.attribute(images, target=2)
+    nt = NoiseTunnel(uni)
+    got = nt.attribute(images, nt_type="smoothgrad", nt_samples=3, stdevs=0.0, target=2)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    noisy, delta = nt.attribute(
+        images,
+        nt_type="smoothgrad_sq",
+        nt_samples=2,
+        stdevs=0.1,
+        target=2,
+        return_convergence_delta=True,
+    )
+    assert noisy.shape == images.shape and delta.shape == (8,)
+    assert torch.isfinite(noisy).all() and (noisy >= 0).all()
+
+
+def test_captum_infidelity_with_uni_attributions(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    attributions = uni.attribute(images, target=4)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+
+    def perturb(inputs):
+        return noise * 0.1, inputs - noise * 0.1
+
+    got = infidelity(
+        cnn, perturb, images, attributions, target=4, n_perturb_samples=1,
+        normalize=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        change = cnn(images)[:, 4] - cnn(images - noise * 0.1)[:, 4]
+    dot = (noise * 0.1 * attributions).flatten(1).sum(1)
+    torch.testing.assert_close(got, (dot - change) ** 2, atol=1e-5, rtol=1e-4)
+
+
+def test_captum_sensitivity_max_calls_uni_under_no_grad(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    sens = sensitivity_max(uni.attribute, images[:2], target=1, n_perturb_samples=2)
+    assert sens.shape == (2,) and torch.isfinite(sens).all() and (sens > 0).all()
+
+
+def test_visualize_image_attr(cnn, images):
+    from captum.attr import visualization as viz
+
+    attributions = UnlearnedIntegratedGradients(cnn).attribute(images[:1])
+    figure, axis = viz.visualize_image_attr(
+        attributions[0].permute(1, 2, 0).numpy(),
+        images[0].permute(1, 2, 0).numpy(),
+        method="blended_heat_map",
+        sign="all",
+        show_colorbar=True,
+        use_pyplot=False,
+    )
+    assert len(figure.axes) == 2 and axis in figure.axes
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors(cnn, images):
+    uni = UnlearnedIntegratedGradients(cnn)
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="inputs"):
+        uni.attribute(bad)
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="inputs"):
+        uni.compute_baselines(bad)
+    with pytest.raises(ValueError, match="n_steps"):
+        uni.attribute(images, n_steps=0)
+    with pytest.raises(TypeError, match="n_steps"):
+        uni.attribute(images, n_steps=2.5)
+    with pytest.raises(ValueError, match="method"):
+        uni.attribute(images, method="simpson")
+    with pytest.raises(ValueError, match="target"):
+        uni.attribute(images, target=10)
+    with pytest.raises(ValueError, match="target"):
+        uni.attribute(images, target=[0, 1, 2, -1])
+    with pytest.raises(ValueError, match="target"):
+        uni.attribute(images, target=[0, 1])
+    with pytest.raises(ValueError, match="target"):
+        uni.attribute(images, target=(1, 2))
+    with pytest.raises(ValueError, match="baselines"):
+        uni.attribute(images, baselines=torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="baselines"):
+        uni.attribute(images, baselines=torch.full((1, 3, 16, 16), float("nan")))
+    with pytest.raises(TypeError, match="inputs"):
+        uni.attribute(images.long())
+    with pytest.raises(TypeError, match="inputs"):
+        uni.attribute([images])
+    with pytest.raises(ValueError, match="additional_forward_args"):
+        UnlearnedIntegratedGradients(TwoInputNet()).attribute(
+            (images[:, :, :4, :4], torch.randn(4, 5)),
+            additional_forward_args=torch.ones(3),
+        )
+    with pytest.raises(ValueError, match="internal_batch_size"):
+        uni.attribute(images, internal_batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"pgd_steps": -1}, "pgd_steps"),
+        ({"pgd_step_size": 0.0}, "pgd_step_size"),
+        ({"pgd_step_size": float("inf")}, "pgd_step_size"),
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"unlearning_step": 0.0}, "unlearning_step"),
+        ({"unlearning_batch_size": 0}, "unlearning_batch_size"),
+    ],
+)
+def test_bad_hyperparameters_raise(cnn, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        UnlearnedIntegratedGradients(cnn, **kwargs)
+
+
+def test_forward_without_parameters_needs_a_model(cnn):
+    with pytest.raises(TypeError, match="model"):
+        UnlearnedIntegratedGradients(lambda x: cnn(x))
+    with pytest.raises(ValueError, match="parameters"):
+        UnlearnedIntegratedGradients(nn.Flatten())
+    with pytest.raises(ValueError, match="parameters"):
+        UnlearnedIntegratedGradients(lambda x: cnn(x), model=nn.ReLU())
+    with pytest.raises(TypeError, match="model"):
+        UnlearnedIntegratedGradients(cnn, model="cnn")
+
+
+def test_output_must_be_class_logits(images):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1), nn.Flatten(0))
+    with pytest.raises(ValueError, match="n_classes"):
+        UnlearnedIntegratedGradients(model).attribute(images)
+
+
+def test_captum_attribution_interface(cnn):
+    uni = UnlearnedIntegratedGradients(cnn, multiply_by_inputs=False)
+    assert uni.has_convergence_delta()
+    assert not uni.multiplies_by_inputs
+    assert UnlearnedIntegratedGradients(cnn).multiplies_by_inputs
+    assert uni.forward_func is cnn
+    assert (uni.unlearning_step, uni.pgd_steps, uni.epsilon) == (1.0, 10, 0.25)
+    assert (uni.pgd_step_size, uni.unlearning_batch_size) == (0.1, None)
+    assert hasattr(uni.attribute, "__wrapped__")  # @log_usage, used by NoiseTunnel
