@@ -36,6 +36,9 @@ def clip_mask(rule: str, grad: Tensor, deviation: Tensor, clean: Tensor) -> Tens
     - ``"ibm"``: activate a unit that is inactive on the
       clean input, :math:`h \le 0` and :math:`g < 0`;
     - ``"none"``: nothing.
+
+    Only the signs of ``deviation`` and ``clean`` matter, so they may be passed as
+    sign tensors.
     """
     check_choice("rule", rule, CLIP_RULES)
     if rule == "vm":
@@ -193,7 +196,11 @@ class ClipGrad:
 
         def grad_hook(grad: Tensor) -> Tensor:
             head = grad[:n]
-            head = head.masked_fill(clip_mask(rule, head, d_sign, h_sign), 0.0)
+            if rule == "vm":
+                # same entries as clip_mask: g d <= 0 zeroes g d < 0, d = 0 and g = 0
+                head = torch.where(head * d_sign > 0, head, 0.0)
+            else:
+                head = head.masked_fill(clip_mask(rule, head, d_sign, h_sign), 0.0)
             if grad.shape[0] == n:
                 return head
             return torch.cat([head, grad[n:]])
