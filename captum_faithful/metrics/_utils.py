@@ -468,15 +468,24 @@ def clean_target_scores(
 
 
 def build_perturbed_inputs(
-    setup: MetricInputs, samples: Tensor, take_input: Tensor
+    setup: MetricInputs,
+    samples: Tensor,
+    take_input: Tensor,
+    buffers: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, ...]:
     """Perturbed copies for the rows ``samples`` (shape (R,)): element e of row r
     is ``inputs[samples[r]][e]`` where ``take_input[r, feature(e)]`` is True and the
-    baseline's value otherwise. ``take_input`` has shape (R, F)."""
+    baseline's value otherwise. ``take_input`` has shape (R, F).
+
+    ``buffers`` (optional, from :func:`perturbation_buffers`) are written instead
+    of allocating new tensors, which saves page faults when chunk after chunk is
+    built; the returned rows are then views of them, valid until the next call."""
     rows = []
+    if buffers is None:
+        buffers = (None,) * len(setup.inputs)
     ranges = setup.feature_ranges or (None,) * len(setup.inputs)
-    for x, b, ids, span in zip(
-        setup.inputs, setup.baselines, setup.feature_ids, ranges, strict=True
+    for x, b, ids, span, buffer in zip(
+        setup.inputs, setup.baselines, setup.feature_ids, ranges, buffers, strict=True
     ):
         if span is not None:
             elements = take_input[:, span[0] : span[1]]
@@ -488,8 +497,27 @@ def build_perturbed_inputs(
         index = samples.to(x.device)
         # a baseline shared by all samples (expanded, stride 0) is broadcast, not copied
         b = b[:1] if b.stride(0) == 0 else b.index_select(0, index)
-        rows.append(torch.where(elements, x.index_select(0, index), b))
+        if buffer is None:
+            rows.append(torch.where(elements, x.index_select(0, index), b))
+        else:
+            gathered, out = (t[: samples.shape[0]] for t in buffer)
+            torch.index_select(x, 0, index, out=gathered)
+            rows.append(torch.where(elements, gathered, b, out=out))
     return tuple(rows)
+
+
+def perturbation_buffers(
+    setup: MetricInputs, n_rows: int
+) -> tuple[tuple[Tensor, Tensor], ...]:
+    """Two reusable (n_rows, ...) buffers per input for
+    :func:`build_perturbed_inputs`: gathered input rows and perturbed rows."""
+    return tuple(
+        (
+            torch.empty((n_rows, *x.shape[1:]), dtype=x.dtype, device=x.device),
+            torch.empty((n_rows, *x.shape[1:]), dtype=x.dtype, device=x.device),
+        )
+        for x in setup.inputs
+    )
 
 
 def chunked_target_scores(
@@ -557,9 +585,15 @@ def perturbed_target_scores(
         Tensor: shape (N, P).
     """
 
+    # The rows of one chunk are consumed by its forward pass before the next chunk
+    # overwrites the buffers (scores are gathered into new tensors).
+    buffers = perturbation_buffers(
+        setup, min(setup.chunk_size, setup.n_examples * n_perturbations)
+    )
+
     def build_rows(samples: Tensor, perturbations: Tensor) -> tuple[Tensor, ...]:
         return build_perturbed_inputs(
-            setup, samples, take_input(samples, perturbations)
+            setup, samples, take_input(samples, perturbations), buffers
         )
 
     return chunked_target_scores(
