@@ -498,12 +498,26 @@ def build_perturbed_inputs(
         # a baseline shared by all samples (expanded, stride 0) is broadcast, not copied
         b = b[:1] if b.stride(0) == 0 else b.index_select(0, index)
         if buffer is None:
-            rows.append(torch.where(elements, x.index_select(0, index), b))
+            gathered = x.index_select(0, index)
+            out = torch.empty_like(gathered)
         else:
             gathered, out = (t[: samples.shape[0]] for t in buffer)
             torch.index_select(x, 0, index, out=gathered)
-            rows.append(torch.where(elements, gathered, b, out=out))
+        rows.append(_select(elements, gathered, b, out))
     return tuple(rows)
+
+
+def _select(keep: Tensor, inputs: Tensor, baselines: Tensor, out: Tensor) -> Tensor:
+    """``torch.where(keep, inputs, baselines)`` written into ``out``.
+
+    For floating point it is computed as ``inputs * m + baselines * (1 - m)`` with
+    ``m = keep`` in {0, 1}: exact for finite values (x * 1 + b * 0 = x, up to the
+    sign of a zero) and several times faster than ``torch.where`` on the CPU."""
+    if not inputs.is_floating_point():
+        return torch.where(keep, inputs, baselines, out=out)
+    m = keep.to(inputs.dtype)
+    torch.mul(inputs, m, out=out)
+    return out.addcmul_(baselines, 1 - m)
 
 
 def perturbation_buffers(
