@@ -205,6 +205,7 @@ def main() -> None:
         return
 
     _, _, explainers, _ = build(args.batch_size, args.batch_size)
+    load_before = os.getloadavg()[0]
     configurations = [
         ("1 process", 1, 1, "bare,evaluate,bare,evaluate"),
         ("2 processes (gloo)", 2, 1, "evaluate"),
@@ -224,7 +225,8 @@ def main() -> None:
     print(
         f"{args.images} images, batch {args.batch_size}, explainer {method!r}, "
         "metrics insertion/deletion/saco; best of "
-        f"{args.repeats} repeats (shared machine)\n"
+        f"{args.repeats} repeats; load average {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs\n"
     )
     print("| run | processes × threads | wall s | images/s | CPU ms/image |")
     print("|---|---|---:|---:|---:|")
