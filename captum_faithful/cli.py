@@ -13,7 +13,10 @@ import sys
 from collections.abc import Sequence
 
 # Modules that provide a subcommand; the first is the default job.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("captum_faithful.evaluation.cli",)
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "captum_faithful.demo.cli",
+    "captum_faithful.evaluation.cli",
+)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:

@@ -1,0 +1,469 @@
+"""The demo's small models: a ReLU CNN, a Hugging Face ViT and sae-lens SAEs.
+
+Everything is trained on the CPU from random weights on :mod:`captum_faithful.demo.data`
+and cached under the user cache folder, in a sub-folder named by a hash of the
+training recipe, so a change of recipe retrains and an unchanged one loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from captum_faithful._utils import optional_import, progress
+from captum_faithful.demo.data import IMAGE_SIZE, N_CLASSES, make_blocks
+
+#: Bump when the training code changes in a way the recipe fields do not capture.
+RECIPE_VERSION = 2
+#: Environment variable that overrides the cache folder.
+CACHE_ENV = "CAPTUM_FAITHFUL_CACHE"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained weights (hashed into the cache key)."""
+
+    cnn_epochs: int
+    cnn_lr: float
+    vit_epochs: int
+    vit_lr: float
+    vit_batch_size: int
+    vit_patch_size: int
+    vit_hidden_size: int
+    vit_layers: int
+    vit_heads: int
+    vit_init_range: float
+    sae_layers: tuple[int, ...]
+    sae_expansion: int
+    sae_k: int
+    sae_steps: int
+    sae_lr: float
+    renderings: int
+    curriculum_epochs: int
+    batch_size: int = 64
+
+    def key(self, seed: int) -> str:
+        blob = json.dumps(
+            {"version": RECIPE_VERSION, "seed": seed, **asdict(self)}, sort_keys=True
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+FULL_RECIPE = Recipe(
+    cnn_epochs=20,
+    cnn_lr=3e-3,
+    vit_epochs=80,
+    vit_lr=1e-3,
+    vit_batch_size=32,
+    vit_patch_size=4,
+    vit_hidden_size=64,
+    vit_layers=4,
+    vit_heads=4,
+    vit_init_range=0.1,
+    sae_layers=(1, 2, 3),
+    sae_expansion=8,
+    sae_k=16,
+    sae_steps=1500,
+    sae_lr=1e-3,
+    renderings=12,
+    curriculum_epochs=6,
+)
+
+QUICK_RECIPE = Recipe(
+    cnn_epochs=14,
+    cnn_lr=3e-3,
+    vit_epochs=40,
+    vit_lr=1e-3,
+    vit_batch_size=32,
+    vit_patch_size=4,
+    vit_hidden_size=64,
+    vit_layers=4,
+    vit_heads=4,
+    vit_init_range=0.1,
+    sae_layers=(1, 3),
+    sae_expansion=8,
+    sae_k=16,
+    sae_steps=500,
+    sae_lr=1e-3,
+    renderings=8,
+    curriculum_epochs=6,
+)
+
+
+def cache_root() -> Path:
+    """``$CAPTUM_FAITHFUL_CACHE`` or the user cache folder's ``captum_faithful``."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "captum_faithful"
+
+
+@contextmanager
+def _training_threads() -> Iterator[None]:
+    """Half the cores, at most four, while training (these models are too small to
+    gain from more; on a busy machine more threads only wait on each other); the
+    setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) // 2)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_cnn() -> nn.Sequential:
+    """The demo CNN: four 3×3 conv layers with BatchNorm and ReLU, max-pool, linear.
+
+    Every ReLU is its own module (no reuse), so hooks on layers see one use each.
+    """
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, N_CLASSES),
+    )
+
+
+def build_vit(recipe: Recipe, seed: int = 0) -> nn.Module:
+    """A small ``ViTForImageClassification`` from a config, eager attention.
+
+    The weights are random, with a start that lets a tiny ViT learn this data in a
+    few thousand steps (plain initialisation sits on a long plateau: with the ink
+    lighter in half of the images and darker in the others, every feature linear in
+    the pixels averages out, and the CLS token barely depends on the input):
+
+    - the patch embedding starts as an orthonormal map of the patch's pixels minus
+      their per-channel mean (a local contrast code; LayerNorm then removes the
+      contrast's scale), the position embeddings with standard deviation 0.1;
+    - the CLS token and its position embedding start at zero, so the CLS state is
+      what attention brings to it;
+    - the other weights are drawn with standard deviation 0.1 (``initializer_range``),
+      so the MLPs' nonlinear (polarity-free) features are there from the first step.
+    """
+    transformers = optional_import("transformers", "vit")
+    config = transformers.ViTConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=recipe.vit_patch_size,
+        num_channels=3,
+        hidden_size=recipe.vit_hidden_size,
+        num_hidden_layers=recipe.vit_layers,
+        num_attention_heads=recipe.vit_heads,
+        intermediate_size=2 * recipe.vit_hidden_size,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=recipe.vit_init_range,
+        num_labels=N_CLASSES,
+    )
+    torch.manual_seed(seed)
+    vit = transformers.ViTForImageClassification._from_config(
+        config, attn_implementation="eager"
+    )
+    embeddings = vit.vit.embeddings
+    projection = embeddings.patch_embeddings.projection
+    hidden, channels, height, width = projection.weight.shape
+    n_pixels = channels * height * width
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pixels = torch.eye(n_pixels).reshape(n_pixels, channels, height, width)
+        centred = pixels - pixels.mean((2, 3), keepdim=True)
+        basis, _ = torch.linalg.qr(torch.randn(hidden, n_pixels, generator=generator))
+        projection.weight.copy_(2.0 * torch.einsum("hk,kcij->hcij", basis, centred))
+        projection.bias.zero_()
+        embeddings.position_embeddings.normal_(0.0, 0.1, generator=generator)
+        embeddings.position_embeddings[:, 0].zero_()
+        embeddings.cls_token.zero_()
+    return vit
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    return out if isinstance(out, Tensor) else out.logits
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module, images: Tensor, labels: Tensor, batch: int = 256
+) -> float:
+    """Share of ``images`` that ``model`` (in eval mode) classifies as ``labels``."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch):
+        correct += int(
+            (
+                _logits(model, images[i : i + batch]).argmax(1) == labels[i : i + batch]
+            ).sum()
+        )
+    return correct / max(1, len(labels))
+
+
+def train_classifier(
+    model: nn.Module,
+    renderings: list,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    curriculum: list = (),
+    weight_decay: float = 0.0,
+    show_progress: bool = False,
+    desc: str = "train",
+) -> nn.Module:
+    """AdamW with a one-cycle schedule and cross-entropy.
+
+    Epoch e trains on ``curriculum[e]`` while there is one, then cycles through
+    ``renderings`` (each a :class:`DigitBlocks` of the training scans).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(renderings[0].labels) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
+    model.train()
+    for epoch in progress(range(epochs), show_progress, desc=desc, leave=False):
+        if epoch < len(curriculum):
+            data = curriculum[epoch]
+        else:
+            data = renderings[(epoch - len(curriculum)) % len(renderings)]
+        order = torch.randperm(len(data.labels), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(
+                _logits(model, data.images[batch]), data.labels[batch]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+@torch.no_grad()
+def residual_stream(
+    vit: nn.Module, images: Tensor, layers: tuple[int, ...], batch: int = 256
+) -> dict[int, Tensor]:
+    """Outputs of the given 0-based ViT blocks, (N, tokens, hidden) per block."""
+    chunks: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    for i in range(0, len(images), batch):
+        hidden = vit(
+            pixel_values=images[i : i + batch], output_hidden_states=True
+        ).hidden_states
+        for layer in layers:
+            chunks[layer].append(hidden[layer + 1])
+    return {layer: torch.cat(parts) for layer, parts in chunks.items()}
+
+
+def explained_variance(sae: nn.Module, activations: Tensor) -> float:
+    """1 − ‖x − x̂‖² / ‖x − mean(x)‖² over all vectors of ``activations``."""
+    x = activations.reshape(-1, activations.shape[-1])
+    with torch.no_grad():
+        reconstruction = sae.decode(sae.encode(x))
+    residual = (x - reconstruction).pow(2).sum()
+    total = (x - x.mean(0)).pow(2).sum()
+    return float(1 - residual / total)
+
+
+def train_sae(
+    activations: Tensor,
+    layer: int,
+    recipe: Recipe,
+    seed: int,
+    model_name: str = "captum-faithful-demo-vit",
+) -> nn.Module:
+    """A sae-lens ``TopKSAE`` fitted to ``activations`` (N, tokens, d_in) by MSE.
+
+    sae-lens's own training runner drives a language model; here a small Adam loop
+    fits the parameters of the sae-lens module directly, with the decoder rows kept
+    at unit norm (the usual top-k SAE recipe).
+    """
+    sae_lens = optional_import("sae_lens", "sae")
+    x = activations.reshape(-1, activations.shape[-1])
+    d_in = x.shape[-1]
+    torch.manual_seed(seed)
+    config = sae_lens.TopKSAEConfig(
+        d_in=d_in,
+        d_sae=recipe.sae_expansion * d_in,
+        k=recipe.sae_k,
+        metadata=sae_lens.saes.sae.SAEMetadata(
+            model_name=model_name,
+            hook_name=f"blocks.{layer}.hook_resid_post",
+            hook_layer=layer,
+        ),
+    )
+    sae = sae_lens.TopKSAE(config)
+    with torch.no_grad():
+        sae.b_dec.copy_(x.median(0).values)
+        sae.W_dec.copy_(F.normalize(sae.W_dec, dim=1))
+        sae.W_enc.copy_(sae.W_dec.T)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=recipe.sae_lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(recipe.sae_steps):
+        batch = x[torch.randint(len(x), (1024,), generator=generator)]
+        loss = (sae.decode(sae.encode(batch)) - batch).pow(2).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            sae.W_dec.copy_(F.normalize(sae.W_dec, dim=1))
+    return sae.eval()
+
+
+def _load_sae(path: Path, device: str) -> Any:
+    from captum_faithful.sae import load_sae
+
+    return load_sae(path, device=device)
+
+
+def train_all(
+    recipe: Recipe, seed: int, folder: Path, show_progress: bool = False
+) -> dict:
+    """Train the CNN, the ViT and the SAEs; write them and ``meta.json`` to ``folder``."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    renderings = [
+        make_blocks("train", seed, rendering=r)
+        for r in progress(
+            range(recipe.renderings), show_progress, desc="render data", leave=False
+        )
+    ]
+    # Curriculum: the first epochs see only images whose ink is lighter than the
+    # background, where features linear in the pixels already carry the class.
+    curriculum = [
+        make_blocks("train", seed, rendering=recipe.renderings + r, lighter_share=1.0)
+        for r in range(recipe.curriculum_epochs)
+    ]
+    test = make_blocks("test", seed)
+
+    cnn = train_classifier(
+        build_cnn(),
+        renderings,
+        recipe.cnn_epochs,
+        recipe.cnn_lr,
+        recipe.batch_size,
+        seed,
+        curriculum=curriculum,
+        show_progress=show_progress,
+        desc="train CNN",
+    )
+    torch.manual_seed(seed)
+    vit = train_classifier(
+        build_vit(recipe, seed),
+        renderings,
+        recipe.vit_epochs,
+        recipe.vit_lr,
+        recipe.vit_batch_size,
+        seed,
+        curriculum=curriculum,
+        weight_decay=0.05,
+        show_progress=show_progress,
+        desc="train ViT",
+    )
+    train_acts = residual_stream(vit, renderings[0].images, recipe.sae_layers)
+    test_acts = residual_stream(vit, test.images, recipe.sae_layers)
+    saes = {}
+    for layer in progress(
+        recipe.sae_layers, show_progress, desc="train SAEs", leave=False
+    ):
+        saes[layer] = train_sae(train_acts[layer], layer, recipe, seed + layer)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors = optional_import("safetensors.torch", "sae")
+    safetensors.save_file(cnn.state_dict(), str(folder / "cnn.safetensors"))
+    vit.save_pretrained(str(folder / "vit"))
+    for layer, sae in saes.items():
+        sae.save_model(folder / f"sae_block{layer}")
+    meta = {
+        "recipe": asdict(recipe),
+        "seed": seed,
+        "accuracy": {
+            "cnn": accuracy(cnn, test.images, test.labels),
+            "vit": accuracy(vit, test.images, test.labels),
+        },
+        "sae_explained_variance": {
+            str(layer): explained_variance(sae, test_acts[layer])
+            for layer, sae in saes.items()
+        },
+        "training_seconds": time.perf_counter() - started,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def ensure_trained(recipe: Recipe, seed: int, show_progress: bool = False) -> Path:
+    """The cache folder of ``(recipe, seed)``, training into it first if needed.
+
+    Training writes into a temporary sibling folder that is renamed at the end, so an
+    interrupted run never leaves a half-written cache and concurrent runs do not mix.
+    """
+    folder = cache_root() / f"demo-{recipe.key(seed)}"
+    if (folder / "meta.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        with _training_threads():
+            train_all(recipe, seed, staging, show_progress=show_progress)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def load_models(
+    folder: Path,
+    device: str = "cpu",
+    sae_loader: Callable[[Path, str], Any] = _load_sae,
+) -> tuple[nn.Module, nn.Module, dict, dict]:
+    """Load the CNN, ViT, SAEs and metadata from a cache folder written by train_all."""
+    meta = json.loads((folder / "meta.json").read_text())
+    recipe = Recipe(
+        **{**meta["recipe"], "sae_layers": tuple(meta["recipe"]["sae_layers"])}
+    )
+    safetensors = optional_import("safetensors.torch", "sae")
+    cnn = build_cnn()
+    cnn.load_state_dict(safetensors.load_file(str(folder / "cnn.safetensors")))
+    transformers = optional_import("transformers", "vit")
+    vit = transformers.ViTForImageClassification.from_pretrained(
+        str(folder / "vit"), attn_implementation="eager"
+    )
+    saes = {
+        layer: sae_loader(folder / f"sae_block{layer}", device)
+        for layer in recipe.sae_layers
+    }
+    return cnn.to(device).eval(), vit.to(device).eval(), saes, meta
