@@ -17,6 +17,7 @@ from captum_faithful._utils import check_int
 from captum_faithful.metrics._utils import (
     MetricInputs,
     clean_target_scores,
+    compact_indices,
     feature_scores,
     perturbed_target_scores,
     prepare_metric_inputs,
@@ -72,10 +73,15 @@ def _curve(
                 setup.attributions, setup.inputs, setup.feature_ids, n_features
             )
         )
-        thresholds = torch.tensor(distinct, dtype=torch.long, device=ranks.device)
+        ranks = compact_indices(ranks, n_features)
+        thresholds = compact_indices(
+            torch.tensor(distinct, device=ranks.device), n_features
+        )
 
         def take_input(samples: Tensor, perturbations: Tensor) -> Tensor:
-            revealed = ranks[samples] < thresholds[perturbations].unsqueeze(1)
+            revealed = ranks.index_select(0, samples) < thresholds[
+                perturbations
+            ].unsqueeze(1)
             return revealed if insertion else ~revealed
 
         scores = perturbed_target_scores(
