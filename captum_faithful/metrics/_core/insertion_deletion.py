@@ -59,8 +59,9 @@ def _curve(
         inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
     )
     n_features = setup.n_features
-    # The copy equal to the clean input: everything revealed (insertion) or nothing
-    # removed (deletion). It is scored once, by the clean pass.
+    # The copy equal to the clean input (everything revealed for insertion, nothing
+    # removed for deletion) is scored by the clean pass; repeated counts
+    # (n_steps > F) are forwarded once.
     clean_count = n_features if insertion else 0
     counts = feature_counts(n_features, n_steps)
     distinct = sorted(set(counts) - {clean_count})
@@ -79,9 +80,8 @@ def _curve(
         )
 
         def take_input(samples: Tensor, perturbations: Tensor) -> Tensor:
-            revealed = ranks.index_select(0, samples) < thresholds[
-                perturbations
-            ].unsqueeze(1)
+            limit = thresholds[perturbations].unsqueeze(1)
+            revealed = ranks.index_select(0, samples) < limit
             return revealed if insertion else ~revealed
 
         scores = perturbed_target_scores(
