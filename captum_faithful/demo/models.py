@@ -28,7 +28,7 @@ from captum_faithful._utils import optional_import, progress
 from captum_faithful.demo.data import IMAGE_SIZE, N_CLASSES, make_blocks
 
 #: Bump when the training code changes in a way the recipe fields do not capture.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 #: Environment variable that overrides the cache folder.
 CACHE_ENV = "CAPTUM_FAITHFUL_CACHE"
 
@@ -53,7 +53,6 @@ class Recipe:
     sae_steps: int
     sae_lr: float
     renderings: int
-    curriculum_epochs: int
     batch_size: int = 64
 
     def key(self, seed: int) -> str:
@@ -64,10 +63,10 @@ class Recipe:
 
 
 FULL_RECIPE = Recipe(
-    cnn_epochs=20,
+    cnn_epochs=16,
     cnn_lr=3e-3,
-    vit_epochs=80,
-    vit_lr=1e-3,
+    vit_epochs=45,
+    vit_lr=2e-3,
     vit_batch_size=32,
     vit_patch_size=4,
     vit_hidden_size=64,
@@ -80,14 +79,13 @@ FULL_RECIPE = Recipe(
     sae_steps=1500,
     sae_lr=1e-3,
     renderings=12,
-    curriculum_epochs=6,
 )
 
 QUICK_RECIPE = Recipe(
-    cnn_epochs=14,
+    cnn_epochs=12,
     cnn_lr=3e-3,
-    vit_epochs=40,
-    vit_lr=1e-3,
+    vit_epochs=45,
+    vit_lr=2e-3,
     vit_batch_size=32,
     vit_patch_size=4,
     vit_hidden_size=64,
@@ -100,7 +98,6 @@ QUICK_RECIPE = Recipe(
     sae_steps=500,
     sae_lr=1e-3,
     renderings=8,
-    curriculum_epochs=6,
 )
 
 
@@ -231,15 +228,14 @@ def train_classifier(
     lr: float,
     batch_size: int,
     seed: int,
-    curriculum: list = (),
     weight_decay: float = 0.0,
     show_progress: bool = False,
     desc: str = "train",
 ) -> nn.Module:
     """AdamW with a one-cycle schedule and cross-entropy.
 
-    Epoch e trains on ``curriculum[e]`` while there is one, then cycles through
-    ``renderings`` (each a :class:`DigitBlocks` of the training scans).
+    Epoch e trains on ``renderings[e % len(renderings)]`` (each a
+    :class:`DigitBlocks` of the training scans, rendered anew).
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -249,10 +245,7 @@ def train_classifier(
     )
     model.train()
     for epoch in progress(range(epochs), show_progress, desc=desc, leave=False):
-        if epoch < len(curriculum):
-            data = curriculum[epoch]
-        else:
-            data = renderings[(epoch - len(curriculum)) % len(renderings)]
+        data = renderings[epoch % len(renderings)]
         order = torch.randperm(len(data.labels), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
@@ -357,12 +350,6 @@ def train_all(
             range(recipe.renderings), show_progress, desc="render data", leave=False
         )
     ]
-    # Curriculum: the first epochs see only images whose ink is lighter than the
-    # background, where features linear in the pixels already carry the class.
-    curriculum = [
-        make_blocks("train", seed, rendering=recipe.renderings + r, lighter_share=1.0)
-        for r in range(recipe.curriculum_epochs)
-    ]
     test = make_blocks("test", seed)
 
     cnn = train_classifier(
@@ -372,7 +359,6 @@ def train_all(
         recipe.cnn_lr,
         recipe.batch_size,
         seed,
-        curriculum=curriculum,
         show_progress=show_progress,
         desc="train CNN",
     )
@@ -384,7 +370,6 @@ def train_all(
         recipe.vit_lr,
         recipe.vit_batch_size,
         seed,
-        curriculum=curriculum,
         weight_decay=0.05,
         show_progress=show_progress,
         desc="train ViT",

@@ -59,7 +59,7 @@ def test_digit_lies_inside_its_evidence_mask(test_split):
             == int(cols.max() - cols.min())
             == BLOCK_SIZE - 1
         )
-        assert int(rows.min()) in (0, BLOCK_SIZE)
+        assert int(rows.min()) in (0, BLOCK_SIZE) and int(cols.min()) == 8
         assert int(other.sum()) == BLOCK_SIZE**2
         assert not bool((mask & other).any())
 
