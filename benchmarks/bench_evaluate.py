@@ -8,8 +8,11 @@ ReLU CNN (3 conv layers 16/32/64 channels, 32×32 RGB inputs, 10 classes, random
 weights) and random images, ``--batch-size`` images per batch.
 
 Every configuration runs in fresh processes with a fixed number of torch intra-op
-threads, after one warm-up batch; each is repeated ``--repeats`` times, interleaved,
-and the fastest repeat is reported (the machine may be shared). The 2-process run
+threads, after a warm-up (the bare loop and ``evaluate`` on two batches, so first
+calls and the one-off pandas/pyarrow imports are not timed); each timed run is done
+twice per process, the processes are launched ``--repeats`` times, interleaved, and
+the fastest run is reported (the machine may be shared). CPU time is summed over the
+ranks: unlike wall time it is not inflated by other processes on a shared machine. The 2-process run
 initialises the gloo group and warms up before the clock starts, so its time is that
 of ``evaluate`` on a running group (sharding, batches, per-rank files, barrier,
 merge on rank 0).
@@ -94,11 +97,21 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     model, loader, explainers, metrics = build(args.images, args.batch_size)
-    _, warm, _, _ = build(args.batch_size, args.batch_size)
-    bare_loop(model, warm, explainers, metrics)
+    _, warm, _, _ = build(args.batch_size * 2, args.batch_size)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("gloo")
+    # warm-up: first calls, and the one-off imports of pandas/pyarrow by evaluate
+    bare_loop(model, warm, explainers, metrics)
+    evaluate(
+        model,
+        warm,
+        explainers,
+        metrics,
+        out=Path(args.out) / "warm-up",
+        show_progress=False,
+    )
+    if distributed:
         dist.barrier()
     timings, cpu = {}, {}
     for mode in args.modes.split(","):
@@ -205,9 +218,10 @@ def main() -> None:
         return
 
     _, _, explainers, _ = build(args.batch_size, args.batch_size)
+    load_before = os.getloadavg()[0]
     configurations = [
         ("1 process", 1, 1, "bare,evaluate,bare,evaluate"),
-        ("2 processes (gloo)", 2, 1, "evaluate"),
+        ("2 processes (gloo)", 2, 1, "evaluate,evaluate"),
         ("1 process", 1, 2, "bare,evaluate,bare,evaluate"),
     ]
     best: dict[tuple, float] = {}
@@ -224,7 +238,8 @@ def main() -> None:
     print(
         f"{args.images} images, batch {args.batch_size}, explainer {method!r}, "
         "metrics insertion/deletion/saco; best of "
-        f"{args.repeats} repeats (shared machine)\n"
+        f"{args.repeats} repeats; load average {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs\n"
     )
     print("| run | processes × threads | wall s | images/s | CPU ms/image |")
     print("|---|---|---:|---:|---:|")

@@ -260,7 +260,7 @@ def main():
     parser.add_argument("--no-reference", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = Recorder(small_cnn())
+    model = Recorder(small_cnn()).eval()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {BATCH}"
     )

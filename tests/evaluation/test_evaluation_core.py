@@ -2,6 +2,7 @@ import functools
 import json
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +49,19 @@ def test_evaluate_is_exported_from_the_package_root():
     assert (
         "evaluate" in captum_faithful.__all__ and "Results" in captum_faithful.__all__
     )
+
+
+def test_importing_the_package_does_not_import_pandas_or_pyarrow():
+    code = (
+        "import sys, captum_faithful; "
+        "print(sorted(m for m in ('pandas', 'pyarrow', 'yaml') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_equals_a_hand_written_loop(tmp_path):
