@@ -14,7 +14,9 @@ For a batch of 16 images on a small CNN at 3x32x32 and 3x64x64 it prints:
    ``FaithfulnessCorrelation`` at matched settings (same features, zero baseline,
    same subsets), the speed-up over Quantus and the largest |difference|.
 
-Timings are the minimum over ``--repeats`` runs (the machine may be shared).
+Timings are process CPU times (run with OMP_NUM_THREADS=1: then CPU time is the
+work done, little affected by other processes on a shared machine), minimum over
+``--repeats`` runs, the compared functions measured alternately.
 
 Usage::
 
@@ -63,11 +65,13 @@ SUBSET = 0.25
 
 
 def best_time(fn, repeats):
+    """Minimum CPU time of the process over ``repeats`` calls (with one thread, this
+    is the work done, little affected by other processes on a shared machine)."""
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return min(times)
 
 
@@ -80,25 +84,47 @@ def paired_times(first, second, repeats):
     return min(times[0]), min(times[1])
 
 
+class Recorder(torch.nn.Module):
+    """The model, optionally recording (a copy of) every input batch it sees."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.rows = None
+
+    def forward(self, x):
+        if self.rows is not None:
+            self.rows.append(x.clone())
+        return self.model(x)
+
+
 @torch.no_grad()
-def sweep(model, run, n_rows, shape, repeats):
-    """Minimum time per chunk size of the floor (model calls on ``n_rows``
-    ready-made images) and of the metric, measured alternately so that both see
-    the same machine load."""
-    rows = torch.rand(n_rows, *shape)
+def sweep(model, run, n_rows, repeats):
+    """Minimum time per chunk size of the floor and of the metric, measured
+    alternately so that both see the same machine load.
+
+    The floor forwards exactly the images the metric forwards (recorded from one
+    run: the copies it needs plus the clean pass), already built, ``chunk`` at a
+    time: the forward cost depends on the image content (e.g. large constant
+    regions run faster), so random images would not be a fair floor."""
+    model.rows = []
+    run(None)
+    rows = torch.cat(model.rows)
+    model.rows = None
+    assert rows.shape[0] == n_rows, (rows.shape, n_rows)
 
     def floor(chunk):
         for start in range(0, n_rows, chunk):
             model(rows[start : start + chunk])
 
-    floors, metrics = [], []
-    for chunk in CHUNKS:
-        floor_times, metric_times = [], []
-        for _ in range(repeats):
-            floor_times.append(best_time(lambda c=chunk: floor(c), 1))
-            metric_times.append(best_time(lambda c=chunk: run(c), 1))
-        floors.append(min(floor_times))
-        metrics.append(min(metric_times))
+    floors = {chunk: [] for chunk in CHUNKS}
+    metrics = {chunk: [] for chunk in CHUNKS}
+    for _ in range(repeats):
+        for chunk in CHUNKS:
+            floors[chunk].append(best_time(lambda c=chunk: floor(c), 1))
+            metrics[chunk].append(best_time(lambda c=chunk: run(c), 1))
+    floors = [min(floors[chunk]) for chunk in CHUNKS]
+    metrics = [min(metrics[chunk]) for chunk in CHUNKS]
     return floors, metrics
 
 
@@ -234,7 +260,7 @@ def main():
     parser.add_argument("--no-reference", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = small_cnn()
+    model = Recorder(small_cnn()).eval()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {BATCH}"
     )
@@ -257,7 +283,7 @@ def main():
         print(f"{'metric':<30}" + "".join(f"{c:>9}" for c in CHUNKS))
         summary = {}
         for name, (run, n_rows, _) in metrics.items():
-            floors, times = sweep(model, run, n_rows, shape, args.repeats)
+            floors, times = sweep(model, run, n_rows, args.repeats)
             summary[name] = (
                 times[CHUNKS.index(DEFAULT_MAX_EXAMPLES_PER_BATCH)],
                 floors,
@@ -278,9 +304,9 @@ def main():
             floor = min(floors)
             line = f"{name:<26}{seconds:9.4f}{floor:9.4f}{seconds / floor:7.2f}"
             if not args.no_reference:
-                start = time.perf_counter()
+                start = time.process_time()
                 expected = reference()
-                ref_seconds = time.perf_counter() - start
+                ref_seconds = time.process_time() - start
                 delta = (run(None).double() - expected.double()).abs().max()
                 line += (
                     f"{ref_seconds:11.3f}{ref_seconds / seconds:9.1f}"

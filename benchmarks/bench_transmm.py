@@ -8,10 +8,11 @@ heads). The floor is the forward pass of the batch plus the backward pass of the
 target logits to the input, with the model's own attention (SDPA) and, for
 reference, with eager attention (which TransMM needs to see the probabilities).
 
-Each measurement runs in its own subprocess (so that its peak resident memory can be
-read), repeated ``--repeats`` times after one warm-up; the table reports the median
-and the minimum time and the ratios of the medians. The machine may be shared: run
-it more than once.
+Timings run all methods round-robin in one process (one warm-up each, then
+``--repeats`` rounds), so that load from other processes on a shared machine hits
+every method alike; the table reports the median and the minimum time and the
+ratios of the medians. Peak memory is read in a separate subprocess per method (one
+call on top of the built model).
 
     python benchmarks/bench_transmm.py                    # tiny and base, batch 16
     python benchmarks/bench_transmm.py --models tiny --repeats 5
@@ -89,31 +90,32 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def run_child(
-    model_name: str, method: str, batch: int, repeats: int, threads: int
-) -> dict:
+def make_runner(model, method: str, batch: int):
+    """A zero-argument function that runs ``method`` once on a fixed batch."""
     sys.path.insert(0, str(ROOT))
     from captum_faithful import FeatureGatedTransMM, TransMM
+    from captum_faithful.vit import eager_attention
 
-    torch.set_num_threads(threads)
-    model = build_model(model_name)
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     target = torch.arange(batch) % 1000
+    hidden = model.config.hidden_size
 
     if method.startswith("floor"):
-        if method == "floor_eager":
-            model.set_attn_implementation("eager")
 
         def run():
             inputs = x.detach().requires_grad_(True)
-            logits = model(inputs).logits
+            if method == "floor_eager":
+                with eager_attention(model):
+                    logits = model(inputs).logits
+            else:
+                logits = model(inputs).logits
             y = logits.gather(1, target.view(-1, 1)).sum()
             torch.autograd.grad(y, inputs)
 
     elif method.startswith("encode"):
         # the SAE work FeatureGatedTransMM cannot avoid: encoding the patch tokens
-        saes = build_saes(method, model.config.hidden_size)
-        residual = torch.randn(batch, 196, model.config.hidden_size)
+        saes = build_saes(method, hidden)
+        residual = torch.randn(batch, 196, hidden)
 
         def run():
             with torch.no_grad():
@@ -124,22 +126,44 @@ def run_child(
         if method == "transmm":
             explainer = TransMM(model)
         else:
-            explainer = FeatureGatedTransMM(
-                model, build_saes(method, model.config.hidden_size)
-            )
+            explainer = FeatureGatedTransMM(model, build_saes(method, hidden))
 
         def run():
             explainer.attribute(x, target=target)
 
-    base_rss = _rss_mb()
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return run
+
+
+def time_child(model_name: str, methods: list[str], batch: int, repeats: int) -> dict:
+    """All methods round-robin in one process, so that load changes on a shared
+    machine hit every method alike; one warm-up each, then ``repeats`` rounds."""
+    model = build_model(model_name)
+    runners = {method: make_runner(model, method, batch) for method in methods}
+    for run in runners.values():
         run()
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"times": times, "peak_extra_mb": peak - base_rss}
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for _ in range(repeats):
+        for method, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[method].append(time.perf_counter() - start)
+    return times
+
+
+def memory_child(model_name: str, method: str, batch: int) -> float:
+    """Peak resident memory (MB) one call adds on top of the built model."""
+    model = build_model(model_name)
+    run = make_runner(model, method, batch)
+    base = _rss_mb()
+    run()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+
+
+def _child(args: list[str]) -> str:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip().splitlines()[-1]
 
 
 def main() -> None:
@@ -149,15 +173,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"))
+    parser.add_argument("--time-child", metavar="MODEL")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "METHOD"))
     args = parser.parse_args()
-    if args.child:
-        result = run_child(*args.child, args.batch, args.repeats, args.threads)
-        print(json.dumps(result))
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    if args.time_child:
+        times = time_child(args.time_child, methods, args.batch, args.repeats)
+        print(json.dumps(times))
+        return
+    if args.memory_child:
+        print(json.dumps(memory_child(*args.memory_child, args.batch)))
         return
 
     print(
-        f"batch {args.batch}, {args.repeats} repeats after a warm-up, "
+        f"batch {args.batch}, {args.repeats} round-robin repeats after a warm-up, "
         f"torch threads {args.threads}, SAEs on blocks {SAE_LAYERS}"
     )
     print(
@@ -165,28 +195,25 @@ def main() -> None:
         "| / TransMM | / (TransMM + SAE encodes) | peak extra MB |"
     )
     print("|" + "---|" * 9)
+    common = ["--batch", str(args.batch), "--threads", str(args.threads)]
     for model_name in args.models.split(","):
-        results = {}
-        for method in args.methods.split(","):
-            out = subprocess.run(
+        times = json.loads(
+            _child(
                 [
-                    sys.executable,
-                    __file__,
-                    "--child",
+                    "--time-child",
                     model_name,
-                    method,
-                    "--batch",
-                    str(args.batch),
+                    "--methods",
+                    args.methods,
                     "--repeats",
                     str(args.repeats),
-                    "--threads",
-                    str(args.threads),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
+                    *common,
+                ]
             )
-            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        )
+        results = {}
+        for method in methods:
+            memory = json.loads(_child(["--memory-child", model_name, method, *common]))
+            results[method] = {"times": times[method], "peak_extra_mb": memory}
             print(_row(model_name, method, results), flush=True)
 
 

@@ -4,35 +4,42 @@
 ``(release, sae_id)``. Any sae-lens architecture with ``encode`` and ``W_dec``
 (``d_sae × d_in``) works: standard, topk, jumprelu, gated, and the others.
 
-Converting a Prisma-style vision SAE (vit-prisma: weights ``W_enc`` ``(d_in, d_sae)``,
-``b_enc``, ``W_dec`` ``(d_sae, d_in)``, ``b_dec``; a config with ``d_in``, ``d_sae``
-and ``hook_point`` such as ``blocks.6.hook_resid_post``) into a sae-lens folder:
-the weight names and shapes are the same, so write them as safetensors next to a
-sae-lens ``cfg.json``::
+Converting a Prisma-style vision SAE (ViT-Prisma: weights ``W_enc`` ``(d_in, d_sae)``,
+``b_enc``, ``W_dec`` ``(d_sae, d_in)``, ``b_dec``, encoding ``act(W_enc^T (x - b_dec) +
+b_enc)``; a config with ``d_in``, ``d_sae`` and ``hook_point`` such as
+``blocks.6.hook_resid_post``) into a sae-lens folder: the weight names, shapes and the
+encoder are sae-lens's standard (ReLU) or topk SAE, so write the weights as safetensors
+next to a ``cfg.json`` that keeps Prisma's config keys::
 
     import json, pathlib, torch
     from safetensors.torch import save_file
 
-    weights = torch.load("prisma_sae.pt", map_location="cpu", weights_only=True)
-    state = weights.get("state_dict", weights)
-    folder = pathlib.Path("my_sae"); folder.mkdir(exist_ok=True)
-    save_file({k: state[k].contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")},
+    # a plain state dict; a checkpoint that pickles Prisma's config object
+    # ({"cfg": ..., "state_dict": ...}) needs weights_only=False and vit_prisma
+    # installed -- only for files you trust
+    state = torch.load("prisma_sae.pt", map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    folder = pathlib.Path("my_sae")
+    folder.mkdir(exist_ok=True)
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    save_file({k: state[k].float().contiguous() for k in names},
               folder / "sae_weights.safetensors")
-    cfg = {
-        "architecture": "standard",            # ReLU encoder; "topk" + "k" for TopK SAEs
-        "d_in": state["W_dec"].shape[1], "d_sae": state["W_dec"].shape[0],
-        "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": True,          # Prisma subtracts b_dec before encoding
+    cfg = {  # sae-lens reads this flat, pre-6.0 layout with Prisma's key names
+        "d_in": state["W_dec"].shape[1],
+        "d_sae": state["W_dec"].shape[0],
+        "hook_point": "blocks.6.hook_resid_post",  # from the Prisma config
+        "activation_fn_str": "relu",  # or "topk" with "activation_fn_kwargs": {"k": 64}
+        "activation_fn_kwargs": {},
+        "apply_b_dec_to_input": True,  # Prisma encodes x - b_dec
         "normalize_activations": "none",
-        "metadata": {"hook_name": "blocks.6.hook_resid_post"},
+        "dtype": "float32",
     }
     (folder / "cfg.json").write_text(json.dumps(cfg))
-    sae = load_sae("my_sae")
+    sae = load_sae(folder)
 
 Prisma's ``blocks.{l}`` counts the same transformer blocks as our adapters (0-based),
-so ``hook_name`` lets FeatureGatedTransMM check that the SAE sits on the layer it is
-attached to. Prisma checkpoints that store ``W_enc`` transposed (``d_sae × d_in``) need
-``.T`` first; check against the shapes above.
+so ``hook_name`` lets FeatureGatedTransMM check that the SAE sits on the block it is
+attached to.
 """
 
 from __future__ import annotations

@@ -74,3 +74,55 @@ def test_import_does_not_load_heavy_dependencies():
         cwd=str(__import__("pathlib").Path(__file__).parents[1]),
     )
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_prisma_conversion_recipe(tmp_path, activation):
+    """The recipe in the captum_faithful.sae docstring yields an equivalent SAE."""
+    import json
+
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    d_in, d_sae, k = 32, 96, 5
+    prisma = {
+        "W_enc": torch.randn(d_in, d_sae, generator=generator),
+        "b_enc": torch.randn(d_sae, generator=generator),
+        "W_dec": torch.randn(d_sae, d_in, generator=generator),
+        "b_dec": torch.randn(d_in, generator=generator),
+    }
+    torch.save({"state_dict": prisma}, tmp_path / "prisma_sae.pt")
+
+    state = torch.load(
+        tmp_path / "prisma_sae.pt", map_location="cpu", weights_only=True
+    )
+    state = state.get("state_dict", state)
+    folder = tmp_path / "my_sae"
+    folder.mkdir(exist_ok=True)
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    save_file(
+        {k: state[k].float().contiguous() for k in names},
+        folder / "sae_weights.safetensors",
+    )
+    cfg = {
+        "d_in": state["W_dec"].shape[1],
+        "d_sae": state["W_dec"].shape[0],
+        "hook_point": "blocks.6.hook_resid_post",
+        "activation_fn_str": activation,
+        "activation_fn_kwargs": {"k": k} if activation == "topk" else {},
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "dtype": "float32",
+    }
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(folder)
+
+    x = torch.randn(7, d_in, generator=generator)
+    pre = (x - prisma["b_dec"]) @ prisma["W_enc"] + prisma["b_enc"]
+    expected = torch.relu(pre)
+    if activation == "topk":
+        kth = pre.topk(k, dim=-1).values[:, -1:]
+        expected = torch.where(pre >= kth, expected, torch.zeros_like(pre))
+    torch.testing.assert_close(sae.encode(x), expected)
+    assert torch.equal(sae.W_dec, prisma["W_dec"])
+    assert sae_hook_name(sae) == "blocks.6.hook_resid_post"

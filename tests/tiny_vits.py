@@ -195,6 +195,55 @@ def timm_vit(seed: int = 0, reg_tokens: int = 0) -> TinyViT:
     )
 
 
+class _Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return self.proj((probs @ v).transpose(1, 2).reshape(n, t, d)), probs
+
+
+class _Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))[0]
+
+
+class ToyViT(nn.Module):
+    """A hand-written ViT no built-in adapter knows by name."""
+
+    def __init__(self, dim=16, depth=2, patch=4, classes=3):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.layers = nn.ModuleList(_Block(dim, 4) for _ in range(depth))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x[:, 0])
+
+
+def toy_vit(seed: int = 0) -> TinyViT:
+    """A hand-written ViT found by the generic adapter (patch 8, 24x24 images)."""
+    torch.manual_seed(seed)
+    model = ToyViT(dim=HIDDEN, depth=LAYERS, patch=PATCH, classes=5).eval()
+    return TinyViT("toy", model, model, [block.attn for block in model.layers], 1)
+
+
 BUILDERS = {
     "vit": hf_vit,
     "deit": hf_deit,
@@ -203,6 +252,7 @@ BUILDERS = {
     "dinov2_registers": lambda seed=0: hf_dinov2(seed, registers=2),
     "timm": timm_vit,
     "timm_registers": lambda seed=0: timm_vit(seed, reg_tokens=2),
+    "generic": toy_vit,
 }
 
 

@@ -15,7 +15,12 @@ from torch import Tensor, nn
 
 from captum_faithful._utils import check_int
 from captum_faithful.demo.data import DigitBlocks, make_blocks
-from captum_faithful.demo.models import FULL_RECIPE, QUICK_RECIPE, ensure_trained, load_models
+from captum_faithful.demo.models import (
+    FULL_RECIPE,
+    QUICK_RECIPE,
+    ensure_trained,
+    load_models,
+)
 
 __all__ = ["Demo", "load_demo", "make_blocks", "DigitBlocks"]
 
@@ -39,7 +44,9 @@ class Demo:
 
 
 def load_demo(
-    quick: bool = False, device: str | torch.device = "cpu", seed: int = 0,
+    quick: bool = False,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
     show_progress: bool = False,
 ) -> Demo:
     """The demo's trained CNN, ViT and SAEs with the BlockMNIST-style test images.
@@ -93,7 +100,9 @@ def load_demo(
         x_train=train.images.to(device),
         y_train=train.labels.to(device),
         accuracy=dict(meta["accuracy"]),
-        sae_explained_variance={int(k): v for k, v in meta["sae_explained_variance"].items()},
+        sae_explained_variance={
+            int(k): v for k, v in meta["sae_explained_variance"].items()
+        },
         cache_dir=folder,
         meta=meta,
     )

@@ -13,7 +13,9 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
@@ -23,9 +25,13 @@ def _seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {text!r}"
+        ) from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {value}"
+        )
     return value
 
 
@@ -33,11 +39,17 @@ def _device(text: str) -> str:
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; e.g. 'cpu' or 'cuda:0'") from None
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; e.g. 'cpu' or 'cuda:0'"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"device {text!r} asked for, but CUDA is not available")
+        raise argparse.ArgumentTypeError(
+            f"device {text!r} asked for, but CUDA is not available"
+        )
     if device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use 'cpu' or 'cuda[:i]'")
+        raise argparse.ArgumentTypeError(
+            f"unsupported device {text!r}; use 'cpu' or 'cuda[:i]'"
+        )
     return str(device)
 
 
@@ -55,16 +67,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "first use (a few minutes on the CPU) and cached."
         ),
     )
-    parser.add_argument("--quick", action="store_true", help="short training recipe, 8 images, fewer metric steps")
-    parser.add_argument("--out", type=Path, default=Path("demo_report"), help="output folder (default: ./demo_report)")
-    parser.add_argument("--n-images", type=_positive_int, default=None, help="number of test images (default: 100, 8 with --quick)")
     parser.add_argument(
-        "--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
+        "--quick",
+        action="store_true",
+        help="short training recipe, 8 images, fewer metric steps",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo_report"),
+        help="output folder (default: ./demo_report)",
+    )
+    parser.add_argument(
+        "--n-images",
+        type=_positive_int,
+        default=None,
+        help="number of test images (default: 100, 8 with --quick)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        metavar="METHOD",
         help=f"methods to run (default: all): {', '.join(METHODS)}",
     )
-    parser.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of data, training and evaluation (default: 0)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per evaluation batch (default: 16)")
+    parser.add_argument(
+        "--device", type=_device, default="cpu", help="torch device (default: cpu)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of data, training and evaluation (default: 0)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=16,
+        help="images per evaluation batch (default: 16)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=main)
     return parser
@@ -90,5 +132,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"captum-faithful demo: error: {err}", file=sys.stderr)
         return 2
     outcome = run(settings)
-    print(f"\nreport: {outcome.files['report']}\nfigure: {outcome.files['figure']}\ncsv:    {outcome.files['csv']}")
+    print(
+        f"\nreport: {outcome.files['report']}\nfigure: {outcome.files['figure']}\ncsv:    {outcome.files['csv']}"
+    )
     return 0

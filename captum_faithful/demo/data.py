@@ -1,7 +1,8 @@
 """BlockMNIST-style colour images built from scikit-learn's bundled digit scans.
 
-Each image (3 × 32 × 32, values in [0, 1]) has two 16 × 16 blocks, one in the top
-half and one in the bottom half, each at a random horizontal offset:
+Each image (3 × 32 × 32, values in [0, 1]) has two 16 × 16 blocks, centred
+horizontally, one in the top half and one in the bottom half (as in BlockMNIST; which
+block holds the digit is random):
 
 - the *evidence* block holds the class digit (a real 8 × 8 scan, upsampled);
 - the *distractor* block holds a scan of a random digit drawn independently of the
@@ -33,6 +34,8 @@ from captum_faithful._utils import check_float, check_int, optional_import
 IMAGE_SIZE = 32
 BLOCK_SIZE = 16
 N_CLASSES = 10
+#: Both blocks span these columns (centred, aligned with 4- and 8-pixel patches).
+COLUMNS = slice((IMAGE_SIZE - BLOCK_SIZE) // 2, (IMAGE_SIZE + BLOCK_SIZE) // 2)
 #: Standard deviation of the per-pixel Gaussian noise on every image.
 NOISE_STD = 0.06
 
@@ -94,7 +97,6 @@ def render(
     labels: np.ndarray,
     pool: np.ndarray,
     seed: int | list[int] | tuple[int, ...],
-    distractor_strength: float = 1.0,
 ) -> DigitBlocks:
     """Render one image per scan.
 
@@ -111,7 +113,6 @@ def render(
     n = len(scans)
     rng = np.random.default_rng(seed)
     digit_top = rng.random(n) < 0.5
-    offsets = rng.integers(0, IMAGE_SIZE - BLOCK_SIZE + 1, size=(n, 2))
     lighter = rng.random(n) < 0.5
     background = np.where(
         lighter[:, None], rng.uniform(0.0, 0.5, (n, 3)), rng.uniform(0.5, 1.0, (n, 3))
@@ -131,17 +132,16 @@ def render(
     distractor_masks = torch.zeros_like(masks)
     for i in range(n):
         rows = (0, BLOCK_SIZE) if digit_top[i] else (BLOCK_SIZE, 0)
-        col_digit, col_other = int(offsets[i, 0]), int(offsets[i, 1])
-        block = (slice(rows[0], rows[0] + BLOCK_SIZE), slice(col_digit, col_digit + BLOCK_SIZE))
+        block = (slice(rows[0], rows[0] + BLOCK_SIZE), COLUMNS)
         ink[i, 0][block] = digit_ink[i, 0]
         masks[i, 0][block] = True
-        block = (slice(rows[1], rows[1] + BLOCK_SIZE), slice(col_other, col_other + BLOCK_SIZE))
+        block = (slice(rows[1], rows[1] + BLOCK_SIZE), COLUMNS)
         other[i, 0][block] = distractor_ink[i, 0]
         distractor_masks[i, 0][block] = True
 
     background_t = torch.from_numpy(background).float()[:, :, None, None]
     colour_t = torch.from_numpy(ink_colour).float()[:, :, None, None]
-    density = ink + distractor_strength * other
+    density = ink + other
     images = background_t * (1 - density) + colour_t * density
     images = (images + torch.from_numpy(noise).float()).clamp(0.0, 1.0)
     return DigitBlocks(
@@ -153,9 +153,7 @@ def render(
     )
 
 
-def make_blocks(
-    split: str = "test", seed: int = 0, rendering: int = 0
-) -> DigitBlocks:
+def make_blocks(split: str = "test", seed: int = 0, rendering: int = 0) -> DigitBlocks:
     """The training or test split rendered as BlockMNIST-style colour images.
 
     Args:
@@ -163,7 +161,7 @@ def make_blocks(
             by ``seed`` (80 % / 20 %).
         seed (int, optional): seed of the split and of the rendering. Default: 0
         rendering (int, optional): index of the rendering; other values give the same
-            scans with new colours, positions and distractors (used as augmentation
+            scans with new colours, block order and distractors (used as augmentation
             when training). Default: 0
 
     Returns:

@@ -10,13 +10,11 @@ its explainer is built, and — for path methods — the baseline its path start
 from __future__ import annotations
 
 import functools
-import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +96,19 @@ class Method:
     model: str
     build: Callable[[Any, Settings], Explainer]
     path: bool = False
-    extra_metrics: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _unlearned_integrated_gradients(demo: Any, settings: Settings) -> Explainer:
+    from captum_faithful.attr import UnlearnedIntegratedGradients
+
+    uni = UnlearnedIntegratedGradients(demo.cnn)
+    # The learned baselines are computed once and handed to ``attribute`` (which then
+    # integrates from them, exactly what ``attribute`` does internally), so that path
+    # monotonicity can be measured along the same path.
+    return Explainer(
+        lambda x, t, b: uni.attribute(x, baselines=b, target=t),
+        baselines=lambda x, t: uni.compute_baselines(x, target=t),
+    )
 
 
 def _integrated_gradients(baseline: str) -> Callable[[Any, Settings], Explainer]:
@@ -124,12 +134,59 @@ def _saliency(demo: Any, settings: Settings) -> Explainer:
     return Explainer(lambda x, t: saliency.attribute(x, target=t, abs=True))
 
 
+def _faithfulness_ensemble(clip: str) -> Callable[[Any, Settings], Explainer]:
+    def build(demo: Any, settings: Settings) -> Explainer:
+        from captum_faithful.attr import FaithfulnessEnsemble
+
+        fei = FaithfulnessEnsemble(
+            demo.cnn, clip=clip, n_iter=30 if settings.quick else 100
+        )
+        return Explainer(lambda x, t: fei.attribute(x, target=t))
+
+    return build
+
+
+def _transmm(demo: Any, settings: Settings) -> Explainer:
+    from captum_faithful.attr import TransMM
+
+    transmm = TransMM(demo.vit)
+    return Explainer(lambda x, t: transmm.attribute(x, target=t))
+
+
+def _feature_gated_transmm(shuffled: bool) -> Callable[[Any, Settings], Explainer]:
+    def build(demo: Any, settings: Settings) -> Explainer:
+        from captum_faithful.attr import FeatureGatedTransMM
+
+        gated = FeatureGatedTransMM(
+            demo.vit,
+            saes=demo.saes,
+            shuffle_decoder=settings.seed if shuffled else None,
+        )
+        return Explainer(lambda x, t: gated.attribute(x, target=t))
+
+    return build
+
+
 METHODS: dict[str, Method] = {
     method.key: method
     for method in (
-        Method("ig-black", "IG (black)", "cnn", _integrated_gradients("black"), path=True),
+        Method("uni", "UNI", "cnn", _unlearned_integrated_gradients, path=True),
+        Method(
+            "ig-black", "IG (black)", "cnn", _integrated_gradients("black"), path=True
+        ),
         Method("ig-blur", "IG (blur)", "cnn", _integrated_gradients("blur"), path=True),
         Method("saliency", "Saliency", "cnn", _saliency),
+        Method("fei-none", "FEI (none)", "cnn", _faithfulness_ensemble("none")),
+        Method("fei-vm", "FEI (vm)", "cnn", _faithfulness_ensemble("vm")),
+        Method("fei-ibm", "FEI (ibm)", "cnn", _faithfulness_ensemble("ibm")),
+        Method("transmm", "TransMM", "vit", _transmm),
+        Method("fg-transmm", "FG-TransMM", "vit", _feature_gated_transmm(False)),
+        Method(
+            "fg-transmm-shuffled",
+            "FG-TransMM (shuffled)",
+            "vit",
+            _feature_gated_transmm(True),
+        ),
     )
 }
 
@@ -166,7 +223,13 @@ class EvidenceLocalisation:
         self.images = images.flatten(1)
         self.masks = masks
 
-    def __call__(self, forward_func: Any, inputs: Tensor, attributions: Tensor, target: Any = None) -> Tensor:
+    def __call__(
+        self,
+        forward_func: Any,
+        inputs: Tensor,
+        attributions: Tensor,
+        target: Any = None,
+    ) -> Tensor:
         flat = inputs.flatten(1).to(self.images.device)
         match = (flat.unsqueeze(1) == self.images.unsqueeze(0)).all(-1)
         if not bool(match.any(1).all()):
@@ -178,7 +241,14 @@ class EvidenceLocalisation:
         return torch.where(total > 0, inside / total.clamp(min=1e-30), torch.nan)
 
 
-def metrics_for(method: Method, explainer: Explainer, model: nn.Module, images: Tensor, masks: Tensor, settings: Settings) -> dict[str, Callable]:
+def metrics_for(
+    method: Method,
+    explainer: Explainer,
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    settings: Settings,
+) -> dict[str, Callable]:
     """The metrics that score ``method`` (partial applications of §6 metrics)."""
     metrics_module = optional_import("captum_faithful.metrics", "demo")
     feature_mask = None
@@ -190,29 +260,54 @@ def metrics_for(method: Method, explainer: Explainer, model: nn.Module, images: 
     chunk = 256
     metrics: dict[str, Callable] = {
         "insertion": functools.partial(
-            metrics_module.insertion_auc, feature_mask=feature_mask, n_steps=steps,
+            metrics_module.insertion_auc,
+            feature_mask=feature_mask,
+            n_steps=steps,
             max_examples_per_batch=chunk,
         ),
         "deletion": functools.partial(
-            metrics_module.deletion_auc, feature_mask=feature_mask, n_steps=steps,
+            metrics_module.deletion_auc,
+            feature_mask=feature_mask,
+            n_steps=steps,
             max_examples_per_batch=chunk,
         ),
         "saco": functools.partial(
             metrics_module.saco, feature_mask=feature_mask, max_examples_per_batch=chunk
         ),
         "faithfulness_correlation": functools.partial(
-            metrics_module.faithfulness_correlation, feature_mask=feature_mask,
-            n_samples=samples, max_examples_per_batch=chunk,
+            metrics_module.faithfulness_correlation,
+            feature_mask=feature_mask,
+            n_samples=samples,
+            max_examples_per_batch=chunk,
         ),
     }
-    if method.path and hasattr(metrics_module, "path_monotonicity"):
-        path_monotonicity = metrics_module.path_monotonicity
+    if method.path:
 
-        def monotonicity(forward_func: Any, inputs: Tensor, attributions: Tensor, target: Any = None) -> Tensor:
+        def monotonicity(
+            forward_func: Any, inputs: Tensor, attributions: Tensor, target: Any = None
+        ) -> Tensor:
             baselines = explainer.path_baselines(inputs, target)
-            return path_monotonicity(forward_func, inputs, baselines, target=target)
+            return metrics_module.path_monotonicity(
+                forward_func, inputs, baselines, target=target
+            )
 
         metrics["path_monotonicity"] = monotonicity
+    if method.model == "cnn":
+
+        def deviation(
+            forward_func: Any, inputs: Tensor, attributions: Tensor, target: Any = None
+        ) -> Tensor:
+            return metrics_module.insertion_activation_deviation(
+                model,
+                "conv",
+                inputs,
+                attributions,
+                baselines="mean",
+                n_steps=20,
+                max_examples_per_batch=chunk,
+            )["mse"]
+
+        metrics["activation_deviation"] = deviation
     metrics["localisation"] = EvidenceLocalisation(images, masks)
     return metrics
 
@@ -236,7 +331,9 @@ def check_output_folder(out: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise OSError(f"cannot write to the output folder {str(out)!r}: {err.strerror or err}") from err
+        raise OSError(
+            f"cannot write to the output folder {str(out)!r}: {err.strerror or err}"
+        ) from err
 
 
 def run(settings: Settings) -> Outcome:
@@ -249,10 +346,17 @@ def run(settings: Settings) -> Outcome:
     data_utils = optional_import("torch.utils.data", "demo")
     started = time.perf_counter()
     check_output_folder(settings.out)
-    demo = load_demo(quick=settings.quick, device=settings.device, seed=settings.seed, show_progress=settings.show_progress)
+    demo = load_demo(
+        quick=settings.quick,
+        device=settings.device,
+        seed=settings.seed,
+        show_progress=settings.show_progress,
+    )
     n = min(settings.resolved_n_images(), len(demo.y_test))
     images, labels, masks = demo.x_test[:n], demo.y_test[:n], demo.masks_test[:n]
-    loader = data_utils.DataLoader(data_utils.TensorDataset(images, labels), batch_size=settings.batch_size)
+    loader = data_utils.DataLoader(
+        data_utils.TensorDataset(images, labels), batch_size=settings.batch_size
+    )
     tables, figure_maps = [], {}
     with tempfile.TemporaryDirectory(prefix=".runs-", dir=settings.out) as runs:
         for key in settings.methods:
@@ -263,15 +367,32 @@ def run(settings: Settings) -> Outcome:
             if settings.show_progress:
                 print(f"{method.label}: explaining {n} images", flush=True)
             results = evaluation.evaluate(
-                model, loader, explainers={key: explainer}, metrics=metrics,
-                out=os.path.join(runs, key), target="predicted", resume=False,
-                show_progress=settings.show_progress, device=settings.device, seed=settings.seed,
+                model,
+                loader,
+                explainers={key: explainer},
+                metrics=metrics,
+                out=os.path.join(runs, key),
+                target="predicted",
+                resume=False,
+                show_progress=settings.show_progress,
+                device=settings.device,
+                seed=settings.seed,
             )
             tables.append(results.table)
             figure_maps[key] = explainer.figure_maps
     table = pd.concat(tables, ignore_index=True)
-    results = evaluation.Results(table, {"settings": {"methods": list(settings.methods), "metrics": [m for m in METRIC_INFO if m in set(table["metric"])]}})
-    outcome = Outcome(results, demo, settings, figure_maps, time.perf_counter() - started, {})
+    results = evaluation.Results(
+        table,
+        {
+            "settings": {
+                "methods": list(settings.methods),
+                "metrics": [m for m in METRIC_INFO if m in set(table["metric"])],
+            }
+        },
+    )
+    outcome = Outcome(
+        results, demo, settings, figure_maps, time.perf_counter() - started, {}
+    )
     outcome.files = write_outputs(outcome)
     return outcome
 
@@ -290,11 +411,3 @@ def comparisons(results: Any, methods: tuple[str, ...]) -> list[Any]:
             if {a, b} <= set(rows["method"]):
                 tests.append(results.compare(a, b, metric))
     return tests
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

@@ -28,7 +28,7 @@ from captum_faithful._utils import optional_import, progress
 from captum_faithful.demo.data import IMAGE_SIZE, N_CLASSES, make_blocks
 
 #: Bump when the training code changes in a way the recipe fields do not capture.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 #: Environment variable that overrides the cache folder.
 CACHE_ENV = "CAPTUM_FAITHFUL_CACHE"
 
@@ -46,6 +46,7 @@ class Recipe:
     vit_hidden_size: int
     vit_layers: int
     vit_heads: int
+    vit_init_range: float
     sae_layers: tuple[int, ...]
     sae_expansion: int
     sae_k: int
@@ -62,15 +63,16 @@ class Recipe:
 
 
 FULL_RECIPE = Recipe(
-    cnn_epochs=14,
+    cnn_epochs=16,
     cnn_lr=3e-3,
-    vit_epochs=40,
-    vit_lr=1e-3,
+    vit_epochs=45,
+    vit_lr=2e-3,
     vit_batch_size=32,
     vit_patch_size=4,
     vit_hidden_size=64,
     vit_layers=4,
     vit_heads=4,
+    vit_init_range=0.1,
     sae_layers=(1, 2, 3),
     sae_expansion=8,
     sae_k=16,
@@ -80,21 +82,22 @@ FULL_RECIPE = Recipe(
 )
 
 QUICK_RECIPE = Recipe(
-    cnn_epochs=9,
+    cnn_epochs=12,
     cnn_lr=3e-3,
-    vit_epochs=20,
-    vit_lr=1e-3,
+    vit_epochs=45,
+    vit_lr=2e-3,
     vit_batch_size=32,
     vit_patch_size=4,
     vit_hidden_size=64,
     vit_layers=4,
     vit_heads=4,
+    vit_init_range=0.1,
     sae_layers=(1, 3),
     sae_expansion=8,
     sae_k=16,
     sae_steps=500,
     sae_lr=1e-3,
-    renderings=6,
+    renderings=8,
 )
 
 
@@ -109,9 +112,11 @@ def cache_root() -> Path:
 
 @contextmanager
 def _training_threads() -> Iterator[None]:
-    """Use up to four intra-op threads while training, then restore the setting."""
+    """Half the cores, at most four, while training (these models are too small to
+    gain from more; on a busy machine more threads only wait on each other); the
+    setting is restored afterwards."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) // 2)))
     try:
         yield
     finally:
@@ -144,8 +149,22 @@ def build_cnn() -> nn.Sequential:
     )
 
 
-def build_vit(recipe: Recipe) -> nn.Module:
-    """A small ``ViTForImageClassification`` from a config, eager attention."""
+def build_vit(recipe: Recipe, seed: int = 0) -> nn.Module:
+    """A small ``ViTForImageClassification`` from a config, eager attention.
+
+    The weights are random, with a start that lets a tiny ViT learn this data in a
+    few thousand steps (plain initialisation sits on a long plateau: with the ink
+    lighter in half of the images and darker in the others, every feature linear in
+    the pixels averages out, and the CLS token barely depends on the input):
+
+    - the patch embedding starts as an orthonormal map of the patch's pixels minus
+      their per-channel mean (a local contrast code; LayerNorm then removes the
+      contrast's scale), the position embeddings with standard deviation 0.1;
+    - the CLS token and its position embedding start at zero, so the CLS state is
+      what attention brings to it;
+    - the other weights are drawn with standard deviation 0.1 (``initializer_range``),
+      so the MLPs' nonlinear (polarity-free) features are there from the first step.
+    """
     transformers = optional_import("transformers", "vit")
     config = transformers.ViTConfig(
         image_size=IMAGE_SIZE,
@@ -157,11 +176,28 @@ def build_vit(recipe: Recipe) -> nn.Module:
         intermediate_size=2 * recipe.vit_hidden_size,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        initializer_range=recipe.vit_init_range,
         num_labels=N_CLASSES,
     )
-    return transformers.ViTForImageClassification._from_config(
+    torch.manual_seed(seed)
+    vit = transformers.ViTForImageClassification._from_config(
         config, attn_implementation="eager"
     )
+    embeddings = vit.vit.embeddings
+    projection = embeddings.patch_embeddings.projection
+    hidden, channels, height, width = projection.weight.shape
+    n_pixels = channels * height * width
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pixels = torch.eye(n_pixels).reshape(n_pixels, channels, height, width)
+        centred = pixels - pixels.mean((2, 3), keepdim=True)
+        basis, _ = torch.linalg.qr(torch.randn(hidden, n_pixels, generator=generator))
+        projection.weight.copy_(2.0 * torch.einsum("hk,kcij->hcij", basis, centred))
+        projection.bias.zero_()
+        embeddings.position_embeddings.normal_(0.0, 0.1, generator=generator)
+        embeddings.position_embeddings[:, 0].zero_()
+        embeddings.cls_token.zero_()
+    return vit
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
@@ -170,12 +206,18 @@ def _logits(model: nn.Module, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch: int = 256) -> float:
+def accuracy(
+    model: nn.Module, images: Tensor, labels: Tensor, batch: int = 256
+) -> float:
     """Share of ``images`` that ``model`` (in eval mode) classifies as ``labels``."""
     model.eval()
     correct = 0
     for i in range(0, len(labels), batch):
-        correct += int((_logits(model, images[i : i + batch]).argmax(1) == labels[i : i + batch]).sum())
+        correct += int(
+            (
+                _logits(model, images[i : i + batch]).argmax(1) == labels[i : i + batch]
+            ).sum()
+        )
     return correct / max(1, len(labels))
 
 
@@ -190,7 +232,11 @@ def train_classifier(
     show_progress: bool = False,
     desc: str = "train",
 ) -> nn.Module:
-    """AdamW with a one-cycle schedule; epoch e uses rendering e mod len(renderings)."""
+    """AdamW with a one-cycle schedule and cross-entropy.
+
+    Epoch e trains on ``renderings[e % len(renderings)]`` (each a
+    :class:`DigitBlocks` of the training scans, rendered anew).
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(renderings[0].labels) / batch_size)
@@ -203,7 +249,9 @@ def train_classifier(
         order = torch.randperm(len(data.labels), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            loss = F.cross_entropy(_logits(model, data.images[batch]), data.labels[batch])
+            loss = F.cross_entropy(
+                _logits(model, data.images[batch]), data.labels[batch]
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -215,11 +263,15 @@ def train_classifier(
 
 
 @torch.no_grad()
-def residual_stream(vit: nn.Module, images: Tensor, layers: tuple[int, ...], batch: int = 256) -> dict[int, Tensor]:
+def residual_stream(
+    vit: nn.Module, images: Tensor, layers: tuple[int, ...], batch: int = 256
+) -> dict[int, Tensor]:
     """Outputs of the given 0-based ViT blocks, (N, tokens, hidden) per block."""
     chunks: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     for i in range(0, len(images), batch):
-        hidden = vit(pixel_values=images[i : i + batch], output_hidden_states=True).hidden_states
+        hidden = vit(
+            pixel_values=images[i : i + batch], output_hidden_states=True
+        ).hidden_states
         for layer in layers:
             chunks[layer].append(hidden[layer + 1])
     return {layer: torch.cat(parts) for layer, parts in chunks.items()}
@@ -281,33 +333,53 @@ def train_sae(
 
 
 def _load_sae(path: Path, device: str) -> Any:
-    sae_lens = optional_import("sae_lens", "sae")
-    return sae_lens.SAE.load_from_disk(str(path), device=device)
+    from captum_faithful.sae import load_sae
+
+    return load_sae(path, device=device)
 
 
-def train_all(recipe: Recipe, seed: int, folder: Path, show_progress: bool = False) -> dict:
+def train_all(
+    recipe: Recipe, seed: int, folder: Path, show_progress: bool = False
+) -> dict:
     """Train the CNN, the ViT and the SAEs; write them and ``meta.json`` to ``folder``."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     renderings = [
         make_blocks("train", seed, rendering=r)
-        for r in progress(range(recipe.renderings), show_progress, desc="render data", leave=False)
+        for r in progress(
+            range(recipe.renderings), show_progress, desc="render data", leave=False
+        )
     ]
     test = make_blocks("test", seed)
 
     cnn = train_classifier(
-        build_cnn(), renderings, recipe.cnn_epochs, recipe.cnn_lr, recipe.batch_size, seed,
-        show_progress=show_progress, desc="train CNN",
+        build_cnn(),
+        renderings,
+        recipe.cnn_epochs,
+        recipe.cnn_lr,
+        recipe.batch_size,
+        seed,
+        show_progress=show_progress,
+        desc="train CNN",
     )
     torch.manual_seed(seed)
     vit = train_classifier(
-        build_vit(recipe), renderings, recipe.vit_epochs, recipe.vit_lr, recipe.vit_batch_size,
-        seed, weight_decay=0.05, show_progress=show_progress, desc="train ViT",
+        build_vit(recipe, seed),
+        renderings,
+        recipe.vit_epochs,
+        recipe.vit_lr,
+        recipe.vit_batch_size,
+        seed,
+        weight_decay=0.05,
+        show_progress=show_progress,
+        desc="train ViT",
     )
     train_acts = residual_stream(vit, renderings[0].images, recipe.sae_layers)
     test_acts = residual_stream(vit, test.images, recipe.sae_layers)
     saes = {}
-    for layer in progress(recipe.sae_layers, show_progress, desc="train SAEs", leave=False):
+    for layer in progress(
+        recipe.sae_layers, show_progress, desc="train SAEs", leave=False
+    ):
         saes[layer] = train_sae(train_acts[layer], layer, recipe, seed + layer)
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,7 +396,8 @@ def train_all(recipe: Recipe, seed: int, folder: Path, show_progress: bool = Fal
             "vit": accuracy(vit, test.images, test.labels),
         },
         "sae_explained_variance": {
-            str(layer): explained_variance(sae, test_acts[layer]) for layer, sae in saes.items()
+            str(layer): explained_variance(sae, test_acts[layer])
+            for layer, sae in saes.items()
         },
         "training_seconds": time.perf_counter() - started,
     }
@@ -357,10 +430,16 @@ def ensure_trained(recipe: Recipe, seed: int, show_progress: bool = False) -> Pa
     return folder
 
 
-def load_models(folder: Path, device: str = "cpu", sae_loader: Callable[[Path, str], Any] = _load_sae) -> tuple[nn.Module, nn.Module, dict, dict]:
+def load_models(
+    folder: Path,
+    device: str = "cpu",
+    sae_loader: Callable[[Path, str], Any] = _load_sae,
+) -> tuple[nn.Module, nn.Module, dict, dict]:
     """Load the CNN, ViT, SAEs and metadata from a cache folder written by train_all."""
     meta = json.loads((folder / "meta.json").read_text())
-    recipe = Recipe(**{**meta["recipe"], "sae_layers": tuple(meta["recipe"]["sae_layers"])})
+    recipe = Recipe(
+        **{**meta["recipe"], "sae_layers": tuple(meta["recipe"]["sae_layers"])}
+    )
     safetensors = optional_import("safetensors.torch", "sae")
     cnn = build_cnn()
     cnn.load_state_dict(safetensors.load_file(str(folder / "cnn.safetensors")))
@@ -368,5 +447,8 @@ def load_models(folder: Path, device: str = "cpu", sae_loader: Callable[[Path, s
     vit = transformers.ViTForImageClassification.from_pretrained(
         str(folder / "vit"), attn_implementation="eager"
     )
-    saes = {layer: sae_loader(folder / f"sae_block{layer}", device) for layer in recipe.sae_layers}
+    saes = {
+        layer: sae_loader(folder / f"sae_block{layer}", device)
+        for layer in recipe.sae_layers
+    }
     return cnn.to(device).eval(), vit.to(device).eval(), saes, meta

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from captum_faithful._utils import optional_import
 
@@ -53,7 +52,9 @@ def summary_table(outcome: Any) -> tuple[list[str], list[list[str]]]:
         cells = [method.label, method.model.upper() if method.model == "cnn" else "ViT"]
         seconds = math.nan
         for metric in metrics:
-            if (key, metric) not in summary.index or summary.loc[(key, metric)]["n"] == 0:
+            if (key, metric) not in summary.index or summary.loc[(key, metric)][
+                "n"
+            ] == 0:
                 cells.append("–")
                 continue
             row = summary.loc[(key, metric)]
@@ -65,17 +66,25 @@ def summary_table(outcome: Any) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+    ]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
 
 
 def plain_table(header: list[str], rows: list[list[str]]) -> str:
     """The table as aligned text for the terminal."""
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    widths = [
+        max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)
+    ]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in rows]
+    lines += [
+        "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
+        for cells in rows
+    ]
     return "\n".join(lines)
 
 
@@ -84,11 +93,18 @@ def comparison_rows(outcome: Any) -> list[list[str]]:
 
     rows = []
     for test in comparisons(outcome.results, outcome.settings.methods):
-        rows.append([
-            METHODS[test.a].label, METHODS[test.b].label, METRIC_INFO[test.metric][0],
-            _number(test.mean_a), _number(test.mean_b), _number(test.statistic, 2),
-            _pvalue(test.pvalue), f"{test.n_a}/{test.n_b}",
-        ])
+        rows.append(
+            [
+                METHODS[test.a].label,
+                METHODS[test.b].label,
+                METRIC_INFO[test.metric][0],
+                _number(test.mean_a),
+                _number(test.mean_b),
+                _number(test.statistic, 2),
+                _pvalue(test.pvalue),
+                f"{test.n_a}/{test.n_b}",
+            ]
+        )
     return rows
 
 
@@ -114,7 +130,11 @@ def render_report(outcome: Any) -> str:
     ]
     compare = comparison_rows(outcome)
     if compare:
-        lines.append(markdown_table(["a", "b", "metric", "mean a", "mean b", "t", "p", "n a/b"], compare))
+        lines.append(
+            markdown_table(
+                ["a", "b", "metric", "mean a", "mean b", "t", "p", "n a/b"], compare
+            )
+        )
     else:
         lines.append("None of the compared pairs ran (see `--methods`).")
     lines += [
@@ -124,7 +144,10 @@ def render_report(outcome: Any) -> str:
         f"- Test accuracy (all {len(demo.y_test)} test images): CNN "
         f"{demo.accuracy['cnn']:.3f}, ViT {demo.accuracy['vit']:.3f}.",
         "- SAE explained variance on the test images' residual stream: "
-        + ", ".join(f"block {layer}: {value:.3f}" for layer, value in sorted(demo.sae_explained_variance.items()))
+        + ", ".join(
+            f"block {layer}: {value:.3f}"
+            for layer, value in sorted(demo.sae_explained_variance.items())
+        )
         + ".",
         f"- SAEs: sae-lens top-k (k = {recipe.get('sae_k')}), expansion {recipe.get('sae_expansion')}×, "
         f"on `blocks.{{l}}.hook_resid_post` for l in {list(recipe.get('sae_layers', []))}.",
@@ -161,12 +184,16 @@ def render_figure(outcome: Any) -> bytes:
     plt = optional_import("matplotlib.pyplot", "demo")
     from captum_faithful.demo.job import METHODS
 
-    keys = [k for k in outcome.settings.methods if outcome.figure_maps.get(k) is not None]
+    keys = [
+        k for k in outcome.settings.methods if outcome.figure_maps.get(k) is not None
+    ]
     images = outcome.demo.x_test.cpu()
     masks = outcome.demo.masks_test.cpu()
     n = min(len(outcome.figure_maps[k]) for k in keys) if keys else 0
     columns = 2 + len(keys)
-    fig, axes = plt.subplots(max(n, 1), columns, figsize=(1.6 * columns, 1.7 * max(n, 1)), squeeze=False)
+    fig, axes = plt.subplots(
+        max(n, 1), columns, figsize=(1.6 * columns, 1.7 * max(n, 1)), squeeze=False
+    )
     for row in range(n):
         axes[row, 0].imshow(images[row].permute(1, 2, 0).numpy())
         axes[row, 1].imshow(masks[row, 0].numpy(), cmap="gray", vmin=0, vmax=1)
@@ -192,6 +219,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -203,10 +233,18 @@ def write_outputs(outcome: Any) -> dict[str, Path]:
     out = outcome.settings.out
     table = outcome.results.table.copy()
     table["label"] = [outcome_label(k) for k in table["method"]]
-    csv = table[["index", "method", "label", "metric", "value", "seconds"]].to_csv(index=False).encode()
+    csv = (
+        table[["index", "method", "label", "metric", "value", "seconds"]]
+        .to_csv(index=False)
+        .encode()
+    )
     figure = render_figure(outcome)
     report = render_report(outcome).encode()
-    files = {"report": out / REPORT_NAME, "figure": out / FIGURE_NAME, "csv": out / CSV_NAME}
+    files = {
+        "report": out / REPORT_NAME,
+        "figure": out / FIGURE_NAME,
+        "csv": out / CSV_NAME,
+    }
     _write_atomically(files["csv"], csv)
     _write_atomically(files["figure"], figure)
     _write_atomically(files["report"], report)
@@ -219,7 +257,3 @@ def outcome_label(key: str) -> str:
     from captum_faithful.demo.job import METHODS
 
     return METHODS[key].label
-
-
-def figure_columns(maps: dict[str, Tensor]) -> list[str]:
-    return [k for k, v in maps.items() if v is not None]

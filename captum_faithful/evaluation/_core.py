@@ -159,7 +159,7 @@ def evaluate(
         model, dataloader, explainers, metrics, out, target, resume, seed
     )
     optional_import("pandas", "demo")
-    device = _resolve_device(model, device)
+    device = resolve_device(model, device)
     if isinstance(model, nn.Module) and model.training:
         warnings.warn(
             "evaluate: the model is in training mode; call model.eval() first "
@@ -172,7 +172,7 @@ def evaluate(
     n_batches = -(-n_samples // batch_size)
     storage = RunStorage(out)
     settings = {
-        "dataset": {"class": _settings._qualname(type(dataset)), "length": n_samples},
+        "dataset": {"class": _settings.qualname(type(dataset)), "length": n_samples},
         "batch_size": batch_size,
         "target": target,
         "seed": seed,
@@ -214,8 +214,11 @@ def evaluate(
             failure = err
         group.raise_if_any_failed(failure)
         if group.rank == 0:
-            storage.write_results(storage.read_batches())
-        group.barrier()
+            try:
+                storage.write_results(storage.read_batches())
+            except BaseException as err:  # noqa: B036 - re-raised below on every rank
+                failure = err
+        group.raise_if_any_failed(failure)
     return Results.load(out)
 
 
@@ -306,7 +309,7 @@ def _check_named(name: str, mapping: Any) -> dict[str, Any]:
     return dict(mapping)
 
 
-def _resolve_device(model: Any, device: Any) -> torch.device:
+def resolve_device(model: Any, device: Any) -> torch.device:
     if device is None:
         if isinstance(model, nn.Module):
             for tensor in (*model.parameters(), *model.buffers()):
@@ -360,10 +363,6 @@ class _Group:
         for rank, report in enumerate(reports):
             if report is not None:
                 raise RuntimeError(f"evaluate failed on rank {rank}: {report}")
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
 
 def _launcher_environment() -> bool:

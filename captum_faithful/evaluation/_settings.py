@@ -27,7 +27,7 @@ _MAX_DEPTH = 3
 _NAMED = {"explainer_settings": "explainers", "metric_settings": "metrics"}
 
 
-def _qualname(obj: Any) -> str:
+def qualname(obj: Any) -> str:
     module = getattr(obj, "__module__", None) or ""
     name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
     return f"{module}.{name}" if module else name
@@ -48,10 +48,10 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
 def describe_model(model: Any) -> dict[str, Any]:
     if isinstance(model, nn.Module):
         return {
-            "class": _qualname(type(model)),
+            "class": qualname(type(model)),
             "state_sha256": tensor_digest(model.state_dict()),
         }
-    return {"callable": _qualname(model)}
+    return {"callable": qualname(model)}
 
 
 def describe(obj: Any, depth: int = 0) -> Any:
@@ -70,11 +70,11 @@ def describe(obj: Any, depth: int = 0) -> Any:
             "sha256": tensor_digest({"": obj}),
         }
     if isinstance(obj, nn.Module):
-        return {"module": _qualname(type(obj))}
+        return {"module": qualname(type(obj))}
     if isinstance(obj, (torch.device, torch.dtype)):
         return str(obj)
     if depth >= _MAX_DEPTH:
-        return {"type": _qualname(type(obj))}
+        return {"type": qualname(type(obj))}
     if isinstance(obj, (list, tuple)):
         return [describe(item, depth + 1) for item in obj]
     if isinstance(obj, Mapping):
@@ -91,13 +91,13 @@ def describe(obj: Any, depth: int = 0) -> Any:
             "self": describe(obj.__self__, depth + 1),
         }
     if inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj):
-        return {"function": _qualname(obj)}
+        return {"function": qualname(obj)}
     attributes = {
         key: describe(value, depth + 1)
         for key, value in sorted(getattr(obj, "__dict__", {}).items())
         if not key.startswith("__")
     }
-    return {"object": _qualname(type(obj)), "attributes": attributes}
+    return {"object": qualname(type(obj)), "attributes": attributes}
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -112,11 +112,7 @@ def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
         old, new = recorded.get(key), current.get(key)
         if old == new:
             continue
-        if (
-            isinstance(old, dict)
-            and isinstance(new, dict)
-            and key in _NAMED
-        ):
+        if isinstance(old, dict) and isinstance(new, dict) and key in _NAMED:
             for name in sorted(set(old) | set(new)):
                 if old.get(name) != new.get(name):
                     state = (

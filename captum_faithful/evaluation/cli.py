@@ -244,8 +244,6 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise TypeError(
             f"config key 'model' must give an nn.Module, got {type(model).__name__}"
         )
-    if config["device"] is not None:
-        model = model.to(config["device"])
     config["model"] = model.eval()
     config["dataset"] = dataset
     explainers = raw["explainers"]
@@ -265,14 +263,16 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from captum_faithful.evaluation import evaluate
+    from captum_faithful.evaluation._core import resolve_device
 
     config = load_config(args.config)
     for key in ("out", "device", "batch_size"):
         value = getattr(args, key)
         if value is not None:
             config[key] = value
-    if args.device is not None:
-        config["model"] = config["model"].to(args.device)
+    if config["device"] is not None:
+        config["device"] = resolve_device(None, config["device"])
+        config["model"] = config["model"].to(config["device"])
     if config["out"] is None:
         raise ValueError("no run folder: set `out` in the config or pass --out")
     loader = DataLoader(

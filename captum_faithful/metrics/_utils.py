@@ -42,10 +42,12 @@ from captum_faithful._utils import check_finite, check_int, resolve_targets, run
 from captum_faithful.metrics._core.baselines import BASELINE_PRESETS
 
 #: Default number of perturbed examples per forward pass when
-#: ``max_examples_per_batch=None``. Measured with ``benchmarks/bench_metrics.py`` on a
-#: small CNN on a 2-core CPU: chunks of 32-128 copies ran fastest at 3x32x32 and
-#: 3x64x64; one giant batch was slower (cache misses) and tiny chunks paid the
-#: per-call overhead.
+#: ``max_examples_per_batch=None``. Measured with ``benchmarks/bench_metrics.py``
+#: (small CNN, one CPU thread, batch 16): the model calls alone were equally fast
+#: for chunks of 32-256 images at 3x32x32 and 16-128 at 3x64x64, and about 1.8x
+#: slower for 256-1024 (the activations no longer fit in cache); the metrics
+#: themselves were fastest at 64-256 and 64-128. 64 is inside both ranges and keeps
+#: memory small for larger images.
 DEFAULT_MAX_EXAMPLES_PER_BATCH = 64
 
 TakeInput = Callable[[Tensor, Tensor], Tensor]
@@ -184,7 +186,8 @@ def resolve_baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tenso
                     f"`baselines` must be one of {tuple(BASELINE_PRESETS)}, a number, "
                     f"a tensor or a callable, got {b!r}"
                 )
-            b = BASELINE_PRESETS[b](x)
+            # "zero" stays one broadcast scalar: building copies then skips it
+            b = x.new_zeros(()) if b == "zero" else BASELINE_PRESETS[b](x)
         elif isinstance(b, numbers.Real) and not isinstance(b, bool):
             b = torch.full((), float(b), dtype=x.dtype, device=x.device)
         elif callable(b) and not isinstance(b, Tensor):
@@ -396,6 +399,15 @@ def feature_scores(
     return scores
 
 
+def compact_indices(values: Tensor, bound: int) -> Tensor:
+    """``values`` (integers in [0, bound]) in the smallest signed integer dtype that
+    holds them: the per-chunk gathers and comparisons then move less memory."""
+    for dtype in (torch.int16, torch.int32):
+        if bound <= torch.iinfo(dtype).max:
+            return values.to(dtype)
+    return values
+
+
 def rank_features(scores: Tensor) -> Tensor:
     """Rank of each feature, shape (N, F): 0 for the highest score; equal scores are
     ranked by feature index (lower index first)."""
@@ -468,15 +480,33 @@ def clean_target_scores(
 
 
 def build_perturbed_inputs(
-    setup: MetricInputs, samples: Tensor, take_input: Tensor
+    setup: MetricInputs,
+    samples: Tensor,
+    take_input: Tensor,
+    buffers: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """Perturbed copies for the rows ``samples`` (shape (R,)): element e of row r
     is ``inputs[samples[r]][e]`` where ``take_input[r, feature(e)]`` is True and the
-    baseline's value otherwise. ``take_input`` has shape (R, F)."""
-    rows = []
+    baseline's value otherwise. ``take_input`` has shape (R, F).
+
+    Rows of the same sample that follow each other (the sample-major order of
+    :func:`chunked_target_scores`) are built from that sample by broadcasting, with
+    no per-row copy of the input. ``buffers`` (optional, from
+    :func:`perturbation_buffers`) are written instead of allocating new tensors,
+    which saves page faults when chunk after chunk is built; the returned rows are
+    then views of them, valid until the next call."""
+    n_rows = samples.shape[0]
+    values, counts = torch.unique_consecutive(samples, return_counts=True)
+    segments = list(zip(values.tolist(), counts.tolist(), strict=True))
+    if buffers is None:
+        buffers = tuple(
+            torch.empty((n_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            for x in setup.inputs
+        )
     ranges = setup.feature_ranges or (None,) * len(setup.inputs)
-    for x, b, ids, span in zip(
-        setup.inputs, setup.baselines, setup.feature_ids, ranges, strict=True
+    rows = []
+    for x, b, ids, span, buffer in zip(
+        setup.inputs, setup.baselines, setup.feature_ids, ranges, buffers, strict=True
     ):
         if span is not None:
             elements = take_input[:, span[0] : span[1]]
@@ -484,12 +514,51 @@ def build_perturbed_inputs(
             elements = take_input.index_select(1, ids.reshape(-1))
         else:
             elements = take_input.gather(1, ids.reshape(ids.shape[0], -1)[samples])
-        elements = elements.reshape(samples.shape[0], *ids.shape[1:])
-        index = samples.to(x.device)
-        # a baseline shared by all samples (expanded, stride 0) is broadcast, not copied
-        b = b[:1] if b.stride(0) == 0 else b.index_select(0, index)
-        rows.append(torch.where(elements, x.index_select(0, index), b))
+        elements = elements.reshape(n_rows, *ids.shape[1:])
+        rows.append(_select_rows(elements, x, b, segments, buffer[:n_rows]))
     return tuple(rows)
+
+
+def _select_rows(
+    keep: Tensor,
+    inputs: Tensor,
+    baselines: Tensor,
+    segments: list[tuple[int, int]],
+    out: Tensor,
+) -> Tensor:
+    """Row r of ``out`` = ``torch.where(keep[r], inputs[n], baselines[n])`` for the
+    sample n of its segment (``segments``: (sample, number of rows) in order).
+
+    For floating point it is computed as ``x * m + b * (1 - m)`` with ``m = keep``
+    in {0, 1}: exact for finite values (x * 1 + b * 0 = x, up to the sign of a
+    zero) and several times faster than ``torch.where`` on the CPU; an all-zero
+    baseline skips the second term."""
+    shared_baseline = baselines.stride(0) == 0  # expanded: the same for all samples
+    zero_baseline = shared_baseline and not bool(baselines[:1].any())
+    floating = inputs.is_floating_point()
+    m = keep.to(inputs.dtype) if floating else keep
+    start = 0
+    for sample, count in segments:
+        rows = slice(start, start + count)
+        x = inputs[sample : sample + 1]
+        b = baselines[:1] if shared_baseline else baselines[sample : sample + 1]
+        if not floating:
+            torch.where(m[rows], x, b, out=out[rows])
+        else:
+            torch.mul(x, m[rows], out=out[rows])
+            if not zero_baseline:
+                out[rows].addcmul_(b, 1 - m[rows])
+        start += count
+    return out
+
+
+def perturbation_buffers(setup: MetricInputs, n_rows: int) -> tuple[Tensor, ...]:
+    """One reusable (n_rows, ...) buffer per input for
+    :func:`build_perturbed_inputs`."""
+    return tuple(
+        torch.empty((n_rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for x in setup.inputs
+    )
 
 
 def chunked_target_scores(
@@ -557,9 +626,15 @@ def perturbed_target_scores(
         Tensor: shape (N, P).
     """
 
+    # The rows of one chunk are consumed by its forward pass before the next chunk
+    # overwrites the buffers (scores are gathered into new tensors).
+    buffers = perturbation_buffers(
+        setup, min(setup.chunk_size, setup.n_examples * n_perturbations)
+    )
+
     def build_rows(samples: Tensor, perturbations: Tensor) -> tuple[Tensor, ...]:
         return build_perturbed_inputs(
-            setup, samples, take_input(samples, perturbations)
+            setup, samples, take_input(samples, perturbations), buffers
         )
 
     return chunked_target_scores(

@@ -104,8 +104,9 @@ def capture(
             raise RuntimeError(
                 f"the attention module of block {layer} "
                 f"({type(adapter.attention_modules[layer]).__name__}) returned no "
-                "attention probabilities; load the model with eager attention or "
-                "register an adapter whose `probabilities` finds them"
+                "attention probabilities; make it return them (transformers 4.x: "
+                "a forward_func that calls the model with output_attentions=True) "
+                "or register an adapter whose `probabilities` finds them"
             )
         target[layer] = value
 

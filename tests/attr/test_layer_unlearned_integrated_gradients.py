@@ -295,3 +295,49 @@ def test_bad_input(bert, batch):
         LayerUnlearnedIntegratedGradients(
             forward, torch.nn.Linear(2, 2), model=bert
         ).attribute(ids, additional_forward_args=(mask,))
+
+
+class _Split(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(6, 4)
+        self.b = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.a(x)), torch.relu(self.b(x))
+
+
+class _TupleLayerNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.split = _Split()
+        self.head = torch.nn.Linear(7, 5)
+
+    def forward(self, x):
+        a, b = self.split(x)
+        return self.head(torch.cat([a, b], dim=1))
+
+
+def test_tuple_layer_output_is_perturbed_jointly():
+    torch.manual_seed(4)
+    model = _TupleLayerNet()
+    x = torch.randn(4, 6)
+    uni = LayerUnlearnedIntegratedGradients(model, model.split, epsilon=0.5)
+    attributions, delta = uni.attribute(x, n_steps=300, return_convergence_delta=True)
+    assert isinstance(attributions, tuple)
+    assert [a.shape for a in attributions] == [(4, 4), (4, 3)]
+    base_a, base_b = uni.compute_baselines(x)
+    with torch.no_grad():
+        a, b = model.split(x)
+        dist = torch.sqrt((base_a - a).pow(2).sum(1) + (base_b - b).pow(2).sum(1))
+        targets = model(x).argmax(1)
+        rows = torch.arange(4)
+        gap = (
+            model.head(torch.cat([a, b], 1))[rows, targets]
+            - model.head(torch.cat([base_a, base_b], 1))[rows, targets]
+        )
+    torch.testing.assert_close(dist, torch.full((4,), 0.5), atol=1e-5, rtol=0)
+    total = attributions[0].sum(1) + attributions[1].sum(1)
+    torch.testing.assert_close(delta, total - gap, atol=1e-5, rtol=1e-4)
+    # the head is linear in the layer output: the path integral is exact
+    torch.testing.assert_close(total, gap, atol=1e-5, rtol=1e-4)

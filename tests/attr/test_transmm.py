@@ -108,9 +108,15 @@ def test_tuple_inputs_are_mirrored():
     torch.testing.assert_close(result, explainer.attribute(x))
 
 
-def test_one_backward_through_gradient_func():
+def test_one_forward_and_one_backward_through_gradient_func():
     tiny = hf_vit()
-    explainer = TransMM(tiny.model)
+    forwards = []
+
+    def forward(x):
+        forwards.append(len(x))
+        return tiny.model(x)
+
+    explainer = TransMM(forward, model=tiny.model)
     calls = []
     original = explainer.gradient_func
 
@@ -120,6 +126,7 @@ def test_one_backward_through_gradient_func():
 
     explainer.gradient_func = counting
     explainer.attribute(images(3))
+    assert forwards == [3]  # the whole batch at once
     assert calls == [2]  # one call, gradients of both layers' attention
 
 

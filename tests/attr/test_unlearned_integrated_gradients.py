@@ -628,6 +628,8 @@ def test_bad_inputs_raise_clear_errors(cnn, images):
         ({"epsilon": -1.0}, "epsilon"),
         ({"pgd_steps": -1}, "pgd_steps"),
         ({"pgd_step_size": 0.0}, "pgd_step_size"),
+        ({"pgd_step_size": float("inf")}, "pgd_step_size"),
+        ({"epsilon": float("nan")}, "epsilon"),
         ({"unlearning_step": 0.0}, "unlearning_step"),
         ({"unlearning_batch_size": 0}, "unlearning_batch_size"),
     ],
@@ -652,3 +654,14 @@ def test_output_must_be_class_logits(images):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1), nn.Flatten(0))
     with pytest.raises(ValueError, match="n_classes"):
         UnlearnedIntegratedGradients(model).attribute(images)
+
+
+def test_captum_attribution_interface(cnn):
+    uni = UnlearnedIntegratedGradients(cnn, multiply_by_inputs=False)
+    assert uni.has_convergence_delta()
+    assert not uni.multiplies_by_inputs
+    assert UnlearnedIntegratedGradients(cnn).multiplies_by_inputs
+    assert uni.forward_func is cnn
+    assert (uni.unlearning_step, uni.pgd_steps, uni.epsilon) == (1.0, 10, 0.25)
+    assert (uni.pgd_step_size, uni.unlearning_batch_size) == (0.1, None)
+    assert hasattr(uni.attribute, "__wrapped__")  # @log_usage, used by NoiseTunnel

@@ -34,8 +34,12 @@ def test_split_is_fixed_disjoint_and_complete():
     assert len(train) + len(test) == len(scans) == 1797
     assert len(test) == round(0.2 * 1797)
     assert np.array_equal(split_indices(len(scans), seed=0)[1], test)
-    assert torch.equal(make_blocks("test", seed=0).labels, torch.from_numpy(labels[test]))
-    assert torch.equal(make_blocks("train", seed=0).labels, torch.from_numpy(labels[train]))
+    assert torch.equal(
+        make_blocks("test", seed=0).labels, torch.from_numpy(labels[test])
+    )
+    assert torch.equal(
+        make_blocks("train", seed=0).labels, torch.from_numpy(labels[train])
+    )
 
 
 def test_digit_lies_inside_its_evidence_mask(test_split):
@@ -50,8 +54,12 @@ def test_digit_lies_inside_its_evidence_mask(test_split):
         rows, cols = torch.nonzero(mask, as_tuple=True)
         # one 16x16 square, in the top or the bottom half
         assert int(mask.sum()) == BLOCK_SIZE**2
-        assert int(rows.max() - rows.min()) == int(cols.max() - cols.min()) == BLOCK_SIZE - 1
-        assert int(rows.min()) in (0, BLOCK_SIZE)
+        assert (
+            int(rows.max() - rows.min())
+            == int(cols.max() - cols.min())
+            == BLOCK_SIZE - 1
+        )
+        assert int(rows.min()) in (0, BLOCK_SIZE) and int(cols.min()) == 8
         assert int(other.sum()) == BLOCK_SIZE**2
         assert not bool((mask & other).any())
 
@@ -78,7 +86,11 @@ def test_distractor_is_a_tile_shuffle():
     shuffled = _shuffle_tiles(scan, rng)
 
     def tiles(a):
-        return sorted(tuple(a[r : r + 2, c : c + 2].ravel()) for r in range(0, 8, 2) for c in range(0, 8, 2))
+        return sorted(
+            tuple(a[r : r + 2, c : c + 2].ravel())
+            for r in range(0, 8, 2)
+            for c in range(0, 8, 2)
+        )
 
     assert tiles(shuffled) == tiles(scan)
     assert not np.array_equal(shuffled, scan)

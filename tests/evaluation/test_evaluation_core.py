@@ -2,6 +2,7 @@ import functools
 import json
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +49,19 @@ def test_evaluate_is_exported_from_the_package_root():
     assert (
         "evaluate" in captum_faithful.__all__ and "Results" in captum_faithful.__all__
     )
+
+
+def test_importing_the_package_does_not_import_pandas_or_pyarrow():
+    code = (
+        "import sys, captum_faithful; "
+        "print(sorted(m for m in ('pandas', 'pyarrow', 'yaml') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_equals_a_hand_written_loop(tmp_path):
@@ -410,3 +424,39 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path, change, named):
         )
     assert re.search(named, str(err.value)), str(err.value)
     assert log == []  # refused before any work
+
+
+def test_uni_and_the_package_metrics_equal_a_hand_written_loop(tmp_path):
+    from captum_faithful import UnlearnedIntegratedGradients
+    from captum_faithful.metrics import deletion_auc, insertion_auc, saco
+
+    model = fx.model()
+    explainers = {"uni": UnlearnedIntegratedGradients(model, pgd_steps=3)}
+    metrics = {
+        "insertion": functools.partial(insertion_auc, n_steps=8),
+        "deletion": functools.partial(deletion_auc, n_steps=8),
+        "saco": functools.partial(saco, n_groups=4),
+    }
+    results = evaluate(
+        model, fx.loader(n=10), explainers, metrics, out=tmp_path, show_progress=False
+    )
+    inputs_all, _ = fx.dataset(10).tensors
+    expected = []
+    for start in range(0, 10, fx.BATCH_SIZE):
+        inputs = inputs_all[start : start + fx.BATCH_SIZE]
+        with torch.no_grad():
+            target = model(inputs).argmax(dim=1)
+        attributions = explainers["uni"].attribute(inputs, target=target)
+        values = {
+            k: m(model, inputs, attributions, target=target) for k, m in metrics.items()
+        }
+        for offset in range(len(inputs)):
+            for name in metrics:
+                expected.append(
+                    (start + offset, "uni", name, float(values[name][offset]))
+                )
+    got = _rows(results)
+    assert [row[:3] for row in got] == [row[:3] for row in expected]
+    assert [row[3] for row in got] == pytest.approx(
+        [row[3] for row in expected], rel=1e-6, abs=1e-9, nan_ok=True
+    )

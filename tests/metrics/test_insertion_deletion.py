@@ -301,3 +301,24 @@ def test_runs_on_cuda(images):
     gpu = insertion_auc(small_cnn().cuda(), images.cuda(), attr.cuda(), n_steps=8)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+def test_more_steps_than_features_repeats_counts(cnn):
+    torch.manual_seed(7)
+    x, attr = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    mask = patch_mask(x, 2)  # 4 features, 10 steps: counts repeat
+    for fn, insertion in ((insertion_auc, True), (deletion_auc, False)):
+        auc, curves = fn(
+            cnn,
+            x,
+            attr,
+            baselines="zero",
+            feature_mask=mask,
+            n_steps=10,
+            return_curves=True,
+        )
+        ref_auc, ref_curves = reference_curves(
+            cnn, x, attr, torch.zeros_like(x), mask, 10, insertion, True
+        )
+        torch.testing.assert_close(curves.double(), ref_curves, atol=1e-6, rtol=0)
+        torch.testing.assert_close(auc.double(), ref_auc, atol=1e-6, rtol=0)

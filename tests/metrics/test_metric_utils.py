@@ -142,3 +142,32 @@ def test_chunked_target_scores_scores_any_row_builder():
             for k in range(5):
                 expected = model(x[n : n + 1] * k / 4, scale[n : n + 1])[0, classes[n]]
                 assert abs(float(scores[n, k] - expected)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+@pytest.mark.parametrize("baseline", ["zero", "mean", 3])
+@pytest.mark.parametrize("per_sample_mask", [False, True])
+def test_build_perturbed_inputs_equals_where(dtype, baseline, per_sample_mask):
+    from captum_faithful.metrics._utils import build_perturbed_inputs
+
+    torch.manual_seed(4)
+    x = (torch.rand(3, 2, 4, 4) * 10).to(dtype)
+    if dtype == torch.int64 and baseline == "mean":
+        baseline = 5
+    mask = torch.arange(16).view(1, 1, 4, 4) // 2
+    if per_sample_mask:
+        mask = torch.stack(
+            [m.view(4, 4)[torch.randperm(4)] for m in mask.expand(3, 1, 4, 4)]
+        )
+        mask = mask.view(3, 1, 4, 4)
+    setup = prepare_metric_inputs(
+        x, torch.ones_like(x, dtype=torch.float32), baseline, mask, None, None
+    )
+    samples = torch.tensor([2, 0, 0, 1, 1, 1, 2])
+    take = torch.rand(7, setup.n_features) > 0.5
+    (rows,) = build_perturbed_inputs(setup, samples, take)
+    for r, n in enumerate(samples.tolist()):
+        m = mask[n if per_sample_mask else 0]
+        keep = take[r][m.expand(2, 4, 4)]
+        expected = torch.where(keep, x[n], setup.baselines[0][n])
+        assert torch.equal(rows[r], expected)

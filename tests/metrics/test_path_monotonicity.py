@@ -98,7 +98,7 @@ def test_tuple_inputs_additional_args_and_callable_baselines():
     got = path_monotonicity(
         model,
         (u, v),
-        lambda inputs: (inputs[0] * 0, inputs[1] * 0 + 1),
+        (lambda x: x * 0, 1.0),
         target=[0, 1, 2, 0],
         additional_forward_args=(scale,),
         n_steps=5,
@@ -142,6 +142,18 @@ def test_bad_input(cnn):
     with pytest.raises(ValueError, match="target"):
         path_monotonicity(cnn, x, 0.0, target=10)
     with pytest.raises(TypeError, match="inputs"):
-        path_monotonicity(cnn, [x], 0.0)
-    with pytest.raises(TypeError, match="baselines"):
+        path_monotonicity(cnn, x.numpy(), 0.0)
+    with pytest.raises(ValueError, match="baselines"):
         path_monotonicity(cnn, x, "black")
+    with pytest.raises(ValueError, match="max_examples_per_batch"):
+        path_monotonicity(cnn, x, 0.0, max_examples_per_batch=0)
+
+
+def test_presets_and_chunking_do_not_change_the_result(cnn):
+    from captum_faithful.metrics import blur_baseline
+
+    x = torch.rand(3, 3, 16, 16)
+    expected = path_monotonicity(cnn, x, blur_baseline(x), n_steps=9)
+    for chunk in (1, 7, 64):
+        got = path_monotonicity(cnn, x, "blur", n_steps=9, max_examples_per_batch=chunk)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)

@@ -1,7 +1,17 @@
 import pytest
 import torch
 from helpers import ModelSnapshot
-from tiny_vits import BUILDERS, HIDDEN, LAYERS, PATCH, hf_clip, hf_vit, images, timm_vit
+from tiny_vits import (
+    BUILDERS,
+    HIDDEN,
+    LAYERS,
+    PATCH,
+    ToyViT,
+    hf_clip,
+    hf_vit,
+    images,
+    timm_vit,
+)
 from torch import nn
 
 from captum_faithful.vit import (
@@ -117,48 +127,6 @@ def test_hook_names_follow_transformer_lens():
     assert adapter.layer_of_hook("vit.layers.3") is None
     with pytest.raises(ValueError, match="residual stream"):
         adapter.layer_of_hook("blocks.3.attn.hook_z")
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
-        return self.proj((probs @ v).transpose(1, 2).reshape(n, t, d)), probs
-
-
-class _Block(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.attn = _Attention(dim, heads)
-
-    def forward(self, x):
-        return x + self.attn(self.norm(x))[0]
-
-
-class ToyViT(nn.Module):
-    """A hand-written ViT no built-in adapter knows by name."""
-
-    def __init__(self, dim=16, depth=2, patch=4, classes=3):
-        super().__init__()
-        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.layers = nn.ModuleList(_Block(dim, 2) for _ in range(depth))
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        tokens = self.embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x[:, 0])
 
 
 def test_generic_fallback_finds_a_hand_written_vit():

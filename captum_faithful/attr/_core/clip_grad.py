@@ -36,6 +36,9 @@ def clip_mask(rule: str, grad: Tensor, deviation: Tensor, clean: Tensor) -> Tens
     - ``"ibm"``: activate a unit that is inactive on the
       clean input, :math:`h \le 0` and :math:`g < 0`;
     - ``"none"``: nothing.
+
+    Only the signs of ``deviation`` and ``clean`` matter, so they may be passed as
+    sign tensors.
     """
     check_choice("rule", rule, CLIP_RULES)
     if rule == "vm":
@@ -63,6 +66,8 @@ class ClipGrad:
     Rows: the clean activations (optionally re-indexed by ``index``) cover the first
     ``n`` rows of a perturbed batch; later rows (e.g. FEI's deletion game) pass
     unclipped. A layer called several times per forward is paired call by call.
+    Between forward and backward only the signs of :math:`d` (and of :math:`h` for
+    ``"ibm"``) are kept, one byte per element.
 
     Args:
 
@@ -117,27 +122,26 @@ class ClipGrad:
     def capture(self, forward: Callable[[], Any], index: Tensor | None = None) -> Any:
         """Run ``forward()`` without gradients, keep the layer outputs as ``h``.
 
-        Returns what ``forward()`` returns.
-
         Args:
 
             forward (Callable): runs the model on the clean inputs.
             index (Tensor, optional): row ``r`` of later perturbed batches is
-                        compared with clean row ``index[r]``; the clean outputs are
-                        gathered once here. ``None`` pairs row ``r`` with row ``r``.
+                        compared with clean row ``index[r]``; ``None`` pairs row
+                        ``r`` with row ``r``.
                         Default: None
+
+        Returns:
+            What ``forward()`` returns.
         """
         if not self._handles:
             raise RuntimeError("ClipGrad.capture() must be called inside `with`")
         self.clean = [[] for _ in self.layers]
-        self._index = index
         self._capturing = True
         try:
             with torch.no_grad():
                 result = forward()
         finally:
             self._capturing = False
-            self._index = None
         missing = [
             type(m).__name__
             for m, c in zip(self.layers, self.clean, strict=True)
@@ -148,6 +152,7 @@ class ClipGrad:
                 f"`layers`: {missing} were not called by the forward, so ClipGrad "
                 "has no clean activation for them"
             )
+        self._index = index
         self._calls = [0] * len(self.layers)
         return result
 
@@ -159,12 +164,8 @@ class ClipGrad:
                     f"{type(module).__name__} returned {type(output).__name__}"
                 )
             if self._capturing:
-                clean = output.detach()
-                if self._index is not None:
-                    clean = clean.index_select(0, self._index.to(clean.device))
-                else:
-                    clean = clean.clone()
-                self.clean[position].append(clean)
+                # a copy: an in-place activation may overwrite `output` next
+                self.clean[position].append(output.detach().clone())
                 return
             if self.rule == "none" or not output.requires_grad:
                 return
@@ -173,6 +174,8 @@ class ClipGrad:
                 raise RuntimeError("ClipGrad: call capture() before the optimisation")
             h = calls[self._calls[position] % len(calls)]
             self._calls[position] += 1
+            if self._index is not None:
+                h = h.index_select(0, self._index.to(h.device))
             n = h.shape[0]
             if output.shape[0] < n or output.shape[1:] != h.shape[1:]:
                 raise ValueError(
@@ -180,17 +183,24 @@ class ClipGrad:
                     f"{tuple(output.shape)} does not match the clean activation "
                     f"{tuple(h.shape)}"
                 )
-            # d is taken now: an in-place activation may overwrite `output` next.
-            d = output.detach()[:n] - h
-            output.register_hook(self._make_grad_hook(n, d, h))
+            # Every rule depends on the signs of d and h only: keep them as int8
+            # until the backward pass (taken now, before an in-place activation).
+            d_sign = torch.sign(output.detach()[:n] - h).to(torch.int8)
+            h_sign = torch.sign(h).to(torch.int8) if self.rule == "ibm" else d_sign
+            output.register_hook(self._make_grad_hook(n, d_sign, h_sign))
 
         return hook
 
-    def _make_grad_hook(self, n: int, d: Tensor, h: Tensor) -> Callable:
+    def _make_grad_hook(self, n: int, d_sign: Tensor, h_sign: Tensor) -> Callable:
         rule = self.rule
 
         def grad_hook(grad: Tensor) -> Tensor:
-            head = grad[:n].masked_fill(clip_mask(rule, grad[:n], d, h), 0.0)
+            head = grad[:n]
+            if rule == "vm":
+                # same entries as clip_mask: g d <= 0 zeroes g d < 0, d = 0 and g = 0
+                head = torch.where(head * d_sign > 0, head, 0.0)
+            else:
+                head = head.masked_fill(clip_mask(rule, head, d_sign, h_sign), 0.0)
             if grad.shape[0] == n:
                 return head
             return torch.cat([head, grad[n:]])

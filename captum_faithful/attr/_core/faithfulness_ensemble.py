@@ -40,6 +40,7 @@ from captum_faithful._utils import (
     run_forward,
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES, ClipGrad
+from captum_faithful.metrics._utils import resolve_baselines
 
 OBJECTIVES = ("insertion", "deletion", "both")
 
@@ -224,6 +225,14 @@ class FaithfulnessEnsemble(GradientAttribution):
                     iterations, while a strong constant weight erases the ClipGrad
                     effect).
                     Default: None
+
+    Examples::
+
+        >>> from captum_faithful import FaithfulnessEnsemble
+        >>> fei = FaithfulnessEnsemble(model, clip="vm", layers="conv")
+        >>> attributions, maps = fei.attribute(
+        >>>     images, target=labels, generator=torch.Generator().manual_seed(0),
+        >>>     return_quantile_maps=True)      # maps: (N, 5, H, W), nested
     """
 
     def __init__(
@@ -282,10 +291,13 @@ class FaithfulnessEnsemble(GradientAttribution):
         Args:
 
             inputs (Tensor or tuple[Tensor, ...]): images ``(N, C, H, W)``.
-            baselines (scalar, Tensor or tuple, optional): the reference ``R``,
-                        broadcastable to each input. ``None`` draws a random
-                        monochromatic image per sample: one colour per channel,
-                        uniform between that channel's min and max in the sample.
+            baselines (scalar, Tensor, str, Callable or tuple, optional): the
+                        reference ``R``: a number, a tensor broadcastable to the
+                        input, a preset of the metrics (``"zero"``, ``"mean"``,
+                        ``"blur"``), a callable ``input -> tensor``, or a tuple of
+                        these per input. ``None`` draws a random monochromatic image
+                        per sample: one colour per channel, uniform between that
+                        channel's min and max in the sample.
                         Default: None
             target (int, list, Tensor, optional): class per sample, with Captum's
                         meaning. ``None`` explains the class predicted on the
@@ -415,41 +427,7 @@ class FaithfulnessEnsemble(GradientAttribution):
             )
         if baselines is None:
             return tuple(monochrome_reference(x, generator) for x in xs)
-        if not isinstance(baselines, tuple):
-            baselines = (
-                (baselines,) * len(xs)
-                if len(xs) == 1 or not isinstance(baselines, Tensor)
-                else None
-            )
-        if baselines is None or len(baselines) != len(xs):
-            raise ValueError(
-                "`baselines` must be None, a scalar, a tensor broadcastable to the "
-                "input, or a tuple with one entry per input tensor"
-            )
-        references = []
-        for x, ref in zip(xs, baselines, strict=True):
-            if isinstance(ref, numbers.Real) and not isinstance(ref, bool):
-                ref = torch.full((1, 1, 1, 1), float(ref), dtype=x.dtype)
-            if not isinstance(ref, Tensor):
-                raise TypeError(
-                    "`baselines` entries must be scalars or tensors, got "
-                    f"{type(ref).__name__}"
-                )
-            ref = ref.detach().to(device=x.device, dtype=x.dtype)
-            while ref.dim() < 4:
-                ref = ref.unsqueeze(0)
-            try:
-                torch.broadcast_shapes(ref.shape, x.shape)
-                if torch.broadcast_shapes(ref.shape, x.shape) != x.shape:
-                    raise RuntimeError
-            except RuntimeError as err:
-                raise ValueError(
-                    f"`baselines` of shape {tuple(ref.shape)} is not broadcastable "
-                    f"to the input shape {tuple(x.shape)}"
-                ) from err
-            check_finite("baselines", ref)
-            references.append(ref)
-        return tuple(references)
+        return resolve_baselines(baselines, xs)
 
 
 def _game_loss(

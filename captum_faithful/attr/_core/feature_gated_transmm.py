@@ -142,6 +142,12 @@ class FeatureGatedTransMM(TransMM):
 
     With ``c_max=1`` every gate is 1 and the result equals :class:`TransMM`.
 
+    Cost on top of TransMM: one ``sae.encode`` of the patch tokens per gated block
+    (for large SAEs, e.g. 64× expansion on ViT-B, this dominates) and one
+    reconstruction-sized product :math:`f W_{dec}`, sparse when fewer than 5% of
+    the features are active; the ``"gradient"`` variant needs the dense
+    :math:`W_{dec} g` instead. The forward and backward passes are TransMM's.
+
     Args:
         forward_func (Callable): The model or a function returning logits.
         saes (Mapping[int, SAE | str | tuple[str, str]]): ``{block index (0-based):

@@ -165,6 +165,14 @@ class TransMM(GradientAttribution):
             >>> transmm = TransMM(model)
             >>> attributions = transmm.attribute(images)            # (N, 3, H, W)
             >>> patches = transmm.attribute(images, target=3, output="patches")
+            >>> # CLIPModel: image-text logits, the target indexes the texts
+            >>> clip = CLIPModel.from_pretrained(name).eval()
+            >>> ids = tokenizer(["a dog", "a cat"], padding=True,
+            ...                 return_tensors="pt").input_ids
+            >>> transmm = TransMM(
+            ...     lambda px, ids: clip(input_ids=ids, pixel_values=px), model=clip)
+            >>> attributions = transmm.attribute(
+            ...     images, target=0, additional_forward_args=(ids,))
         """
         attributions, _ = self._attribute(
             inputs, target, additional_forward_args, output

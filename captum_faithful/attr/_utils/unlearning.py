@@ -423,6 +423,13 @@ def check_sample_args(additional_forward_args: tuple | None, n_examples: int) ->
             )
 
 
+def _positive_finite(name: str, value: Any) -> float:
+    value = check_float(name, value, low=0.0, low_inclusive=False)
+    if value == float("inf"):
+        raise ValueError(f"`{name}` must be finite, got inf")
+    return value
+
+
 class UnlearningSettings:
     """The validated hyperparameters of Algorithm 1 (η, T, ε, μ, chunk size)."""
 
@@ -434,16 +441,10 @@ class UnlearningSettings:
         pgd_step_size: float,
         unlearning_batch_size: int | None,
     ) -> None:
-        self.unlearning_step = check_float(
-            "unlearning_step", unlearning_step, low=0.0, low_inclusive=False
-        )
+        self.unlearning_step = _positive_finite("unlearning_step", unlearning_step)
         self.pgd_steps = check_int("pgd_steps", pgd_steps, minimum=0)
-        self.epsilon = check_float("epsilon", epsilon, low=0.0, low_inclusive=False)
-        self.pgd_step_size = check_float(
-            "pgd_step_size", pgd_step_size, low=0.0, low_inclusive=False
-        )
-        if unlearning_step == float("inf") or epsilon == float("inf"):
-            raise ValueError("`unlearning_step` and `epsilon` must be finite")
+        self.epsilon = _positive_finite("epsilon", epsilon)
+        self.pgd_step_size = _positive_finite("pgd_step_size", pgd_step_size)
         self.unlearning_batch_size = (
             None
             if unlearning_batch_size is None

@@ -17,6 +17,7 @@ from captum_faithful._utils import check_int
 from captum_faithful.metrics._utils import (
     MetricInputs,
     clean_target_scores,
+    compact_indices,
     feature_scores,
     perturbed_target_scores,
     prepare_metric_inputs,
@@ -58,8 +59,9 @@ def _curve(
         inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
     )
     n_features = setup.n_features
-    # The copy equal to the clean input: everything revealed (insertion) or nothing
-    # removed (deletion). It is scored once, by the clean pass.
+    # The copy equal to the clean input (everything revealed for insertion, nothing
+    # removed for deletion) is scored by the clean pass; repeated counts
+    # (n_steps > F) are forwarded once.
     clean_count = n_features if insertion else 0
     counts = feature_counts(n_features, n_steps)
     distinct = sorted(set(counts) - {clean_count})
@@ -72,10 +74,14 @@ def _curve(
                 setup.attributions, setup.inputs, setup.feature_ids, n_features
             )
         )
-        thresholds = torch.tensor(distinct, dtype=torch.long, device=ranks.device)
+        ranks = compact_indices(ranks, n_features)
+        thresholds = compact_indices(
+            torch.tensor(distinct, device=ranks.device), n_features
+        )
 
         def take_input(samples: Tensor, perturbations: Tensor) -> Tensor:
-            revealed = ranks[samples] < thresholds[perturbations].unsqueeze(1)
+            limit = thresholds[perturbations].unsqueeze(1)
+            revealed = ranks.index_select(0, samples) < limit
             return revealed if insertion else ~revealed
 
         scores = perturbed_target_scores(

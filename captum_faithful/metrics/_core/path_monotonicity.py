@@ -9,87 +9,15 @@ import torch
 from torch import Tensor
 
 from captum_faithful._compat import _format_additional_forward_args
-from captum_faithful._utils import (
-    check_finite,
-    check_int,
-    resolve_targets,
-    run_forward,
+from captum_faithful._utils import check_int, resolve_targets, run_forward
+from captum_faithful.metrics._utils import (
+    check_target_form,
+    chunked_target_scores,
+    format_inputs,
+    resolve_baselines,
+    resolve_chunk_size,
+    spearman_correlation,
 )
-
-
-def _format(inputs: Any) -> tuple[tuple[Tensor, ...], int]:
-    formatted = inputs if isinstance(inputs, tuple) else (inputs,)
-    if not formatted or not all(isinstance(t, Tensor) for t in formatted):
-        raise TypeError(
-            "`inputs` must be a tensor or a non-empty tuple of tensors, got "
-            f"{type(inputs).__name__}"
-        )
-    if any(t.dim() == 0 for t in formatted):
-        raise ValueError("`inputs` need a leading batch dimension")
-    n_examples = formatted[0].shape[0]
-    if n_examples == 0 or any(t.shape[0] != n_examples for t in formatted):
-        raise ValueError(
-            "`inputs` must share a batch size >= 1 on dim 0, got shapes "
-            f"{[tuple(t.shape) for t in formatted]}"
-        )
-    if not all(t.is_floating_point() for t in formatted):
-        raise TypeError("`inputs` must be floating-point tensors")
-    check_finite("inputs", formatted)
-    return formatted, n_examples
-
-
-def _baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    if callable(baselines) and not isinstance(baselines, Tensor):
-        baselines = baselines(inputs if len(inputs) > 1 else inputs[0])
-    formatted = baselines if isinstance(baselines, tuple) else (baselines,)
-    if len(formatted) != len(inputs):
-        raise ValueError(
-            f"`baselines` must hold one baseline per input ({len(inputs)}), got "
-            f"{len(formatted)}"
-        )
-    result = []
-    for i, (baseline, x) in enumerate(zip(formatted, inputs, strict=True)):
-        if isinstance(baseline, bool) or not isinstance(baseline, (Tensor, int, float)):
-            raise TypeError(
-                f"`baselines[{i}]` must be a tensor, a number or a callable, got "
-                f"{type(baseline).__name__}"
-            )
-        baseline = torch.as_tensor(baseline, device=x.device)
-        check_finite("baselines", baseline)
-        try:
-            result.append(torch.broadcast_to(baseline.to(x.dtype), x.shape))
-        except RuntimeError as err:
-            raise ValueError(
-                f"`baselines[{i}]` of shape {tuple(baseline.shape)} cannot be "
-                f"broadcast to the input shape {tuple(x.shape)}"
-            ) from err
-    return tuple(result)
-
-
-def average_ranks(values: Tensor) -> Tensor:
-    """Ranks (1-based) along the last dimension, ties sharing their average rank."""
-    less = (values.unsqueeze(-2) < values.unsqueeze(-1)).sum(dim=-1)
-    equal = (values.unsqueeze(-2) == values.unsqueeze(-1)).sum(dim=-1)
-    return less.to(values.dtype) + (equal.to(values.dtype) + 1) / 2
-
-
-def spearman_with_position(scores: Tensor) -> Tensor:
-    """Spearman correlation of each row of ``scores`` (N, K) with 0, 1, ..., K-1.
-
-    NaN for a row without variation (a constant score along the path).
-    """
-    scores = scores.double()
-    ranks = average_ranks(scores)
-    positions = torch.arange(
-        1, scores.shape[1] + 1, dtype=torch.float64, device=scores.device
-    )
-    ranks = ranks - ranks.mean(dim=1, keepdim=True)
-    positions = positions - positions.mean()
-    numerator = (ranks * positions).sum(dim=1)
-    denominator = ranks.norm(dim=1) * positions.norm()
-    return torch.where(
-        denominator > 0, numerator / denominator, torch.full_like(numerator, torch.nan)
-    )
 
 
 def path_monotonicity(
@@ -100,6 +28,7 @@ def path_monotonicity(
     additional_forward_args: Any = None,
     n_steps: int = 15,
     apply_softmax: bool = True,
+    max_examples_per_batch: int | None = None,
 ) -> Tensor:
     r"""
     Path monotonicity measures whether the model's confidence rises steadily along
@@ -116,8 +45,8 @@ def path_monotonicity(
     with :math:`s_c` the softmax probability of the target class (or the raw
     output when ``apply_softmax=False``). 1 is a monotonically increasing path,
     -1 a decreasing one; tied scores share their average rank, and a constant
-    score gives NaN. Runs under ``torch.no_grad()``, one forward pass of the batch
-    per path point.
+    score gives NaN. Runs under ``torch.no_grad()``; the ``N * (n_steps + 1)`` path
+    points are forwarded ``max_examples_per_batch`` at a time.
 
     Args:
 
@@ -125,10 +54,12 @@ def path_monotonicity(
                 (N, n_classes) scores or a ``ModelOutput`` with ``logits``.
         inputs (Tensor or tuple[Tensor, ...]): The explained inputs
                 (the end of the path), batch on dim 0.
-        baselines (scalar, Tensor, tuple, or Callable): The start of the path:
-                a number or a tensor broadcastable to each input (one per input
-                in a tuple), or a callable ``inputs -> baselines`` (e.g.
-                ``UnlearnedIntegratedGradients(model).compute_baselines``).
+        baselines (scalar, Tensor, str, Callable, or tuple): The start of the
+                path, in the forms every metric accepts: a number or a tensor
+                broadcastable to the input, a preset ``"zero"``, ``"mean"`` or
+                ``"blur"``, a callable ``input -> baseline`` applied to each input
+                tensor (e.g. ``UnlearnedIntegratedGradients(model)
+                .compute_baselines``), or a tuple with one per input.
         target (int, Tensor, or list, optional): The class whose score is
                 followed; None takes the class predicted on ``inputs``.
                 Default: None
@@ -141,6 +72,9 @@ def path_monotonicity(
         apply_softmax (bool, optional): Score the softmax probability (True) or
                 the raw output (False).
                 Default: True
+        max_examples_per_batch (int, optional): Path points per forward pass;
+                None uses the metrics' default chunk size.
+                Default: None
 
     Returns:
         *Tensor* of shape (N,), float64: the Spearman correlation per sample.
@@ -155,21 +89,38 @@ def path_monotonicity(
     n_steps = check_int("n_steps", n_steps, minimum=1)
     if not isinstance(apply_softmax, bool):
         raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
-    formatted, _ = _format(inputs)
-    args = _format_additional_forward_args(additional_forward_args)
+    chunk_size = resolve_chunk_size(max_examples_per_batch)
+    formatted, _ = format_inputs(inputs)
+    n_examples = formatted[0].shape[0]
+    check_target_form(target, n_examples)
     with torch.no_grad():
-        starts = _baselines(baselines, formatted)
-        output = run_forward(forward_func, formatted, args)
+        starts = resolve_baselines(baselines, formatted)
+        output = run_forward(
+            forward_func,
+            formatted,
+            _format_additional_forward_args(additional_forward_args),
+        )
         classes = resolve_targets(output, target)
-        rows = torch.arange(classes.shape[0], device=classes.device)
-        scores = []
-        for k in range(n_steps + 1):
-            alpha = k / n_steps
-            point = tuple(
-                b + alpha * (x - b) for x, b in zip(formatted, starts, strict=True)
-            )
-            out = output if k == n_steps else run_forward(forward_func, point, args)
-            if apply_softmax:
-                out = torch.softmax(out, dim=1)
-            scores.append(out[rows, classes])
-    return spearman_with_position(torch.stack(scores, dim=1))
+        device = formatted[0].device
+
+        def build_rows(samples: Tensor, points: Tensor) -> tuple[Tensor, ...]:
+            rows = []
+            for x, b in zip(formatted, starts, strict=True):
+                alpha = (points.to(x.dtype) / n_steps).view(-1, *([1] * (x.dim() - 1)))
+                x_rows, b_rows = x.index_select(0, samples), b.index_select(0, samples)
+                rows.append(b_rows + alpha * (x_rows - b_rows))
+            return tuple(rows)
+
+        scores = chunked_target_scores(
+            forward_func,
+            build_rows,
+            n_examples,
+            n_steps + 1,
+            classes,
+            additional_forward_args,
+            apply_softmax,
+            chunk_size,
+            device,
+        )
+    positions = torch.arange(n_steps + 1, dtype=torch.float64, device=scores.device)
+    return spearman_correlation(positions.expand(n_examples, -1), scores)

@@ -16,6 +16,7 @@ from captum_faithful._compat import (
 from captum_faithful._utils import check_int
 from captum_faithful.metrics._utils import (
     clean_target_scores,
+    compact_indices,
     feature_scores,
     perturbed_target_scores,
     prepare_metric_inputs,
@@ -137,8 +138,11 @@ def saco(
         groups = rank_groups(setup.n_features, n_groups, scores.device)
         feature_group = groups[rank_features(scores)]
 
+        compact_group = compact_indices(feature_group, n_groups)
+
         def take_input(samples: Tensor, perturbations: Tensor) -> Tensor:
-            return feature_group[samples] != perturbations.unsqueeze(1)
+            groups_of_rows = compact_group.index_select(0, samples)
+            return groups_of_rows != perturbations.to(groups_of_rows.dtype).unsqueeze(1)
 
         removed = perturbed_target_scores(
             forward_func,
