@@ -7,9 +7,9 @@ the test. The last code cell of every tutorial prints one line
 ``TUTORIAL_CHECKS {json}`` with the values the notebook computed; the test checks
 them against what the methods guarantee.
 
-nbclient/nbformat run in a subprocess: pytest puts ``tests/`` first on ``sys.path``,
-where the package ``tests/attr`` shadows ``attr`` (attrs), which jsonschema and so
-nbformat import. The notebooks are read here as plain JSON.
+nbclient/nbformat run in a subprocess with a clean ``sys.path`` (pytest prepends the
+test folders, where a test package could shadow a module that nbformat needs, as
+``tests/attr`` once shadowed ``attr``); the notebooks are read here as plain JSON.
 """
 
 from __future__ import annotations
