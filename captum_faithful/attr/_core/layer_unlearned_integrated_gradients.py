@@ -32,12 +32,8 @@ from captum_faithful.attr._utils.unlearning import (
     format_baselines,
     format_inputs,
     integrated_gradients,
-    match_baselines,
     protected_forward,
     resolve_class_targets,
-    unlearned_log_probs,
-    unlearned_parameters,
-    unlearning_chunk_size,
 )
 
 
@@ -258,7 +254,9 @@ class LayerUnlearnedIntegratedGradients(
                 forward, formatted, args, is_layer_tuple
             )
             if given is None:
-                starts = self._learn(layer_forward, formatted, layer_out, classes, args)
+                starts = self._learn_baselines(
+                    layer_forward, layer_out, formatted, classes, args, None
+                )
             else:
                 starts = self._layer_eval(forward, given, args)[0]
             if internal_batch_size is not None and n_steps > 1:
@@ -330,7 +328,9 @@ class LayerUnlearnedIntegratedGradients(
             layer_forward = self._layer_forward(
                 forward, formatted, args, is_layer_tuple
             )
-            baselines = self._learn(layer_forward, formatted, layer_out, classes, args)
+            baselines = self._learn_baselines(
+                layer_forward, layer_out, formatted, classes, args, None
+            )
         return _format_output(is_layer_tuple, tuple(b.detach() for b in baselines))
 
     def _layer_eval(
@@ -373,39 +373,6 @@ class LayerUnlearnedIntegratedGradients(
                 return forward(*model_inputs, *(model_args or ()))
 
         return layer_forward
-
-    def _learn(
-        self,
-        layer_forward: Callable[..., Tensor],
-        inputs: tuple[Tensor, ...],
-        layer_out: tuple[Tensor, ...],
-        classes: Tensor,
-        args: tuple | None,
-    ) -> tuple[Tensor, ...]:
-        settings = self._settings
-        params = unlearned_parameters(self.model)
-        log_target = unlearned_log_probs(
-            self._wrapper,
-            params,
-            buffer_copies(self.model),
-            inputs,
-            classes,
-            args,
-            settings.unlearning_step,
-            unlearning_chunk_size(
-                settings.unlearning_batch_size, params, inputs[0].shape[0]
-            ),
-        )
-        return match_baselines(
-            self.gradient_func,
-            layer_forward,
-            layer_out,
-            log_target,
-            None,
-            settings.pgd_steps,
-            settings.epsilon,
-            settings.pgd_step_size,
-        )
 
     def _attribute(
         self,

@@ -31,12 +31,8 @@ from captum_faithful.attr._utils.unlearning import (
     format_baselines,
     format_inputs,
     integrated_gradients,
-    match_baselines,
     protected_forward,
     resolve_class_targets,
-    unlearned_log_probs,
-    unlearned_parameters,
-    unlearning_chunk_size,
 )
 
 
@@ -224,7 +220,9 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
             forward = protected_forward(self._wrapper, buffer_copies(self.model))
             classes = self._classes(forward, formatted, target, args)
             if given is None:
-                starts = self._learn(forward, formatted, classes, args)
+                starts = self._learn_baselines(
+                    forward, formatted, formatted, classes, args, args
+                )
             else:
                 starts = given
             if internal_batch_size is not None and n_steps > 1:
@@ -293,7 +291,9 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
         with torch.enable_grad():
             forward = protected_forward(self._wrapper, buffer_copies(self.model))
             classes = self._classes(forward, formatted, target, args)
-            baselines = self._learn(forward, formatted, classes, args)
+            baselines = self._learn_baselines(
+                forward, formatted, formatted, classes, args, args
+            )
         return _format_output(is_inputs_tuple, tuple(b.detach() for b in baselines))
 
     def _classes(
@@ -306,38 +306,6 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
         with torch.no_grad():
             logits = forward(*inputs, *(args or ()))
         return resolve_targets(logits, resolve_class_targets(logits, target))
-
-    def _learn(
-        self,
-        forward: Callable[..., Tensor],
-        inputs: tuple[Tensor, ...],
-        classes: Tensor,
-        args: tuple | None,
-    ) -> tuple[Tensor, ...]:
-        settings = self._settings
-        params = unlearned_parameters(self.model)
-        log_target = unlearned_log_probs(
-            self._wrapper,
-            params,
-            buffer_copies(self.model),
-            inputs,
-            classes,
-            args,
-            settings.unlearning_step,
-            unlearning_chunk_size(
-                settings.unlearning_batch_size, params, inputs[0].shape[0]
-            ),
-        )
-        return match_baselines(
-            self.gradient_func,
-            forward,
-            inputs,
-            log_target,
-            args,
-            settings.pgd_steps,
-            settings.epsilon,
-            settings.pgd_step_size,
-        )
 
     def _attribute(
         self,

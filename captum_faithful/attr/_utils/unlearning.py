@@ -453,9 +453,50 @@ class UnlearningSettings:
 
 
 class UnlearningHyperparameters:
-    """Read-only access to the hyperparameters, for the UNI attribution classes."""
+    """Read-only access to the hyperparameters, and the baseline learning step
+    (Algorithm 1, lines 1-7) shared by the UNI attribution classes."""
 
     _settings: UnlearningSettings
+    _wrapper: ParametrizedForward
+    model: nn.Module
+    gradient_func: Callable
+
+    def _learn_baselines(
+        self,
+        forward: Callable[..., Tensor],
+        points: tuple[Tensor, ...],
+        inputs: tuple[Tensor, ...],
+        classes: Tensor,
+        args: tuple | None,
+        forward_args: tuple | None,
+    ) -> tuple[Tensor, ...]:
+        """Unlearn the prediction of ``inputs`` per sample, then perturb ``points``
+        (the inputs, or a layer's output) so that ``forward(points, forward_args)``
+        matches the unlearned distribution."""
+        settings = self._settings
+        params = unlearned_parameters(self.model)
+        log_target = unlearned_log_probs(
+            self._wrapper,
+            params,
+            buffer_copies(self.model),
+            inputs,
+            classes,
+            args,
+            settings.unlearning_step,
+            unlearning_chunk_size(
+                settings.unlearning_batch_size, params, inputs[0].shape[0]
+            ),
+        )
+        return match_baselines(
+            self.gradient_func,
+            forward,
+            points,
+            log_target,
+            forward_args,
+            settings.pgd_steps,
+            settings.epsilon,
+            settings.pgd_step_size,
+        )
 
     @property
     def unlearning_step(self) -> float:
