@@ -39,38 +39,19 @@ sys.path.insert(0, str(ROOT))
 
 def build(n_images: int, batch_size: int):
     import torch
-    from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
+    from captum_faithful import UnlearnedIntegratedGradients
+    from captum_faithful.demo.models import build_cnn
     from captum_faithful.metrics import deletion_auc, insertion_auc, saco
 
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    ).eval()
+    # The demo CNN's architecture; throughput does not depend on trained weights.
+    model = build_cnn().eval()
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(n_images, 3, 32, 32, generator=generator)
     loader = DataLoader(TensorDataset(images), batch_size=batch_size)
-    try:
-        from captum_faithful import UnlearnedIntegratedGradients
-
-        explainers = {"uni": UnlearnedIntegratedGradients(model)}
-    except ImportError:
-        from functools import partial
-
-        from captum.attr import IntegratedGradients
-
-        explainers = {"ig": partial(IntegratedGradients(model).attribute, n_steps=15)}
+    explainers = {"uni": UnlearnedIntegratedGradients(model)}
     metrics = {"insertion": insertion_auc, "deletion": deletion_auc, "saco": saco}
     return model, loader, explainers, metrics
 
