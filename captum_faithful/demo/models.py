@@ -73,7 +73,9 @@ FULL_RECIPE = Recipe(
     vit_layers=4,
     vit_heads=4,
     vit_init_range=0.1,
-    sae_layers=(1, 2, 3),
+    # not the last block: the classifier reads the CLS token only, so the gradient
+    # at the last block's patch tokens, and with it every feature gate, is zero
+    sae_layers=(0, 1, 2),
     sae_expansion=8,
     sae_k=16,
     sae_steps=1500,
@@ -81,18 +83,20 @@ FULL_RECIPE = Recipe(
     renderings=12,
 )
 
+#: 8-pixel patches: 17 tokens instead of 65 train the ViT about 6x faster (30 epochs,
+#: 14 s at 2 threads, 0.92 test accuracy) at the price of a 4x4 relevance grid.
 QUICK_RECIPE = Recipe(
     cnn_epochs=12,
     cnn_lr=3e-3,
-    vit_epochs=45,
-    vit_lr=2e-3,
-    vit_batch_size=32,
-    vit_patch_size=4,
+    vit_epochs=30,
+    vit_lr=3e-3,
+    vit_batch_size=64,
+    vit_patch_size=8,
     vit_hidden_size=64,
     vit_layers=4,
     vit_heads=4,
     vit_init_range=0.1,
-    sae_layers=(1, 3),
+    sae_layers=(1, 2),
     sae_expansion=8,
     sae_k=16,
     sae_steps=500,
@@ -112,11 +116,11 @@ def cache_root() -> Path:
 
 @contextmanager
 def _training_threads() -> Iterator[None]:
-    """Half the cores, at most four, while training (these models are too small to
-    gain from more; on a busy machine more threads only wait on each other); the
-    setting is restored afterwards."""
+    """Every core, at most four, while training (these models are too small to gain
+    from more: measured on 2 cores, 2 threads train the quick recipe in 0.73x the
+    time of 1); the setting is restored afterwards."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 2) // 2)))
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     try:
         yield
     finally:
@@ -191,7 +195,13 @@ def build_vit(recipe: Recipe, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         pixels = torch.eye(n_pixels).reshape(n_pixels, channels, height, width)
         centred = pixels - pixels.mean((2, 3), keepdim=True)
-        basis, _ = torch.linalg.qr(torch.randn(hidden, n_pixels, generator=generator))
+        # orthonormal columns (hidden >= pixels) or rows (hidden < pixels)
+        draw = torch.randn(
+            max(hidden, n_pixels), min(hidden, n_pixels), generator=generator
+        )
+        basis, _ = torch.linalg.qr(draw)
+        if hidden < n_pixels:
+            basis = basis.T
         projection.weight.copy_(2.0 * torch.einsum("hk,kcij->hcij", basis, centred))
         projection.bias.zero_()
         embeddings.position_embeddings.normal_(0.0, 0.1, generator=generator)

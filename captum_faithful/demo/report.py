@@ -164,8 +164,10 @@ def render_report(outcome: Any) -> str:
         f"faithfulness correlation ({50 if settings.quick else 100} random subsets of 25 % "
         "of the features, black baseline, Pearson); path monotonicity (15 steps along "
         "the method's own path); evidence localisation (share of the positive "
-        "attribution inside the digit's block). ViT methods are scored with 4×4 patches "
-        "as features, CNN methods with pixels. Time: explanation seconds per image.",
+        "attribution inside the digit's block). ViT methods are scored with the ViT's "
+        f"{recipe.get('vit_patch_size', '?')}×{recipe.get('vit_patch_size', '?')} "
+        "patches as features, CNN methods with pixels. Time: explanation seconds per "
+        "image.",
         f"- Wall time of this run: {outcome.seconds:.0f} s. Python {platform.python_version()}, "
         f"torch {torch.__version__}.",
         "",
