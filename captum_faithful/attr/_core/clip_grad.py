@@ -95,7 +95,6 @@ class ClipGrad:
         self.clean: list[list[Tensor]] = [[] for _ in layers]
         self._calls = [0] * len(layers)
         self._capturing = False
-        self._index: Tensor | None = None
         self._handles: list[Any] = []
 
     def __enter__(self) -> ClipGrad:
@@ -152,7 +151,12 @@ class ClipGrad:
                 f"`layers`: {missing} were not called by the forward, so ClipGrad "
                 "has no clean activation for them"
             )
-        self._index = index
+        if index is not None:
+            # re-indexed once here rather than at every later forward
+            self.clean = [
+                [h.index_select(0, index.to(h.device)) for h in calls]
+                for calls in self.clean
+            ]
         self._calls = [0] * len(self.layers)
         return result
 
@@ -174,8 +178,6 @@ class ClipGrad:
                 raise RuntimeError("ClipGrad: call capture() before the optimisation")
             h = calls[self._calls[position] % len(calls)]
             self._calls[position] += 1
-            if self._index is not None:
-                h = h.index_select(0, self._index.to(h.device))
             n = h.shape[0]
             if output.shape[0] < n or output.shape[1:] != h.shape[1:]:
                 raise ValueError(
