@@ -13,7 +13,9 @@ minimum over ``--repeats`` runs:
   of the batch + ``n_steps`` x batch examples forward+backward at the fastest
   chunk size + the per-sample unlearning written directly with torch.func
   (``vmap(grad)`` and one vmapped forward with per-sample parameters).
-- Vectorised / per-sample-loop unlearning at batch 16 (target >= 4).
+- Vectorised / per-sample-loop unlearning at batch 16 (target >= 4), next to
+  ``bound``: 16 batch-1 calls / one batch-16 call of forward, parameter gradient
+  and forward with shared weights, the most any vectorisation can gain here.
 - Extra peak heap memory of the unlearning step (glibc ``mallinfo2`` polled from
   a thread; Linux only) against ``unlearning_batch_size``.
 
@@ -126,6 +128,20 @@ def raw_unlearning(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
         return vmap(one)(x, target)
 
 
+def shared_weight_passes(model: nn.Module, x: Tensor, target: Tensor) -> None:
+    """What unlearning costs with one shared θ: forward, parameter gradient, forward.
+
+    Batching a model that shares its weights across the batch is the best case of
+    vectorisation, so 16 calls at batch 1 over one call at batch 16 bounds the
+    speed-up any vectorised per-sample unlearning can reach on this machine.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = F.cross_entropy(model(x), target)
+    torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        model(x)
+
+
 def speed(name: str, repeats: int) -> dict:
     torch.manual_seed(0)
     model = MODELS[name]().eval()
@@ -150,6 +166,11 @@ def speed(name: str, repeats: int) -> dict:
         "raw_unlearn": lambda: raw_unlearning(model, x, target),
         "vmap": lambda: unlearn("vmap"),
         "loop": lambda: unlearn("loop"),
+        "shared_batched": lambda: shared_weight_passes(model, x, target),
+        "shared_loop": lambda: [
+            shared_weight_passes(model, x[i : i + 1], target[i : i + 1])
+            for i in range(BATCH)
+        ],
     }
     for chunk in chunks:
         fns[f"path{chunk}"] = lambda c=chunk: [
@@ -176,6 +197,7 @@ def speed(name: str, repeats: int) -> dict:
         "unlearn_loop_s": t["loop"],
         "loop/vmap": t["loop"] / t["vmap"],
         "vmap/raw": t["vmap"] / t["raw_unlearn"],
+        "bound": t["shared_loop"] / t["shared_batched"],
     }
 
 
