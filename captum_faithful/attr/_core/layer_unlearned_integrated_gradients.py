@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
-    _batch_attribution,
     _expand_additional_forward_args,
     _format_additional_forward_args,
     _format_output,
@@ -31,7 +30,6 @@ from captum_faithful.attr._utils.unlearning import (
     completeness_gap,
     format_baselines,
     format_inputs,
-    integrated_gradients,
     protected_forward,
     resolve_class_targets,
 )
@@ -259,28 +257,10 @@ class LayerUnlearnedIntegratedGradients(
                 )
             else:
                 starts = self._layer_eval(forward, given, args)[0]
-            if internal_batch_size is not None and n_steps > 1:
-                attributions = _batch_attribution(
-                    self,
-                    n_examples,
-                    internal_batch_size,
-                    n_steps,
-                    inputs=layer_out,
-                    baselines=starts,
-                    target=classes,
-                    method=method,
-                    forward_fn=layer_forward,
-                )
-            else:
-                attributions = self._attribute(
-                    layer_out,
-                    starts,
-                    classes,
-                    layer_forward,
-                    n_steps=n_steps,
-                    method=method,
-                )
-            attributions = tuple(a.detach() for a in attributions)
+            attributions = self._integrate(
+                layer_forward, layer_out, starts, classes, None, n_steps, method,
+                internal_batch_size,
+            )  # fmt: skip
             output = _format_output(is_layer_tuple, attributions)
             if not return_convergence_delta:
                 return output
@@ -373,33 +353,3 @@ class LayerUnlearnedIntegratedGradients(
                 return forward(*model_inputs, *(model_args or ()))
 
         return layer_forward
-
-    def _attribute(
-        self,
-        inputs: tuple[Tensor, ...],
-        baselines: tuple[Tensor, ...],
-        target: Tensor,
-        forward_fn: Callable[..., Tensor],
-        n_steps: int = 15,
-        method: str = "riemann_right",
-        step_sizes_and_alphas: tuple[list[float], list[float]] | None = None,
-    ) -> tuple[Tensor, ...]:
-        return integrated_gradients(
-            self.gradient_func,
-            forward_fn,
-            inputs,
-            baselines,
-            target,
-            None,
-            n_steps,
-            method,
-            self.multiplies_by_inputs,
-            step_sizes_and_alphas,
-        )
-
-    def has_convergence_delta(self) -> bool:
-        return True
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
-    _batch_attribution,
     _format_additional_forward_args,
     _format_output,
     _is_tuple,
@@ -30,7 +29,6 @@ from captum_faithful.attr._utils.unlearning import (
     completeness_gap,
     format_baselines,
     format_inputs,
-    integrated_gradients,
     protected_forward,
     resolve_class_targets,
 )
@@ -225,30 +223,10 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
                 )
             else:
                 starts = given
-            if internal_batch_size is not None and n_steps > 1:
-                attributions = _batch_attribution(
-                    self,
-                    formatted[0].shape[0],
-                    internal_batch_size,
-                    n_steps,
-                    inputs=formatted,
-                    baselines=starts,
-                    target=classes,
-                    additional_forward_args=args,
-                    method=method,
-                    forward_fn=forward,
-                )
-            else:
-                attributions = self._attribute(
-                    formatted,
-                    starts,
-                    classes,
-                    args,
-                    n_steps,
-                    method,
-                    forward_fn=forward,
-                )
-            attributions = tuple(a.detach() for a in attributions)
+            attributions = self._integrate(
+                forward, formatted, starts, classes, args, n_steps, method,
+                internal_batch_size,
+            )  # fmt: skip
             output = _format_output(is_inputs_tuple, attributions)
             if not return_convergence_delta:
                 return output
@@ -306,34 +284,3 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
         with torch.no_grad():
             logits = forward(*inputs, *(args or ()))
         return resolve_targets(logits, resolve_class_targets(logits, target))
-
-    def _attribute(
-        self,
-        inputs: tuple[Tensor, ...],
-        baselines: tuple[Tensor, ...],
-        target: Tensor,
-        additional_forward_args: tuple | None = None,
-        n_steps: int = 15,
-        method: str = "riemann_right",
-        step_sizes_and_alphas: tuple[list[float], list[float]] | None = None,
-        forward_fn: Callable[..., Tensor] | None = None,
-    ) -> tuple[Tensor, ...]:
-        return integrated_gradients(
-            self.gradient_func,
-            forward_fn if forward_fn is not None else self._wrapper,
-            inputs,
-            baselines,
-            target,
-            additional_forward_args,
-            n_steps,
-            method,
-            self.multiplies_by_inputs,
-            step_sizes_and_alphas,
-        )
-
-    def has_convergence_delta(self) -> bool:
-        return True
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs

@@ -27,6 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from captum_faithful._compat import (
     SUPPORTED_METHODS,
+    _batch_attribution,
     _expand_additional_forward_args,
     _expand_target,
     _reshape_and_sum,
@@ -453,11 +454,12 @@ class UnlearningSettings:
 
 
 class UnlearningHyperparameters:
-    """Read-only access to the hyperparameters, and the baseline learning step
-    (Algorithm 1, lines 1-7) shared by the UNI attribution classes."""
+    """What the UNI attribution classes share: read-only hyperparameters, the
+    baseline learning step (Algorithm 1, lines 1-7) and the path integral (line 8)."""
 
     _settings: UnlearningSettings
     _wrapper: ParametrizedForward
+    _multiply_by_inputs: bool
     model: nn.Module
     gradient_func: Callable
 
@@ -497,6 +499,69 @@ class UnlearningHyperparameters:
             settings.epsilon,
             settings.pgd_step_size,
         )
+
+    def _integrate(
+        self,
+        forward: Callable[..., Tensor],
+        points: tuple[Tensor, ...],
+        starts: tuple[Tensor, ...],
+        classes: Tensor,
+        args: tuple | None,
+        n_steps: int,
+        method: str,
+        internal_batch_size: int | None,
+    ) -> tuple[Tensor, ...]:
+        """Integrated gradients of ``forward`` from ``starts`` to ``points``, in
+        chunks of ``internal_batch_size`` path points when given (Captum's batching)."""
+        if internal_batch_size is not None and n_steps > 1:
+            attributions = _batch_attribution(
+                self,
+                points[0].shape[0],
+                internal_batch_size,
+                n_steps,
+                inputs=points,
+                baselines=starts,
+                target=classes,
+                additional_forward_args=args,
+                method=method,
+                forward_fn=forward,
+            )
+        else:
+            attributions = self._attribute(
+                points, starts, classes, args, n_steps, method, forward_fn=forward
+            )
+        return tuple(a.detach() for a in attributions)
+
+    def _attribute(
+        self,
+        inputs: tuple[Tensor, ...],
+        baselines: tuple[Tensor, ...],
+        target: Tensor,
+        additional_forward_args: tuple | None = None,
+        n_steps: int = 15,
+        method: str = "riemann_right",
+        step_sizes_and_alphas: tuple[list[float], list[float]] | None = None,
+        forward_fn: Callable[..., Tensor] | None = None,
+    ) -> tuple[Tensor, ...]:
+        return integrated_gradients(
+            self.gradient_func,
+            forward_fn if forward_fn is not None else self._wrapper,
+            inputs,
+            baselines,
+            target,
+            additional_forward_args,
+            n_steps,
+            method,
+            self.multiplies_by_inputs,
+            step_sizes_and_alphas,
+        )
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
 
     @property
     def unlearning_step(self) -> float:
