@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from helpers import digit_images, four_conv_cnn  # noqa: E402
 
 from captum_faithful.attr import FaithfulnessEnsemble  # noqa: E402
 from captum_faithful.attr._core.faithfulness_ensemble import (  # noqa: E402
@@ -36,33 +39,6 @@ from captum_faithful.metrics import (  # noqa: E402
     insertion_activation_deviation,
     insertion_auc,
 )
-
-
-def digit_images(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(digits.target)
-
-
-def four_conv_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 16, 10),
-    )
 
 
 class ResidualBlock(nn.Module):

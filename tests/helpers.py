@@ -1,10 +1,13 @@
-"""Shared test utilities: tiny models and a bit-for-bit model snapshot."""
+"""Shared test utilities: tiny models, a digits set and a bit-for-bit model snapshot.
+
+``benchmarks/bench_fei.py`` imports the digits set and the 4-conv CNN from here too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,6 +24,34 @@ def small_cnn(in_channels: int = 3, n_classes: int = 10, seed: int = 0) -> nn.Mo
         nn.Flatten(),
         nn.Linear(64, n_classes),
     ).eval()
+
+
+def digit_images(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits, bilinearly upsampled to 3 x size x size in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(digits.target)
+
+
+def four_conv_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
+    )
 
 
 @dataclass

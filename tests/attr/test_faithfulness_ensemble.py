@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ModelSnapshot, small_cnn
+from helpers import ModelSnapshot, digit_images, four_conv_cnn, small_cnn
 from torch import nn
 
 from captum_faithful.attr import FaithfulnessEnsemble
@@ -15,36 +15,10 @@ from captum_faithful.metrics import activation_deviation
 # ---------------------------------------------------------------- trained toy model
 
 
-def digit_images(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8x8 digits, bilinearly upsampled to 3 x size x size in [0, 1]."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(digits.target)
-
-
-def four_conv_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 16, 10),
-    )
-
-
 @pytest.fixture(scope="session")
 def trained():
     """A 4-conv CNN trained for a few seconds on digits (held-out accuracy ~0.9)."""
+    pytest.importorskip("sklearn")
     x, y = digit_images()
     model = four_conv_cnn()
     generator = torch.Generator().manual_seed(0)
