@@ -131,7 +131,12 @@ def _saliency(demo: Any, settings: Settings) -> Explainer:
     from captum.attr import Saliency
 
     saliency = Saliency(demo.cnn)
-    return Explainer(lambda x, t: saliency.attribute(x, target=t, abs=True))
+    # a copy that requires grad, so Captum need not warn that it set the flag
+    return Explainer(
+        lambda x, t: saliency.attribute(
+            x.detach().clone().requires_grad_(), target=t, abs=True
+        )
+    )
 
 
 def _faithfulness_ensemble(clip: str) -> Callable[[Any, Settings], Explainer]:
