@@ -2,7 +2,9 @@
 
 1. Speed: all quantile maps in one batched optimisation vs one quantile after
    another (per batch, and per image as a reference loop), and time per image vs
-   Captum IntegratedGradients (n_steps=50) on the same batch.
+   Captum IntegratedGradients (n_steps=50) on the same batch. Two floors: the bare
+   forward+backward passes of the joint batch, and of K batches of N images; their
+   ratio is the most batching the quantiles can gain on the machine.
 2. Faithfulness, on small CNNs trained for a few seconds on scikit-learn digits
    (3x16x16; a plain 4-conv sequential CNN and a residual one): the FEI variant table of the paper — insertion AUC, deletion AUC,
    activation deviation along the hard insertion curve (MSE, cosine; all conv

@@ -116,6 +116,7 @@ def render_report(outcome: Any) -> str:
     header, rows = summary_table(outcome)
     n_images = int(outcome.results.table["index"].nunique())
     recipe = demo.meta.get("recipe", {})
+    patch = recipe.get("vit_patch_size", "?")
     lines = [
         "# captum-faithful demo report",
         "",
@@ -165,7 +166,7 @@ def render_report(outcome: Any) -> str:
         "of the features, black baseline, Pearson); path monotonicity (15 steps along "
         "the method's own path); evidence localisation (share of the positive "
         "attribution inside the digit's block). ViT methods are scored with the ViT's "
-        f"{recipe.get('vit_patch_size', '?')}×{recipe.get('vit_patch_size', '?')} "
+        f"{patch}×{patch} "
         "patches as features, CNN methods with pixels. Time: explanation seconds per "
         "image.",
         f"- Wall time of this run: {outcome.seconds:.0f} s. Python {platform.python_version()}, "

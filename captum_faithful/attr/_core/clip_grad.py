@@ -126,7 +126,8 @@ class ClipGrad:
             forward (Callable): runs the model on the clean inputs.
             index (Tensor, optional): row ``r`` of later perturbed batches is
                         compared with clean row ``index[r]``; ``None`` pairs row
-                        ``r`` with row ``r``.
+                        ``r`` with row ``r``. The clean activations are re-indexed
+                        once, here, so they take one row per indexed row.
                         Default: None
 
         Returns:
