@@ -177,3 +177,49 @@ def test_layer_selection_presets_names_and_errors():
         select_layers(nn.Sequential(nn.Linear(2, 2)), "conv")
     with pytest.raises(ValueError, match="rule"):
         ClipGrad(convs, "clip-all")
+
+
+def test_vm_at_attention_probabilities_blocks_exactly_the_attention_path():
+    """At x~ = x every attention probability has d = 0, so ``vm`` at
+    ``layers="attention"`` zeroes the whole gradient through them, and only through
+    them: the input gradient must equal that of the same ViT whose attention
+    probabilities are constants (an attention function registered with transformers
+    that detaches them)."""
+    pytest.importorskip("transformers")
+    from tiny_vits import hf_vit, images
+    from transformers import AttentionInterface
+
+    from captum_faithful._layers import model_places
+
+    model = hf_vit().model
+    snapshot = ModelSnapshot.take(model)
+    x = images(2)
+
+    def input_gradient():
+        x_req = x.clone().requires_grad_()
+        model(x_req).logits[:, 1].sum().backward()
+        return x_req.grad
+
+    def detached(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        scores = query @ key.transpose(2, 3) * (scaling or query.shape[-1] ** -0.5)
+        weights = scores.softmax(-1).detach()
+        return (weights @ value).transpose(1, 2).contiguous(), weights
+
+    config = vars(model.config)
+    before = config["_attn_implementation_internal"]
+    AttentionInterface.register("detached_probabilities", detached)
+    try:
+        config["_attn_implementation_internal"] = "detached_probabilities"
+        expected = input_gradient()
+    finally:
+        config["_attn_implementation_internal"] = before
+        del AttentionInterface._global_mapping["detached_probabilities"]
+    plain = input_gradient()
+    with model_places(model, "attention") as places, ClipGrad(places, "vm") as clip:
+        assert model.config._attn_implementation == "eager"
+        clip.capture(lambda: model(x))
+        clipped = input_gradient()
+    assert model.config._attn_implementation == before
+    assert torch.allclose(clipped, expected, atol=1e-6)
+    assert not torch.allclose(clipped, plain, atol=1e-4)
+    snapshot.assert_same(model)

@@ -148,3 +148,36 @@ def test_insertion_activation_deviation_follows_the_hard_insertion_curve(cnn):
         insertion_activation_deviation(cnn, "conv", x, attributions, n_steps=0)
     with pytest.raises(ValueError, match="attributions"):
         insertion_activation_deviation(cnn, "conv", x, attributions[:2])
+
+
+def test_vision_transformer_layer_sets_match_the_model_outputs():
+    """``"blocks"``: the residual stream after every block; ``"attention"``: every
+    block's attention probabilities (with eager attention switched on for the call and
+    restored). Compared with the model's own ``hidden_states`` / ``attentions``."""
+    pytest.importorskip("transformers")
+    from tiny_vits import hf_vit, images
+
+    model = hf_vit().model
+    before = model.config._attn_implementation
+    x = images(3)
+    x_tilde = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    model.config._attn_implementation_internal = "eager"
+    with torch.no_grad():
+        clean = model(x, output_hidden_states=True, output_attentions=True)
+        perturbed = model(x_tilde, output_hidden_states=True, output_attentions=True)
+    model.config._attn_implementation_internal = before
+    # (taken now: transformers installs its output recorders on the first call that
+    # asks for hidden states or attentions)
+    snapshot = ModelSnapshot.take(model)
+    for layers, key, offset in (
+        ("blocks", "hidden_states", 1),
+        ("attention", "attentions", 0),
+    ):
+        result = activation_deviation(model, layers, x, x_tilde)
+        assert model.config._attn_implementation == before
+        mse, cos = _reference(
+            list(getattr(clean, key)[offset:]), list(getattr(perturbed, key)[offset:])
+        )
+        assert torch.allclose(result["mse"], mse, rtol=1e-4), layers
+        assert torch.allclose(result["cosine"], cos, rtol=1e-5), layers
+    snapshot.assert_same(model)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_faithful._layers import Place, as_places
 from captum_faithful._utils import check_choice
 
 CLIP_RULES = ("vm", "ivm", "avm", "ibm", "none")
@@ -66,13 +67,18 @@ class ClipGrad:
     Rows: the clean activations (optionally re-indexed by ``index``) cover the first
     ``n`` rows of a perturbed batch; later rows (e.g. FEI's deletion game) pass
     unclipped. A layer called several times per forward is paired call by call.
-    Between forward and backward only the signs of :math:`d` (and of :math:`h` for
-    ``"ibm"``) are kept, one byte per element.
+    Between forward and backward each rule keeps only what it reads: :math:`d` for
+    ``"vm"``, the sign test of :math:`d` for ``"ivm"`` / ``"avm"`` (one byte per
+    element), and for ``"ibm"`` nothing but the clean test :math:`h \le 0`, taken
+    once at capture.
 
     Args:
 
-        layers (Sequence[nn.Module]): the modules whose outputs are constrained,
-                    e.g. from ``captum_faithful._layers.select_layers``.
+        layers (Sequence[nn.Module or Place]): the modules whose outputs are
+                    constrained (e.g. from ``captum_faithful._layers.select_layers``),
+                    or places: a module and the tensor of its output to constrain,
+                    e.g. a Vision Transformer's attention probabilities (from
+                    ``captum_faithful._layers.select_places``).
         rule (str, optional): ``"vm"``, ``"ivm"``, ``"avm"``, ``"ibm"`` or
                     ``"none"`` (hooks installed, nothing zeroed).
                     Default: ``"vm"``
@@ -85,23 +91,27 @@ class ClipGrad:
         >>>     loss.backward()   # gradients clipped at conv1 and conv2
     """
 
-    def __init__(self, layers: Sequence[nn.Module], rule: str = "vm") -> None:
+    def __init__(self, layers: Sequence[nn.Module | Place], rule: str = "vm") -> None:
         check_choice("rule", rule, CLIP_RULES)
         layers = list(layers)
-        if not layers or not all(isinstance(m, nn.Module) for m in layers):
-            raise TypeError("`layers` must be a non-empty sequence of nn.Module")
-        self.layers = layers
+        if not layers or not all(isinstance(m, (nn.Module, Place)) for m in layers):
+            raise TypeError(
+                "`layers` must be a non-empty sequence of nn.Module or Place"
+            )
+        self.places = as_places(layers)
+        self.layers = [place.module for place in self.places]
         self.rule = rule
         self.clean: list[list[Tensor]] = [[] for _ in layers]
+        self._inactive: list[list[Tensor]] = [[] for _ in layers]
         self._calls = [0] * len(layers)
         self._capturing = False
         self._handles: list[Any] = []
 
     def __enter__(self) -> ClipGrad:
         try:
-            for position, layer in enumerate(self.layers):
+            for position, place in enumerate(self.places):
                 self._handles.append(
-                    layer.register_forward_hook(self._make_hook(position))
+                    place.module.register_forward_hook(self._make_hook(position))
                 )
         except BaseException:
             self._remove()
@@ -116,6 +126,7 @@ class ClipGrad:
             handle.remove()
         self._handles = []
         self.clean = [[] for _ in self.layers]
+        self._inactive = [[] for _ in self.layers]
         self._capturing = False
 
     def capture(self, forward: Callable[[], Any], index: Tensor | None = None) -> Any:
@@ -158,16 +169,16 @@ class ClipGrad:
                 [h.index_select(0, index.to(h.device)) for h in calls]
                 for calls in self.clean
             ]
+        # ibm needs only where the clean activation is inactive
+        self._inactive = [[h <= 0 for h in calls] for calls in self.clean]
         self._calls = [0] * len(self.layers)
         return result
 
     def _make_hook(self, position: int) -> Callable:
+        select = self.places[position].select
+
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    "ClipGrad needs layers whose output is a tensor; "
-                    f"{type(module).__name__} returned {type(output).__name__}"
-                )
+            output = select(module, output)
             if self._capturing:
                 # a copy: an in-place activation may overwrite `output` next
                 self.clean[position].append(output.detach().clone())
@@ -177,7 +188,8 @@ class ClipGrad:
             calls = self.clean[position]
             if not calls:
                 raise RuntimeError("ClipGrad: call capture() before the optimisation")
-            h = calls[self._calls[position] % len(calls)]
+            call = self._calls[position] % len(calls)
+            h = calls[call]
             self._calls[position] += 1
             n = h.shape[0]
             if output.shape[0] < n or output.shape[1:] != h.shape[1:]:
@@ -186,24 +198,35 @@ class ClipGrad:
                     f"{tuple(output.shape)} does not match the clean activation "
                     f"{tuple(h.shape)}"
                 )
-            # Every rule depends on the signs of d and h only: keep them as int8
-            # until the backward pass (taken now, before an in-place activation).
-            d_sign = torch.sign(output.detach()[:n] - h).to(torch.int8)
-            h_sign = torch.sign(h).to(torch.int8) if self.rule == "ibm" else d_sign
-            output.register_hook(self._make_grad_hook(n, d_sign, h_sign))
+            # What each rule needs of d and h, taken now (before an in-place
+            # activation can overwrite the output), in as few passes as possible.
+            head = output.detach()[:n]
+            if self.rule == "vm":
+                state = head - h
+            elif self.rule == "ivm":
+                state = head >= h
+            elif self.rule == "avm":
+                state = head <= h
+            else:
+                state = self._inactive[position][call]
+            output.register_hook(self._make_grad_hook(n, state))
 
         return hook
 
-    def _make_grad_hook(self, n: int, d_sign: Tensor, h_sign: Tensor) -> Callable:
+    def _make_grad_hook(self, n: int, state: Tensor) -> Callable:
         rule = self.rule
 
         def grad_hook(grad: Tensor) -> Tensor:
             head = grad[:n]
             if rule == "vm":
-                # same entries as clip_mask: g d <= 0 zeroes g d < 0, d = 0 and g = 0
-                head = torch.where(head * d_sign > 0, head, 0.0)
-            else:
-                head = head.masked_fill(clip_mask(rule, head, d_sign, h_sign), 0.0)
+                # zeroes g d < 0, d = 0 (and g = 0, which changes nothing)
+                head = torch.where(head * state > 0, head, 0.0)
+            elif rule == "ivm":  # g < 0 and d >= 0
+                head = head.masked_fill((head < 0) & state, 0.0)
+            elif rule == "avm":  # g > 0 and d <= 0
+                head = head.masked_fill((head > 0) & state, 0.0)
+            else:  # ibm: h <= 0 and g < 0
+                head = head.masked_fill((head < 0) & state, 0.0)
             if grad.shape[0] == n:
                 return head
             return torch.cat([head, grad[n:]])

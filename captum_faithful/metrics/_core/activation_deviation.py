@@ -13,7 +13,7 @@ from captum_faithful._compat import (
     _format_tensor_into_tuples,
     _run_forward,
 )
-from captum_faithful._layers import LayerSpec, record_activations, select_layers
+from captum_faithful._layers import LayerSpec, model_places, record_activations
 from captum_faithful._utils import check_finite, check_int, preserve_model_state
 from captum_faithful.metrics._core.insertion_deletion import feature_counts
 from captum_faithful.metrics._utils import (
@@ -56,8 +56,10 @@ def activation_deviation(
         model (nn.Module): the model; ``model(*inputs, *additional_forward_args)``
                     is run on both inputs.
         layers (str or list): ``"conv"`` (every ``nn.Conv2d``), ``"early"`` /
-                    ``"late"`` (first / second half of them), or a list of modules or
-                    submodule names.
+                    ``"late"`` (first / second half of them), for Vision Transformers
+                    ``"attention"`` (every block's attention probabilities; eager
+                    attention is switched on for the call) or ``"blocks"`` (every
+                    block's output), or a list of modules or submodule names.
         inputs (Tensor or tuple[Tensor, ...]): clean inputs, batch size N.
         perturbed_inputs (Tensor or tuple[Tensor, ...]): perturbed inputs, same
                     shapes as ``inputs``.
@@ -77,7 +79,8 @@ def activation_deviation(
         raise TypeError(
             f"`model` must be a torch.nn.Module, got {type(model).__name__}"
         )
-    modules = select_layers(model, layers)
+    with model_places(model, layers):
+        pass  # checks `layers` before the inputs
     clean = _format_tensor_into_tuples(inputs)
     perturbed = _format_tensor_into_tuples(perturbed_inputs)
     for name, tensors in (("inputs", clean), ("perturbed_inputs", perturbed)):
@@ -92,12 +95,16 @@ def activation_deviation(
             f"{[tuple(t.shape) for t in perturbed]} for "
             f"{[tuple(t.shape) for t in clean]}"
         )
-    afa = _format_additional_forward_args(additional_forward_args)
-    with preserve_model_state(model), torch.no_grad():
-        with record_activations(modules) as clean_acts:
-            _run_forward(model, clean, None, afa)
-        with record_activations(modules) as perturbed_acts:
-            _run_forward(model, perturbed, None, afa)
+    extra_args = _format_additional_forward_args(additional_forward_args)
+    with (
+        preserve_model_state(model),
+        model_places(model, layers) as places,
+        torch.no_grad(),
+    ):
+        with record_activations(places) as clean_acts:
+            _run_forward(model, clean, None, extra_args)
+        with record_activations(places) as perturbed_acts:
+            _run_forward(model, perturbed, None, extra_args)
     return deviation_from_records(clean_acts, perturbed_acts)
 
 
@@ -158,13 +165,18 @@ def insertion_activation_deviation(
         raise TypeError(
             f"`model` must be a torch.nn.Module, got {type(model).__name__}"
         )
-    modules = select_layers(model, layers)
+    with model_places(model, layers):
+        pass  # checks `layers` before the inputs
     n_steps = check_int("n_steps", n_steps, 1)
     setup = prepare_metric_inputs(
         inputs, attributions, baselines, feature_mask, None, max_examples_per_batch
     )
     n, steps = setup.n_examples, n_steps + 1
-    with preserve_model_state(model), torch.no_grad():
+    with (
+        preserve_model_state(model),
+        model_places(model, layers) as modules,
+        torch.no_grad(),
+    ):
         ranks = rank_features(
             feature_scores(
                 setup.attributions, setup.inputs, setup.feature_ids, setup.n_features
