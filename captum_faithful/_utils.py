@@ -198,13 +198,17 @@ def resolve_targets(output: Tensor, target: Any) -> Tensor:
 
 @contextmanager
 def preserve_model_state(model: nn.Module) -> Iterator[nn.Module]:
-    """Restore train/eval mode and ``requires_grad`` flags of ``model`` on exit.
+    """Restore train/eval mode, ``requires_grad`` flags and buffers of ``model`` on
+    exit.
 
     Methods may switch these for the duration of a call (e.g. to take gradients of a
-    frozen model); the user gets them back exactly, also when the call raises.
+    frozen model), and a forward in train mode updates buffers such as BatchNorm's
+    running statistics; the user gets all of them back exactly, also when the call
+    raises. Buffers are copied on entry and written back only where they changed.
     """
     modes = [(module, module.training) for module in model.modules()]
     flags = [(param, param.requires_grad) for param in model.parameters()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     try:
         yield model
     finally:
@@ -212,6 +216,10 @@ def preserve_model_state(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
         for param, flag in flags:
             param.requires_grad_(flag)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 def progress(iterable: Iterable, show: bool, **tqdm_kwargs: Any) -> Iterable:

@@ -1,63 +1,28 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from fei_reference import (
+    LOGIT_BOUND,
+    HandAdam,
+    hard_insertion_images,
+    linear_interpolation,
+    masses_of,
+    sinkhorn_entries,
+    sorted_area,
+)
 from helpers import ModelSnapshot, digit_images, four_conv_cnn, small_cnn
 from pathway_models import AlternativePathway, blank_images, blob_images
 from torch import nn
 
 from captum_faithful.attr import FaithfulnessEnsemble
+from captum_faithful.attr._core.clip_grad import CLIP_RULES
 from captum_faithful.attr._core.faithfulness_ensemble import (
+    OBJECTIVES,
     area_loss,
     monochrome_reference,
     quantile_levels,
 )
 from captum_faithful.metrics import activation_deviation
-
-# ---------------------------------------------------------------- trained toy model
-
-
-@pytest.fixture(scope="session")
-def trained():
-    """A 4-conv CNN trained for a few seconds on digits (held-out accuracy ~0.9)."""
-    pytest.importorskip("sklearn")
-    x, y = digit_images()
-    model = four_conv_cnn()
-    generator = torch.Generator().manual_seed(0)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(6):
-        order = torch.randperm(1500, generator=generator)
-        for start in range(0, 1500, 64):
-            rows = order[start : start + 64]
-            loss = F.cross_entropy(model(x[rows]), y[rows])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    with torch.no_grad():
-        accuracy = (model(x[1500:]).argmax(1) == y[1500:]).float().mean().item()
-    assert accuracy > 0.8
-    images = x[1500:1508].clone()
-    with torch.no_grad():
-        predicted = model(images).argmax(1)
-    return model, images, predicted
-
-
-def hard_insertion_images(x, attributions, reference, n_steps):
-    """Written independently of the library: top-q pixels of M from x, rest from R,
-    for q = k / n_steps (ties by pixel index). Shape (N, n_steps + 1, C, H, W)."""
-    n, _, h, w = x.shape
-    score = attributions.expand_as(x).sum(1).reshape(n, -1).double()
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    curves = []
-    for k in range(n_steps + 1):
-        keep = torch.zeros(n, h * w, dtype=torch.bool)
-        count = round(k * h * w / n_steps)
-        keep.scatter_(1, order[:, :count], True)
-        keep = keep.view(n, 1, h, w)
-        curves.append(torch.where(keep, x, reference.expand_as(x)))
-    return torch.stack(curves, dim=1)
 
 
 def curve_deviation(model, x, attributions, reference, n_steps=16):
@@ -72,27 +37,88 @@ def curve_deviation(model, x, attributions, reference, n_steps=16):
     )
 
 
-# ---------------------------------------------------------------- structure
+def block_mask(height, width, block=2):
+    """Captum feature mask of square blocks, shape (1, 1, H, W)."""
+    rows = torch.arange(height) // block
+    columns = torch.arange(width) // block
+    ids = rows.view(-1, 1) * (-(-width // block)) + columns.view(1, -1)
+    return ids.view(1, 1, height, width)
 
 
-def test_maps_nested_mean_and_shapes(cnn):
-    x = torch.rand(3, 3, 8, 8)
-    fei = FaithfulnessEnsemble(cnn, n_iter=5)
-    attributions, maps = fei.attribute(
-        x, generator=torch.Generator().manual_seed(0), return_quantile_maps=True
-    )
-    assert maps.shape == (3, 5, 8, 8)
-    assert attributions.shape == x.shape
-    assert bool((maps[:, 1:] >= maps[:, :-1]).all())
+def check_maps(maps, attributions, x, levels, games, tolerance):
+    """Nested, in [0, 1], exactly covered; M is their mean; dtypes follow x."""
+    assert maps.dtype == x.dtype and attributions.dtype == x.dtype
+    assert maps.shape == (x.shape[0], games * len(levels), *x.shape[2:])
+    expected_levels = torch.tensor(levels * games, dtype=torch.float64)
+    coverage = maps.double().mean((2, 3))
+    error = float((coverage - expected_levels).abs().max())
+    assert error < tolerance, error
+    for game in range(games):
+        block = maps[:, game * len(levels) : (game + 1) * len(levels)]
+        assert bool((block[:, 1:] >= block[:, :-1]).all())
     assert bool((maps >= 0).all() and (maps <= 1).all())
-    assert torch.equal(attributions, maps.mean(1, keepdim=True).expand_as(x))
-    both = FaithfulnessEnsemble(cnn, objective="both", quantiles=[0.2, 0.7], n_iter=3)
-    attributions, maps = both.attribute(
-        x, generator=torch.Generator().manual_seed(0), return_quantile_maps=True
+    mean = maps.double().mean(1, keepdim=True).expand_as(x).to(x.dtype)
+    assert torch.allclose(
+        attributions, mean, atol=1e-6 if x.dtype.itemsize >= 4 else 1e-2
     )
-    assert maps.shape == (3, 4, 8, 8)
-    assert bool((maps[:, 1] >= maps[:, 0]).all() and (maps[:, 3] >= maps[:, 2]).all())
-    assert torch.allclose(attributions, maps.mean(1, keepdim=True).expand_as(x))
+    return error
+
+
+# ---------------------------------------------------------------- maps and coverage
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("clip", CLIP_RULES)
+def test_maps_nested_and_exactly_covered_in_every_rule_objective_and_dtype(
+    clip, objective
+):
+    """Coverage by construction: after iterations that move the maps a lot (lr 0.5),
+    every map's mean equals its level to float precision, for per-pixel, smooth and
+    grouped maps, in float32 and float64. Measured largest errors: float32 6e-8,
+    float64 2e-16."""
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    levels = (0.2, 0.45, 0.7)
+    games = 2 if objective == "both" else 1
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.float64, 1e-10)):
+        model = small_cnn().to(dtype)
+        for maps_kind, mask in (("pixel", None), ("smooth", None), ("pixel", "mask")):
+            fei = FaithfulnessEnsemble(
+                model,
+                clip=clip,
+                objective=objective,
+                quantiles=list(levels),
+                n_iter=3,
+                lr=0.5,
+                maps=maps_kind,
+                map_stride=3,
+            )
+            feature_mask = block_mask(8, 8) if mask else None
+            attributions, maps = fei.attribute(
+                x.to(dtype),
+                target=[1, 4],
+                feature_mask=feature_mask,
+                generator=torch.Generator().manual_seed(0),
+                return_quantile_maps=True,
+            )
+            check_maps(maps, attributions, x.to(dtype), levels, games, tolerance)
+            spread = maps.double().std((2, 3))
+            assert float(spread.min()) > 1e-3  # the maps moved off uniform
+            if mask:  # one value per 2x2 group
+                blocks = maps.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
+                assert bool((blocks == blocks[..., :1]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_maps_in_their_dtype(dtype):
+    """float16 / bfloat16 models: maps and attributions in the input's dtype, finite,
+    coverage within 0.01 (the maps are computed in float32 and rounded)."""
+    model = small_cnn().to(dtype)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    attributions, maps = FaithfulnessEnsemble(
+        model, quantiles=3, n_iter=3, lr=0.5, maps="pixel"
+    ).attribute(x, target=[0, 2], return_quantile_maps=True)
+    assert bool(torch.isfinite(maps).all())
+    check_maps(maps, attributions, x, [0.25, 0.5, 0.75], 1, 0.01)
 
 
 def test_quantile_levels_and_area_loss():
@@ -104,7 +130,7 @@ def test_quantile_levels_and_area_loss():
     assert area_loss(maps, [0.25]).item() == pytest.approx((0.25 + 0) / 4)
 
 
-def test_monochrome_reference_is_reproducible_and_in_channel_range():
+def test_monochrome_reference_is_reproducible_in_range_and_independent_of_the_batch():
     x = torch.rand(4, 3, 5, 5) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
     a = monochrome_reference(x, torch.Generator().manual_seed(3))
     b = monochrome_reference(x, torch.Generator().manual_seed(3))
@@ -112,18 +138,130 @@ def test_monochrome_reference_is_reproducible_and_in_channel_range():
     assert a.shape == (4, 3, 1, 1) and torch.equal(a, b) and not torch.equal(a, c)
     assert bool((a >= x.amin((2, 3), keepdim=True)).all())
     assert bool((a <= x.amax((2, 3), keepdim=True)).all())
+    # the same image alone, in another batch, in another position: same colour
+    alone = monochrome_reference(x[2:3], torch.Generator().manual_seed(3))
+    shuffled = monochrome_reference(x[[3, 2, 0]], torch.Generator().manual_seed(3))
+    assert torch.equal(alone[0], a[2]) and torch.equal(shuffled[1], a[2])
+    assert not torch.equal(a[0], a[1])  # different images, different draws
+    blank = torch.zeros(2, 3, 4, 4)
+    ranged = monochrome_reference(blank, torch.Generator().manual_seed(3), (0.2, 0.6))
+    assert bool((ranged >= 0.2).all() and (ranged <= 0.6).all())
+
+
+# ---------------------------------------------------------------- the games, by hand
+
+
+def _hand_written_fei(
+    model,
+    inputs,
+    references,
+    cells,
+    target,
+    levels,
+    games,
+    n_iter,
+    lr,
+    area_weight,
+    scale=None,
+):
+    """FEI written out sample by sample, level by level, with an independent balance
+    (Sinkhorn), independent spreads (``cells``: per input, (weights (C,), matrix
+    (HW, C))) and Adam by hand. Returns the maps per input, (N, G*K, H, W)."""
+    masses = masses_of(levels)
+    n = inputs[0].shape[0]
+    logits = [
+        torch.zeros(len(games), n, w.numel(), len(levels) + 1, dtype=torch.float64)
+        for w, _ in cells
+    ]
+    adam = HandAdam(lr)
+
+    def maps_of(u, weights, matrix, height, width):
+        bounded = LOGIT_BOUND * torch.tanh(u / LOGIT_BOUND)
+        p = sinkhorn_entries(bounded.unsqueeze(0), weights.unsqueeze(0), masses)[0]
+        alpha = torch.cumsum(p, dim=-1)[:, :-1]  # (C, K)
+        return (matrix @ alpha).T.reshape(len(levels), height, width)
+
+    for _ in range(n_iter):
+        adam.t += 1
+        u = [value.clone().requires_grad_() for value in logits]
+        loss = 0.0
+        for g, sign in enumerate(games):
+            for i in range(n):
+                all_maps = [
+                    maps_of(u[j][g, i], w, m, *x.shape[2:])
+                    for j, ((w, m), x) in enumerate(zip(cells, inputs, strict=True))
+                ]
+                for k, q in enumerate(levels):
+                    images = []
+                    for alpha, x, ref in zip(all_maps, inputs, references, strict=True):
+                        keep = alpha[k] if sign > 0 else 1 - alpha[k]
+                        images.append(
+                            keep * x[i].double() + (1 - keep) * ref[i].double()
+                        )
+                    args = () if scale is None else (scale[i : i + 1].double(),)
+                    out = model(*(im.unsqueeze(0) for im in images), *args)
+                    prob = out.softmax(1)[0, target[i]]
+                    loss = loss - sign * prob
+                    for alpha in all_maps:
+                        loss = loss + area_weight * sorted_area(alpha[k], q)
+        grads = torch.autograd.grad(loss, u)
+        logits = [
+            adam.step(str(j), value, grad)
+            for j, (value, grad) in enumerate(zip(logits, grads, strict=True))
+        ]
+    result = []
+    for (w, m), x, value in zip(cells, inputs, logits, strict=True):
+        maps = torch.stack(
+            [
+                torch.cat(
+                    [
+                        maps_of(value[g, i], w, m, *x.shape[2:])
+                        for g in range(len(games))
+                    ]
+                )
+                for i in range(n)
+            ]
+        )
+        result.append(maps)
+    return result
+
+
+def _pixel_cells(height, width):
+    return torch.full((height * width,), 1 / (height * width), dtype=torch.float64), (
+        torch.eye(height * width, dtype=torch.float64)
+    )
+
+
+def _smooth_cells(height, width, stride):
+    rows = linear_interpolation(-(-height // stride), height)
+    columns = linear_interpolation(-(-width // stride), width)
+    matrix = torch.kron(rows, columns)  # (HW, cells), row-major grids
+    return matrix.sum(0) / (height * width), matrix
+
+
+def _group_cells(mask):
+    ids = mask.flatten()
+    matrix = F.one_hot(ids).double()  # (HW, groups)
+    return matrix.sum(0) / ids.numel(), matrix
 
 
 @pytest.mark.parametrize(
-    ("objective", "area_weight"),
-    [("insertion", 0.5), ("deletion", 0.5), ("both", None)],
+    ("objective", "maps", "area_weight"),
+    [
+        ("insertion", "pixel", 0.5),
+        ("deletion", "pixel", 0.5),
+        ("both", "pixel", 2.0),
+        ("insertion", "smooth", 1.0),
+    ],
 )
-def test_two_adam_steps_match_hand_written_games(objective, area_weight):
-    """The games and Adam, written out sample by sample, level by level."""
-    model = small_cnn()
-    x = torch.rand(2, 3, 6, 6)
-    reference = torch.tensor([0.2, 0.9, 0.4, 0.7, 0.1, 0.5]).view(2, 3, 1, 1)
+def test_two_adam_steps_match_hand_written_games(objective, maps, area_weight):
+    """The games, the balanced nested maps and Adam, written out independently."""
+    model = small_cnn().double()
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)).double()
+    reference = torch.tensor([0.2, 0.9, 0.4, 0.7, 0.1, 0.5], dtype=torch.float64)
+    reference = reference.view(2, 3, 1, 1)
     levels, target, lr, n_iter = (0.25, 0.5, 0.75), [1, 3], 0.05, 2
+    games = {"insertion": [1], "deletion": [-1], "both": [1, -1]}[objective]
     fei = FaithfulnessEnsemble(
         model,
         clip="none",
@@ -132,42 +270,88 @@ def test_two_adam_steps_match_hand_written_games(objective, area_weight):
         n_iter=n_iter,
         lr=lr,
         area_weight=area_weight,
+        maps=maps,
+        map_stride=4,
     )
-    _, maps = fei.attribute(
+    _, result = fei.attribute(
         x, baselines=reference, target=target, return_quantile_maps=True
     )
+    cells = _pixel_cells(6, 6) if maps == "pixel" else _smooth_cells(6, 6, 4)
+    (expected,) = _hand_written_fei(
+        model, [x], [reference], [cells], target, levels, games, n_iter, lr, area_weight
+    )
+    assert torch.allclose(result, expected, atol=1e-8), (result - expected).abs().max()
+    uniform = torch.tensor(levels * len(games), dtype=torch.float64).view(1, -1, 1, 1)
+    assert (result - uniform).abs().max() > 1e-3  # two steps did move the maps
 
-    games = {"insertion": [1], "deletion": [-1], "both": [1, -1]}[objective]
-    steps = [0.25, 0.25, 0.25]
-    u = torch.log(torch.expm1(torch.tensor(steps))).view(1, 1, 3, 1, 1)
-    u = u.repeat(len(games), 2, 1, 6, 6).requires_grad_()
-    m, v = torch.zeros_like(u), torch.zeros_like(u)
-    for t in range(1, n_iter + 1):
-        weight = area_weight if area_weight is not None else 200.0 * (t / n_iter) ** 2
-        loss = 0.0
-        for g, sign in enumerate(games):
-            for i in range(2):
-                total = torch.zeros(6, 6)
-                for k, q in enumerate(levels):
-                    total = total + F.softplus(u[g, i, k])
-                    alpha = total.clamp(max=1.0)
-                    keep = alpha if sign > 0 else 1 - alpha
-                    image = keep * x[i] + (1 - keep) * reference[i]
-                    prob = model(image.unsqueeze(0)).softmax(1)[0, target[i]]
-                    ones = round(q * 36)
-                    r = torch.cat([torch.zeros(36 - ones), torch.ones(ones)])
-                    area = ((alpha.flatten().sort().values - r) ** 2).mean()
-                    loss = loss - sign * prob + weight * area
-        (grad,) = torch.autograd.grad(loss, u)
-        with torch.no_grad():
-            m = 0.9 * m + 0.1 * grad
-            v = 0.999 * v + 0.001 * grad**2
-            m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
-            u -= lr * m_hat / (v_hat.sqrt() + 1e-8)
-    expected = torch.cumsum(F.softplus(u.detach()), dim=2).clamp(max=1.0)
-    expected = expected.permute(1, 0, 2, 3, 4).flatten(1, 2)
-    assert torch.allclose(maps, expected, atol=1e-5)
-    assert not torch.allclose(maps[:, :3], torch.tensor(levels).view(1, 3, 1, 1))
+
+class TwoImages(nn.Module):
+    """Two image inputs (3 and 1 channels) and a per-sample scale."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, left, right, scale):
+        features = torch.cat(
+            [self.a(left).relu().mean((2, 3)), self.b(right).relu().mean((2, 3))], 1
+        )
+        return self.head(features) * scale
+
+
+def test_two_input_tensors_match_hand_written_games():
+    """Each input tensor has its own maps, its own area term, and the per-sample
+    additional argument follows its sample: two Adam steps against the hand-written
+    games (per-pixel maps on the left input, a feature mask of four groups on the
+    right one)."""
+    model = TwoImages().double()
+    generator = torch.Generator().manual_seed(4)
+    left = torch.rand(2, 3, 6, 6, generator=generator, dtype=torch.float64)
+    right = torch.rand(2, 1, 4, 4, generator=generator, dtype=torch.float64)
+    references = (
+        torch.rand(2, 3, 1, 1, generator=generator, dtype=torch.float64),
+        torch.rand(2, 1, 1, 1, generator=generator, dtype=torch.float64),
+    )
+    scale = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+    mask = block_mask(4, 4)
+    levels, target, lr, area_weight = (0.25, 0.75), [2, 0], 0.1, 3.0
+    fei = FaithfulnessEnsemble(
+        model,
+        clip="none",
+        quantiles=list(levels),
+        n_iter=2,
+        lr=lr,
+        area_weight=area_weight,
+        maps="pixel",
+    )
+    _, (maps_left, maps_right) = fei.attribute(
+        (left, right),
+        baselines=references,
+        target=target,
+        additional_forward_args=(scale,),
+        feature_mask=(None, mask),
+        return_quantile_maps=True,
+    )
+    expected_left, expected_right = _hand_written_fei(
+        model,
+        [left, right],
+        list(references),
+        [_pixel_cells(6, 6), _group_cells(mask[0, 0])],
+        target,
+        levels,
+        [1],
+        2,
+        lr,
+        area_weight,
+        scale=scale,
+    )
+    assert torch.allclose(maps_left, expected_left, atol=1e-8)
+    assert torch.allclose(maps_right, expected_right, atol=1e-8)
+
+
+# ---------------------------------------------------------------- behaviour
 
 
 def test_same_generator_same_result_and_model_untouched(cnn):
@@ -212,12 +396,40 @@ def test_model_untouched_when_the_forward_raises():
 
 
 def test_samples_are_optimised_independently(cnn):
+    """A sample's maps do not depend on the rest of the batch, nor does its default
+    reference (same generator)."""
     x = torch.rand(3, 3, 8, 8)
-    reference = torch.rand(3, 3, 1, 1)
-    fei = FaithfulnessEnsemble(cnn, n_iter=5)
-    together = fei.attribute(x, baselines=reference, target=[0, 1, 2])
-    alone = fei.attribute(x[1:2], baselines=reference[1:2], target=[1])
+    fei = FaithfulnessEnsemble(cnn, n_iter=5, maps="pixel")
+    together = fei.attribute(
+        x, target=[0, 1, 2], generator=torch.Generator().manual_seed(2)
+    )
+    alone = fei.attribute(
+        x[1:2], target=[1], generator=torch.Generator().manual_seed(2)
+    )
     assert torch.allclose(together[1:2], alone, atol=1e-5)
+
+
+def test_additional_forward_args_follow_their_sample():
+    model = TwoImages()
+    left, right = torch.rand(3, 3, 6, 6), torch.rand(3, 1, 6, 6)
+    scale = torch.tensor([[1.0], [-2.0], [0.5]])
+    fei = FaithfulnessEnsemble(model, n_iter=3, lr=0.3, maps="pixel")
+    references = (torch.full((3, 3, 1, 1), 0.3), torch.full((3, 1, 1, 1), 0.6))
+    together = fei.attribute(
+        (left, right),
+        baselines=references,
+        target=[0, 1, 2],
+        additional_forward_args=(scale,),
+    )
+    for i in range(3):
+        alone = fei.attribute(
+            (left[i : i + 1], right[i : i + 1]),
+            baselines=tuple(r[i : i + 1] for r in references),
+            target=[i],
+            additional_forward_args=(scale[i : i + 1],),
+        )
+        for a, b in zip(together, alone, strict=True):
+            assert torch.allclose(a[i : i + 1], b, atol=1e-5)
 
 
 def test_deletion_game_is_never_clipped(cnn):
@@ -240,44 +452,58 @@ def test_deletion_game_is_never_clipped(cnn):
     assert not torch.allclose(ins_vm, ins_none, atol=1e-3)
 
 
-def test_tuple_inputs_resnet_and_inplace_vgg_style():
+def test_resnet_layer_presets_clip_the_convolutions_they_name():
     torchvision = pytest.importorskip("torchvision")
     resnet = torchvision.models.resnet18(weights=None, num_classes=5).eval()
     snapshot = ModelSnapshot.take(resnet)
     x = torch.rand(2, 3, 32, 32)
-    for layers in ("conv", "early", "late", ["layer1.0.conv1", resnet.layer4[1].conv2]):
-        attributions = FaithfulnessEnsemble(resnet, layers=layers, n_iter=2).attribute(
-            x
-        )
-        assert attributions.shape == x.shape
-    snapshot.assert_same(resnet)
-    vgg_style = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    ).eval()
-    FaithfulnessEnsemble(vgg_style, n_iter=2).attribute(torch.rand(2, 3, 8, 8))
+    names = [n for n, m in resnet.named_modules() if isinstance(m, nn.Conv2d)]
+    kwargs = dict(baselines=0.5, target=[1, 3])
 
-    class TwoImages(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(1, 4, 3)
+    def run(layers, clip="vm"):
+        fei = FaithfulnessEnsemble(resnet, layers=layers, clip=clip, n_iter=2, lr=0.5)
+        return fei.attribute(x, **kwargs)
 
-        def forward(self, left, right, scale):
-            return (self.a(left) + self.b(right)).mean((2, 3)) * scale
-
-    model = TwoImages()
-    left, right = torch.rand(2, 3, 6, 6), torch.rand(2, 1, 6, 6)
-    scale = torch.tensor([[1.0], [2.0]])
-    (ma, mb), (qa, qb) = FaithfulnessEnsemble(model, n_iter=3).attribute(
-        (left, right), additional_forward_args=(scale,), return_quantile_maps=True
+    every = run("conv")
+    assert torch.equal(every, run(names))
+    assert torch.equal(run("early"), run(names[: (len(names) + 1) // 2]))
+    assert torch.equal(run("late"), run(names[len(names) // 2 :]))
+    assert torch.equal(
+        run(["layer1.0.conv1", resnet.layer4[1].conv2]),
+        run([resnet.layer1[0].conv1, "layer4.1.conv2"]),
     )
-    assert ma.shape == left.shape and mb.shape == right.shape
-    assert qa.shape == (2, 5, 6, 6) and qb.shape == (2, 5, 6, 6)
+    assert not torch.allclose(every, run("conv", clip="none"), atol=1e-4)
+    snapshot.assert_same(resnet)
+
+
+def test_inplace_relu_after_a_clipped_layer_gives_the_same_maps():
+    """ClipGrad keeps its own copy of the clean activation and the signs of d before
+    an in-place ReLU overwrites the conv output: in-place and out-of-place copies of
+    the same network give the same maps."""
+    results = []
+    for inplace in (False, True):
+        torch.manual_seed(5)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(inplace=inplace),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(inplace=inplace),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
+        ).eval()
+        x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+        results.append(
+            {
+                clip: FaithfulnessEnsemble(
+                    model, clip=clip, n_iter=4, lr=0.5
+                ).attribute(x, baselines=0.2, target=[0, 3])
+                for clip in ("ibm", "vm", "none")
+            }
+        )
+    for clip in ("ibm", "vm", "none"):
+        assert torch.allclose(results[0][clip], results[1][clip], atol=1e-6), clip
+    assert not torch.allclose(results[0]["ibm"], results[0]["none"], atol=1e-4)
 
 
 def test_noise_tunnel_and_progress_bar(cnn, capsys):
@@ -305,46 +531,72 @@ def test_bad_input_raises_clear_errors(cnn):
         FaithfulnessEnsemble(cnn, quantiles=0)
     with pytest.raises(ValueError, match="`n_iter`"):
         FaithfulnessEnsemble(cnn, n_iter=0)
-    for bad_lr in (0.0, -0.1):
+    for bad_lr in (0.0, -0.1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="`lr`"):
             FaithfulnessEnsemble(cnn, lr=bad_lr)
-    with pytest.raises(ValueError, match="`area_weight`"):
-        FaithfulnessEnsemble(cnn, area_weight=-1.0)
+    for bad_weight in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="`area_weight`"):
+            FaithfulnessEnsemble(cnn, area_weight=bad_weight)
+    with pytest.raises(ValueError, match="`maps`"):
+        FaithfulnessEnsemble(cnn, maps="grid")
+    with pytest.raises(ValueError, match="`map_stride`"):
+        FaithfulnessEnsemble(cnn, map_stride=0)
     with pytest.raises(ValueError, match="no submodule named 'conv7'"):
         FaithfulnessEnsemble(cnn, layers=["conv7"])
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
     with pytest.raises(ValueError, match="Conv2d"):
         FaithfulnessEnsemble(mlp, layers="conv")
+    with pytest.raises(ValueError, match="Vision Transformer"):
+        FaithfulnessEnsemble(cnn, layers="attention")
     with pytest.raises(TypeError, match="model"):
         FaithfulnessEnsemble(lambda t: cnn(t))
-    fei = FaithfulnessEnsemble(cnn, n_iter=1)
-    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
-        fei.attribute(torch.rand(2, 8, 8))
-    with pytest.raises(ValueError, match="NaN"):
-        fei.attribute(torch.full_like(x, float("nan")))
-    with pytest.raises(ValueError, match="`baselines`"):
-        fei.attribute(x, baselines=torch.zeros(2, 3, 4, 4))
+    # every error of `attribute` comes before any model call
+    calls = []
+
+    def forward(inp):
+        calls.append(1)
+        return cnn(inp)
+
+    fei = FaithfulnessEnsemble(forward, model=cnn, n_iter=1)
+    bad_calls = [
+        ((torch.rand(2, 8, 8),), {}, ValueError, r"\(N, C, H, W\)"),
+        ((torch.rand(0, 3, 8, 8),), {}, ValueError, "at least one sample"),
+        ((torch.full_like(x, float("nan")),), {}, ValueError, "NaN"),
+        ((x.long(),), {}, TypeError, "floating point"),
+        ((x,), dict(baselines=torch.zeros(2, 3, 4, 4)), ValueError, "`baselines`"),
+        ((x,), dict(target=-1), ValueError, "`target`"),
+        ((x,), dict(target=[1, 2, 3]), ValueError, "`target`"),
+        ((x,), dict(generator=0), TypeError, "`generator`"),
+        (
+            (x,),
+            dict(feature_mask=torch.zeros(1, 1, 4, 4).long()),
+            ValueError,
+            "`feature_mask`",
+        ),
+        (
+            (x,),
+            dict(feature_mask=block_mask(8, 8).expand(1, 3, 8, 8)),
+            ValueError,
+            "one group id per pixel",
+        ),
+        ((x,), dict(feature_mask=block_mask(8, 8).float()), TypeError, "integer"),
+        (
+            (x,),
+            dict(feature_mask=torch.zeros(1, 1, 8, 8).long()),
+            ValueError,
+            "at least two groups",
+        ),
+        ((x,), dict(feature_mask=[block_mask(8, 8)] * 2), ValueError, "one mask"),
+    ]
+    for args, kwargs, error, match in bad_calls:
+        with pytest.raises(error, match=match):
+            fei.attribute(*args, **kwargs)
+    assert not calls
     with pytest.raises(ValueError, match="`target`"):
-        fei.attribute(x, target=10)
-    with pytest.raises(TypeError, match="`generator`"):
-        fei.attribute(x, generator=0)
+        fei.attribute(x, target=10)  # the class count is known after the forward
 
 
-# ---------------------------------------------------------------- trained model
-
-
-def test_coverage_within_0_1_of_each_level_after_default_iterations(trained):
-    model, images, predicted = trained
-    for clip in ("vm", "none"):
-        _, maps = FaithfulnessEnsemble(model, clip=clip).attribute(
-            images,
-            target=predicted,
-            generator=torch.Generator().manual_seed(0),
-            return_quantile_maps=True,
-        )
-        coverage = maps.mean(dim=(2, 3))
-        levels = torch.tensor(quantile_levels(5))
-        assert float((coverage - levels).abs().max()) < 0.1, clip
+# ---------------------------------------------------------------- internal faithfulness
 
 
 def test_vm_keeps_activations_closer_than_none_on_a_model_with_an_alternative_pathway():
@@ -353,9 +605,11 @@ def test_vm_keeps_activations_closer_than_none_on_a_model_with_an_alternative_pa
     ``vm`` moves the activations less than ``none`` along the hard insertion curve.
 
     The model is constructed, not trained, so the effect does not depend on the CPU.
-    Measured vm / none deviation ratio (this test's images are seed 0), for image
-    seeds 0-3, identical with OMP_NUM_THREADS=1 and 2: real 0.796, 0.731, 0.768,
-    0.679; blank 0.864, 0.833, 0.768, 0.672.
+    Per-pixel maps: smooth maps cannot draw the pixel-scale pattern the pathway
+    reads, so with them none and vm nearly agree (ratios 0.95-1.01). Measured vm / none
+    deviation ratio for image seeds 0-3 (this test: seed 0), identical with
+    OMP_NUM_THREADS=1 and 2: real 0.734, 0.649, 0.696, 0.571; blank 0.823, 0.799,
+    0.679, 0.624.
     """
     model = AlternativePathway()
     cases = {
@@ -369,37 +623,126 @@ def test_vm_keeps_activations_closer_than_none_on_a_model_with_an_alternative_pa
         )
         deviation = {}
         for clip in ("none", "vm"):
-            attributions = FaithfulnessEnsemble(model, clip=clip).attribute(
-                x, baselines=reference, target=1
-            )
+            attributions = FaithfulnessEnsemble(
+                model, clip=clip, maps="pixel"
+            ).attribute(x, baselines=reference, target=1)
             deviation[clip] = curve_deviation(model, x, attributions, reference).mean()
         ratios[name] = float(deviation["vm"] / deviation["none"])
-    assert ratios["real"] < 0.9, ratios
-    assert ratios["blank"] < 0.93, ratios
+    assert ratios["real"] < 0.85, ratios
+    assert ratios["blank"] < 0.9, ratios
 
 
-def _insertion_scores(trained):
+# ---------------------------------------------------------------- Vision Transformers
+
+
+def test_vit_attention_and_blocks_run_eager_and_restore_the_model():
+    pytest.importorskip("transformers")
+    from tiny_vits import hf_vit, images
+
+    tiny = hf_vit()
+    model = tiny.model
+    before = model.config._attn_implementation
+    assert before != "eager"
+    snapshot = ModelSnapshot.take(model)
+    seen = []
+
+    def forward(pixel_values):
+        seen.append(model.config._attn_implementation)
+        return model(pixel_values)
+
+    x = images(2)
+    results = {}
+    for layers in ("attention", "blocks"):
+        for clip in ("vm", "none"):
+            seen.clear()
+            fei = FaithfulnessEnsemble(
+                forward,
+                model=model,
+                layers=layers,
+                clip=clip,
+                n_iter=3,
+                lr=0.5,
+                maps="pixel",
+            )
+            results[layers, clip] = fei.attribute(x, baselines=0.0, target=[0, 1])
+            if clip == "vm" and layers == "attention":
+                assert set(seen) == {"eager"}
+            assert model.config._attn_implementation == before
+    assert torch.equal(results["attention", "none"], results["blocks", "none"])
+    for layers in ("attention", "blocks"):
+        assert not torch.allclose(
+            results[layers, "vm"], results[layers, "none"], atol=1e-4
+        ), layers
+    calls = []
+
+    def failing(pixel_values):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("boom")
+        return model(pixel_values)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        FaithfulnessEnsemble(failing, model=model, layers="attention").attribute(x)
+    assert model.config._attn_implementation == before
+    snapshot.assert_same(model)
+
+
+# ---------------------------------------------------------------- trained model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A 4-conv CNN trained for a few seconds on digits (held-out accuracy ~0.9)."""
+    pytest.importorskip("sklearn")
+    x, y = digit_images()
+    model = four_conv_cnn()
+    generator = torch.Generator().manual_seed(0)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(6):
+        order = torch.randperm(1500, generator=generator)
+        for start in range(0, 1500, 64):
+            rows = order[start : start + 64]
+            loss = F.cross_entropy(model(x[rows]), y[rows])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with torch.no_grad():
+        accuracy = (model(x[1500:]).argmax(1) == y[1500:]).float().mean().item()
+    assert accuracy > 0.8
+    images = x[1500:1508].clone()
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    return model, images, predicted
+
+
+@pytest.mark.slow
+@pytest.mark.trained
+def test_fei_none_beats_random_and_integrated_gradients_on_insertion(trained):
+    """FEI (none) optimises the insertion game, so on its own reference it must beat
+    a random ranking and Captum's IG as a pipeline runs it (zero baseline).
+
+    Measured insertion AUC on the trained 4-conv CNN, training seeds 0-5 with
+    OMP_NUM_THREADS=1 and 2 (this fixture: seed 0): (filled in).
+    """
     from captum.attr import IntegratedGradients
 
     from captum_faithful.metrics import insertion_auc
 
     model, images, predicted = trained
     reference = monochrome_reference(images, torch.Generator().manual_seed(2))
-    fei = FaithfulnessEnsemble(model, clip="none").attribute(
-        images, baselines=reference, target=predicted
-    )
-    ig = IntegratedGradients(model)
     attributions = {
-        "fei": fei,
-        # Captum's IG as a pipeline runs it: its default (zero) baseline
-        "ig": ig.attribute(images, target=predicted, n_steps=32),
-        # IG told the metric's reference: its path has the curve's two end points
-        "ig_reference": ig.attribute(
-            images, baselines=reference.expand_as(images), target=predicted, n_steps=32
+        "fei": FaithfulnessEnsemble(model, clip="none").attribute(
+            images, baselines=reference, target=predicted
+        ),
+        "ig": IntegratedGradients(model).attribute(
+            images, target=predicted, n_steps=32
         ),
         "random": torch.rand(images.shape, generator=torch.Generator().manual_seed(3)),
     }
-    return {
+    scores = {
         name: float(
             insertion_auc(
                 model, images, attr, target=predicted, baselines=reference, n_steps=32
@@ -407,167 +750,5 @@ def _insertion_scores(trained):
         )
         for name, attr in attributions.items()
     }
-
-
-@pytest.fixture(scope="module")
-def insertion_scores(trained):
-    return _insertion_scores(trained)
-
-
-def test_fei_none_beats_random_attributions_on_insertion(insertion_scores):
-    scores = insertion_scores
     assert scores["fei"] > scores["random"] + 0.1, scores
-
-
-def test_fei_none_beats_integrated_gradients_on_insertion(insertion_scores):
-    # measured: FEI none 0.87, Captum IG (zero baseline) 0.60, random 0.56
-    scores = insertion_scores
     assert scores["fei"] > scores["ig"] + 0.1, scores
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured on this digits CNN: FEI none 0.87 vs 0.92 for IG whose baseline "
-    "is the metric's own reference. The curve saturates by coverage 1/6, the smallest "
-    "of FEI's default levels, and the mean of K=5 near-binary maps cannot order the "
-    "pixels inside its top sixth, where IG's fine ranking earns its lead",
-)
-def test_fei_none_beats_integrated_gradients_told_the_reference(insertion_scores):
-    scores = insertion_scores
-    assert scores["fei"] > scores["ig_reference"], scores
-
-
-class _FixedMaps:
-    """Stands in for FaithfulnessEnsemble inside blank_image_diagnostic: returns a
-    known map per rule and records how it was built and called."""
-
-    calls: list = []
-
-    def __init__(self, forward_func, **settings):
-        self.settings = settings
-
-    def attribute(self, inputs, baselines, target, additional_forward_args):
-        clip = self.settings["clip"]
-        seed = {"none": 11, "vm": 12}[clip]
-        attributions = torch.rand(
-            inputs.shape[0],
-            1,
-            *inputs.shape[2:],
-            generator=torch.Generator().manual_seed(seed),
-        )
-        _FixedMaps.calls.append((self.settings, inputs, baselines, target))
-        return attributions.expand_as(inputs)
-
-
-def _conv_outputs(model, x):
-    """The two conv outputs of ``small_cnn``, by calling its layers one by one."""
-    with torch.no_grad():
-        first = model[0](x)
-        second = model[3](model[2](model[1](first)))
-    return [first, second]
-
-
-def test_blank_image_diagnostic_matches_its_definition(cnn, monkeypatch):
-    """Every number of the report, rebuilt by hand from the maps the explainer gave
-    (a stand-in, so this checks the diagnostic and not FEI, which has its own tests):
-    the reference drawn in ``value_range``, the hard insertion curve, its mean
-    probability and trapezoid AUC, and the activation deviation written out."""
-    from captum_faithful.attr._core import blank_image_diagnostic as module
-
-    _FixedMaps.calls = []
-    monkeypatch.setattr(module, "FaithfulnessEnsemble", _FixedMaps)
-    blank = torch.rand(4, 3, 1, 1, generator=torch.Generator().manual_seed(5))
-    blank = blank.expand(-1, -1, 8, 8).contiguous()
-    n_steps = 8
-    report = module.blank_image_diagnostic(
-        cnn,
-        blank,
-        clips=["none", "vm"],
-        layers="early",
-        quantiles=3,
-        n_iter=7,
-        lr=0.2,
-        area_weight=4.0,
-        n_steps=n_steps,
-        value_range=(0.2, 0.9),
-        generator=torch.Generator().manual_seed(1),
-    )
-    assert set(report) == {"none", "vm"}
-    draw = torch.rand(4, 3, 1, 1, generator=torch.Generator().manual_seed(1))
-    reference = 0.2 + 0.7 * draw
-    with torch.no_grad():
-        target = cnn(blank).argmax(1)
-    assert [c[0]["clip"] for c in _FixedMaps.calls] == ["none", "vm"]
-    for settings, inputs, baselines, called_target in _FixedMaps.calls:
-        assert settings["layers"] == "early" and settings["quantiles"] == 3
-        assert settings["n_iter"] == 7 and settings["lr"] == 0.2
-        assert settings["area_weight"] == 4.0 and settings["model"] is cnn
-        assert torch.equal(inputs, blank)
-        assert torch.allclose(baselines, reference)
-        assert torch.equal(torch.as_tensor(called_target), target)
-    steps = n_steps + 1
-    for clip, seed in (("none", 11), ("vm", 12)):
-        attributions = torch.rand(
-            4, 1, 8, 8, generator=torch.Generator().manual_seed(seed)
-        )
-        curve = hard_insertion_images(blank, attributions, reference, n_steps)
-        with torch.no_grad():
-            probs = cnn(curve.flatten(0, 1)).softmax(1).view(4, steps, -1)
-        probs = probs.gather(2, target.view(4, 1, 1).expand(4, steps, 1)).squeeze(2)
-        assert torch.allclose(report[clip]["probability"], probs.mean(1), atol=1e-6)
-        trapezoid = (probs[:, 1:] + probs[:, :-1]).sum(1) / (2 * n_steps)
-        assert torch.allclose(report[clip]["insertion_auc"], trapezoid, atol=1e-6)
-        clean = _conv_outputs(cnn, blank)
-        mse, cosine = torch.zeros(4), torch.zeros(4)
-        for k in range(steps):
-            perturbed = _conv_outputs(cnn, curve[:, k])
-            for h, h_tilde in zip(clean, perturbed, strict=True):
-                h, h_tilde = h.flatten(1).double(), h_tilde.flatten(1).double()
-                mse += ((h_tilde - h) ** 2).mean(1).float() / (2 * steps)
-                dot = (h * h_tilde).sum(1)
-                norms = h.norm(dim=1) * h_tilde.norm(dim=1)
-                cosine += (dot / norms).float() / (2 * steps)
-        assert torch.allclose(report[clip]["mse"], mse, rtol=1e-4)
-        assert torch.allclose(report[clip]["cosine"], cosine, atol=1e-5)
-
-
-def test_blank_image_diagnostic_vm_finds_less_evidence_than_none():
-    """On blank images, the unconstrained optimiser composes evidence through the
-    model's alternative pathway (red edges between the blank image and the reference);
-    ``vm`` blocks it and finds less.
-
-    ``AlternativePathway`` is constructed, not trained, so the effect does not depend
-    on the CPU. Measured mean probability along the hard insertion curve, none - vm,
-    for blank-image seeds 0-3 (this test: seed 0), identical with OMP_NUM_THREADS=1
-    and 2: 0.075, 0.107, 0.095, 0.073 (none 0.75-0.85, vm 0.68-0.77).
-    """
-    from captum_faithful.attr import blank_image_diagnostic
-
-    report = blank_image_diagnostic(
-        AlternativePathway(),
-        blank_images(12, seed=0),
-        clips=["none", "vm"],
-        n_steps=16,
-        generator=torch.Generator().manual_seed(50),
-    )
-    none_p = float(report["none"]["probability"].mean())
-    vm_p = float(report["vm"]["probability"].mean())
-    assert vm_p < none_p - 0.04, (vm_p, none_p)
-
-
-def test_blank_image_diagnostic_bad_input(cnn):
-    from captum_faithful.attr import blank_image_diagnostic
-
-    blank = torch.zeros(2, 3, 8, 8)
-    with pytest.raises(ValueError, match="constant"):
-        blank_image_diagnostic(cnn, torch.rand(2, 3, 8, 8))
-    with pytest.raises(ValueError, match="`clips`"):
-        blank_image_diagnostic(cnn, blank, clips=["vm", "strong"])
-    with pytest.raises(ValueError, match="`clips`"):
-        blank_image_diagnostic(cnn, blank, clips=["vm", "vm"])
-    with pytest.raises(ValueError, match="`value_range`"):
-        blank_image_diagnostic(cnn, blank, value_range=(1.0, 0.0))
-    with pytest.raises(ValueError, match="`n_iter`"):
-        blank_image_diagnostic(cnn, blank, n_iter=0)
-    with pytest.raises(ValueError, match="`baselines`"):
-        blank_image_diagnostic(cnn, blank, baselines=torch.zeros(3, 3, 1, 1))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_faithful._compat import TargetType
-from captum_faithful._layers import LayerSpec, select_layers
+from captum_faithful._layers import LayerSpec, model_places
 from captum_faithful._utils import (
     check_choice,
     check_finite,
@@ -21,7 +21,11 @@ from captum_faithful._utils import (
     run_forward,
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES
-from captum_faithful.attr._core.faithfulness_ensemble import FaithfulnessEnsemble
+from captum_faithful.attr._core.faithfulness_ensemble import (
+    DEFAULT_MAP_STRIDE,
+    FaithfulnessEnsemble,
+    monochrome_reference,
+)
 from captum_faithful.metrics._core.activation_deviation import (
     insertion_activation_deviation,
 )
@@ -42,6 +46,8 @@ def blank_image_diagnostic(
     n_iter: int = 100,
     lr: float = 0.1,
     area_weight: float | None = None,
+    maps: str = "smooth",
+    map_stride: int = DEFAULT_MAP_STRIDE,
     n_steps: int = 100,
     additional_forward_args: Any = None,
     generator: torch.Generator | None = None,
@@ -81,21 +87,26 @@ def blank_image_diagnostic(
                     ``forward_func`` when it is a Module.
                     Default: None
         layers (str or list, optional): ClipGrad layers, as in
-                    :class:`FaithfulnessEnsemble`.
+                    :class:`FaithfulnessEnsemble` (``"attention"`` or ``"blocks"`` on
+                    a Vision Transformer).
                     Default: ``"conv"``
         deviation_layers (str or list, optional): layers on which the activation
                     deviation is measured (all convolutions by default, so that
-                    early / late clipping are compared on the same layers).
+                    early / late clipping are compared on the same layers; on a
+                    Vision Transformer ``"attention"`` or ``"blocks"``).
                     Default: ``"conv"``
         baselines (Tensor or float, optional): the reference R, broadcastable to
                     ``blank_inputs``. ``None`` draws one random colour per sample and
                     channel, uniform in ``value_range`` (the per-sample range used by
-                    FEI's default is empty for a constant image).
+                    FEI's default is empty for a constant image), with
+                    :func:`~captum_faithful.attr._core.faithfulness_ensemble.monochrome_reference`:
+                    a sample's colour depends on ``generator`` and on the sample
+                    only.
                     Default: None
         value_range (tuple[float, float], optional): range of the random
                     reference colours.
                     Default: (0.0, 1.0)
-        quantiles, n_iter, lr, area_weight: passed to
+        quantiles, n_iter, lr, area_weight, maps, map_stride: passed to
                     :class:`FaithfulnessEnsemble`.
         n_steps (int, optional): hard insertion curve segments.
                     Default: 100
@@ -138,7 +149,12 @@ def blank_image_diagnostic(
     if not low < high:
         raise ValueError(f"`value_range` must have low < high, got {value_range}")
     model = resolve_model(forward_func, model)
-    select_layers(model, deviation_layers)
+    with model_places(model, deviation_layers):
+        pass  # checks `deviation_layers` before any heavy work
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator, got {type(generator).__name__}"
+        )
     explainers = {
         clip: FaithfulnessEnsemble(
             forward_func,
@@ -149,19 +165,14 @@ def blank_image_diagnostic(
             n_iter=n_iter,
             lr=lr,
             area_weight=area_weight,
+            maps=maps,
+            map_stride=map_stride,
         )
         for clip in clips
     }
     x = blank_inputs.detach()
     if baselines is None:
-        device = generator.device if generator is not None else x.device
-        draw = torch.rand(
-            (x.shape[0], x.shape[1], 1, 1),
-            generator=generator,
-            device=device,
-            dtype=x.dtype,
-        )
-        reference = (low + (high - low) * draw).to(x.device)
+        reference = monochrome_reference(x, generator, value_range=(low, high))
     else:
         reference = torch.as_tensor(baselines, dtype=x.dtype, device=x.device)
         try:

@@ -1,20 +1,22 @@
 """Faithfulness-guided Ensemble Interpretation (FEI).
 
 Ensemble quantile optimisation of nested retention maps, one per coverage level,
-against a random monochromatic reference, with ClipGrad on the insertion game
-(papers/fei_beyond_output_faithfulness_summary.txt; SPEC §4 gives the formulation).
+against a random monochromatic reference, with ClipGrad on the insertion game. How
+parameters become nested maps of exact coverage (per pixel, per feature group, or
+smooth) lives in :mod:`captum_faithful.attr._utils.retention_maps`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
@@ -27,7 +29,7 @@ from captum_faithful._compat import (
     _format_tensor_into_tuples,
     _is_tuple,
 )
-from captum_faithful._layers import LayerSpec, select_layers
+from captum_faithful._layers import LayerSpec, model_places
 from captum_faithful._utils import (
     check_choice,
     check_finite,
@@ -40,9 +42,26 @@ from captum_faithful._utils import (
     run_forward,
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES, ClipGrad
-from captum_faithful.metrics._utils import resolve_baselines
+from captum_faithful.attr._utils.retention_maps import (
+    BALANCE_TOLERANCE,
+    LOGIT_BOUND,
+    GroupMaps,
+    MapParameterisation,
+    PixelMaps,
+    SmoothMaps,
+    balance_potentials,
+    entry_distribution,
+    level_masses,
+    nested_cell_maps,
+)
+from captum_faithful.metrics._utils import (
+    check_target_form,
+    resolve_baselines,
+    select_additional_forward_args,
+)
 
 OBJECTIVES = ("insertion", "deletion", "both")
+MAP_KINDS = ("smooth", "pixel")
 
 
 def quantile_levels(quantiles: int | Sequence[float]) -> tuple[float, ...]:
@@ -68,18 +87,8 @@ def quantile_levels(quantiles: int | Sequence[float]) -> tuple[float, ...]:
     return levels
 
 
-def nested_maps(logits: Tensor, dim: int = -3) -> Tensor:
-    r"""Nested maps from free parameters: :math:`\alpha_k = \min(1, \sum_{j \le k}
-    \mathrm{softplus}(u_j))` along ``dim``, so :math:`\alpha_1 \le \dots \le \alpha_K`
-    by construction."""
-    return torch.cumsum(F.softplus(logits), dim=dim).clamp(max=1.0)
-
-
-def initial_logits(levels: Sequence[float], shape: tuple[int, ...]) -> Tensor:
-    """Parameters u of shape (..., K, H, W) whose nested maps equal q_k everywhere."""
-    steps = torch.diff(torch.tensor((0.0, *levels), dtype=torch.float64))
-    inverse_softplus = torch.log(torch.expm1(steps)).float()
-    return inverse_softplus.view(-1, 1, 1).expand(shape).clone()
+#: Sorted map values closer than this are one run of ties in :func:`area_loss`.
+TIE_TOLERANCE = 1e-9
 
 
 def area_loss(maps: Tensor, levels: Sequence[float]) -> Tensor:
@@ -89,66 +98,110 @@ def area_loss(maps: Tensor, levels: Sequence[float]) -> Tensor:
         L_{area}(\alpha_k, q_k) = \mathrm{mean}\big((\mathrm{sort}(\mathrm{vec}\,
         \alpha_k) - r_k)^2\big)
 
-    with :math:`r_k` the ascending 0/1 vector holding ``round(q_k H W)`` ones: it
-    enforces coverage :math:`q_k` and pushes the map towards a binary mask.
+    with :math:`r_k` the ascending 0/1 vector holding ``round(q_k H W)`` ones. FEI's
+    maps have their coverage by construction, so here it pushes them towards a
+    binary mask.
+
+    Equal values (all of them in a uniform start map, many in a smooth map) make the
+    sort's order among them arbitrary. The value does not depend on that order, but
+    the gradient would: it would push the tied pixels that the sort happens to put
+    last towards 1 (a raster-order pattern). The gradient used is the symmetric one,
+    each tied pixel pulled towards the mean of the targets of its run of ties
+    (neighbours in sorted order closer than :data:`TIE_TOLERANCE` count as tied, so
+    that rounding does not decide).
     """
     flat = maps.flatten(-2).sort(dim=-1).values
     size = flat.shape[-1]
     positions = torch.arange(size, device=maps.device)
     ones = torch.tensor([round(q * size) for q in levels], device=maps.device)
-    target = (positions >= size - ones.view(-1, 1)).to(flat.dtype)
-    return ((flat - target) ** 2).mean(dim=-1)
+    target = (positions >= size - ones.view(-1, 1)).to(flat.dtype).expand_as(flat)
+    with torch.no_grad():
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[..., 1:] = flat[..., 1:] - flat[..., :-1] > TIE_TOLERANCE
+        run = starts.cumsum(-1) - 1
+        sums = torch.zeros_like(flat).scatter_add_(-1, run, target)
+        counts = torch.zeros_like(flat).scatter_add_(-1, run, torch.ones_like(flat))
+        tied = (sums / counts.clamp(min=1)).gather(-1, run)
+        spread = ((target - tied) ** 2).mean(dim=-1)
+    return ((flat - tied) ** 2).mean(dim=-1) + spread
 
 
-def monochrome_reference(inputs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One random colour per sample and channel, uniform in that channel's range.
+def monochrome_reference(
+    inputs: Tensor,
+    generator: torch.Generator | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> Tensor:
+    """One random colour per sample and channel, shape (N, C, 1, 1).
 
-    Shape (N, C, 1, 1); drawn from ``generator`` (on the generator's device).
+    Each channel's colour is uniform between that channel's min and max in the sample
+    (or in ``value_range`` when given, e.g. for constant images, whose own range is
+    empty). The draw of a sample depends only on ``generator`` (one 64-bit number is
+    drawn from it per call) and on the sample's values, not on the other samples of
+    the batch: the same image gets the same colour alone or inside any batch.
     """
+    n, channels = inputs.shape[:2]
+    device = generator.device if generator is not None else torch.device("cpu")
+    key = int(
+        torch.randint(0, 2**62, (1,), generator=generator, device=device).item()
+    ).to_bytes(8, "little")
+    rows = inputs.detach().reshape(n, -1).cpu().contiguous()
+    draws = torch.empty(n, channels, dtype=torch.float64)
+    for i in range(n):
+        digest = hashlib.blake2b(
+            rows[i].view(torch.uint8).numpy().tobytes(), digest_size=8, key=key
+        ).digest()
+        seed = int.from_bytes(digest, "little") & (2**63 - 1)
+        draws[i] = torch.rand(
+            channels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+    draws = draws.view(n, channels, 1, 1).to(device=inputs.device, dtype=inputs.dtype)
+    if value_range is not None:
+        low, high = value_range
+        return low + draws * (high - low)
     low = inputs.amin(dim=(2, 3), keepdim=True)
     high = inputs.amax(dim=(2, 3), keepdim=True)
-    device = generator.device if generator is not None else inputs.device
-    draw = torch.rand(
-        low.shape, generator=generator, device=device, dtype=inputs.dtype
-    ).to(inputs.device)
-    return low + draw * (high - low)
+    return low + draws * (high - low)
 
 
-#: Final area weight of the default schedule (``area_weight=None``).
-DEFAULT_AREA_WEIGHT = 200.0
+#: Area weight when ``area_weight=None`` (chosen from measurements, see
+#: :class:`FaithfulnessEnsemble`).
+DEFAULT_AREA_WEIGHT = 1.0
+#: Stride of the smooth maps when ``map_stride=None``.
+DEFAULT_MAP_STRIDE = 4
 
 
-def default_area_weight(step: int, n_iter: int) -> float:
-    r"""The area weight at iteration ``step`` (0-based) when ``area_weight=None``.
+@dataclass
+class _InputMaps:
+    """The maps of one input tensor: where they live, their parameters, and the
+    potentials of the last balance (the warm start of the next one)."""
 
-    A quadratic ramp :math:`\lambda_t = 200 \, ((t + 1) / T)^2`: the maps first move
-    freely towards the evidence, then the sorted-area term pins them to their coverage
-    and to a near-binary mask. Chosen from measurements (trained 4-conv CNN on
-    3x16x16 digits, 16 images, K=5, T=100, random monochrome references): every map's
-    mean ends within 0.03 of its level; ``"vm"`` keeps 0.78x (real images) and 0.85x
-    (blank images) the hard-insertion-curve activation deviation of ``"none"``. For
-    comparison, constant weights 10 / 30 / 100 gave 0.90 / 0.94 / 0.98x (a strong
-    area term erases the ClipGrad effect), weight 3 let ``"vm"`` maps drift 0.33
-    off their coverage, and a linear ramp to 50 gave 0.75x with coverage errors up
-    to 0.09.
-    """
-    return DEFAULT_AREA_WEIGHT * ((step + 1) / n_iter) ** 2
+    parameterisation: MapParameterisation
+    logits: Tensor
+    weights: Tensor
+    potentials: Tensor | None = None
 
-
-@contextmanager
-def _preserve_buffers(model: nn.Module | None) -> Iterator[None]:
-    """Restore the model's buffers (e.g. BatchNorm statistics in train mode)."""
-    if model is None:
-        yield
-        return
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                if not torch.equal(buffer, value):
-                    buffer.copy_(value)
+    def pixel_maps(
+        self, masses: Tensor, logits: Tensor | None = None, differentiable: bool = True
+    ) -> Tensor:
+        """(G, N, K, H, W) nested maps of exact coverage, in float64, from ``logits``
+        (default: the parameters)."""
+        logits = self.logits if logits is None else logits
+        games, n, cells, entries = logits.shape
+        flat = LOGIT_BOUND * torch.tanh(logits.flatten(0, 1) / LOGIT_BOUND)
+        self.potentials = balance_potentials(
+            flat,
+            self.weights,
+            masses,
+            start=self.potentials,
+            # the differentiable Newton step squares this error
+            tolerance=1e-7 if differentiable else BALANCE_TOLERANCE,
+        )
+        if differentiable:
+            p = entry_distribution(flat, self.weights, masses, self.potentials)
+        else:
+            p = torch.softmax(flat.double() + self.potentials.unsqueeze(1), dim=-1)
+        cell_maps = nested_cell_maps(p).view(games, n, entries - 1, cells)
+        return self.parameterisation.to_pixels(cell_maps)
 
 
 class FaithfulnessEnsemble(GradientAttribution):
@@ -158,11 +211,13 @@ class FaithfulnessEnsemble(GradientAttribution):
     directly: for every coverage level :math:`q_k` it learns a soft retention map
     :math:`\alpha_k \in [0, 1]^{H \times W}` (shared across channels) such that the
     image keeping the :math:`\alpha_k` part of ``x`` and filling the rest from a
-    reference ``R`` keeps the target class as probable as possible, while a sorted-area
-    term holds the map at coverage :math:`q_k`. The maps are nested
-    (:math:`\alpha_1 \le \dots \le \alpha_K`) by construction, all maps of all
-    samples are optimised jointly in one batch with Adam, and the attribution is their
-    mean, which ranks pixels by the smallest coverage at which they are kept.
+    reference ``R`` keeps the target class as probable as possible. The maps are
+    nested (:math:`\alpha_1 \le \dots \le \alpha_K`) and cover exactly
+    :math:`q_k` of the pixels (:math:`\mathrm{mean}\,\alpha_k = q_k`) by construction,
+    at every iteration; a sorted-area term pushes them towards binary masks. All
+    maps of all samples are optimised jointly in one batch with Adam, and the
+    attribution is their mean, which ranks pixels by the smallest coverage at which
+    they are kept.
 
     Internal faithfulness: during the insertion game, ClipGrad zeroes the gradient
     entries at the selected layers' outputs that would push the perturbed activations
@@ -170,7 +225,9 @@ class FaithfulnessEnsemble(GradientAttribution):
     :func:`~captum_faithful.attr._core.clip_grad.clip_mask`); ``clip="none"`` is the
     paper's unconstrained FEI_NONE. The deletion game (maps :math:`\beta_k` marking the
     pixels removed) is never clipped: removing evidence is meant to change the
-    activations.
+    activations. On Vision Transformers, ``layers="attention"`` clips at the attention
+    probabilities of every block (the paper's open question: attention alignment as
+    the transformer's pathway) and ``layers="blocks"`` at the residual stream.
 
     .. math::
         L_{ins} = \sum_k -\varphi\big(\alpha_k \odot x + (1 - \alpha_k) \odot R\big)
@@ -178,19 +235,81 @@ class FaithfulnessEnsemble(GradientAttribution):
         L_{del} = \sum_k \varphi\big((1 - \beta_k) \odot x + \beta_k \odot R\big)
                   + \lambda L_{area}(\beta_k, q_k)
 
-    .. math::
-        \alpha_k = \min\Big(1, \sum_{j \le k} \mathrm{softplus}(u_j)\Big), \qquad
-        M = \frac{1}{K} \sum_k \alpha_k
-
     with :math:`\varphi` the softmax probability of the target class (the forward
     output is treated as logits) and
     :math:`L_{area}(\alpha, q) = \mathrm{mean}((\mathrm{sort}(\mathrm{vec}\,\alpha) -
     r_q)^2)`, :math:`r_q` the sorted 0/1 vector with ``round(q H W)`` ones.
 
+    **How the maps are made.** A map lives on C cells, each covering the share
+    :math:`\omega_c` of the pixels: one cell per pixel (``maps="pixel"``), per group
+    of a Captum ``feature_mask`` (one map value per group, broadcast over the
+    channels), or per node of a coarse grid with stride ``map_stride`` upsampled
+    bilinearly to the image (``maps="smooth"``, the default). Each cell holds a
+    distribution over the level at which it enters,
+    :math:`p_c = \mathrm{softmax}(u_c + g)` over :math:`e = 1..K+1` (the last is
+    "never"), and
+
+    .. math::
+        \alpha_k(c) = \sum_{e \le k} p_{c,e}, \qquad
+        \sum_c \omega_c\, p_{c,e} = q_e - q_{e-1}, \qquad
+        M = \frac{1}{K} \sum_k \alpha_k .
+
+    The potentials :math:`g` are solved at every iteration (Newton's method, warm
+    started), so each :math:`\alpha_k` has mean :math:`q_k` exactly; the gradient
+    flows through the solution (:mod:`~captum_faithful.attr._utils.retention_maps`).
+    Bilinear upsampling has non-negative weights that sum to one at each pixel, so
+    smooth maps stay nested, in [0, 1], and exactly covered in pixels.
+
+    The smooth maps follow Extremal Perturbations (TorchRay's ``MaskGenerator``),
+    which also optimises parameters on a grid of step s, but spreads them with a
+    smooth maximum of Gaussian-like bumps and holds the area with a penalty only;
+    here the spread is linear, so nesting and exact coverage survive it.
+
+    **Defaults, measured** on the demo CNN (``captum_faithful.demo``, full recipe:
+    32x32 images whose class evidence fills one 16x16 block; the first 32 test
+    images, each explained for its predicted class; K=5, 100 iterations, area weight
+    1, a random monochrome reference per image). Evidence precision: share of the
+    256 pixels ranked highest by M that lie in the evidence block (chance 0.25).
+    Insertion (blur baseline) and deletion (black baseline) AUCs with 100 steps and
+    activation deviation (mean-colour baseline, 20 steps, all convolutions) as in
+    the demo report:
+
+    ======================  ====  =========  =========  ========  =========
+    maps                    clip  evidence   insertion  deletion  activation
+                                  precision  AUC        AUC       deviation
+    ======================  ====  =========  =========  ========  =========
+    per pixel               vm    0.701      0.774      0.148     0.088
+    per pixel               none  0.417      0.822      0.194     0.122
+    groups of 4x4 pixels    vm    0.850      0.789      0.119     0.105
+    groups of 4x4 pixels    none  0.654      0.779      0.135     0.127
+    smooth, stride 2        vm    0.807      0.790      0.132     0.101
+    smooth, stride 2        none  0.613      0.818      0.173     0.123
+    smooth, stride 4        vm    0.838      0.794      0.118     0.108
+    smooth, stride 4        none  0.706      0.806      0.123     0.121
+    smooth, stride 8        vm    0.837      0.792      0.113     0.116
+    smooth, stride 8        none  0.743      0.788      0.115     0.130
+    ======================  ====  =========  =========  ========  =========
+
+    Per-pixel maps scatter over the image (salt-and-pepper; with ``"none"`` hardly
+    better than chance at localising), smooth maps localise the evidence; stride 4
+    has the best precision with the lowest deviation of the smooth ones, so it is the
+    default. Grouped maps with a 4x4 feature mask localise as well (they are smooth
+    maps upsampled by nearest neighbour). The area weight hardly matters once the
+    coverage is exact (smooth, stride 4, vm, 16 images: weights 0 / 1 / 10 / 30 gave
+    precision 0.834 / 0.833 / 0.817 / 0.806 and insertion 0.822 / 0.823 / 0.822 /
+    0.818), but a strong one erodes ClipGrad's effect: on a model built with a
+    pixel-scale alternative pathway (per-pixel maps, 12 images) the vm / none
+    activation deviation ratio was 0.70 / 0.73 / 0.83 (real images) and 0.78 /
+    0.82 / 0.91 (blank images) for weights 0 / 1 / 10. Default 1: maps pushed
+    towards binary masks while keeping most of the effect. Smooth maps converge
+    fast: 30 iterations matched 100 (stride 4, vm: precision 0.833, insertion 0.825)
+    in 0.3 of the time.
+
     Inputs are images ``(N, C, H, W)`` (or a tuple of them; each tensor gets its own
-    maps). The parameters are initialised so that every :math:`\alpha_k` starts
-    uniform at :math:`q_k`; the optimisation is deterministic given the reference,
-    which is drawn from ``generator``.
+    maps); the maps and attributions have the input's dtype (the parameters are
+    float32, float64 for float64 inputs). The parameters start at zero, where every
+    :math:`\alpha_k` is uniform at :math:`q_k`; the optimisation is deterministic
+    given the reference, which is drawn from ``generator``.
 
     Args:
 
@@ -202,7 +321,12 @@ class FaithfulnessEnsemble(GradientAttribution):
         layers (str or list, optional): layers whose outputs ClipGrad constrains:
                     ``"conv"`` (every ``nn.Conv2d``), ``"early"`` / ``"late"`` (first /
                     second half of them in definition order; with an odd count both
-                    share the middle one), or a list of modules or submodule names.
+                    share the middle one), for Vision Transformers ``"attention"``
+                    (the attention probabilities of every block, found by
+                    :func:`captum_faithful.vit.get_adapter`; eager attention is
+                    switched on for the call and restored afterwards) or
+                    ``"blocks"`` (every block's output), or a list of modules or
+                    submodule names.
                     Default: ``"conv"``
         clip (str, optional): ClipGrad rule, one of ``"vm"``, ``"ivm"``, ``"avm"``,
                     ``"ibm"``, ``"none"``.
@@ -218,13 +342,17 @@ class FaithfulnessEnsemble(GradientAttribution):
                     Default: 100
         lr (float, optional): Adam learning rate on the parameters u.
                     Default: 0.1
-        area_weight (float, optional): :math:`\lambda`, constant over the
-                    iterations. ``None`` ramps it quadratically up to 200
-                    (:func:`default_area_weight`, chosen from measurements: each map's
-                    mean ends within 0.1 of its level after the default 100
-                    iterations, while a strong constant weight erases the ClipGrad
-                    effect).
+        area_weight (float, optional): :math:`\lambda`, a finite number >= 0.
+                    ``None`` uses :data:`DEFAULT_AREA_WEIGHT` (1, see the measurements
+                    above).
                     Default: None
+        maps (str, optional): ``"smooth"`` (cells on a grid of stride
+                    ``map_stride``, upsampled bilinearly) or ``"pixel"`` (one value
+                    per pixel). A ``feature_mask`` passed to :meth:`attribute`
+                    replaces either by one value per group.
+                    Default: ``"smooth"``
+        map_stride (int, optional): grid step of the smooth maps, in pixels.
+                    Default: 4
 
     Examples::
 
@@ -246,6 +374,8 @@ class FaithfulnessEnsemble(GradientAttribution):
         n_iter: int = 100,
         lr: float = 0.1,
         area_weight: float | None = None,
+        maps: str = "smooth",
+        map_stride: int = DEFAULT_MAP_STRIDE,
     ) -> None:
         if not callable(forward_func):
             raise TypeError("`forward_func` must be callable")
@@ -254,10 +384,12 @@ class FaithfulnessEnsemble(GradientAttribution):
         self.objective = check_choice("objective", objective, OBJECTIVES)
         self.levels = quantile_levels(quantiles)
         self.n_iter = check_int("n_iter", n_iter, minimum=1)
-        self.lr = check_float("lr", lr, low=0.0, low_inclusive=False)
-        if area_weight is not None:
-            area_weight = check_float("area_weight", area_weight, low=0.0)
-        self.area_weight = area_weight
+        self.lr = _check_finite_float("lr", lr, low=0.0, low_inclusive=False)
+        if area_weight is None:
+            area_weight = DEFAULT_AREA_WEIGHT
+        self.area_weight = _check_finite_float("area_weight", area_weight, low=0.0)
+        self.maps = check_choice("maps", maps, MAP_KINDS)
+        self.map_stride = check_int("map_stride", map_stride, minimum=1)
         self.model: nn.Module | None = None
         if (
             model is not None
@@ -265,15 +397,12 @@ class FaithfulnessEnsemble(GradientAttribution):
             or isinstance(getattr(forward_func, "__self__", None), nn.Module)
         ):
             self.model = resolve_model(forward_func, model)
-        self.layers: list[nn.Module] = []
-        if clip != "none" and objective != "deletion":
+        self.layers = layers
+        self._clipped = clip != "none" and objective != "deletion"
+        if self._clipped:
             self.model = resolve_model(forward_func, model)
-            self.layers = select_layers(self.model, layers)
-
-    def _weight(self, step: int) -> float:
-        if self.area_weight is None:
-            return default_area_weight(step, self.n_iter)
-        return self.area_weight
+            with model_places(self.model, layers):
+                pass  # checks `layers` now, before any call
 
     @log_usage()
     def attribute(
@@ -282,6 +411,7 @@ class FaithfulnessEnsemble(GradientAttribution):
         baselines: Any = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
+        feature_mask: Tensor | tuple[Tensor, ...] | None = None,
         generator: torch.Generator | None = None,
         return_quantile_maps: bool = False,
         show_progress: bool = False,
@@ -290,23 +420,35 @@ class FaithfulnessEnsemble(GradientAttribution):
 
         Args:
 
-            inputs (Tensor or tuple[Tensor, ...]): images ``(N, C, H, W)``.
+            inputs (Tensor or tuple[Tensor, ...]): images ``(N, C, H, W)``, N >= 1,
+                        floating point (float16, bfloat16, float32 or float64).
             baselines (scalar, Tensor, str, Callable or tuple, optional): the
                         reference ``R``: a number, a tensor broadcastable to the
                         input, a preset of the metrics (``"zero"``, ``"mean"``,
                         ``"blur"``), a callable ``input -> tensor``, or a tuple of
                         these per input. ``None`` draws a random monochromatic image
-                        per sample: one colour per channel, uniform between that
-                        channel's min and max in the sample.
+                        per sample (:func:`monochrome_reference`): one colour per
+                        channel, uniform between that channel's min and max in the
+                        sample. A sample's colour depends on ``generator`` and on the
+                        sample only, so an image gets the same reference alone and
+                        inside any batch.
                         Default: None
-            target (int, list, Tensor, optional): class per sample, with Captum's
-                        meaning. ``None`` explains the class predicted on the
+            target (int, tuple, list, Tensor, optional): class per sample, with
+                        Captum's meaning. ``None`` explains the class predicted on the
                         unperturbed input (argmax).
                         Default: None
             additional_forward_args (Any, optional): passed to ``forward_func`` after
                         the inputs; tensors with a batch dimension are expanded to
                         the perturbed batch.
                         Default: None
+            feature_mask (Tensor or tuple[Tensor, ...], optional): Captum's feature
+                        mask: integer group ids per pixel, shape broadcastable to
+                        the input with one channel (e.g. ``(1, 1, H, W)``, or
+                        ``(N, 1, H, W)`` per sample); the map has one value per group
+                        and coverage is counted in pixels. At least two groups per
+                        sample. With a tuple of inputs, one mask per input (ids are
+                        local to each input).
+                        Default: None (the ``maps`` of the constructor)
             generator (torch.Generator, optional): source of the random reference.
                         Default: None (global RNG)
             return_quantile_maps (bool, optional): also return the maps stacked as
@@ -318,8 +460,9 @@ class FaithfulnessEnsemble(GradientAttribution):
 
         Returns:
             *Tensor* or *tuple[Tensor, ...]* of **attributions**:
-                :math:`M` broadcast to each input's shape (mirrors ``inputs``); with
-                ``return_quantile_maps`` a pair ``(attributions, maps)``.
+                :math:`M` broadcast to each input's shape (mirrors ``inputs``), in
+                the input's dtype; with ``return_quantile_maps`` a pair
+                ``(attributions, maps)``.
 
         Examples::
 
@@ -328,75 +471,113 @@ class FaithfulnessEnsemble(GradientAttribution):
             >>>                      generator=torch.Generator().manual_seed(0))
         """
         is_tuple = _is_tuple(inputs)
-        xs = _format_tensor_into_tuples(inputs)
-        xs = self._check_inputs(xs)
-        references = self._references(xs, baselines, generator)
-        afa = _format_additional_forward_args(additional_forward_args)
+        xs = self._check_inputs(_format_tensor_into_tuples(inputs))
         n = xs[0].shape[0]
+        check_target_form(target, n)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"`generator` must be a torch.Generator, got {type(generator).__name__}"
+            )
+        cells = self._parameterisations(xs, feature_mask)
+        references = self._references(xs, baselines, generator)
+        extra_args = _format_additional_forward_args(additional_forward_args)
         device = xs[0].device
         games = {"insertion": (1,), "deletion": (-1,), "both": (1, -1)}[self.objective]
         n_games, n_levels = len(games), len(self.levels)
-        clipped = self.clip != "none" and games[0] == 1
-
+        masses = level_masses(self.levels).to(device)
+        parameter_dtype = (
+            torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+        )
         rows = torch.arange(n, device=device).repeat_interleave(n_levels)
         batch_rows = rows.repeat(n_games)
-        params = [
-            initial_logits(self.levels, (n_games, n, n_levels, *x.shape[2:]))
-            .to(device)
-            .requires_grad_()
-            for x in xs
+        maps = [
+            _InputMaps(
+                parameterisation,
+                torch.zeros(
+                    (n_games, n, parameterisation.n_cells, n_levels + 1),
+                    dtype=parameter_dtype,
+                    device=device,
+                    requires_grad=True,
+                ),
+                parameterisation.weights.repeat(n_games, 1)
+                if parameterisation.weights.shape[0] == n
+                else parameterisation.weights,
+            )
+            for parameterisation in cells
         ]
+        params = tuple(m.logits for m in maps)
         optimiser = torch.optim.Adam(params, lr=self.lr)
-        sign = torch.tensor(games, dtype=xs[0].dtype, device=device).view(-1, 1, 1)
-        expanded_afa = _select_rows(afa, batch_rows, n)
-
-        with (
-            preserve_model_state(self.model) if self.model is not None else _nothing(),
-            _preserve_buffers(self.model),
-            ClipGrad(self.layers, self.clip) if clipped else _nothing() as clip,
-        ):
-            if clipped:
+        sign = torch.tensor(games, dtype=torch.float32, device=device).view(-1, 1, 1)
+        batch_args = select_additional_forward_args(extra_args, batch_rows, n)
+        with ExitStack() as stack:
+            if self.model is not None:
+                stack.enter_context(preserve_model_state(self.model))
+            places = (
+                stack.enter_context(model_places(self.model, self.layers))
+                if self._clipped
+                else None
+            )
+            clip = (
+                stack.enter_context(ClipGrad(places, self.clip))
+                if self._clipped
+                else None
+            )
+            if clip is not None:
                 clean = clip.capture(
-                    lambda: run_forward(self.forward_func, xs, afa), rows
+                    lambda: run_forward(self.forward_func, xs, extra_args), rows
                 )
             else:
                 with torch.no_grad():
-                    clean = run_forward(self.forward_func, xs, afa)
+                    clean = run_forward(self.forward_func, xs, extra_args)
             classes = resolve_targets(clean, target)
             batch_classes = classes[batch_rows]
-            for step in progress(
-                range(self.n_iter), show_progress, desc="FEI", total=self.n_iter
-            ):
-                loss = partial(
-                    _game_loss,
+
+            def loss(*logits: Tensor) -> Tensor:
+                return _game_loss(
+                    *logits,
+                    maps=maps,
+                    masses=masses,
                     forward_func=self.forward_func,
                     xs=xs,
                     references=references,
                     sign=sign,
                     classes=batch_classes,
                     levels=self.levels,
-                    weight=self._weight(step),
-                    additional_forward_args=expanded_afa,
+                    weight=self.area_weight,
+                    additional_forward_args=batch_args,
                 )
-                grads = self.gradient_func(loss, tuple(params))
+
+            for _ in progress(
+                range(self.n_iter), show_progress, desc="FEI", total=self.n_iter
+            ):
+                grads = self.gradient_func(loss, params)
                 for param, grad in zip(params, grads, strict=True):
                     param.grad = grad
                 optimiser.step()
 
         with torch.no_grad():
-            all_maps = [
-                nested_maps(u).permute(1, 0, 2, 3, 4).flatten(1, 2) for u in params
-            ]
+            all_maps = tuple(
+                m.pixel_maps(masses, differentiable=False)
+                .transpose(0, 1)
+                .flatten(1, 2)
+                .to(x.dtype)
+                for m, x in zip(maps, xs, strict=True)
+            )
         attributions = tuple(
-            maps.mean(dim=1, keepdim=True).expand_as(x).contiguous()
-            for maps, x in zip(all_maps, xs, strict=True)
+            m.mean(dim=1, keepdim=True, dtype=torch.float64)
+            .to(x.dtype)
+            .expand_as(x)
+            .contiguous()
+            for m, x in zip(all_maps, xs, strict=True)
         )
         result = _format_output(is_tuple, attributions)
         if return_quantile_maps:
-            return result, _format_output(is_tuple, tuple(all_maps))
+            return result, _format_output(is_tuple, all_maps)
         return result
 
     def _check_inputs(self, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if not xs:
+            raise ValueError("`inputs` must hold at least one tensor")
         for x in xs:
             if not isinstance(x, Tensor):
                 raise TypeError(
@@ -412,8 +593,48 @@ class FaithfulnessEnsemble(GradientAttribution):
                 raise TypeError(f"`inputs` must be floating point, got {x.dtype}")
             if x.shape[0] != xs[0].shape[0]:
                 raise ValueError("`inputs` tensors must share the batch size")
+            if x.shape[0] == 0:
+                raise ValueError(
+                    "`inputs` must hold at least one sample, got an empty batch "
+                    f"of shape {tuple(x.shape)}"
+                )
         check_finite("inputs", xs)
         return tuple(x.detach() for x in xs)
+
+    def _parameterisations(
+        self, xs: tuple[Tensor, ...], feature_mask: Any
+    ) -> list[MapParameterisation]:
+        if feature_mask is None:
+            masks: tuple[Any, ...] = (None,) * len(xs)
+        elif isinstance(feature_mask, Tensor):
+            if len(xs) != 1:
+                raise ValueError(
+                    "`feature_mask` must be a tuple with one mask per input tensor "
+                    f"({len(xs)}) when `inputs` is a tuple of several tensors"
+                )
+            masks = (feature_mask,)
+        elif isinstance(feature_mask, (tuple, list)):
+            if len(feature_mask) != len(xs):
+                raise ValueError(
+                    "`feature_mask` must hold one mask per input tensor "
+                    f"({len(xs)}), got {len(feature_mask)}"
+                )
+            masks = tuple(feature_mask)
+        else:
+            raise TypeError(
+                "`feature_mask` must be an integer tensor or a tuple of them, got "
+                f"{type(feature_mask).__name__}"
+            )
+        result: list[MapParameterisation] = []
+        for x, mask in zip(xs, masks, strict=True):
+            height, width = x.shape[2:]
+            if mask is not None:
+                result.append(_group_maps(mask, x))
+            elif self.maps == "pixel":
+                result.append(PixelMaps(height, width, x.device))
+            else:
+                result.append(SmoothMaps(height, width, self.map_stride, x.device))
+        return result
 
     def _references(
         self,
@@ -421,17 +642,60 @@ class FaithfulnessEnsemble(GradientAttribution):
         baselines: Any,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, ...]:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a torch.Generator, got {type(generator).__name__}"
-            )
         if baselines is None:
             return tuple(monochrome_reference(x, generator) for x in xs)
         return resolve_baselines(baselines, xs)
 
 
+def _check_finite_float(name: str, value: Any, **bounds: Any) -> float:
+    value = check_float(name, value, **bounds)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}")
+    return value
+
+
+def _group_maps(mask: Any, x: Tensor) -> GroupMaps:
+    """Validate a Captum feature mask for FEI's maps and relabel it 0..G-1."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            "`feature_mask` must be an integer tensor or a tuple of them, got "
+            f"{type(mask).__name__}"
+        )
+    if mask.is_floating_point() or mask.is_complex() or mask.dtype == torch.bool:
+        raise TypeError(
+            f"`feature_mask` must hold integer group ids, got dtype {mask.dtype}"
+        )
+    n, _, height, width = x.shape
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if (
+        mask.dim() > 4
+        or shape[0] not in (1, n)
+        or shape[1] != 1
+        or shape[2:] != (height, width)
+    ):
+        raise ValueError(
+            "`feature_mask` must have one group id per pixel, shape (H, W), "
+            "(1, 1, H, W) or (N, 1, H, W) with (N, H, W) = "
+            f"({n}, {height}, {width}) (FEI's maps are shared across channels), "
+            f"got shape {tuple(mask.shape)}"
+        )
+    mask = mask.reshape(shape[0], height, width).to(x.device)
+    _, ids = torch.unique(mask, return_inverse=True)
+    n_groups = int(ids.max()) + 1
+    per_sample = torch.zeros(ids.shape[0], n_groups, dtype=torch.bool, device=x.device)
+    per_sample.scatter_(1, ids.flatten(1), True)
+    if bool((per_sample.sum(1) < 2).any()):
+        raise ValueError(
+            "`feature_mask` must split every sample into at least two groups; a "
+            "single group leaves nothing to rank"
+        )
+    return GroupMaps(ids, n_groups)
+
+
 def _game_loss(
     *logits: Tensor,
+    maps: Sequence[_InputMaps],
+    masses: Tensor,
     forward_func: Callable,
     xs: tuple[Tensor, ...],
     references: tuple[Tensor, ...],
@@ -441,37 +705,27 @@ def _game_loss(
     weight: float,
     additional_forward_args: Any,
 ) -> Tensor:
-    """Per-sample loss (N,) of the games; ``logits`` are the parameters u per input.
+    """Total loss of the games, shape (1,); ``logits`` are the parameters u per input
+    (the tensors held by ``maps``, passed again so that gradients flow to them).
 
     ``sign`` (G, 1, 1) is +1 for the insertion game (keep ``maps`` of x) and -1 for
     the deletion game (remove ``maps`` of x); rows are laid out game, sample, level.
     """
-    n_games, n, n_levels = logits[0].shape[:3]
+    n_games, n = logits[0].shape[:2]
+    n_levels = len(levels)
     insertion = (sign > 0).view(-1, 1, 1, 1, 1)
     images, area = [], 0.0
-    for x, ref, u in zip(xs, references, logits, strict=True):
-        maps = nested_maps(u)
-        keep = torch.where(insertion, maps, 1 - maps).unsqueeze(3)
-        image = ref.unsqueeze(1) + keep * (x - ref).unsqueeze(1)
+    for x, ref, input_maps, u in zip(xs, references, maps, logits, strict=True):
+        retention = input_maps.pixel_maps(masses, u)
+        keep = torch.where(insertion, retention, 1 - retention).unsqueeze(3)
+        image = ref.unsqueeze(1) + keep.to(x.dtype) * (x - ref).unsqueeze(1)
         images.append(image.flatten(0, 2))
-        area = area + area_loss(maps, levels)
+        area = area + area_loss(retention, levels)
     out = run_forward(forward_func, tuple(images), additional_forward_args)
-    prob = out.softmax(dim=1).gather(1, classes.view(-1, 1)).view(n_games, n, n_levels)
-    return (-sign * prob + weight * area).sum(dim=(0, 2))
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
-
-
-def _select_rows(afa: Any, rows: Tensor, n: int) -> Any:
-    """Expand the batch dimension of tensors in ``afa`` to the perturbed batch."""
-    if afa is None:
-        return None
-    return tuple(
-        arg.index_select(0, rows.to(arg.device))
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n
-        else arg
-        for arg in afa
-    )
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
+    prob = out.softmax(dim=1).gather(1, classes.view(-1, 1))
+    prob = prob.view(n_games, n, n_levels).to(torch.float64)
+    # one number: the gradient function then differentiates a single output,
+    # whatever N (the samples' losses are independent, so their sum has the same
+    # gradient per sample)
+    return (-sign.double() * prob + weight * area).sum().view(1)
