@@ -126,74 +126,25 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
-def resolve_model(forward_func: Callable, model: nn.Module | None) -> nn.Module:
-    """The module whose parameters a method needs: ``model`` or ``forward_func``."""
+def resolve_model(
+    forward_func: Callable, model: nn.Module | None, required: bool = True
+) -> nn.Module | None:
+    """The module whose parameters a method needs: ``model`` or ``forward_func``
+    (a module or a bound method of one). Without either, raise TypeError when
+    ``required``, else return None."""
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"`model` must be a torch.nn.Module, got {type(model).__name__}"
             )
         return model
-    if isinstance(forward_func, nn.Module):
-        return forward_func
-    owner = getattr(forward_func, "__self__", None)
-    if isinstance(owner, nn.Module):
-        return owner
-    raise TypeError(
-        "`forward_func` is not an nn.Module, so pass the module that owns the "
-        "parameters as `model=`"
-    )
-
-
-def resolve_targets(output: Tensor, target: Any) -> Tensor:
-    """Per-sample class indices, shape (N,), for a 2-D output (N, C).
-
-    ``target=None`` takes the class predicted by ``output`` (argmax); an int applies
-    to every sample; a list or tensor gives one class per sample. Indices outside
-    ``[0, C)`` raise ValueError.
-    """
-    if output.dim() != 2:
-        raise ValueError(
-            "expected a model output of shape (N, n_classes), got shape "
-            f"{tuple(output.shape)}"
-        )
-    n, n_classes = output.shape
-    if target is None:
-        return output.detach().argmax(dim=1)
-    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
-        classes = torch.full((n,), int(target), dtype=torch.long, device=output.device)
-    elif isinstance(target, Tensor):
-        if target.numel() == 1:
-            classes = target.reshape(1).expand(n).long().to(output.device)
-        elif target.dim() == 1 and target.numel() == n:
-            classes = target.long().to(output.device)
-        else:
-            raise ValueError(
-                f"`target` must be a scalar or hold one class per sample ({n}), "
-                f"got shape {tuple(target.shape)}"
-            )
-        if target.is_floating_point() and not bool((target == target.round()).all()):
-            raise ValueError("`target` must hold integer class indices")
-    elif isinstance(target, (list, tuple)):
-        if len(target) != n or not all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
-        ):
-            raise ValueError(
-                f"`target` as a list must hold one integer class per sample ({n}), "
-                f"got {target!r}"
-            )
-        classes = torch.tensor([int(t) for t in target], device=output.device)
-    else:
+    module = module_of(forward_func)
+    if module is None and required:
         raise TypeError(
-            "`target` must be None, an int, a list of ints or a tensor, got "
-            f"{type(target).__name__}"
+            "`forward_func` is not an nn.Module, so pass the module that owns the "
+            "parameters as `model=`"
         )
-    if n and (int(classes.min()) < 0 or int(classes.max()) >= n_classes):
-        raise ValueError(
-            f"`target` out of range: the output has {n_classes} classes, got "
-            f"classes from {int(classes.min())} to {int(classes.max())}"
-        )
-    return classes
+    return module
 
 
 @contextmanager
@@ -212,6 +163,14 @@ def preserve_model_state(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
         for param, flag in flags:
             param.requires_grad_(flag)
+
+
+def module_of(forward_func: Any) -> nn.Module | None:
+    """The module ``forward_func`` is, or is a bound method of; else None."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
 
 
 def progress(iterable: Iterable, show: bool, **tqdm_kwargs: Any) -> Iterable:

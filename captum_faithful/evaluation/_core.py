@@ -17,13 +17,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from captum_faithful._utils import (
-    check_choice,
-    optional_import,
-    progress,
-    resolve_targets,
-    run_forward,
-)
+from captum_faithful._arguments import resolve_target
+from captum_faithful._utils import check_choice, optional_import, progress, run_forward
 from captum_faithful.evaluation import _settings
 from captum_faithful.evaluation._storage import Rows, RunStorage, empty_rows
 from captum_faithful.evaluation.results import Results
@@ -580,7 +575,7 @@ def _evaluate_batch(
     else:
         with torch.no_grad():
             as_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
-            targets = resolve_targets(run_forward(model, as_tuple), None)
+            targets = resolve_target(run_forward(model, as_tuple), None)
     values: dict[tuple[str, str], list[float]] = {}
     seconds: dict[str, float] = {}
     for method, explainer in explainers.items():

@@ -11,27 +11,28 @@ from captum.attr import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_faithful._arguments import (
+    format_additional_forward_args,
+    format_baselines,
+    format_inputs,
+    format_target,
+    repeat_rows,
+    resolve_target,
+)
 from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
-    _expand_additional_forward_args,
-    _format_additional_forward_args,
     _format_output,
 )
-from captum_faithful._utils import resolve_model, resolve_targets
+from captum_faithful._utils import resolve_model
 from captum_faithful.attr._utils.unlearning import (
     ParametrizedForward,
     UnlearningHyperparameters,
     UnlearningSettings,
     buffer_copies,
     check_call_arguments,
-    check_sample_args,
-    check_unlearnable,
     completeness_gap,
-    format_baselines,
-    format_inputs,
     protected_forward,
-    resolve_class_targets,
 )
 
 
@@ -160,8 +161,7 @@ class LayerUnlearnedIntegratedGradients(
         """
         if not isinstance(layer, nn.Module):
             raise TypeError(f"`layer` must be an nn.Module, got {type(layer).__name__}")
-        self.model = resolve_model(forward_func, model)
-        check_unlearnable(self.model)
+        self.model = resolve_model(forward_func, model, required=False)
         self._settings = UnlearningSettings(
             unlearning_step, pgd_steps, epsilon, pgd_step_size, unlearning_batch_size
         )
@@ -236,24 +236,25 @@ class LayerUnlearnedIntegratedGradients(
         n_steps, method, internal_batch_size = check_call_arguments(
             n_steps, method, internal_batch_size
         )
-        formatted = format_inputs(inputs, require_float=False)
-        given = None if baselines is None else format_baselines(baselines, formatted)
-        args = _format_additional_forward_args(additional_forward_args)
+        formatted, _ = format_inputs(inputs)
+        formatted = tuple(x.detach() for x in formatted)
         n_examples = formatted[0].shape[0]
-        check_sample_args(args, n_examples)
+        given = None if baselines is None else format_baselines(baselines, formatted)
+        target = format_target(target, n_examples)
+        args = format_additional_forward_args(additional_forward_args, n_examples)
 
         with torch.enable_grad():
             forward = protected_forward(self._wrapper, buffer_copies(self.model))
             layer_out, is_layer_tuple, logits = self._layer_eval(
                 forward, formatted, args
             )
-            classes = resolve_targets(logits, resolve_class_targets(logits, target))
+            classes = resolve_target(logits, target)
             layer_forward = self._layer_forward(
                 forward, formatted, args, is_layer_tuple
             )
             if given is None:
                 starts = self._learn_baselines(
-                    layer_forward, layer_out, formatted, classes, args, None
+                    layer_forward, layer_out, formatted, logits, classes, args, None
                 )
             else:
                 starts = self._layer_eval(forward, given, args)[0]
@@ -296,20 +297,22 @@ class LayerUnlearnedIntegratedGradients(
             >>> uni = LayerUnlearnedIntegratedGradients(forward, embeddings, model)
             >>> h_baseline = uni.compute_baselines(input_ids, None, (mask,))
         """
-        formatted = format_inputs(inputs, require_float=False)
-        args = _format_additional_forward_args(additional_forward_args)
-        check_sample_args(args, formatted[0].shape[0])
+        formatted, _ = format_inputs(inputs)
+        formatted = tuple(x.detach() for x in formatted)
+        n_examples = formatted[0].shape[0]
+        target = format_target(target, n_examples)
+        args = format_additional_forward_args(additional_forward_args, n_examples)
         with torch.enable_grad():
             forward = protected_forward(self._wrapper, buffer_copies(self.model))
             layer_out, is_layer_tuple, logits = self._layer_eval(
                 forward, formatted, args
             )
-            classes = resolve_targets(logits, resolve_class_targets(logits, target))
+            classes = resolve_target(logits, target)
             layer_forward = self._layer_forward(
                 forward, formatted, args, is_layer_tuple
             )
             baselines = self._learn_baselines(
-                layer_forward, layer_out, formatted, classes, args, None
+                layer_forward, layer_out, formatted, logits, classes, args, None
             )
         return _format_output(is_layer_tuple, tuple(b.detach() for b in baselines))
 
@@ -344,11 +347,7 @@ class LayerUnlearnedIntegratedGradients(
         def layer_forward(*values: Tensor) -> Tensor:
             copies = values[0].shape[0] // n_examples
             model_inputs = tuple(torch.cat([x] * copies) for x in inputs)
-            model_args = (
-                _expand_additional_forward_args(args, copies)
-                if args is not None and copies > 1
-                else args
-            )
+            model_args = repeat_rows(args, copies, n_examples)
             with _replace_output(self.layer, values, is_layer_tuple):
                 return forward(*model_inputs, *(model_args or ()))
 

@@ -10,27 +10,27 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_faithful._arguments import (
+    format_additional_forward_args,
+    format_baselines,
+    format_inputs,
+    format_target,
+    resolve_target,
+)
 from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
-    _format_additional_forward_args,
     _format_output,
-    _is_tuple,
 )
-from captum_faithful._utils import resolve_model, resolve_targets
+from captum_faithful._utils import resolve_model
 from captum_faithful.attr._utils.unlearning import (
     ParametrizedForward,
     UnlearningHyperparameters,
     UnlearningSettings,
     buffer_copies,
     check_call_arguments,
-    check_sample_args,
-    check_unlearnable,
     completeness_gap,
-    format_baselines,
-    format_inputs,
     protected_forward,
-    resolve_class_targets,
 )
 
 
@@ -126,8 +126,7 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
                     ``2**26`` parameter values (256 MB per copy at float32).
                     Default: None
         """
-        self.model = resolve_model(forward_func, model)
-        check_unlearnable(self.model)
+        self.model = resolve_model(forward_func, model, required=False)
         self._settings = UnlearningSettings(
             unlearning_step, pgd_steps, epsilon, pgd_step_size, unlearning_batch_size
         )
@@ -205,21 +204,23 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
             >>> # The learned baselines, to plot them.
             >>> baselines = uni.compute_baselines(input)
         """
-        is_inputs_tuple = _is_tuple(inputs)
         n_steps, method, internal_batch_size = check_call_arguments(
             n_steps, method, internal_batch_size
         )
-        formatted = format_inputs(inputs, require_float=True)
+        formatted, is_inputs_tuple = format_inputs(inputs, floating=True)
+        formatted = tuple(x.detach() for x in formatted)
+        n_examples = formatted[0].shape[0]
         given = None if baselines is None else format_baselines(baselines, formatted)
-        args = _format_additional_forward_args(additional_forward_args)
-        check_sample_args(args, formatted[0].shape[0])
+        target = format_target(target, n_examples)
+        args = format_additional_forward_args(additional_forward_args, n_examples)
 
         with torch.enable_grad():
             forward = protected_forward(self._wrapper, buffer_copies(self.model))
-            classes = self._classes(forward, formatted, target, args)
+            logits = self._logits(forward, formatted, args)
+            classes = resolve_target(logits, target)
             if given is None:
                 starts = self._learn_baselines(
-                    forward, formatted, formatted, classes, args, args
+                    forward, formatted, formatted, logits, classes, args, args
                 )
             else:
                 starts = given
@@ -262,25 +263,23 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
             >>> uni = UnlearnedIntegratedGradients(net)
             >>> baselines = uni.compute_baselines(images, target=labels)
         """
-        is_inputs_tuple = _is_tuple(inputs)
-        formatted = format_inputs(inputs, require_float=True)
-        args = _format_additional_forward_args(additional_forward_args)
-        check_sample_args(args, formatted[0].shape[0])
+        formatted, is_inputs_tuple = format_inputs(inputs, floating=True)
+        formatted = tuple(x.detach() for x in formatted)
+        n_examples = formatted[0].shape[0]
+        target = format_target(target, n_examples)
+        args = format_additional_forward_args(additional_forward_args, n_examples)
         with torch.enable_grad():
             forward = protected_forward(self._wrapper, buffer_copies(self.model))
-            classes = self._classes(forward, formatted, target, args)
+            logits = self._logits(forward, formatted, args)
+            classes = resolve_target(logits, target)
             baselines = self._learn_baselines(
-                forward, formatted, formatted, classes, args, args
+                forward, formatted, formatted, logits, classes, args, args
             )
         return _format_output(is_inputs_tuple, tuple(b.detach() for b in baselines))
 
-    def _classes(
-        self,
-        forward: Callable[..., Tensor],
-        inputs: tuple[Tensor, ...],
-        target: TargetType,
-        args: tuple | None,
+    @staticmethod
+    def _logits(
+        forward: Callable[..., Tensor], inputs: tuple[Tensor, ...], args: tuple | None
     ) -> Tensor:
         with torch.no_grad():
-            logits = forward(*inputs, *(args or ()))
-        return resolve_targets(logits, resolve_class_targets(logits, target))
+            return forward(*inputs, *(args or ()))

@@ -25,21 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from captum_faithful._arguments import class_scores, is_batched, repeat_rows
 from captum_faithful._compat import (
     SUPPORTED_METHODS,
     _batch_attribution,
-    _expand_additional_forward_args,
-    _expand_target,
     _reshape_and_sum,
     approximation_parameters,
 )
-from captum_faithful._utils import (
-    as_logits,
-    check_choice,
-    check_finite,
-    check_float,
-    check_int,
-)
+from captum_faithful._utils import as_logits, check_choice, check_float, check_int
 
 #: With ``unlearning_batch_size=None`` a chunk holds at most this many parameter
 #: values (chunk size x number of unlearned parameters), i.e. 256 MB per copy at
@@ -56,17 +49,19 @@ class ParametrizedForward(nn.Module):
     :func:`torch.func.functional_call` on this module substitutes tensors for the
     parameters and buffers of ``model`` (names prefixed ``"model."``) while
     ``forward_func`` runs, which lets any callable that closes over ``model`` be
-    evaluated with unlearned parameters. The output is reduced to logits.
+    evaluated with unlearned parameters. The output is reduced to class scores
+    (N, n_classes); an output of one score per sample is one class.
+    ``model=None`` (a forward function without a module) substitutes nothing.
     """
 
-    def __init__(self, forward_func: Callable, model: nn.Module) -> None:
+    def __init__(self, forward_func: Callable, model: nn.Module | None) -> None:
         super().__init__()
-        self.model = model
+        self.model = model if model is not None else nn.Module()
         # a plain attribute, not a submodule, so the parameters are listed once
         object.__setattr__(self, "_forward_func", forward_func)
 
     def forward(self, *args: Any) -> Tensor:
-        return as_logits(self._forward_func(*args))
+        return class_scores(as_logits(self._forward_func(*args)))
 
 
 def unlearned_parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -80,13 +75,15 @@ def unlearned_parameters(model: nn.Module) -> dict[str, Tensor]:
     return {f"model.{n}": p.detach() for n, p in (trainable or named)}
 
 
-def buffer_copies(model: nn.Module) -> dict[str, Tensor]:
+def buffer_copies(model: nn.Module | None) -> dict[str, Tensor]:
     """Copies of the buffers of ``model`` (keyed for :class:`ParametrizedForward`).
 
     Passed to :func:`torch.func.functional_call`, they take the in-place updates a
     module in training mode makes (BatchNorm running statistics), so the user's
-    buffers are never written to.
+    buffers are never written to. None (no module) has none.
     """
+    if model is None:
+        return {}
     return {f"model.{n}": b.detach().clone() for n, b in model.named_buffers()}
 
 
@@ -113,19 +110,16 @@ def kl_divergence(log_target: Tensor, logits: Tensor) -> Tensor:
 
 
 def split_per_sample(
-    additional_forward_args: tuple | None, n_examples: int
+    additional_forward_args: tuple | None,
 ) -> tuple[list[int], tuple[Tensor, ...], tuple]:
-    """Separate the per-sample tensors of ``additional_forward_args``.
+    """Separate the batched tensors of ``additional_forward_args`` (formatted by
+    the front door, so they have the batch size on dim 0).
 
-    Returns the positions of the tensors that have the batch size on dim 0, those
-    tensors, and the full argument tuple (used as a template).
+    Returns their positions, those tensors, and the full argument tuple (used as a
+    template).
     """
     args = additional_forward_args or ()
-    positions = [
-        i
-        for i, arg in enumerate(args)
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_examples
-    ]
+    positions = [i for i, arg in enumerate(args) if is_batched(arg)]
     return positions, tuple(args[i] for i in positions), tuple(args)
 
 
@@ -209,7 +203,7 @@ def unlearned_log_probs(
     function.
     """
     n_examples = inputs[0].shape[0]
-    positions, extra, template = split_per_sample(additional_forward_args, n_examples)
+    positions, extra, template = split_per_sample(additional_forward_args)
 
     def one(sample: tuple, target: Tensor, extra_i: tuple) -> Tensor:
         return _unlearn_one(
@@ -338,16 +332,13 @@ def integrated_gradients(
         torch.cat([b + alpha * (x - b) for alpha in alphas], dim=0).requires_grad_()
         for x, b in zip(inputs, baselines, strict=True)
     )
-    expanded_args = (
-        _expand_additional_forward_args(additional_forward_args, n_steps)
-        if additional_forward_args is not None
-        else None
-    )
     grads = gradient_func(
         forward_fn=forward_fn,
         inputs=scaled,
-        target_ind=_expand_target(target, n_steps),
-        additional_forward_args=expanded_args,
+        target_ind=target.repeat(n_steps),
+        additional_forward_args=repeat_rows(
+            additional_forward_args, n_steps, target.shape[0]
+        ),
     )
     totals = []
     for g in grads:
@@ -380,48 +371,6 @@ def completeness_gap(
         start = forward_fn(*baselines, *args)[rows, target]
         total = sum(a.reshape(a.shape[0], -1).sum(dim=1) for a in attributions)
     return total - (end - start)
-
-
-def resolve_class_targets(logits: Tensor, target: Any) -> Any:
-    """Bring Captum's tuple targets for 2-D outputs into the form of ``resolve_targets``.
-
-    Captum indexes the non-batch dimensions with a tuple: for an (N, C) output that
-    is ``(c,)`` for every sample, or a list of one-element tuples.
-    """
-    if logits.dim() != 2:
-        raise ValueError(
-            "UNI needs class logits of shape (N, n_classes) from forward_func, got "
-            f"an output of shape {tuple(logits.shape)}"
-        )
-    if isinstance(target, tuple):
-        if len(target) != 1:
-            raise ValueError(
-                "`target` as a tuple indexes the output dimensions after the batch; "
-                f"the output has one, so expected (class,), got {target!r}"
-            )
-        return target[0]
-    if (
-        isinstance(target, list)
-        and target
-        and all(isinstance(t, tuple) for t in target)
-    ):
-        if not all(len(t) == 1 for t in target):
-            raise ValueError(
-                "`target` as a list of tuples needs one-element tuples (class,) for "
-                f"an output of shape (N, n_classes), got {target!r}"
-            )
-        return [t[0] for t in target]
-    return target
-
-
-def check_sample_args(additional_forward_args: tuple | None, n_examples: int) -> None:
-    """Tensors in ``additional_forward_args`` must have the batch size on dim 0."""
-    for i, arg in enumerate(additional_forward_args or ()):
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] != n_examples:
-            raise ValueError(
-                f"`additional_forward_args[{i}]` must have the batch size "
-                f"{n_examples} on dim 0 (as in Captum), got shape {tuple(arg.shape)}"
-            )
 
 
 def _positive_finite(name: str, value: Any) -> float:
@@ -460,7 +409,7 @@ class UnlearningHyperparameters:
     _settings: UnlearningSettings
     _wrapper: ParametrizedForward
     _multiply_by_inputs: bool
-    model: nn.Module
+    model: nn.Module | None
     gradient_func: Callable
 
     def _learn_baselines(
@@ -468,13 +417,16 @@ class UnlearningHyperparameters:
         forward: Callable[..., Tensor],
         points: tuple[Tensor, ...],
         inputs: tuple[Tensor, ...],
+        logits: Tensor,
         classes: Tensor,
         args: tuple | None,
         forward_args: tuple | None,
     ) -> tuple[Tensor, ...]:
         """Unlearn the prediction of ``inputs`` per sample, then perturb ``points``
         (the inputs, or a layer's output) so that ``forward(points, forward_args)``
-        matches the unlearned distribution."""
+        matches the unlearned distribution. ``logits`` are the class scores on
+        ``inputs``."""
+        check_unlearnable(self.model, logits)
         settings = self._settings
         params = unlearned_parameters(self.model)
         log_target = unlearned_log_probs(
@@ -584,13 +536,23 @@ class UnlearningHyperparameters:
         return self._settings.unlearning_batch_size
 
 
-def check_unlearnable(model: nn.Module) -> None:
-    """UNI needs parameters to unlearn: raise a clear error when there are none."""
-    if not any(p.is_floating_point() for p in model.parameters()):
-        raise ValueError(
-            "UNI unlearns the model's parameters, but the model has no floating-point "
-            "parameters; pass the module that holds them as `model=`"
-        )
+def check_unlearnable(model: nn.Module | None, logits: Tensor) -> None:
+    """Learning baselines needs parameters to unlearn and a class to unlearn among
+    several: raise a clear error otherwise (explicit ``baselines`` need neither)."""
+    if model is None:
+        reason = "`forward_func` is no nn.Module"
+    elif not any(p.is_floating_point() for p in model.parameters()):
+        reason = "the model has no floating-point parameters"
+    elif logits.shape[1] < 2:
+        reason = f"forward_func returns {logits.shape[1]} score per sample"
+    else:
+        return
+    raise ValueError(
+        "UNI learns the baselines by unlearning the model's parameters on the "
+        f"explained class among several, but {reason}; pass the module that holds "
+        "the parameters as `model=`, or explicit `baselines` (used as given, as in "
+        "Captum)"
+    )
 
 
 def check_call_arguments(
@@ -606,60 +568,3 @@ def check_call_arguments(
             "internal_batch_size", internal_batch_size, minimum=1
         )
     return n_steps, method, internal_batch_size
-
-
-def format_inputs(inputs: Any, require_float: bool) -> tuple[Tensor, ...]:
-    """``inputs`` as a tuple of tensors sharing the batch size, checked for NaN/Inf."""
-    formatted = inputs if isinstance(inputs, tuple) else (inputs,)
-    if not formatted or not all(isinstance(t, Tensor) for t in formatted):
-        raise TypeError(
-            "`inputs` must be a tensor or a non-empty tuple of tensors, got "
-            f"{type(inputs).__name__}"
-        )
-    if any(t.dim() == 0 for t in formatted):
-        raise ValueError("`inputs` need a leading batch dimension")
-    n_examples = formatted[0].shape[0]
-    if n_examples == 0 or any(t.shape[0] != n_examples for t in formatted):
-        raise ValueError(
-            "`inputs` must share a batch size >= 1 on dim 0, got shapes "
-            f"{[tuple(t.shape) for t in formatted]}"
-        )
-    if require_float and not all(t.is_floating_point() for t in formatted):
-        raise TypeError(
-            "`inputs` must be floating-point tensors (UNI perturbs them); for token "
-            "ids use LayerUnlearnedIntegratedGradients on the embedding layer"
-        )
-    check_finite("inputs", formatted)
-    return tuple(t.detach() for t in formatted)
-
-
-def format_baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Explicit baselines as full tensors shaped like ``inputs`` (Captum's forms).
-
-    Each baseline is a scalar or a tensor broadcastable to its input (batch size 1
-    or N); a tuple holds one per input.
-    """
-    formatted = baselines if isinstance(baselines, tuple) else (baselines,)
-    if len(formatted) != len(inputs):
-        raise ValueError(
-            f"`baselines` must hold one baseline per input ({len(inputs)}), got "
-            f"{len(formatted)}"
-        )
-    result = []
-    for i, (baseline, x) in enumerate(zip(formatted, inputs, strict=True)):
-        if isinstance(baseline, bool) or not isinstance(baseline, (Tensor, int, float)):
-            raise TypeError(
-                f"`baselines[{i}]` must be a tensor or a number, got "
-                f"{type(baseline).__name__}"
-            )
-        baseline = torch.as_tensor(baseline, device=x.device)
-        check_finite("baselines", baseline)
-        try:
-            expanded = torch.broadcast_to(baseline.to(x.dtype), x.shape)
-        except RuntimeError as err:
-            raise ValueError(
-                f"`baselines[{i}]` of shape {tuple(baseline.shape)} cannot be "
-                f"broadcast to the input shape {tuple(x.shape)}"
-            ) from err
-        result.append(expanded.detach())
-    return tuple(result)

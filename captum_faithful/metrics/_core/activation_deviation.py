@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_faithful._arguments import format_additional_forward_args, select_rows
 from captum_faithful._compat import (
     _format_additional_forward_args,
     _format_tensor_into_tuples,
@@ -21,7 +22,6 @@ from captum_faithful.metrics._utils import (
     feature_scores,
     prepare_metric_inputs,
     rank_features,
-    select_additional_forward_args,
 )
 
 
@@ -164,6 +164,7 @@ def insertion_activation_deviation(
         inputs, attributions, baselines, feature_mask, None, max_examples_per_batch
     )
     n, steps = setup.n_examples, n_steps + 1
+    additional_forward_args = format_additional_forward_args(additional_forward_args, n)
     with preserve_model_state(model), torch.no_grad():
         ranks = rank_features(
             feature_scores(
@@ -181,7 +182,7 @@ def insertion_activation_deviation(
                     model,
                     tuple(x[samples.to(x.device)] for x in setup.inputs),
                     None,
-                    select_additional_forward_args(additional_forward_args, samples, n),
+                    select_rows(additional_forward_args, samples),
                 )
             for store, calls in zip(clean, records, strict=True):
                 store.append(calls)
@@ -196,7 +197,7 @@ def insertion_activation_deviation(
                     model,
                     build_perturbed_inputs(setup, samples, take),
                     None,
-                    select_additional_forward_args(additional_forward_args, samples, n),
+                    select_rows(additional_forward_args, samples),
                 )
             values = deviation_from_records(clean, records, samples)
             mse.append(values["mse"])

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._compat import (
@@ -92,8 +93,6 @@ def faithfulness_correlation_for_subsets(
     forward_func: Callable,
     setup: MetricInputs,
     subsets: Tensor,
-    target: TargetType,
-    additional_forward_args: Any,
     correlation: str,
     apply_softmax: bool,
 ) -> Tensor:
@@ -103,9 +102,7 @@ def faithfulness_correlation_for_subsets(
     baseline. Used by :func:`faithfulness_correlation` and by benchmarks that
     replay another library's subsets."""
     with torch.no_grad():
-        clean, classes = clean_target_scores(
-            forward_func, setup, target, additional_forward_args, apply_softmax
-        )
+        clean, classes = clean_target_scores(forward_func, setup, apply_softmax)
         scores = feature_scores(
             setup.attributions, setup.inputs, setup.feature_ids, setup.n_features
         )
@@ -120,7 +117,6 @@ def faithfulness_correlation_for_subsets(
             take_input,
             subsets.shape[1],
             classes,
-            additional_forward_args,
             apply_softmax,
         )
         attribution_sums = torch.stack(
@@ -133,6 +129,7 @@ def faithfulness_correlation_for_subsets(
         return CORRELATIONS[correlation](attribution_sums, drops)
 
 
+@log_usage()
 def faithfulness_correlation(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,
@@ -206,7 +203,13 @@ def faithfulness_correlation(
             f"`generator` must be a torch.Generator, got {type(generator).__name__}"
         )
     setup = prepare_metric_inputs(
-        inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
+        inputs,
+        attributions,
+        baselines,
+        feature_mask,
+        target,
+        max_examples_per_batch,
+        additional_forward_args,
     )
     size = subset_count(subset_size, setup.n_features)
     subsets = random_feature_subsets(
@@ -218,11 +221,5 @@ def faithfulness_correlation(
         setup.feature_ids[0].device,
     )
     return faithfulness_correlation_for_subsets(
-        forward_func,
-        setup,
-        subsets,
-        target,
-        additional_forward_args,
-        correlation,
-        apply_softmax,
+        forward_func, setup, subsets, correlation, apply_softmax
     )

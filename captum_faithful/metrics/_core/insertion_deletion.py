@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._compat import (
@@ -56,7 +57,13 @@ def _curve(
     if not isinstance(apply_softmax, bool):
         raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
     setup: MetricInputs = prepare_metric_inputs(
-        inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
+        inputs,
+        attributions,
+        baselines,
+        feature_mask,
+        target,
+        max_examples_per_batch,
+        additional_forward_args,
     )
     n_features = setup.n_features
     # The copy equal to the clean input (everything revealed for insertion, nothing
@@ -66,9 +73,7 @@ def _curve(
     counts = feature_counts(n_features, n_steps)
     distinct = sorted(set(counts) - {clean_count})
     with torch.no_grad():
-        clean, classes = clean_target_scores(
-            forward_func, setup, target, additional_forward_args, apply_softmax
-        )
+        clean, classes = clean_target_scores(forward_func, setup, apply_softmax)
         ranks = rank_features(
             feature_scores(
                 setup.attributions, setup.inputs, setup.feature_ids, n_features
@@ -90,7 +95,6 @@ def _curve(
             take_input,
             len(distinct),
             classes,
-            additional_forward_args,
             apply_softmax,
         )
         columns = {count: scores[:, i] for i, count in enumerate(distinct)}
@@ -102,6 +106,7 @@ def _curve(
     return auc
 
 
+@log_usage()
 def insertion_auc(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,
@@ -193,6 +198,7 @@ def insertion_auc(
     )
 
 
+@log_usage()
 def deletion_auc(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,

@@ -7,11 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_faithful._arguments import format_inputs, format_target
 from captum_faithful._compat import TargetType, TensorOrTupleOfTensorsGeneric
 from captum_faithful._utils import check_choice
-from captum_faithful.metrics._utils import CORRELATIONS, format_inputs
+from captum_faithful.metrics._utils import CORRELATIONS
 
 
 def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
@@ -69,6 +71,7 @@ def _flatten_attributions(attributions: Any, n: int) -> Tensor:
     return torch.cat([a.detach().reshape(n, -1).to(torch.float64) for a in items], 1)
 
 
+@log_usage()
 def parameter_randomization(
     explain: Callable[[nn.Module, Any, TargetType], Any],
     model: nn.Module,
@@ -137,6 +140,7 @@ def parameter_randomization(
     items, is_tuple = format_inputs(inputs)
     inputs = items if is_tuple else items[0]
     n = items[0].shape[0]
+    format_target(target, n)
     model_copy = copy.deepcopy(model)
     layers = parameterised_layers(model_copy)
     if not layers:

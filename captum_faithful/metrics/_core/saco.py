@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._compat import (
@@ -56,6 +57,7 @@ def saco_from_groups(group_scores: Tensor, deltas: Tensor) -> Tensor:
     return torch.where(denominator > 0, numerator / denominator, torch.nan)
 
 
+@log_usage()
 def saco(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,
@@ -121,7 +123,13 @@ def saco(
     if not isinstance(apply_softmax, bool):
         raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
     setup = prepare_metric_inputs(
-        inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
+        inputs,
+        attributions,
+        baselines,
+        feature_mask,
+        target,
+        max_examples_per_batch,
+        additional_forward_args,
     )
     if n_groups > setup.n_features:
         raise ValueError(
@@ -129,9 +137,7 @@ def saco(
             f"got {n_groups}"
         )
     with torch.no_grad():
-        clean, classes = clean_target_scores(
-            forward_func, setup, target, additional_forward_args, apply_softmax
-        )
+        clean, classes = clean_target_scores(forward_func, setup, apply_softmax)
         scores = feature_scores(
             setup.attributions, setup.inputs, setup.feature_ids, setup.n_features
         )
@@ -150,7 +156,6 @@ def saco(
             take_input,
             n_groups,
             classes,
-            additional_forward_args,
             apply_softmax,
         )
         group_scores = torch.zeros(

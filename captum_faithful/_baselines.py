@@ -1,8 +1,10 @@
 """Baseline presets: what a removed feature is replaced with.
 
 Each preset is a callable ``inputs -> tensor`` of the same shape as ``inputs``, so it
-can be passed as ``baselines=`` to every metric (the strings ``"zero"``, ``"mean"`` and
-``"blur"`` select the same functions). They never modify their argument.
+can be passed as ``baselines=`` to every method and metric (the strings ``"zero"``,
+``"mean"`` and ``"blur"`` select the same functions, see
+:func:`captum_faithful._arguments.format_baselines`). They never modify their
+argument. The public names are exported by :mod:`captum_faithful.metrics`.
 """
 
 from __future__ import annotations
