@@ -22,10 +22,7 @@ from captum_faithful._utils import (
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES
 from captum_faithful.attr._core.faithfulness_ensemble import FaithfulnessEnsemble
-from captum_faithful.metrics._core.activation_deviation import (
-    insertion_activation_deviation,
-)
-from captum_faithful.metrics._core.insertion_deletion import insertion_auc
+from captum_faithful.metrics import insertion_activation_deviation, insertion_auc
 
 
 def blank_image_diagnostic(
