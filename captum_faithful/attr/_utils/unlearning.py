@@ -511,6 +511,12 @@ class UnlearningHyperparameters:
     def has_convergence_delta(self) -> bool:
         return True
 
+    def attribute_future(self) -> None:
+        """Not implemented, as for Captum's IntegratedGradients."""
+        raise NotImplementedError(
+            f"attribute_future is not implemented for {type(self).__name__}"
+        )
+
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
