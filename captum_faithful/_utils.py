@@ -148,14 +148,22 @@ def resolve_model(
 
 
 @contextmanager
-def preserve_model_state(model: nn.Module) -> Iterator[nn.Module]:
-    """Restore train/eval mode and ``requires_grad`` flags of ``model`` on exit.
+def preserve_model_state(model: nn.Module | None) -> Iterator[nn.Module | None]:
+    """Restore ``model``'s mode, ``requires_grad`` flags and buffers on exit.
 
-    Methods may switch these for the duration of a call (e.g. to take gradients of a
-    frozen model); the user gets them back exactly, also when the call raises.
+    Methods may switch the mode and flags for the duration of a call (e.g. to take
+    gradients of a frozen model), and every forward pass of a module in training
+    mode updates its buffers (BatchNorm's ``running_mean``, ``running_var`` and
+    ``num_batches_tracked``); the user gets all of them back bit for bit, also
+    when the call raises. ``None`` (a forward function that is no module) is a
+    no-op.
     """
+    if model is None:
+        yield None
+        return
     modes = [(module, module.training) for module in model.modules()]
     flags = [(param, param.requires_grad) for param in model.parameters()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     try:
         yield model
     finally:
@@ -163,6 +171,10 @@ def preserve_model_state(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
         for param, flag in flags:
             param.requires_grad_(flag)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
 
 
 def module_of(forward_func: Any) -> nn.Module | None:

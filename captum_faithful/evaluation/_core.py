@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from captum_faithful._arguments import resolve_target
-from captum_faithful._utils import check_choice, optional_import, progress, run_forward
+from captum_faithful._utils import (
+    check_choice,
+    module_of,
+    optional_import,
+    preserve_model_state,
+    progress,
+    run_forward,
+)
 from captum_faithful.evaluation import _settings
 from captum_faithful.evaluation._storage import Rows, RunStorage, empty_rows
 from captum_faithful.evaluation.results import Results
@@ -83,8 +90,11 @@ def evaluate(
     rows whether the run is single-process, distributed or resumed.
 
     The model is used as given: call ``model.eval()`` first (a warning is issued
-    for a model in training mode). Inputs are moved to ``device``; the model is
-    not moved.
+    for a model in training mode). Every batch sees the model as the caller left
+    it: its mode, ``requires_grad`` flags and buffers (BatchNorm statistics, which
+    a model in training mode updates on every forward pass) are restored after each
+    batch, also when it raises. Inputs are moved to ``device``; the model is not
+    moved.
 
     Args:
         model (Callable): The forward function (usually an ``nn.Module``) passed
@@ -201,9 +211,12 @@ def evaluate(
                     indices = range(start, min(start + batch_size, n_samples))
                     if seed is not None:
                         torch.manual_seed(seed + batch_id)
-                    rows = _evaluate_batch(
-                        model, batch, indices, explainers, metrics, target, device
-                    )
+                    # every batch sees the model as the caller left it (a model in
+                    # training mode would carry BatchNorm statistics across batches)
+                    with preserve_model_state(module_of(model)):
+                        rows = _evaluate_batch(
+                            model, batch, indices, explainers, metrics, target, device
+                        )
                     storage.write_batch(batch_id, rows)
         except BaseException as err:  # noqa: B036 - re-raised below on every rank
             failure = err

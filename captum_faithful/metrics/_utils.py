@@ -21,7 +21,9 @@ Every perturbation metric follows the same steps, and each step has one function
    any row builder, e.g. points on an interpolation path.
 
 Also here: :func:`average_ranks`, :func:`pearson_correlation` and
-:func:`spearman_correlation` (batched, along the last dimension).
+:func:`spearman_correlation` (batched, along the last dimension), and
+:func:`restores_model_state`, the decorator that gives every metric the user's model
+back as it found it.
 
 A perturbation is described by a function ``take_input(samples, perturbations)``
 that returns, for each requested (sample, perturbation) pair, a boolean row over
@@ -31,9 +33,10 @@ copies are built chunk by chunk, so the result does not depend on the chunk size
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -48,7 +51,13 @@ from captum_faithful._arguments import (
     resolve_target,
     select_rows,
 )
-from captum_faithful._utils import check_finite, check_int, run_forward
+from captum_faithful._utils import (
+    check_finite,
+    check_int,
+    module_of,
+    preserve_model_state,
+    run_forward,
+)
 
 #: Default number of perturbed examples per forward pass when
 #: ``max_examples_per_batch=None``. Measured with ``benchmarks/bench_metrics.py``
@@ -60,6 +69,7 @@ from captum_faithful._utils import check_finite, check_int, run_forward
 DEFAULT_MAX_EXAMPLES_PER_BATCH = 64
 
 TakeInput = Callable[[Tensor, Tensor], Tensor]
+Metric = TypeVar("Metric", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -250,6 +260,21 @@ def prepare_metric_inputs(
         additional_forward_args=additional_forward_args,
         feature_ranges=tuple(contiguous_feature_range(ids) for ids in feature_ids),
     )
+
+
+def restores_model_state(metric: Metric) -> Metric:
+    """Decorate a metric whose first argument is the forward function (or model):
+    the mode, ``requires_grad`` flags and buffers of the module it is (or is a bound
+    method of) are restored when the metric returns or raises, since every forward
+    pass of a model in training mode updates BatchNorm's statistics. A forward
+    function that is no module is left alone (its modules cannot be seen)."""
+
+    @functools.wraps(metric)
+    def wrapper(forward_func: Callable, *args: Any, **kwargs: Any) -> Any:
+        with preserve_model_state(module_of(forward_func)):
+            return metric(forward_func, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def contiguous_feature_range(ids: Tensor) -> tuple[int, int] | None:

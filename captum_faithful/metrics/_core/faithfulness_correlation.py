@@ -24,6 +24,7 @@ from captum_faithful.metrics._utils import (
     feature_scores,
     perturbed_target_scores,
     prepare_metric_inputs,
+    restores_model_state,
 )
 
 
@@ -130,6 +131,7 @@ def faithfulness_correlation_for_subsets(
 
 
 @log_usage()
+@restores_model_state
 def faithfulness_correlation(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,

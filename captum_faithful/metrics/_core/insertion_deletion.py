@@ -23,6 +23,7 @@ from captum_faithful.metrics._utils import (
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
+    restores_model_state,
 )
 
 
@@ -107,6 +108,7 @@ def _curve(
 
 
 @log_usage()
+@restores_model_state
 def insertion_auc(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,
@@ -199,6 +201,7 @@ def insertion_auc(
 
 
 @log_usage()
+@restores_model_state
 def deletion_auc(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,

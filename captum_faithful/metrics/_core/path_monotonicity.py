@@ -20,11 +20,13 @@ from captum_faithful._utils import check_int, run_forward
 from captum_faithful.metrics._utils import (
     chunked_target_scores,
     resolve_chunk_size,
+    restores_model_state,
     spearman_correlation,
 )
 
 
 @log_usage()
+@restores_model_state
 def path_monotonicity(
     forward_func: Callable,
     inputs: Tensor | tuple[Tensor, ...],

@@ -22,6 +22,7 @@ from captum_faithful.metrics._utils import (
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
+    restores_model_state,
 )
 
 
@@ -58,6 +59,7 @@ def saco_from_groups(group_scores: Tensor, deltas: Tensor) -> Tensor:
 
 
 @log_usage()
+@restores_model_state
 def saco(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,
