@@ -21,7 +21,8 @@ Every perturbation metric follows the same steps, and each step has one function
    any row builder, e.g. points on an interpolation path.
 
 Also here: :func:`average_ranks`, :func:`pearson_correlation` and
-:func:`spearman_correlation` (batched, along the last dimension), and
+:func:`spearman_correlation` and :func:`cosine_similarity` (batched, along the
+last dimension), and
 :func:`restores_model_state`, the decorator that gives every metric the user's model
 back as it found it.
 
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from captum_faithful._arguments import (
@@ -582,6 +584,26 @@ def spearman_correlation(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation along the last dimension (Pearson of average
     ranks), in float64; NaN where either side is constant."""
     return pearson_correlation(average_ranks(a), average_ranks(b))
+
+
+def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
+    r"""Cosine similarity along the last dimension, in float64.
+
+    .. math::
+        \cos(a, b) = \frac{\langle a, b \rangle}{\lVert a \rVert \, \lVert b \rVert}
+
+    Zero vectors follow one convention, chosen so that :math:`\cos(a, a) = 1` for
+    every :math:`a`: two zero vectors are identical (1); a zero vector and a
+    non-zero one share no direction (0).
+    """
+    # the cosine is scale-free: dividing each vector by its largest magnitude keeps
+    # the norms far from underflow, also for tiny activations
+    a, b = (v.to(torch.float64) for v in (a, b))
+    tiny = torch.finfo(torch.float64).tiny
+    a = a / a.abs().amax(dim=-1, keepdim=True).clamp_min(tiny)
+    b = b / b.abs().amax(dim=-1, keepdim=True).clamp_min(tiny)
+    both_zero = (a == 0).all(-1) & (b == 0).all(-1)
+    return torch.where(both_zero, 1.0, F.cosine_similarity(a, b, dim=-1))
 
 
 CORRELATIONS = {"pearson": pearson_correlation, "spearman": spearman_correlation}

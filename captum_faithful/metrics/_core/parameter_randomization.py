@@ -13,17 +13,7 @@ from torch import Tensor, nn
 from captum_faithful._arguments import format_inputs, format_target
 from captum_faithful._compat import TargetType, TensorOrTupleOfTensorsGeneric
 from captum_faithful._utils import check_choice
-from captum_faithful.metrics._utils import CORRELATIONS
-
-
-def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity along the last dimension, in float64 (NaN for a zero
-    vector)."""
-    a = a.to(torch.float64)
-    b = b.to(torch.float64)
-    denominator = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(denominator > 0, (a * b).sum(-1) / denominator, torch.nan)
-
+from captum_faithful.metrics._utils import CORRELATIONS, cosine_similarity
 
 SIMILARITIES = {**CORRELATIONS, "cosine": cosine_similarity}
 
@@ -110,7 +100,10 @@ def parameter_randomization(
             Default: None
         order (str, optional): "top_down" or "bottom_up". Default: "top_down"
         similarity (str, optional): "spearman" (rank correlation of the flattened
-            attributions), "pearson" or "cosine". Default: "spearman"
+            attributions), "pearson" or "cosine" (two all-zero attributions are
+            identical, 1; an all-zero one against another, 0; see
+            :func:`~captum_faithful.metrics._utils.cosine_similarity`).
+            Default: "spearman"
         generator (torch.Generator, optional): Source of the random weights; None
             uses torch's global generator. Default: None
 
