@@ -73,21 +73,23 @@ def random_feature_subsets(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Boolean membership (N, n_samples, F) of uniformly random ``size``-subsets.
+    """Boolean membership (N, n_samples, F) of uniformly random ``size``-subsets,
+    the same ``n_samples`` subsets for every example.
 
     One integer drawn from ``generator`` (torch's global generator if None) seeds
-    a numpy PCG64 generator (several times faster than torch's CPU generator);
-    example by example, it draws ``n_samples x F`` float32 keys and each subset
-    holds the ``size`` features with the smallest keys (:func:`smallest_k_members`).
+    a numpy PCG64 generator (several times faster than torch's CPU generator),
+    which draws ``n_samples x F`` float32 keys; each subset holds the ``size``
+    features with the smallest keys (:func:`smallest_k_members`). Sharing the
+    subsets makes an example's value independent of the batch it is in (with
+    subsets drawn example after example, the same image alone and at position 3
+    of a batch would get different subsets from the same seed). The result is an
+    expanded view: one (n_samples, F) draw in memory.
     """
     gen_device = generator.device if generator is not None else torch.device("cpu")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
-    rng = np.random.default_rng(seed)
-    members = torch.zeros(n_examples, n_samples, n_features, dtype=torch.bool)
-    for example in range(n_examples):
-        keys = torch.from_numpy(rng.random((n_samples, n_features), dtype=np.float32))
-        members[example] = smallest_k_members(keys, size)
-    return members.to(device)
+    keys = np.random.default_rng(seed).random((n_samples, n_features), dtype=np.float32)
+    members = smallest_k_members(torch.from_numpy(keys), size).to(device)
+    return members.unsqueeze(0).expand(n_examples, -1, -1)
 
 
 def faithfulness_correlation_for_subsets(
@@ -150,10 +152,12 @@ def faithfulness_correlation(
     r"""Faithfulness correlation (MuFidelity, Bhatt et al. 2020).
 
     For ``n_samples`` random subsets S of the features (each of ``subset_size``
-    features, drawn uniformly without replacement per example from
-    ``generator``, see :func:`random_feature_subsets`), replace S by the baseline and record the drop of the target
-    score; the metric is the correlation, over the subsets, between the summed
-    attribution of S and that drop. A feature's attribution is the sum of the
+    features, drawn uniformly without replacement from ``generator``, see
+    :func:`random_feature_subsets`), replace S by the baseline and record the drop
+    of the target score; the metric is the correlation, over the subsets, between
+    the summed attribution of S and that drop. All examples of a call share the same
+    subsets, so an example's value does not depend on the other examples of its
+    batch. A feature's attribution is the sum of the
     attributions of its elements. NaN when either side is constant.
 
     .. math::
@@ -183,8 +187,9 @@ def faithfulness_correlation(
             (False). Default: False
         max_examples_per_batch (int, optional): Perturbed copies per forward pass;
             None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``. Default: None
-        generator (torch.Generator, optional): Source of the random subsets; None
-            uses torch's global generator. Default: None
+        generator (torch.Generator, optional): Source of the random subsets (one
+            draw per call, shared by all examples); None uses torch's global
+            generator. Default: None
 
     Returns:
         Tensor: Correlation per sample, shape (N,), float64.
