@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import time
@@ -83,11 +84,17 @@ def evaluate(
     CUDA device the device is synchronised before and after the call. All metrics of
     a (sample, method) pair share the same ``seconds``.
 
-    **Randomness.** With ``seed`` set, the torch random generators are seeded with
-    ``seed + batch number`` before each batch, inside ``torch.random.fork_rng`` (the
-    caller's generator state is restored afterwards), so random explainers and metrics
-    (NoiseTunnel, faithfulness correlation without a ``generator``) give the same
-    rows whether the run is single-process, distributed or resumed.
+    **Randomness.** With ``seed`` set, every batch's randomness is derived from the
+    seed and the batch number, never from the state a generator reached in earlier
+    batches, so random explainers and metrics give the same rows whether the run is
+    single-process, distributed or resumed: the torch random generators are seeded
+    with ``seed + batch number`` before each batch, inside ``torch.random.fork_rng``
+    (the caller's generator state is restored afterwards), and an explainer or
+    metric that takes a ``generator`` argument (``FaithfulnessEnsemble.attribute``,
+    ``faithfulness_correlation``) gets a new generator seeded from the seed, the
+    batch and its name, replacing one bound with ``functools.partial``. A metric's
+    generator does not depend on the method, so all methods of a batch are scored
+    with the same random draws. Randomness hidden in a closure cannot be seen.
 
     The model is used as given: call ``model.eval()`` first (a warning is issued
     for a model in training mode). Every batch sees the model as the caller left
@@ -215,7 +222,15 @@ def evaluate(
                     # training mode would carry BatchNorm statistics across batches)
                     with preserve_model_state(module_of(model)):
                         rows = _evaluate_batch(
-                            model, batch, indices, explainers, metrics, target, device
+                            model,
+                            batch,
+                            batch_id,
+                            indices,
+                            explainers,
+                            metrics,
+                            target,
+                            device,
+                            seed,
                         )
                     storage.write_batch(batch_id, rows)
         except BaseException as err:  # noqa: B036 - re-raised below on every rank
@@ -517,17 +532,55 @@ def _to_device(inputs: Any, device: torch.device) -> Tensor | tuple[Tensor, ...]
     )
 
 
-def _call_explainer(explainer: Any, inputs: Any, target: Tensor) -> Any:
+def _parameters(func: Callable) -> Mapping[str, inspect.Parameter]:
+    try:
+        return inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _generator_keywords(
+    func: Callable, seed: int | None, *key: Any
+) -> dict[str, torch.Generator]:
+    """``{"generator": a generator seeded from (seed, *key)}`` when ``func`` takes a
+    ``generator`` argument and the run has a seed; else nothing.
+
+    A generator object carries state from call to call, so a resumed run (a new
+    process, a fresh generator) would draw what the first batch drew. Each call
+    gets its own, seeded from the run's seed and the batch: the same rows in an
+    uninterrupted, resumed or distributed run.
+    """
+    parameter = _parameters(func).get("generator")
+    if (
+        seed is None
+        or parameter is None
+        or parameter.kind
+        not in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        )
+    ):
+        return {}
+    digest = hashlib.sha256(repr((seed, *key)).encode("utf-8")).digest()
+    return {
+        "generator": torch.Generator().manual_seed(
+            int.from_bytes(digest[:8], "big") >> 1
+        )
+    }
+
+
+def _call_explainer(
+    explainer: Any, inputs: Any, target: Tensor, seed: int | None, key: tuple
+) -> Any:
     attribute = getattr(explainer, "attribute", None)
     if callable(attribute):
-        return attribute(inputs, target=target)
-    try:
-        parameters = inspect.signature(explainer).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    if "target" in parameters:
-        return explainer(inputs, target=target)
-    return explainer(inputs, target)
+        return attribute(
+            inputs, target=target, **_generator_keywords(attribute, seed, *key)
+        )
+    keywords = _generator_keywords(explainer, seed, *key)
+    if "target" in _parameters(explainer):
+        return explainer(inputs, target=target, **keywords)
+    return explainer(inputs, target, **keywords)
 
 
 def _as_values(values: Any, n: int, name: str) -> list[float]:
@@ -557,11 +610,13 @@ def _synchronize(device: torch.device) -> None:
 def _evaluate_batch(
     model: Callable,
     batch: Any,
+    batch_id: int,
     indices: range,
     explainers: dict[str, Any],
     metrics: dict[str, Callable],
     target: str,
     device: torch.device,
+    seed: int | None,
 ) -> Rows:
     inputs, labels = _split_batch(batch)
     inputs = _to_device(inputs, device)
@@ -595,7 +650,9 @@ def _evaluate_batch(
         _synchronize(device)
         start = time.perf_counter()
         with torch.enable_grad():
-            attributions = _call_explainer(explainer, inputs, targets)
+            attributions = _call_explainer(
+                explainer, inputs, targets, seed, (batch_id, "explainer", method)
+            )
         _synchronize(device)
         seconds[method] = (time.perf_counter() - start) / n
         if isinstance(attributions, Tensor):
@@ -605,7 +662,11 @@ def _evaluate_batch(
                 a.detach() if isinstance(a, Tensor) else a for a in attributions
             )
         for metric_name, metric in metrics.items():
-            result = metric(model, inputs, attributions, target=targets)
+            # the same draws for every method: the methods are compared on equal terms
+            keywords = _generator_keywords(
+                metric, seed, batch_id, "metric", metric_name
+            )
+            result = metric(model, inputs, attributions, target=targets, **keywords)
             values[method, metric_name] = _as_values(result, n, metric_name)
         del attributions
     rows = empty_rows()
