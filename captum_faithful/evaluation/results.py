@@ -77,19 +77,17 @@ class Results:
 
     @classmethod
     def load(cls, out: str | os.PathLike) -> Results:
-        """The results recorded under ``out`` by :func:`captum_faithful.evaluate`."""
-        pd = optional_import("pandas", "demo")
+        """The results recorded under ``out`` by :func:`captum_faithful.evaluate`.
+
+        Raises ValueError naming a batch file that is truncated or does not belong
+        to the run (see :mod:`captum_faithful.evaluation._storage`)."""
         storage = RunStorage(out)
         settings = storage.read_settings()
         if settings is None:
             raise FileNotFoundError(
                 f"`out` ({Path(out)}) holds no evaluation run (no settings.json)"
             )
-        rows = storage.read_results()
-        table = pd.DataFrame(rows, columns=list(COLUMNS)).astype(
-            {"index": "int64", "value": "float64", "seconds": "float64"}
-        )
-        return cls(table, settings)
+        return cls(storage.read_results(), settings)
 
     def _order(self, column: str) -> list[str]:
         key = {"method": "methods", "metric": "metrics"}[column]
