@@ -7,14 +7,13 @@ import inspect
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
@@ -28,6 +27,7 @@ from captum_faithful._utils import (
     run_forward,
 )
 from captum_faithful.evaluation import _settings
+from captum_faithful.evaluation._distributed import ProcessGroup, process_group
 from captum_faithful.evaluation._storage import Rows, RunStorage, empty_rows
 from captum_faithful.evaluation.results import Results
 
@@ -194,7 +194,7 @@ def evaluate(
         "explainer_settings": {n: _settings.describe(e) for n, e in explainers.items()},
         "metric_settings": {n: _settings.describe(m) for n, m in metrics.items()},
     }
-    with _process_group(device) as group:
+    with process_group(device) as group:
         _prepare_out(storage, settings, resume, group)
         todo = group.broadcast(
             lambda: sorted(set(range(n_batches)) - set(storage.recorded_batches()))
@@ -347,76 +347,8 @@ def resolve_device(model: Any, device: Any) -> torch.device:
     return device
 
 
-class _Group:
-    """The ranks of a run; a group of one when torch.distributed is not in use."""
-
-    def __init__(self, distributed: bool) -> None:
-        self.distributed = distributed
-        self.rank = dist.get_rank() if distributed else 0
-        self.size = dist.get_world_size() if distributed else 1
-
-    def broadcast(self, compute: Callable[[], Any]) -> Any:
-        """``compute()`` on rank 0, its result on every rank; an exception raised by
-        ``compute`` is raised on every rank."""
-        try:
-            payload = (compute(), None) if self.rank == 0 else None
-        except Exception as err:  # noqa: BLE001 - sent to every rank, then raised
-            payload = (None, err)
-        if self.distributed:
-            box = [payload]
-            dist.broadcast_object_list(box, src=0)
-            payload = box[0]
-        value, err = payload
-        if err is not None:
-            raise err
-        return value
-
-    def all_gather(self, value: Any) -> list[Any]:
-        if not self.distributed:
-            return [value]
-        gathered = [None] * self.size
-        dist.all_gather_object(gathered, value)
-        return gathered
-
-    def raise_if_any_failed(self, failure: BaseException | None) -> None:
-        """Raise ``failure`` here, or an error naming the rank that failed."""
-        reports = self.all_gather(None if failure is None else repr(failure))
-        if failure is not None:
-            raise failure
-        for rank, report in enumerate(reports):
-            if report is not None:
-                raise RuntimeError(f"evaluate failed on rank {rank}: {report}")
-
-
-def _launcher_environment() -> bool:
-    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return (
-        all(key in os.environ for key in needed) and int(os.environ["WORLD_SIZE"]) > 1
-    )
-
-
-@contextmanager
-def _process_group(device: torch.device) -> Iterator[_Group]:
-    if not dist.is_available() or not (
-        dist.is_initialized() or _launcher_environment()
-    ):
-        yield _Group(distributed=False)
-        return
-    owned = not dist.is_initialized()
-    if owned:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-    try:
-        yield _Group(distributed=True)
-    finally:
-        if owned:
-            dist.destroy_process_group()
-
-
 def _prepare_out(
-    storage: RunStorage, settings: dict[str, Any], resume: bool, group: _Group
+    storage: RunStorage, settings: dict[str, Any], resume: bool, group: ProcessGroup
 ) -> None:
     fingerprint = _settings.fingerprint(settings)
     fingerprints = group.all_gather(fingerprint)
@@ -482,15 +414,11 @@ def _loader_over(
     return DataLoader(dataloader.dataset, batch_sampler=batches, **options)
 
 
-@contextmanager
-def _preserved_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+def _preserved_rng(seed: int | None, device: torch.device) -> AbstractContextManager:
     """With a seed, the caller's torch generator state is restored on exit."""
     if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
+        return nullcontext()
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:

@@ -93,3 +93,15 @@ def test_bad_configs_are_refused(tmp_path):
         load_config(bad_path)
     with pytest.raises(ValueError, match=r"\.py or \.yaml"):
         load_config(typo.with_suffix(".txt"))
+
+
+def test_import_paths_resolve_both_forms_and_errors_name_the_path():
+    from captum.attr import Saliency
+
+    from captum_faithful.evaluation.cli import import_object
+
+    assert import_object("captum.attr:Saliency") is Saliency
+    assert import_object("captum.attr.Saliency") is Saliency
+    for path in ("no_such_module_x:f", "captum.attr:NoSuchClass", ""):
+        with pytest.raises(ValueError, match="import path|cannot import"):
+            import_object(path)
