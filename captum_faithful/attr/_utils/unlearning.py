@@ -1,7 +1,9 @@
 """The math of UNI (unlearning-based neural interpretations), one function per step.
 
 1. :func:`unlearned_log_probs` — per sample, the unlearning direction
-   ``g_i = ∇_θ CE(f(x_i; θ), c_i)``, the unlearned parameters
+   ``g_i = ∇_θ CE(f(x_i; θ), c_i)`` (computed as the gradient of the log-odds
+   against ``c_i``, same direction, see :func:`log_odds_against`), the unlearned
+   parameters
    ``θ̂_i = θ + η g_i / ‖g_i‖`` (one global L2 norm over all parameters) and the target
    distribution ``log softmax f(x_i; θ̂_i)``; vectorised with ``torch.func.vmap`` in
    chunks, with a per-sample loop for models vmap cannot run.
@@ -106,7 +108,25 @@ def kl_divergence(log_target: Tensor, logits: Tensor) -> Tensor:
     ``log_target`` holds ``log p̂`` (N, C); returns shape (N,).
     """
     log_probs = torch.log_softmax(logits, dim=1)
-    return (log_target.exp() * (log_target - log_probs)).sum(dim=1)
+    return F.kl_div(log_probs, log_target, reduction="none", log_target=True).sum(1)
+
+
+def log_odds_against(logits: Tensor, target: Tensor) -> Tensor:
+    r"""``L = log Σ_{k≠c} exp(z_k − z_c)`` per row: the log-odds against class c.
+
+    The cross-entropy is :math:`\mathrm{CE} = \log(1 + e^L) = \mathrm{softplus}(L)`,
+    so :math:`\nabla \mathrm{CE} = \sigma(L) \nabla L` with :math:`\sigma(L) > 0`:
+    both have the same direction, which is all the unlearning step uses. ``L``'s
+    gradient has no cancellation and cannot underflow: in float32 the softmax
+    probability of a class ahead by a logit margin of ~17 rounds to 1, so the
+    cross-entropy gradient loses its target component (``p_c − 1 = 0``), and past
+    a margin of ~50 its norm underflows to 0, which left the parameters, hence the
+    baseline, unchanged.
+    """
+    target = target.view(-1, 1)
+    margins = logits - logits.gather(1, target)
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    return torch.logsumexp(margins.masked_fill(classes == target, -torch.inf), dim=1)
 
 
 def split_per_sample(
@@ -155,9 +175,10 @@ def _unlearn_one(
     args = _sample_args(sample, extra, positions, template)
 
     def loss(theta: dict[str, Tensor]) -> Tensor:
+        # the direction of the cross-entropy's gradient (see log_odds_against)
         copies = {name: b.clone() for name, b in buffers.items()}
         logits = functional_call(wrapper, {**theta, **copies}, args)
-        return F.cross_entropy(logits, target.reshape(1))
+        return log_odds_against(logits, target.reshape(1)).sum()
 
     direction = grad(loss)(params)
     norm = torch.sqrt(sum(g.pow(2).sum() for g in direction.values()))
@@ -244,8 +265,12 @@ def project_to_sphere(deltas: tuple[Tensor, ...], epsilon: float) -> tuple[Tenso
 
     A sample whose ``δ`` is zero is left at zero.
     """
-    squared = sum(d.reshape(d.shape[0], -1).pow(2).sum(dim=1) for d in deltas)
-    norm = torch.sqrt(squared)
+    # scaled by the largest magnitude first, so that the first step of a saturated
+    # prediction (a tiny gradient) is not lost to an underflowing sum of squares
+    flat = [d.reshape(d.shape[0], -1) for d in deltas]
+    peak = torch.stack([f.abs().amax(dim=1) for f in flat]).amax(dim=0)
+    peak = torch.where(peak > 0, peak, 1.0).unsqueeze(1)
+    norm = peak[:, 0] * torch.sqrt(sum((f / peak).pow(2).sum(dim=1) for f in flat))
     scale = torch.where(
         norm > 0, epsilon / norm.clamp_min(torch.finfo(norm.dtype).tiny), 1.0
     )
@@ -291,7 +316,25 @@ def match_baselines(
             ),
             epsilon,
         )
+    if pgd_steps > 0:
+        _warn_if_unmoved(deltas)
     return tuple(s + d for s, d in zip(starts, deltas, strict=True))
+
+
+def _warn_if_unmoved(deltas: tuple[Tensor, ...]) -> None:
+    """Warn about samples whose baseline equals the input (their attribution is 0)."""
+    moved = torch.stack([d.reshape(d.shape[0], -1).ne(0).any(dim=1) for d in deltas])
+    unmoved = (~moved.any(dim=0)).nonzero().flatten().tolist()
+    if unmoved:
+        warnings.warn(
+            f"UNI: the learned baseline of samples {unmoved} equals the input, so "
+            "their attributions are zero: the gradient of the KL divergence "
+            "vanished (the unlearned and the original predictions agree to the "
+            "floating-point precision, e.g. a saturated prediction with a small "
+            "`unlearning_step`, or a model whose output does not depend on the "
+            "input there). Increase `unlearning_step`, or pass `baselines`.",
+            stacklevel=4,
+        )
 
 
 #: A single point of each Riemann rule (Captum's rules need two or more).
