@@ -44,7 +44,7 @@ the demo extra) with these keys:
 
   key          required  meaning
   model        yes       the model (an nn.Module), or a factory that returns it;
-                         it is put in eval mode and moved to `device`
+                         it is put in eval mode (and moved to `device` if set)
   dataset      yes       a map-style dataset, or a factory that returns it; a
                          batch is a tensor, (inputs, labels, ...) or a dict
   explainers   yes       method name -> Captum attribution object or callable
@@ -151,10 +151,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "evaluate",
         help="score attribution methods with metrics over a dataset (resumable)",
         description=(
-            "Run captum_faithful.evaluate from a Python or YAML config naming the "
-            "model, dataset, explainers and metrics: every explainer is scored by "
-            "every metric on every sample, the rows are recorded under the run "
-            "folder as each batch finishes, and a summary table is printed. Launch "
+            "Run captum_faithful.evaluate from a Python or YAML config naming the\n"
+            "model, dataset, explainers and metrics: every explainer is scored by\n"
+            "every metric on every sample, the rows are recorded under the run\n"
+            "folder as each batch finishes, and a summary table is printed. Launch\n"
             "with torchrun for several processes."
         ),
         epilog=CONFIG_HELP,
