@@ -261,7 +261,10 @@ def _a_file(tmp_path):
 
 
 @pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
-def test_usage_errors_exit_2_with_one_line_naming_the_flag(case, tmp_path, capsys):
+def test_usage_errors_exit_2_with_one_line_naming_the_flag(
+    case, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the configs' relative `out` would land here
     make_argv, expected = USAGE_ERRORS[case]
     argv = make_argv(tmp_path)
     code, printed, err = _run_cli(argv, capsys)
