@@ -165,31 +165,43 @@ def faithfulness_correlation(
         \phi(x) - \phi(x_{S \to b})\Big)
 
     Args:
+
         forward_func (Callable): The model or any callable returning (N, n_classes)
-            outputs.
+                    outputs.
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
-        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
-            same shape or broadcastable to it with the same batch size.
-        target (int, tuple, Tensor or list, optional): Class per sample; None
-            scores the class predicted on the unperturbed input. Default: None
-        additional_forward_args (Any, optional): Extra arguments for
-            ``forward_func``. Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero",
-            "mean", "blur", a number, a tensor or a callable. Default: "zero"
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
+                    shape or broadcastable to it with the same batch size.
+        target (int, tuple, Tensor or list, optional): Class per sample; None scores the
+                    class predicted on the unperturbed input.
+                    Default: None
+        additional_forward_args (Any, optional): Extra arguments for ``forward_func``
+                    (tensors with the batch size N on dim 0, see
+                    :func:`~captum_faithful.metrics.insertion_auc`).
+                    Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean",
+                    "blur", a number, a tensor or a callable.
+                    Default: "zero"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids, Captum's
-            meaning; None: one feature per spatial location for 4-D inputs, one per
-            element otherwise. Default: None
+                    meaning; None: one feature per spatial location for 4-D inputs, one
+                    per element otherwise.
+                    Default: None
         subset_size (float or int, optional): Fraction of the features in (0, 1]
-            (rounded, at least one) or a feature count. Default: 0.25
-        n_samples (int, optional): Number of random subsets, >= 2. Default: 100
-        correlation (str, optional): "pearson" or "spearman". Default: "pearson"
+                    (rounded, at least one) or a feature count.
+                    Default: 0.25
+        n_samples (int, optional): Number of random subsets, >= 2.
+                    Default: 100
+        correlation (str, optional): "pearson" or "spearman".
+                    Default: "pearson"
         apply_softmax (bool, optional): Softmax probability (True) or raw output
-            (False). Default: False
-        max_examples_per_batch (int, optional): Perturbed copies per forward pass;
-            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``. Default: None
-        generator (torch.Generator, optional): Source of the random subsets (one
-            draw per call, shared by all examples); None uses torch's global
-            generator. Default: None
+                    (False).
+                    Default: False
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass; None
+                    uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``.
+                    Default: None
+        generator (torch.Generator, optional): Source of the random subsets (one draw
+                    per call, shared by all examples); None uses torch's global
+                    generator.
+                    Default: None
 
     Returns:
         Tensor: Correlation per sample, shape (N,), float64.

@@ -142,36 +142,42 @@ def insertion_auc(
     the target-class score.
 
     Args:
+
         forward_func (Callable): The model or any callable returning (N, n_classes)
-            outputs (a Hugging Face ``ModelOutput`` is reduced to its logits).
+                    outputs (a Hugging Face ``ModelOutput`` is reduced to its logits).
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
-        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
-            same shape or broadcastable to it with the same batch size
-            (e.g. (N, 1, H, W) for images).
-        target (int, tuple, Tensor or list, optional): Class per sample, as in
-            Captum. None scores the class predicted on the unperturbed input.
-            Default: None
-        additional_forward_args (Any, optional): Extra arguments for
-            ``forward_func``; tensors whose first dimension is N are repeated along
-            with their sample. Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): What a
-            hidden feature shows: "zero", "mean" (per sample, per channel), "blur"
-            (Gaussian, kernel 11, sigma 5, reflect padding), a number, a tensor
-            broadcastable to the input, or a callable ``input -> tensor``.
-            Default: "blur"
-        feature_mask (Tensor or tuple[Tensor, ...], optional): Integer ids, same
-            id = same feature (Captum's meaning); broadcastable to the input with
-            batch dimension 1 or N. None: one feature per spatial location for 4-D
-            inputs (all channels together), one per element otherwise.
-            Default: None
-        n_steps (int, optional): Number of curve segments (n_steps+1 points),
-            >= 1. Default: 100
-        apply_softmax (bool, optional): Score = softmax probability of the target
-            class (True) or the raw output (False). Default: True
-        max_examples_per_batch (int, optional): Perturbed copies per forward pass.
-            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH`` (64, the fastest measured
-            on CPU). The result does not depend on it. Default: None
-        return_curves (bool, optional): Also return the curves. Default: False
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
+                    shape or broadcastable to it with the same batch size (e.g. (N, 1,
+                    H, W) for images).
+        target (int, tuple, Tensor or list, optional): Class per sample, as in Captum.
+                    None scores the class predicted on the unperturbed input.
+                    Default: None
+        additional_forward_args (Any, optional): Extra arguments for ``forward_func``,
+                    after the inputs. As in Captum, tensors must have the batch size N
+                    on dim 0 (each perturbed copy gets its sample's row); other values
+                    are passed as they are.
+                    Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): What a hidden
+                    feature shows: "zero", "mean" (per sample, per channel), "blur"
+                    (Gaussian, kernel 11, sigma 5, reflect padding), a number, a tensor
+                    broadcastable to the input, or a callable ``input -> tensor``.
+                    Default: "blur"
+        feature_mask (Tensor or tuple[Tensor, ...], optional): Integer ids, same id =
+                    same feature (Captum's meaning); broadcastable to the input with
+                    batch dimension 1 or N. None: one feature per spatial location for
+                    4-D inputs (all channels together), one per element otherwise.
+                    Default: None
+        n_steps (int, optional): Number of curve segments (n_steps+1 points), >= 1.
+                    Default: 100
+        apply_softmax (bool, optional): Score = softmax probability of the target class
+                    (True) or the raw output (False).
+                    Default: True
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass. None
+                    uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH`` (64, the fastest measured on
+                    CPU). The result does not depend on it.
+                    Default: None
+        return_curves (bool, optional): Also return the curves.
+                    Default: False
 
     Returns:
         Tensor or (Tensor, Tensor): AUC per sample, shape (N,); with
@@ -228,26 +234,34 @@ def deletion_auc(
         y_k = \phi\big(b \odot M_{c_k} + x \odot (1 - M_{c_k})\big)
 
     Args:
+
         forward_func (Callable): The model or any callable returning (N, n_classes)
-            outputs.
+                    outputs.
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
-        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
-            same shape or broadcastable to it with the same batch size.
-        target (int, tuple, Tensor or list, optional): Class per sample; None
-            scores the class predicted on the unperturbed input. Default: None
-        additional_forward_args (Any, optional): Extra arguments for
-            ``forward_func``. Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero",
-            "mean", "blur", a number, a tensor or a callable (see
-            :func:`insertion_auc`). Default: "zero"
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
+                    shape or broadcastable to it with the same batch size.
+        target (int, tuple, Tensor or list, optional): Class per sample; None scores the
+                    class predicted on the unperturbed input.
+                    Default: None
+        additional_forward_args (Any, optional): Extra arguments for ``forward_func``
+                    (see :func:`insertion_auc`).
+                    Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean",
+                    "blur", a number, a tensor or a callable (see
+                    :func:`insertion_auc`).
+                    Default: "zero"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids (see
-            :func:`insertion_auc`). Default: None
-        n_steps (int, optional): Number of curve segments, >= 1. Default: 100
+                    :func:`insertion_auc`).
+                    Default: None
+        n_steps (int, optional): Number of curve segments, >= 1.
+                    Default: 100
         apply_softmax (bool, optional): Softmax probability (True) or raw output.
-            Default: True
-        max_examples_per_batch (int, optional): Perturbed copies per forward pass;
-            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``. Default: None
-        return_curves (bool, optional): Also return the curves. Default: False
+                    Default: True
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass; None
+                    uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``.
+                    Default: None
+        return_curves (bool, optional): Also return the curves.
+                    Default: False
 
     Returns:
         Tensor or (Tensor, Tensor): AUC per sample, shape (N,); with

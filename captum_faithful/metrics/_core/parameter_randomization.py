@@ -91,21 +91,24 @@ def parameter_randomization(
         E(f_{\tilde\theta_{\le \ell}}, x)\big)
 
     Args:
-        explain (Callable): ``explain(model, inputs, target) -> attributions``
-            (a tensor or tuple of tensors with batch size N), e.g.
-            ``lambda m, x, t: Saliency(m).attribute(x, target=t)``.
+
+        explain (Callable): ``explain(model, inputs, target) -> attributions`` (a tensor
+                    or tuple of tensors with batch size N), e.g. ``lambda m, x, t:
+                    Saliency(m).attribute(x, target=t)``.
         model (nn.Module): The model; copied with ``copy.deepcopy``.
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
         target (int, tuple, Tensor or list, optional): Passed to ``explain`` as is.
-            Default: None
-        order (str, optional): "top_down" or "bottom_up". Default: "top_down"
+                    Default: None
+        order (str, optional): "top_down" or "bottom_up".
+                    Default: "top_down"
         similarity (str, optional): "spearman" (rank correlation of the flattened
-            attributions), "pearson" or "cosine" (two all-zero attributions are
-            identical, 1; an all-zero one against another, 0; see
-            :func:`~captum_faithful.metrics._utils.cosine_similarity`).
-            Default: "spearman"
-        generator (torch.Generator, optional): Source of the random weights; None
-            uses torch's global generator. Default: None
+                    attributions), "pearson" or "cosine" (two all-zero attributions are
+                    identical, 1; an all-zero one against another, 0; see
+                    :func:`~captum_faithful.metrics._utils.cosine_similarity`).
+                    Default: "spearman"
+        generator (torch.Generator, optional): Source of the random weights; None uses
+                    torch's global generator.
+                    Default: None
 
     Returns:
         dict[str, Tensor]: For each randomised layer (by module name, in

@@ -90,27 +90,34 @@ def saco(
         -(s_i - s_j) & \text{otherwise} \end{cases}
 
     Args:
+
         forward_func (Callable): The model or any callable returning (N, n_classes)
-            outputs.
+                    outputs.
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
-        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
-            same shape or broadcastable to it with the same batch size.
-        target (int, tuple, Tensor or list, optional): Class per sample; None
-            scores the class predicted on the unperturbed input. Default: None
-        additional_forward_args (Any, optional): Extra arguments for
-            ``forward_func``. Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero",
-            "mean" (per sample, per channel), "blur", a number, a tensor or a
-            callable ``input -> tensor``. Default: "mean"
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
+                    shape or broadcastable to it with the same batch size.
+        target (int, tuple, Tensor or list, optional): Class per sample; None scores the
+                    class predicted on the unperturbed input.
+                    Default: None
+        additional_forward_args (Any, optional): Extra arguments for ``forward_func``
+                    (tensors with the batch size N on dim 0, see
+                    :func:`~captum_faithful.metrics.insertion_auc`).
+                    Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean"
+                    (per sample, per channel), "blur", a number, a tensor or a callable
+                    ``input -> tensor``.
+                    Default: "mean"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids, Captum's
-            meaning; None: one feature per spatial location for 4-D inputs, one per
-            element otherwise. Default: None
-        n_groups (int, optional): Number of groups K, 2 <= K <= number of
-            features. Default: 10
+                    meaning; None: one feature per spatial location for 4-D inputs, one
+                    per element otherwise.
+                    Default: None
+        n_groups (int, optional): Number of groups K, 2 <= K <= number of features.
+                    Default: 10
         apply_softmax (bool, optional): Softmax probability (True) or raw output.
-            Default: True
-        max_examples_per_batch (int, optional): Perturbed copies per forward pass;
-            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``. Default: None
+                    Default: True
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass; None
+                    uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``.
+                    Default: None
 
     Returns:
         Tensor: SaCo per sample, shape (N,), float64.
