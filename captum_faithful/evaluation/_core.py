@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from captum_faithful._arguments import resolve_target
 from captum_faithful._utils import (
+    check_bool,
     check_choice,
     module_of,
     optional_import,
@@ -333,8 +334,7 @@ def _check_arguments(
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"`out` must be a folder, but {out} is a file")
     check_choice("target", target, TARGETS)
-    if not isinstance(resume, bool):
-        raise TypeError(f"`resume` must be a bool, got {resume!r}")
+    check_bool("resume", resume)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"`seed` must be an int or None, got {seed!r}")
     return explainers, metrics

@@ -16,7 +16,7 @@ from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
-from captum_faithful._utils import check_choice, check_int
+from captum_faithful._utils import check_bool, check_choice, check_int
 from captum_faithful.metrics._utils import (
     CORRELATIONS,
     MetricInputs,
@@ -215,8 +215,7 @@ def faithfulness_correlation(
     """
     n_samples = check_int("n_samples", n_samples, 2)
     check_choice("correlation", correlation, tuple(CORRELATIONS))
-    if not isinstance(apply_softmax, bool):
-        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    check_bool("apply_softmax", apply_softmax)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
             f"`generator` must be a torch.Generator, got {type(generator).__name__}"

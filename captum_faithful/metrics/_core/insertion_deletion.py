@@ -14,7 +14,7 @@ from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
-from captum_faithful._utils import check_int
+from captum_faithful._utils import check_bool, check_int
 from captum_faithful.metrics._utils import (
     MetricInputs,
     clean_target_scores,
@@ -55,8 +55,7 @@ def _curve(
     return_curves: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     n_steps = check_int("n_steps", n_steps, 1)
-    if not isinstance(apply_softmax, bool):
-        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    check_bool("apply_softmax", apply_softmax)
     setup: MetricInputs = prepare_metric_inputs(
         inputs,
         attributions,

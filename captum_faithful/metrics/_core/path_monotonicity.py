@@ -16,7 +16,7 @@ from captum_faithful._arguments import (
     format_target,
     resolve_target,
 )
-from captum_faithful._utils import check_int, run_forward
+from captum_faithful._utils import check_bool, check_int, run_forward
 from captum_faithful.metrics._utils import (
     chunked_target_scores,
     resolve_chunk_size,
@@ -94,8 +94,7 @@ def path_monotonicity(
         >>> pm_black = path_monotonicity(net, images, 0.0, target=labels)
     """
     n_steps = check_int("n_steps", n_steps, minimum=1)
-    if not isinstance(apply_softmax, bool):
-        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    check_bool("apply_softmax", apply_softmax)
     chunk_size = resolve_chunk_size(max_examples_per_batch)
     formatted, _ = format_inputs(inputs)
     n_examples = formatted[0].shape[0]

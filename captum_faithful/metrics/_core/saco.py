@@ -14,7 +14,7 @@ from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
-from captum_faithful._utils import check_int
+from captum_faithful._utils import check_bool, check_int
 from captum_faithful.metrics._utils import (
     clean_target_scores,
     compact_indices,
@@ -129,8 +129,7 @@ def saco(
         ...              feature_mask=patch_mask(images, 16))
     """
     n_groups = check_int("n_groups", n_groups, 2)
-    if not isinstance(apply_softmax, bool):
-        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    check_bool("apply_softmax", apply_softmax)
     setup = prepare_metric_inputs(
         inputs,
         attributions,
