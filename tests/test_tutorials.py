@@ -195,6 +195,7 @@ def test_stored_notebook_has_outputs(name):
     _checks(notebook)
 
 
+@pytest.mark.slow  # executes the notebook on the quick demo, trained in the session
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_tutorial_executes(name, quick_demo, tmp_path):
     assert quick_demo.cache_dir is not None

@@ -1,7 +1,8 @@
 """Faithfulness-guided Ensemble Interpretation (FEI).
 
 Ensemble quantile optimisation of nested retention maps, one per coverage level,
-against a random monochromatic reference, with ClipGrad on the insertion game. How
+against a random monochromatic reference, with ClipGrad on the insertion game
+(*Beyond Output Faithfulness*, FEI; the formulation is in the class docstring). How
 parameters become nested maps of exact coverage (per pixel, per feature group, or
 smooth) lives in :mod:`captum_faithful.attr._utils.retention_maps`.
 """
@@ -21,24 +22,27 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_faithful._arguments import (
+    format_additional_forward_args,
+    format_baselines,
+    format_inputs,
+    format_target,
+    resolve_target,
+    select_rows,
+)
 from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
-    _format_additional_forward_args,
     _format_output,
-    _format_tensor_into_tuples,
-    _is_tuple,
 )
 from captum_faithful._layers import LayerSpec, model_places
 from captum_faithful._utils import (
     check_choice,
-    check_finite,
     check_float,
     check_int,
     preserve_model_state,
     progress,
     resolve_model,
-    resolve_targets,
     run_forward,
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES, ClipGrad
@@ -53,11 +57,6 @@ from captum_faithful.attr._utils.retention_maps import (
     entry_distribution,
     level_masses,
     nested_cell_maps,
-)
-from captum_faithful.metrics._utils import (
-    check_target_form,
-    resolve_baselines,
-    select_additional_forward_args,
 )
 
 OBJECTIVES = ("insertion", "deletion", "both")
@@ -470,17 +469,17 @@ class FaithfulnessEnsemble(GradientAttribution):
             >>> attr = fei.attribute(images, target=labels,
             >>>                      generator=torch.Generator().manual_seed(0))
         """
-        is_tuple = _is_tuple(inputs)
-        xs = self._check_inputs(_format_tensor_into_tuples(inputs))
+        xs, is_tuple = format_inputs(inputs, floating=True)
+        xs = self._check_images(xs)
         n = xs[0].shape[0]
-        check_target_form(target, n)
+        format_target(target, n)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"`generator` must be a torch.Generator, got {type(generator).__name__}"
             )
         cells = self._parameterisations(xs, feature_mask)
         references = self._references(xs, baselines, generator)
-        extra_args = _format_additional_forward_args(additional_forward_args)
+        extra_args = format_additional_forward_args(additional_forward_args, n)
         device = xs[0].device
         games = {"insertion": (1,), "deletion": (-1,), "both": (1, -1)}[self.objective]
         n_games, n_levels = len(games), len(self.levels)
@@ -508,7 +507,7 @@ class FaithfulnessEnsemble(GradientAttribution):
         params = tuple(m.logits for m in maps)
         optimiser = torch.optim.Adam(params, lr=self.lr)
         sign = torch.tensor(games, dtype=torch.float32, device=device).view(-1, 1, 1)
-        batch_args = select_additional_forward_args(extra_args, batch_rows, n)
+        batch_args = select_rows(extra_args, batch_rows)
         with ExitStack() as stack:
             if self.model is not None:
                 stack.enter_context(preserve_model_state(self.model))
@@ -529,7 +528,7 @@ class FaithfulnessEnsemble(GradientAttribution):
             else:
                 with torch.no_grad():
                     clean = run_forward(self.forward_func, xs, extra_args)
-            classes = resolve_targets(clean, target)
+            classes = resolve_target(clean, target)
             batch_classes = classes[batch_rows]
 
             def loss(*logits: Tensor) -> Tensor:
@@ -575,30 +574,13 @@ class FaithfulnessEnsemble(GradientAttribution):
             return result, _format_output(is_tuple, all_maps)
         return result
 
-    def _check_inputs(self, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        if not xs:
-            raise ValueError("`inputs` must hold at least one tensor")
+    def _check_images(self, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         for x in xs:
-            if not isinstance(x, Tensor):
-                raise TypeError(
-                    f"`inputs` must be a tensor or a tuple of tensors, got "
-                    f"{type(x).__name__}"
-                )
             if x.dim() != 4:
                 raise ValueError(
                     "`inputs` must be images of shape (N, C, H, W), got shape "
                     f"{tuple(x.shape)}"
                 )
-            if not x.is_floating_point():
-                raise TypeError(f"`inputs` must be floating point, got {x.dtype}")
-            if x.shape[0] != xs[0].shape[0]:
-                raise ValueError("`inputs` tensors must share the batch size")
-            if x.shape[0] == 0:
-                raise ValueError(
-                    "`inputs` must hold at least one sample, got an empty batch "
-                    f"of shape {tuple(x.shape)}"
-                )
-        check_finite("inputs", xs)
         return tuple(x.detach() for x in xs)
 
     def _parameterisations(
@@ -644,7 +626,7 @@ class FaithfulnessEnsemble(GradientAttribution):
     ) -> tuple[Tensor, ...]:
         if baselines is None:
             return tuple(monochrome_reference(x, generator) for x in xs)
-        return resolve_baselines(baselines, xs)
+        return format_baselines(baselines, xs)
 
 
 def _check_finite_float(name: str, value: Any, **bounds: Any) -> float:

@@ -5,23 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_faithful._compat import (
-    _format_additional_forward_args,
-    _format_tensor_into_tuples,
-    _run_forward,
+from captum_faithful._arguments import (
+    format_additional_forward_args,
+    format_inputs,
+    select_rows,
 )
+from captum_faithful._compat import _format_tensor_into_tuples, _run_forward
 from captum_faithful._layers import LayerSpec, model_places, record_activations
 from captum_faithful._utils import check_finite, check_int, preserve_model_state
 from captum_faithful.metrics._core.insertion_deletion import feature_counts
 from captum_faithful.metrics._utils import (
     build_perturbed_inputs,
+    cosine_similarity,
     feature_scores,
     prepare_metric_inputs,
     rank_features,
-    select_additional_forward_args,
 )
 
 
@@ -81,12 +81,11 @@ def activation_deviation(
         )
     with model_places(model, layers):
         pass  # checks `layers` before the inputs
-    clean = _format_tensor_into_tuples(inputs)
+    clean, _ = format_inputs(inputs)
     perturbed = _format_tensor_into_tuples(perturbed_inputs)
-    for name, tensors in (("inputs", clean), ("perturbed_inputs", perturbed)):
-        if not all(isinstance(t, Tensor) for t in tensors):
-            raise TypeError(f"`{name}` must be a tensor or a tuple of tensors")
-        check_finite(name, tensors)
+    if not all(isinstance(t, Tensor) for t in perturbed):
+        raise TypeError("`perturbed_inputs` must be a tensor or a tuple of tensors")
+    check_finite("perturbed_inputs", perturbed)
     if len(clean) != len(perturbed) or any(
         a.shape != b.shape for a, b in zip(clean, perturbed, strict=False)
     ):
@@ -95,7 +94,8 @@ def activation_deviation(
             f"{[tuple(t.shape) for t in perturbed]} for "
             f"{[tuple(t.shape) for t in clean]}"
         )
-    extra_args = _format_additional_forward_args(additional_forward_args)
+    # both batches are forwarded whole, so the arguments are not split by sample
+    extra_args = format_additional_forward_args(additional_forward_args, None)
     with (
         preserve_model_state(model),
         model_places(model, layers) as places,
@@ -126,7 +126,7 @@ def insertion_activation_deviation(
     from the baseline, k = 0..n_steps; same ranking, tie-breaking and baselines) are
     compared with the clean input by :func:`activation_deviation`, and the values are
     averaged over the n_steps + 1 curve points. Because every attribution is scored at
-    exactly the same coverages, maps are compared at equal coverage (SPEC §4): a
+    exactly the same coverages, maps are compared at equal coverage: a
     soft map cannot look internally faithful just by keeping more of the input.
 
     .. math::
@@ -172,6 +172,7 @@ def insertion_activation_deviation(
         inputs, attributions, baselines, feature_mask, None, max_examples_per_batch
     )
     n, steps = setup.n_examples, n_steps + 1
+    additional_forward_args = format_additional_forward_args(additional_forward_args, n)
     with (
         preserve_model_state(model),
         model_places(model, layers) as modules,
@@ -193,7 +194,7 @@ def insertion_activation_deviation(
                     model,
                     tuple(x[samples.to(x.device)] for x in setup.inputs),
                     None,
-                    select_additional_forward_args(additional_forward_args, samples, n),
+                    select_rows(additional_forward_args, samples),
                 )
             for store, calls in zip(clean, records, strict=True):
                 store.append(calls)
@@ -208,7 +209,7 @@ def insertion_activation_deviation(
                     model,
                     build_perturbed_inputs(setup, samples, take),
                     None,
-                    select_additional_forward_args(additional_forward_args, samples, n),
+                    select_rows(additional_forward_args, samples),
                 )
             values = deviation_from_records(clean, records, samples)
             mse.append(values["mse"])
@@ -239,13 +240,6 @@ def deviation_from_records(
                 h = h.index_select(0, rows.to(h.device))
             h, h_tilde = h.flatten(1).double(), h_tilde.flatten(1).double()
             mse = mse + ((h_tilde - h) ** 2).mean(dim=1)
-            cosine = cosine + _cosine(h, h_tilde)
+            cosine = cosine + cosine_similarity(h, h_tilde)
             count += 1
     return {"mse": (mse / count).float(), "cosine": (cosine / count).float()}
-
-
-def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    norm_a, norm_b = a.norm(dim=1), b.norm(dim=1)
-    both_zero = (norm_a == 0) & (norm_b == 0)
-    value = F.cosine_similarity(a, b, dim=1, eps=1e-12)
-    return torch.where(both_zero, torch.ones_like(value), value)
