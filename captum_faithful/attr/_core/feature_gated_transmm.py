@@ -146,6 +146,10 @@ class FeatureGatedTransMM(TransMM):
 
     With ``c_max=1`` every gate is 1 and the result equals :class:`TransMM`.
 
+    The thesis chooses the gated blocks, κ, c_max and the variant per model and
+    dataset on validation images, then scores held-out images once;
+    :func:`captum_faithful.select_gating` runs that choice.
+
     Cost on top of TransMM: one ``sae.encode`` of the patch tokens per gated block
     (for large SAEs, e.g. 64× expansion on ViT-B, this dominates) and one
     reconstruction-sized product :math:`f W_{dec}`, sparse when fewer than 5% of
