@@ -55,7 +55,7 @@ def _device(text: str) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand (the default job) to ``subparsers``."""
-    from captum_faithful.demo.job import METHODS
+    from captum_faithful.demo.registry import METHODS
 
     parser = subparsers.add_parser(
         "demo",
@@ -83,6 +83,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=_positive_int,
         default=None,
         help="number of test images (default: 100, 8 with --quick)",
+    )
+    parser.add_argument(
+        "--n-validation",
+        type=_positive_int,
+        default=None,
+        help="validation images FG-TransMM's layers, kappa, c_max and variant are "
+        "chosen on, disjoint from the test images (default: 64, 16 with --quick)",
     )
     parser.add_argument(
         "--methods",
@@ -114,12 +121,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo job with parsed arguments; 0 on success, 1 with a message if not."""
-    from captum_faithful.demo.job import Settings, check_output_folder, run
+    from captum_faithful.demo.job import check_output_folder, run
+    from captum_faithful.demo.registry import Settings
 
     settings = Settings(
         out=args.out,
         quick=args.quick,
         n_images=args.n_images,
+        n_validation=args.n_validation,
         methods=tuple(dict.fromkeys(args.methods)),
         device=args.device,
         seed=args.seed,

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from captum_faithful.cli import SUBCOMMAND_MODULES, build_parser, main
-from captum_faithful.demo.job import METHODS, METRIC_INFO
+from captum_faithful.demo.registry import METHODS, METRIC_INFO
 
 PATH_METHODS = {key for key, method in METHODS.items() if method.path}
 CNN_METHODS = {key for key, method in METHODS.items() if method.model == "cnn"}
@@ -19,7 +19,17 @@ def test_demo_is_the_default_job():
     assert set(args.methods) == set(METHODS)
 
 
-def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
+def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
+    import captum_faithful.demo.job as job
+
+    chosen_on = []
+
+    def recording(vit, saes, images, **kwargs):
+        chosen_on.append(images.clone())
+        return choose_gating(vit, saes, images, **kwargs)
+
+    choose_gating = job.choose_gating
+    monkeypatch.setattr(job, "choose_gating", recording)
     out = tmp_path / "report"
     code = main(
         [
@@ -66,9 +76,31 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
         ("UNI", "IG (black)"),
         ("FG-TransMM", "TransMM"),
         ("FG-TransMM", "FG-TransMM (shuffled)"),
+        ("FG-TransMM combined", "TransMM"),
+        ("FG-TransMM activation", "TransMM"),
+        ("FG-TransMM gradient", "TransMM"),
         ("FEI (vm)", "FEI (none)"),
     ):
         assert f"| {a} | {b} |" in report
+    # the gating was chosen once, on validation images none of which was scored
+    assert len(chosen_on) == 1
+    validation = chosen_on[0].flatten(1)
+    scored = quick_demo.x_test[:4].flatten(1)
+    assert len(validation) == 16
+    assert not bool((validation[:, None] == scored[None]).all(-1).any())
+    assert "configuration chosen on validation images" in report
+    # FG-TransMM is one of the three variants at the chosen configuration: that
+    # variant's row holds the same values
+    values = {}
+    for row in rows:
+        values.setdefault(row["method"], {})[row["index"], row["metric"]] = row["value"]
+    twins = [
+        variant
+        for variant in ("combined", "activation", "gradient")
+        if values[f"fg-transmm-{variant}"] == values["fg-transmm"]
+    ]
+    assert len(twins) == 1
+    assert "**Chosen: blocks" in report and "The whole validation table" in report
     assert f"CNN {quick_demo.accuracy['cnn']:.3f}" in report
     assert "explained variance" in report
     # localisation values are shares
@@ -87,6 +119,7 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     [
         (["--n-images", "0"], "--n-images"),
         (["--n-images", "many"], "--n-images"),
+        (["--n-validation", "0"], "--n-validation"),
         (["--methods", "gradcam"], "--methods"),
         (["--seed", "-3"], "--seed"),
         (["--device", "tpu:9"], "--device"),
