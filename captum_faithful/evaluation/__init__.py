@@ -1,5 +1,5 @@
 """Dataset-scale evaluation: many methods × many metrics over a dataset, resumable
-and sharded over torch.distributed ranks (SPEC §10).
+and sharded over torch.distributed ranks.
 
 ``evaluate`` runs it and returns ``Results``; ``select_gating`` runs one to choose
 Feature-Gated TransMM's layers, κ, c_max and variant on validation images. pandas

@@ -119,7 +119,7 @@ def insertion_activation_deviation(
     from the baseline, k = 0..n_steps; same ranking, tie-breaking and baselines) are
     compared with the clean input by :func:`activation_deviation`, and the values are
     averaged over the n_steps + 1 curve points. Because every attribution is scored at
-    exactly the same coverages, maps are compared at equal coverage (SPEC §4): a
+    exactly the same coverages, maps are compared at equal coverage: a
     soft map cannot look internally faithful just by keeping more of the input.
 
     .. math::
