@@ -83,9 +83,10 @@ def load_demo(
         (N, 1, 32, 32) bool evidence masks, the same for the validation part
         (``x_validation``, ``y_validation``, ``masks_validation``), ``x_train``,
         ``y_train``, ``accuracy`` ({"cnn": float, "vit": float}, on the test
-        part), and per SAE block, on the validation images' patch tokens,
-        ``sae_explained_variance`` and ``sae_dead_fraction`` (the share of
-        features that never fire).
+        part), and per SAE block ``sae_explained_variance`` and
+        ``sae_dead_fraction`` (the share of features that never fire), measured on
+        the patch tokens of eight renderings of the validation scans (see
+        :func:`captum_faithful.demo.models.held_out_tokens`).
 
     Examples::
 

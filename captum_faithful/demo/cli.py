@@ -55,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=positive_int,
         default=None,
         help="validation images FG-TransMM's layers, kappa, c_max and variant are "
-        "chosen on, disjoint from the test images (default: 64, 16 with --quick)",
+        "chosen on, disjoint from the test images (default: all 120)",
     )
     parser.add_argument(
         "--methods",

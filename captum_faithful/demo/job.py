@@ -99,7 +99,7 @@ def run(settings: Settings) -> Outcome:
         if any(METHODS[key].gated for key in settings.methods):
             # Fixed protocol, on images disjoint from the test images below: the
             # test images are scored once, with what was chosen here.
-            n_validation = min(settings.resolved_n_validation(), len(demo.y_validation))
+            n_validation = settings.resolved_n_validation(len(demo.y_validation))
             if settings.show_progress:
                 print(
                     f"FG-TransMM: choosing layers, kappa, c_max and variant on "

@@ -47,11 +47,12 @@ class Settings:
             return self.n_images
         return 8 if self.quick else 100
 
-    def resolved_n_validation(self) -> int:
-        """Validation images the gating configurations are chosen on."""
+    def resolved_n_validation(self, available: int) -> int:
+        """Validation images the gating configurations are chosen on: all
+        ``available`` unless ``n_validation`` asks for fewer."""
         if self.n_validation is not None:
-            return self.n_validation
-        return 16 if self.quick else 64
+            return min(self.n_validation, available)
+        return available
 
 
 class Explainer:
@@ -102,7 +103,7 @@ class Explainer:
 #: How a method's explainer is built: from the demo's models and data, the job's
 #: settings, and the gating configuration chosen on the validation images (None
 #: when no gated method runs).
-Builder = Callable[[Any, Settings, "GatingChoice | None"], Explainer]
+Builder = Callable[[Any, Settings, GatingChoice | None], Explainer]
 
 
 @dataclass(frozen=True)

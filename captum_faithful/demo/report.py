@@ -151,7 +151,8 @@ def render_report(outcome: Any) -> str:
         f"{recipe.get('sae_expansion')}×, on the patch tokens of "
         f"`blocks.{{l}}.hook_resid_post` for l in {list(recipe.get('sae_layers', []))}, "
         f"{recipe.get('sae_steps')} steps of {recipe.get('sae_batch_tokens')} tokens. "
-        "On the validation images' patch tokens:",
+        "On the patch tokens of eight renderings of the validation scans (which "
+        "neither the ViT nor the SAEs saw):",
         "",
         markdown_table(
             ["block", "explained variance", "dead features"],

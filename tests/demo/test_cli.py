@@ -87,7 +87,7 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
     assert len(chosen_on) == 1
     validation = chosen_on[0].flatten(1)
     scored = quick_demo.x_test[:4].flatten(1)
-    assert len(validation) == 16
+    assert len(validation) == len(quick_demo.y_validation) == 120
     assert not bool((validation[:, None] == scored[None]).all(-1).any())
     assert "configuration chosen on validation images" in report
     # FG-TransMM is one of the three variants at the chosen configuration: that
