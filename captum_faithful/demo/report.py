@@ -171,8 +171,8 @@ def render_report(outcome: Any) -> str:
         "",
         "## Where the time went",
         "",
-        f"On {torch.get_num_threads()} threads; CPU seconds count every thread of "
-        "this process.",
+        f"On {_threads(torch.get_num_threads())}; CPU seconds count every thread "
+        "of this process.",
         "",
         markdown_table(
             ["step", "wall seconds", "CPU seconds"],
@@ -215,12 +215,15 @@ def _training_time(meta: dict) -> str:
         f"{name} {phase['wall_seconds']:.0f} s ({phase['cpu_seconds']:.0f} s CPU)"
         for name, phase in phases.items()
     )
-    threads = meta["training_threads"]
     return (
         f"training took {meta['training_seconds']:.0f} s wall and "
-        f"{meta['training_cpu_seconds']:.0f} s CPU on {threads} "
-        f"thread{'s' if threads != 1 else ''} when it ran: {parts}."
+        f"{meta['training_cpu_seconds']:.0f} s CPU on "
+        f"{_threads(meta['training_threads'])} when it ran: {parts}."
     )
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'s' if count != 1 else ''}"
 
 
 def _step_label(step: str) -> str:
