@@ -562,7 +562,7 @@ def test_bad_input_raises_clear_errors(cnn):
         ((torch.rand(2, 8, 8),), {}, ValueError, r"\(N, C, H, W\)"),
         ((torch.rand(0, 3, 8, 8),), {}, ValueError, "at least one sample"),
         ((torch.full_like(x, float("nan")),), {}, ValueError, "NaN"),
-        ((x.long(),), {}, TypeError, "floating point"),
+        ((x.long(),), {}, TypeError, "floating-point"),
         ((x,), dict(baselines=torch.zeros(2, 3, 4, 4)), ValueError, "`baselines`"),
         ((x,), dict(target=-1), ValueError, "`target`"),
         ((x,), dict(target=[1, 2, 3]), ValueError, "`target`"),
