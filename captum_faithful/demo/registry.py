@@ -165,14 +165,27 @@ def _saliency(demo: Any, settings: Settings, gating: GatingChoice | None) -> Exp
     )
 
 
-def _faithfulness_ensemble(clip: str) -> Builder:
+def _faithfulness_ensemble(
+    clip: str, model: str = "cnn", layers: str = "conv"
+) -> Builder:
+    """FEI with its default maps (smooth, stride 4) on the CNN or the ViT; each
+    batch's random monochrome references come from a generator seeded by the run's
+    seed (a sample's reference does not depend on the rest of its batch)."""
+
     def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
         from captum_faithful.attr import FaithfulnessEnsemble
 
         fei = FaithfulnessEnsemble(
-            demo.cnn, clip=clip, n_iter=30 if settings.quick else 100
+            demo.cnn if model == "cnn" else demo.vit,
+            clip=clip,
+            layers=layers,
+            n_iter=30 if settings.quick else 100,
         )
-        return Explainer(lambda x, t: fei.attribute(x, target=t))
+        return Explainer(
+            lambda x, t: fei.attribute(
+                x, target=t, generator=torch.Generator().manual_seed(settings.seed)
+            )
+        )
 
     return build
 
@@ -222,6 +235,18 @@ METHODS: dict[str, Method] = {
         Method("fei-ibm", "FEI (ibm)", "cnn", _faithfulness_ensemble("ibm")),
         Method("transmm", "TransMM", "vit", _transmm),
         Method(
+            "fei-none-vit",
+            "FEI (none, ViT)",
+            "vit",
+            _faithfulness_ensemble("none", "vit"),
+        ),
+        Method(
+            "fei-vm-attention",
+            "FEI (vm, attention)",
+            "vit",
+            _faithfulness_ensemble("vm", "vit", "attention"),
+        ),
+        Method(
             "fg-transmm",
             "FG-TransMM",
             "vit",
@@ -255,6 +280,11 @@ COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("fg-transmm", "fg-transmm-shuffled", None),
     *((f"fg-transmm-{variant}", "transmm", None) for variant in VARIANTS),
     ("fei-vm", "fei-none", ("activation_deviation", "insertion", "deletion")),
+    (
+        "fei-vm-attention",
+        "fei-none-vit",
+        ("activation_deviation", "insertion", "deletion"),
+    ),
 )
 
 #: Metric name → (label in the report, True when higher is better).
@@ -266,6 +296,7 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
     "path_monotonicity": ("path monotonicity", True),
     "activation_deviation": ("activation deviation (MSE)", False),
     "localisation": ("evidence localisation", True),
+    "precision": ("evidence precision", True),
 }
 
 
@@ -289,15 +320,61 @@ class EvidenceLocalisation:
         attributions: Tensor,
         target: Any = None,
     ) -> Tensor:
-        flat = inputs.flatten(1).to(self.images.device)
-        match = (flat.unsqueeze(1) == self.images.unsqueeze(0)).all(-1)
-        if not bool(match.any(1).all()):
-            raise ValueError("localisation: an input is not one of the demo's images")
-        masks = self.masks[match.float().argmax(1)].to(attributions.device)
+        masks = _evidence_masks(self.images, self.masks, inputs).to(attributions.device)
         positive = attributions.sum(1, keepdim=True).clamp(min=0)
         total = positive.flatten(1).sum(1)
         inside = (positive * masks).flatten(1).sum(1)
         return torch.where(total > 0, inside / total.clamp(min=1e-30), torch.nan)
+
+
+class EvidencePrecision:
+    """Share of the top-|block| pixels of the map that lie inside the evidence block.
+
+    Pixels are ranked by the attribution summed over channels; ties are broken by
+    one random order of the pixels drawn with a fixed seed, the same for every image
+    (so an image's value does not depend on its batch). With B the block and k = |B|
+    its pixel count, the value is |top_k(M) ∩ B| / k; chance is the block's share of
+    the image (0.25 in the demo). Unlike :class:`EvidenceLocalisation` it depends on
+    the ranking only, so a dense map (FEI's mean of coverage masks) is not capped by
+    the mass it keeps outside the block.
+    """
+
+    def __init__(self, images: Tensor, masks: Tensor, seed: int = 0) -> None:
+        self.images = images.flatten(1)
+        self.masks = masks
+        self.seed = seed
+
+    def __call__(
+        self,
+        forward_func: Any,
+        inputs: Tensor,
+        attributions: Tensor,
+        target: Any = None,
+    ) -> Tensor:
+        masks = _evidence_masks(self.images, self.masks, inputs).to(attributions.device)
+        scores = attributions.detach().sum(1).flatten(1).double()
+        inside = masks.flatten(1).bool()
+        order = torch.randperm(
+            scores.shape[1], generator=torch.Generator().manual_seed(self.seed)
+        ).to(scores.device)
+        ranked = torch.sort(scores[:, order], dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(ranked.indices)
+        ranks.scatter_(
+            1, ranked.indices, torch.arange(scores.shape[1]).expand_as(ranks)
+        )
+        sizes = inside.sum(1, keepdim=True)
+        top = ranks < sizes  # in the shuffled order
+        hits = (top & inside[:, order]).sum(1)
+        return (hits / sizes.squeeze(1)).float()
+
+
+def _evidence_masks(images: Tensor, masks: Tensor, inputs: Tensor) -> Tensor:
+    """The evidence mask of every input, found by exact match among the images."""
+    flat = inputs.flatten(1).to(images.device)
+    match = (flat.unsqueeze(1) == images.unsqueeze(0)).all(-1)
+    if not bool(match.any(1).all()):
+        raise ValueError("evidence metrics: an input is not one of the demo's images")
+    return masks[match.float().argmax(1)]
 
 
 def metrics_for(
@@ -351,14 +428,15 @@ def metrics_for(
             )
 
         metrics["path_monotonicity"] = monotonicity
-    if method.model == "cnn":
+    deviation_layers = "conv" if method.model == "cnn" else "attention"
+    if method.model == "cnn" or method.key.startswith("fei-"):
 
         def deviation(
             forward_func: Any, inputs: Tensor, attributions: Tensor, target: Any = None
         ) -> Tensor:
             return metrics_module.insertion_activation_deviation(
                 model,
-                "conv",
+                deviation_layers,
                 inputs,
                 attributions,
                 baselines="mean",
@@ -368,6 +446,7 @@ def metrics_for(
 
         metrics["activation_deviation"] = deviation
     metrics["localisation"] = EvidenceLocalisation(images, masks)
+    metrics["precision"] = EvidencePrecision(images, masks)
     return metrics
 
 

@@ -191,7 +191,9 @@ def render_report(outcome: Any) -> str:
         f"faithfulness correlation ({50 if settings.quick else 100} random subsets of 25 % "
         "of the features, black baseline, Pearson); path monotonicity (15 steps along "
         "the method's own path); evidence localisation (share of the positive "
-        "attribution inside the digit's block). ViT methods are scored with the ViT's "
+        "attribution inside the digit's block); evidence precision (share of the "
+        "top-|block| pixels of the map, ties broken at random with a fixed seed, "
+        "inside the block; chance 0.25). ViT methods are scored with the ViT's "
         f"{patch}×{patch} "
         "patches as features, CNN methods with pixels. Time: explanation seconds per "
         "image.",

@@ -61,10 +61,11 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
             "saco",
             "faithfulness_correlation",
             "localisation",
+            "precision",
         }
         if key in PATH_METHODS:
             expected.add("path_monotonicity")
-        if key in CNN_METHODS:
+        if key in CNN_METHODS or key.startswith("fei-"):
             expected.add("activation_deviation")
         assert {metric for m, metric in seen if m == key} == expected, key
     for label, _ in METRIC_INFO.values():
@@ -82,6 +83,7 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
         ("FG-TransMM activation", "TransMM"),
         ("FG-TransMM gradient", "TransMM"),
         ("FEI (vm)", "FEI (none)"),
+        ("FEI (vm, attention)", "FEI (none, ViT)"),
     ):
         assert f"| {a} | {b} |" in report
     # the gating was chosen once, on validation images none of which was scored
@@ -112,6 +114,8 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
         if r["metric"] == "localisation" and r["value"] not in ("", "nan")
     ]
     assert shares and all(0.0 <= v <= 1.0 for v in shares)
+    precisions = [float(r["value"]) for r in rows if r["metric"] == "precision"]
+    assert precisions and all(0.0 <= v <= 1.0 for v in precisions)
     # nothing but the three outputs is left in the folder
     assert sorted(os.listdir(out)) == ["attributions.png", "per_image.csv", "report.md"]
 
