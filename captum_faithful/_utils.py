@@ -102,13 +102,17 @@ def check_float(
     high: float | None = None,
     low_inclusive: bool = True,
     high_inclusive: bool = True,
+    finite: bool = False,
 ) -> float:
-    """Return ``value`` as float, raising if it is not a real number in range."""
+    """Return ``value`` as float, raising if it is not a real number in range (and,
+    with ``finite``, if it is infinite)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {value!r}")
     value = float(value)
     if value != value:
         raise ValueError(f"`{name}` must not be NaN")
+    if finite and value in (float("inf"), float("-inf")):
+        raise ValueError(f"`{name}` must be finite, got {value}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         bound = ">=" if low_inclusive else ">"
         raise ValueError(f"`{name}` must be {bound} {low}, got {value}")

@@ -567,6 +567,8 @@ def test_bad_input_raises_clear_errors(cnn):
         ((x,), dict(target=-1), ValueError, "`target`"),
         ((x,), dict(target=[1, 2, 3]), ValueError, "`target`"),
         ((x,), dict(generator=0), TypeError, "`generator`"),
+        ((x,), dict(return_quantile_maps=1), TypeError, "`return_quantile_maps`"),
+        ((x,), dict(show_progress="yes"), TypeError, "`show_progress`"),
         (
             (x,),
             dict(feature_mask=torch.zeros(1, 1, 4, 4).long()),

@@ -10,7 +10,6 @@ smooth) lives in :mod:`captum_faithful.attr._utils.retention_maps`.
 from __future__ import annotations
 
 import hashlib
-import math
 import numbers
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -37,6 +36,7 @@ from captum_faithful._compat import (
 )
 from captum_faithful._layers import LayerSpec, model_places
 from captum_faithful._utils import (
+    check_bool,
     check_choice,
     check_float,
     check_int,
@@ -383,10 +383,10 @@ class FaithfulnessEnsemble(GradientAttribution):
         self.objective = check_choice("objective", objective, OBJECTIVES)
         self.levels = quantile_levels(quantiles)
         self.n_iter = check_int("n_iter", n_iter, minimum=1)
-        self.lr = _check_finite_float("lr", lr, low=0.0, low_inclusive=False)
+        self.lr = check_float("lr", lr, low=0.0, low_inclusive=False, finite=True)
         if area_weight is None:
             area_weight = DEFAULT_AREA_WEIGHT
-        self.area_weight = _check_finite_float("area_weight", area_weight, low=0.0)
+        self.area_weight = check_float("area_weight", area_weight, low=0.0, finite=True)
         self.maps = check_choice("maps", maps, MAP_KINDS)
         self.map_stride = check_int("map_stride", map_stride, minimum=1)
         self.model: nn.Module | None = None
@@ -473,6 +473,8 @@ class FaithfulnessEnsemble(GradientAttribution):
         xs = self._check_images(xs)
         n = xs[0].shape[0]
         format_target(target, n)
+        check_bool("return_quantile_maps", return_quantile_maps)
+        check_bool("show_progress", show_progress)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"`generator` must be a torch.Generator, got {type(generator).__name__}"
@@ -627,13 +629,6 @@ class FaithfulnessEnsemble(GradientAttribution):
         if baselines is None:
             return tuple(monochrome_reference(x, generator) for x in xs)
         return format_baselines(baselines, xs)
-
-
-def _check_finite_float(name: str, value: Any, **bounds: Any) -> float:
-    value = check_float(name, value, **bounds)
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}")
-    return value
 
 
 def _group_maps(mask: Any, x: Tensor) -> GroupMaps:
