@@ -202,3 +202,55 @@ def test_insertion_activation_deviation_rounds_exact_halves_to_even():
     torch.testing.assert_close(
         result["cosine"], torch.full((2,), cosine), atol=1e-6, rtol=0
     )
+
+
+def test_eager_attention_is_restored_when_the_forward_raises():
+    """``layers="attention"`` switches the ViT to eager attention for the call; a
+    forward that raises under it leaves the model as it was, for
+    ``activation_deviation``, ``insertion_activation_deviation`` and
+    ``blank_image_diagnostic``."""
+    pytest.importorskip("transformers")
+    from tiny_vits import hf_vit, images
+
+    from captum_faithful._layers import select_places
+    from captum_faithful.attr import blank_image_diagnostic
+    from captum_faithful.metrics import insertion_activation_deviation
+
+    model = hf_vit().model
+    before = model.config._attn_implementation
+    assert before != "eager"
+    seen = []
+
+    def fail(module, args):  # the first forward with eager attention raises
+        seen.append(model.config._attn_implementation)
+        if seen[-1] == "eager":
+            raise RuntimeError("block 0 failed")
+
+    x = images(2)
+    calls = {
+        "activation_deviation": lambda: activation_deviation(
+            model, "attention", x, x.flip(0)
+        ),
+        "insertion_activation_deviation": lambda: insertion_activation_deviation(
+            model, "attention", x, torch.rand(x.shape), baselines=0.0, n_steps=2
+        ),
+        "blank_image_diagnostic": lambda: blank_image_diagnostic(
+            model,
+            torch.full_like(x, 0.5),
+            clips=["vm"],
+            layers="attention",
+            deviation_layers="attention",
+            n_iter=1,
+        ),
+    }
+    first_block = select_places(model, "blocks")[0].module
+    handle = first_block.register_forward_pre_hook(fail)
+    try:
+        for name, call in calls.items():
+            seen.clear()
+            with pytest.raises(RuntimeError, match="block 0 failed"):
+                call()
+            assert seen[-1] == "eager", name
+            assert model.config._attn_implementation == before, name
+    finally:
+        handle.remove()
