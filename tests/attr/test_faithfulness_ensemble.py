@@ -726,8 +726,11 @@ def test_fei_none_beats_random_and_integrated_gradients_on_insertion(trained):
     """FEI (none) optimises the insertion game, so on its own reference it must beat
     a random ranking and Captum's IG as a pipeline runs it (zero baseline).
 
-    Measured insertion AUC on the trained 4-conv CNN, training seeds 0-5 with
-    OMP_NUM_THREADS=1 and 2 (this fixture: seed 0): (filled in).
+    Measured on the trained 4-conv CNN (8 images, this fixture's recipe), FEI - random
+    and FEI - IG insertion AUC: OMP_NUM_THREADS=1, training seeds 0-5: 0.279 /
+    0.294, 0.416 / 0.460, 0.257 / 0.457, 0.347 / 0.415, 0.156 / 0.173, 0.235 / 0.235;
+    OMP_NUM_THREADS=2, seeds 0-1: 0.318 / 0.338, 0.375 / 0.462 (this fixture: seed 0).
+    The smallest gap, 0.156, is above the asserted 0.1.
     """
     from captum.attr import IntegratedGradients
 
