@@ -202,7 +202,7 @@ class ClipGrad:
             # activation can overwrite the output), in as few passes as possible.
             head = output.detach()[:n]
             if self.rule == "vm":
-                state = head - h
+                state = (head - h).sign_()
             elif self.rule == "ivm":
                 state = head >= h
             elif self.rule == "avm":
@@ -219,8 +219,9 @@ class ClipGrad:
         def grad_hook(grad: Tensor) -> Tensor:
             head = grad[:n]
             if rule == "vm":
-                # zeroes g d < 0, d = 0 (and g = 0, which changes nothing)
-                head = torch.where(head * state > 0, head, 0.0)
+                # state = sign(d): max(g s, 0) s is g where g d > 0 and 0 where
+                # g d < 0 or d = 0 (one buffer, no boolean mask)
+                head = (head * state).clamp_(min=0).mul_(state)
             elif rule == "ivm":  # g < 0 and d >= 0
                 head = head.masked_fill((head < 0) & state, 0.0)
             elif rule == "avm":  # g > 0 and d <= 0
