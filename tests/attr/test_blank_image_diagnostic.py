@@ -113,9 +113,10 @@ def test_blank_image_diagnostic_vm_finds_less_evidence_than_none():
 
     ``AlternativePathway`` is constructed, not trained, so the effect does not depend
     on the CPU. Per-pixel maps (smooth maps cannot draw the pathway's pixel-scale
-    pattern: with them the gap is 0.010-0.026). Measured mean probability along the hard insertion curve, none - vm,
-    for blank-image seeds 0-3 (this test: seed 0), identical with OMP_NUM_THREADS=1
-    and 2: 0.191, 0.121, 0.185, 0.177 (none 0.74-0.87, vm 0.62-0.70).
+    pattern: with them the gap is 0.010-0.026). Measured mean probability along the
+    hard insertion curve, none - vm, for blank-image seeds 0-3 (this test: seed 0),
+    identical with OMP_NUM_THREADS=1 and 2: 0.191, 0.121, 0.185, 0.177 (none
+    0.74-0.87, vm 0.62-0.70).
     """
     report = blank_image_diagnostic(
         AlternativePathway(),

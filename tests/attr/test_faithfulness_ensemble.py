@@ -397,16 +397,19 @@ def test_model_untouched_when_the_forward_raises():
 
 def test_samples_are_optimised_independently(cnn):
     """A sample's maps do not depend on the rest of the batch, nor does its default
-    reference (same generator)."""
-    x = torch.rand(3, 3, 8, 8)
-    fei = FaithfulnessEnsemble(cnn, n_iter=5, maps="pixel")
-    together = fei.attribute(
-        x, target=[0, 1, 2], generator=torch.Generator().manual_seed(2)
-    )
-    alone = fei.attribute(
-        x[1:2], target=[1], generator=torch.Generator().manual_seed(2)
-    )
-    assert torch.allclose(together[1:2], alone, atol=1e-5)
+    reference: the same image alone and inside a batch of 16 (same generator) gets
+    the same map."""
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    target = [i % 6 for i in range(16)]
+    for maps in ("pixel", "smooth"):
+        fei = FaithfulnessEnsemble(cnn, n_iter=5, maps=maps)
+        together = fei.attribute(
+            x, target=target, generator=torch.Generator().manual_seed(2)
+        )
+        alone = fei.attribute(
+            x[5:6], target=[target[5]], generator=torch.Generator().manual_seed(2)
+        )
+        assert torch.allclose(together[5:6], alone, atol=1e-5), maps
 
 
 def test_additional_forward_args_follow_their_sample():
