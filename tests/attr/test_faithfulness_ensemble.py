@@ -732,8 +732,9 @@ def test_fei_none_beats_random_and_integrated_gradients_on_insertion(trained):
     Measured on the trained 4-conv CNN (8 images, this fixture's recipe), FEI - random
     and FEI - IG insertion AUC: OMP_NUM_THREADS=1, training seeds 0-5: 0.279 /
     0.294, 0.416 / 0.460, 0.257 / 0.457, 0.347 / 0.415, 0.156 / 0.173, 0.235 / 0.235;
-    OMP_NUM_THREADS=2, seeds 0-1: 0.318 / 0.338, 0.375 / 0.462 (this fixture: seed 0).
-    The smallest gap, 0.156, is above the asserted 0.1.
+    OMP_NUM_THREADS=2, seeds 0-5: 0.318 / 0.338, 0.375 / 0.462, 0.183 / 0.426, 0.303
+    / 0.375, 0.114 / 0.191, 0.223 / 0.298 (this fixture: seed 0). The thresholds are
+    about half the smallest gaps (0.114 and 0.173).
     """
     from captum.attr import IntegratedGradients
 
@@ -758,5 +759,5 @@ def test_fei_none_beats_random_and_integrated_gradients_on_insertion(trained):
         )
         for name, attr in attributions.items()
     }
-    assert scores["fei"] > scores["random"] + 0.1, scores
-    assert scores["fei"] > scores["ig"] + 0.1, scores
+    assert scores["fei"] > scores["random"] + 0.05, scores
+    assert scores["fei"] > scores["ig"] + 0.08, scores
