@@ -144,6 +144,10 @@ PROBES = {
         "epsilon": EPSILON,
         "distances": distances.tolist(),
         "relative_gap": relative_gap,
+        "path_length": {
+            "Layer IG ([PAD])": (h - h_pad).flatten(1).norm(dim=1).mean().item(),
+            "Layer UNI": (h - h_uni).flatten(1).norm(dim=1).mean().item(),
+        },
         "chance": chance,
         "evidence_share": evidence_share,
         "counter_negative": counter_negative,
@@ -418,7 +422,8 @@ def _check_text(values: dict) -> None:
         assert math.isclose(distance, values["epsilon"], rel_tol=1e-3)
     lig, uni = "Layer IG ([PAD])", "Layer UNI"
     # "Layer UNI's gap is a small fraction of the logit change ...; Layer IG's is
-    # larger with the same 50 points"
+    # larger with the same 50 points: its path from the [PAD] review is long"
+    assert values["path_length"][lig] > 3 * values["path_length"][uni]
     assert values["relative_gap"][uni] < 0.05
     assert values["relative_gap"][lig] > 2 * values["relative_gap"][uni]
     # "both put their positive attribution on the evidence words at more than twice
