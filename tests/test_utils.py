@@ -50,7 +50,7 @@ def test_resolve_model_requires_a_module(cnn):
 def test_preserve_model_state_restores_after_exception(cnn):
     cnn[0].weight.requires_grad_(False)
     snapshot = ModelSnapshot.take(cnn)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with preserve_model_state(cnn):
             cnn.train()
             for p in cnn.parameters():

@@ -20,6 +20,7 @@ def test_demo_is_the_default_job():
     assert set(args.methods) == set(METHODS)
 
 
+@pytest.mark.slow  # trains the quick demo (once per session)
 def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     out = tmp_path / "report"
     code = main(

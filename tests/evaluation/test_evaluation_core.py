@@ -215,7 +215,7 @@ def test_torn_temporary_file_is_not_trusted(tmp_path):
     reference = _reference(tmp_path)
     out = tmp_path / "run"
     model = fx.model()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="injected failure"):
         evaluate(
             model,
             fx.loader(),
