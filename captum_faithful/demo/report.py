@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from captum_faithful._files import atomic_write
 from captum_faithful._utils import optional_import
 
 REPORT_NAME = "report.md"
@@ -217,20 +216,6 @@ def render_figure(outcome: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def write_outputs(outcome: Any) -> dict[str, Path]:
     """Render the report, figure and CSV, then write them; print the table."""
     out = outcome.settings.out
@@ -248,9 +233,9 @@ def write_outputs(outcome: Any) -> dict[str, Path]:
         "figure": out / FIGURE_NAME,
         "csv": out / CSV_NAME,
     }
-    _write_atomically(files["csv"], csv)
-    _write_atomically(files["figure"], figure)
-    _write_atomically(files["report"], report)
+    atomic_write(files["csv"], csv)
+    atomic_write(files["figure"], figure)
+    atomic_write(files["report"], report)
     header, rows = summary_table(outcome)
     print(plain_table(header, rows), file=sys.stdout, flush=True)
     return files

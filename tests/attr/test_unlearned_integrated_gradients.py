@@ -681,21 +681,39 @@ def test_bad_hyperparameters_raise(cnn, kwargs, name):
         UnlearnedIntegratedGradients(cnn, **kwargs)
 
 
-def test_forward_without_parameters_needs_a_model(cnn):
-    with pytest.raises(TypeError, match="model"):
-        UnlearnedIntegratedGradients(lambda x: cnn(x))
-    with pytest.raises(ValueError, match="parameters"):
-        UnlearnedIntegratedGradients(nn.Flatten())
-    with pytest.raises(ValueError, match="parameters"):
-        UnlearnedIntegratedGradients(lambda x: cnn(x), model=nn.ReLU())
+def test_parameters_are_needed_only_to_learn_baselines(cnn, images):
+    """Explicit baselines are used as given, so a forward function without
+    parameters works, as with Captum's IntegratedGradients; learning baselines
+    asks for the module that holds the parameters."""
+    x = images[:2]
+    explicit = UnlearnedIntegratedGradients(lambda t: cnn(t)).attribute(
+        x, baselines=0.0, target=1
+    )
+    assert torch.equal(
+        explicit, UnlearnedIntegratedGradients(cnn).attribute(x, 0.0, target=1)
+    )
+    UnlearnedIntegratedGradients(nn.Flatten()).attribute(x, baselines=0.0, target=1)
+    for uni in (
+        UnlearnedIntegratedGradients(lambda t: cnn(t)),
+        UnlearnedIntegratedGradients(nn.Flatten()),
+        UnlearnedIntegratedGradients(lambda t: cnn(t), model=nn.ReLU()),
+    ):
+        with pytest.raises(ValueError, match="`model=`.*`baselines`"):
+            uni.attribute(x)
     with pytest.raises(TypeError, match="model"):
         UnlearnedIntegratedGradients(cnn, model="cnn")
 
 
-def test_output_must_be_class_logits(images):
+def test_learned_baselines_need_several_classes(images):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1), nn.Flatten(0))
-    with pytest.raises(ValueError, match="n_classes"):
+    with pytest.raises(ValueError, match="1 score per sample"):
         UnlearnedIntegratedGradients(model).attribute(images)
+    # explicit baselines: one score per sample is what Captum's IG explains
+    uni = UnlearnedIntegratedGradients(model).attribute(images, baselines=0.0)
+    expected = IntegratedGradients(model).attribute(
+        images, baselines=0.0, n_steps=15, method="riemann_right"
+    )
+    torch.testing.assert_close(uni, expected)
 
 
 def test_captum_attribution_interface(cnn):

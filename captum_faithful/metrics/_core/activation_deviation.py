@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_faithful._arguments import format_additional_forward_args, select_rows
 from captum_faithful._compat import (
     _format_additional_forward_args,
     _format_tensor_into_tuples,
@@ -18,10 +18,10 @@ from captum_faithful._utils import check_finite, check_int, preserve_model_state
 from captum_faithful.metrics._core.insertion_deletion import feature_counts
 from captum_faithful.metrics._utils import (
     build_perturbed_inputs,
+    cosine_similarity,
     feature_scores,
     prepare_metric_inputs,
     rank_features,
-    select_additional_forward_args,
 )
 
 
@@ -164,6 +164,7 @@ def insertion_activation_deviation(
         inputs, attributions, baselines, feature_mask, None, max_examples_per_batch
     )
     n, steps = setup.n_examples, n_steps + 1
+    additional_forward_args = format_additional_forward_args(additional_forward_args, n)
     with preserve_model_state(model), torch.no_grad():
         ranks = rank_features(
             feature_scores(
@@ -181,7 +182,7 @@ def insertion_activation_deviation(
                     model,
                     tuple(x[samples.to(x.device)] for x in setup.inputs),
                     None,
-                    select_additional_forward_args(additional_forward_args, samples, n),
+                    select_rows(additional_forward_args, samples),
                 )
             for store, calls in zip(clean, records, strict=True):
                 store.append(calls)
@@ -196,7 +197,7 @@ def insertion_activation_deviation(
                     model,
                     build_perturbed_inputs(setup, samples, take),
                     None,
-                    select_additional_forward_args(additional_forward_args, samples, n),
+                    select_rows(additional_forward_args, samples),
                 )
             values = deviation_from_records(clean, records, samples)
             mse.append(values["mse"])
@@ -227,13 +228,6 @@ def deviation_from_records(
                 h = h.index_select(0, rows.to(h.device))
             h, h_tilde = h.flatten(1).double(), h_tilde.flatten(1).double()
             mse = mse + ((h_tilde - h) ** 2).mean(dim=1)
-            cosine = cosine + _cosine(h, h_tilde)
+            cosine = cosine + cosine_similarity(h, h_tilde)
             count += 1
     return {"mse": (mse / count).float(), "cosine": (cosine / count).float()}
-
-
-def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    norm_a, norm_b = a.norm(dim=1), b.norm(dim=1)
-    both_zero = (norm_a == 0) & (norm_b == 0)
-    value = F.cosine_similarity(a, b, dim=1, eps=1e-12)
-    return torch.where(both_zero, torch.ones_like(value), value)

@@ -276,8 +276,10 @@ def test_bad_input(bert, batch):
     forward = forward_of(bert)
     with pytest.raises(TypeError, match="layer"):
         LayerUnlearnedIntegratedGradients(forward, "embeddings", model=bert)
-    with pytest.raises(TypeError, match="model"):
-        LayerUnlearnedIntegratedGradients(forward, bert.bert.embeddings)
+    with pytest.raises(ValueError, match="model="):
+        LayerUnlearnedIntegratedGradients(forward, bert.bert.embeddings).attribute(
+            ids, additional_forward_args=(mask,)
+        )
     with pytest.raises(ValueError, match="epsilon"):
         LayerUnlearnedIntegratedGradients(
             forward, bert.bert.embeddings, model=bert, epsilon=0
