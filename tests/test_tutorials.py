@@ -391,15 +391,16 @@ def _check_text(values: dict) -> None:
     """Tutorial 5 (Layer UNI and Layer IG on a transformer trained in the notebook).
 
     Measured by running the notebook with the data and training seeds 0-7 (seed 0 is
-    the stored one; 1 and 2 threads gave the same numbers for seed 0), as
+    the stored one; 1 and 2 threads gave the same numbers for seed 0), as the
     smallest margin over the seeds: test accuracy >= 0.98; mean p(class) drop with
     the defaults <= 0.026; at eta = 0.3 no baseline above its review and path
     monotonicity 1.000 for every eps; the drop at eps = 1 <= 0.185 and at eps = 3
-    >= 0.423; Layer UNI's completeness gap <= 0.012, Layer IG's >= 0.080; evidence
-    share - 2 x chance >= 0.081 (Layer IG) and >= 0.130 (Layer UNI); counter-evidence
-    scored negative by Layer IG >= 0.67; tokens scored positive by Layer UNI 1.000;
-    least monotone Layer IG path <= 0.12; random-order deletion AUC - method's >=
-    0.049 (Layer IG) and >= 0.035 (Layer UNI).
+    >= 0.423; Layer UNI's completeness gap <= 0.012, Layer IG's >= 0.080 (its path
+    >= 20.3 long against eps = 3); evidence share - 2 x chance >= 0.081 (Layer IG)
+    and >= 0.130 (Layer UNI); counter-evidence scored negative by Layer IG >= 0.67;
+    tokens scored positive by Layer UNI 1.000; least monotone Layer IG path <= 0.12;
+    random-order deletion AUC - method's >= 0.049 (Layer IG) and >= 0.035 (Layer
+    UNI).
     """
     # "the classifier learns the task"
     assert values["test_accuracy"] > 0.9
