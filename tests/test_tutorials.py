@@ -79,6 +79,20 @@ LOCAL_PATH = re.compile(r"(/home/|/Users/|/tmp/|/work/|/root/|site-packages|\.ve
 
 # Per notebook: a Python expression evaluated in the kernel after the last cell. It
 # reads the notebook's own variables; the result must be JSON-serialisable.
+# PROBE_SETUP holds statements run before it (independent recomputations).
+PROBE_SETUP = {
+    # SaCo of a method on the validation images for their predicted classes, with one
+    # feature per patch: what select_gating says it scores, computed directly.
+    "3_feature_gated_transmm.ipynb": """
+with torch.no_grad():
+    _predicted = vit(pixel_values=validation).logits.argmax(1)
+def _validation_saco(method):
+    return saco(vit, validation, method.attribute(validation, target=_predicted),
+                target=_predicted,
+                feature_mask=patch_mask(validation, vit.config.patch_size)
+                ).nanmean().item()
+""",
+}
 PROBES = {
     "1_uni_vs_integrated_gradients.ipynb": """{
         "quick": QUICK,
@@ -115,6 +129,19 @@ PROBES = {
         "insertion": {k: v.tolist() for k, v in insertion.items()},
         "deletion": {k: v.tolist() for k, v in deletion.items()},
         "evidence_share": {k: v.tolist() for k, v in evidence.items()},
+        "selection": {
+            "first_method": selection.table["method"].iloc[0],
+            "score": selection.score,
+            "baseline_score": selection.baseline_score,
+            "gated_means": selection.table["mean"].iloc[1:].tolist(),
+            "configurations": [
+                [list(row.layers), row.variant, row.kappa, row.c_max]
+                for row in selection.table.iloc[1:].itertuples()
+            ],
+            "chosen_direct": _validation_saco(selected),
+            "transmm_direct": _validation_saco(transmm),
+        },
+        "test_saco": {k: v.tolist() for k, v in test_saco.items()},
         "hub": hub_checks,
     }""",
     "4_evaluating_faithfulness.ipynb": """{
@@ -212,6 +239,7 @@ def _execute(name: str, workdir: Path) -> tuple[dict, dict]:
     probe_output = workdir / f"probe_{name}.txt"
     probe = (
         "import json as _json, sys as _sys, time as _time\n"
+        f"{PROBE_SETUP.get(name, '').strip()}\n"
         f"_values = {PROBES[name].strip()}\n"
         "_values['python'] = _sys.executable\n"
         "_values['cpu_seconds'] = _time.process_time()\n"
@@ -308,6 +336,8 @@ def _check_fei(values: dict) -> None:
     assert deviation["vm"] < 0.85 * deviation["none"]
     # "On blank images the unconstrained game manufactures evidence; the "vm" rule
     # finds much less of it, and "ibm" less."
+    # (manufactured evidence: on the curve, at least three times the chance level of
+    # the ten classes)
     assert blank["none"] > 0.3
     assert blank["vm"] < 0.5 * blank["none"]
     assert blank["ibm"] < 0.8 * blank["none"]
@@ -336,6 +366,32 @@ def _check_transmm(values: dict) -> None:
     assert insertion["TransMM"] > insertion["Random"] + 0.08
     assert deletion["TransMM"] < deletion["Random"] - 0.08
     assert share["TransMM"] > share["Random"] + 0.18
+    # "every configuration ... a metric scores it, and the configuration with the best
+    # mean wins. The table's first row is TransMM, scored the same way": the winner
+    # is the best gated mean, and both its score and TransMM's equal SaCo computed
+    # directly on the validation images.
+    selection = values["selection"]
+    assert selection["first_method"] == "transmm"
+    blocks = values["sae_layers"]
+    layer_sets = [[b] for b in blocks] + [blocks]
+    expected = [
+        [layers, variant, kappa, 10.0]
+        for layers in layer_sets
+        for variant in ("combined", "activation")
+        for kappa in (0.5, 1.0)
+    ]
+    assert sorted(map(str, selection["configurations"])) == sorted(map(str, expected))
+    assert selection["score"] == max(m for m in selection["gated_means"] if m == m)
+    assert math.isclose(selection["chosen_direct"], selection["score"], abs_tol=1e-4)
+    assert math.isclose(
+        selection["transmm_direct"], selection["baseline_score"], abs_tol=1e-4
+    )
+    # "scored once on the test images, next to TransMM and to ... a shuffled decoder":
+    # one SaCo per test image for each
+    test_saco = values["test_saco"]
+    assert set(test_saco) == {"TransMM", "chosen gating", "shuffled control"}
+    n_test = len(values["insertion"]["TransMM"])
+    assert all(len(v) == n_test for v in test_saco.values())
     # "The round trip changes nothing: the processor reproduces the images up to
     # 8-bit rounding, and the loaded model, SAEs and explanations equal the originals"
     hub = values["hub"]
