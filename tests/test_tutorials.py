@@ -281,17 +281,18 @@ def _mean(values) -> float:
 
 
 # The first four notebooks run on the quick demo trained in the session. Their
-# margins were measured by running each notebook on the quick recipe trained with
-# seeds 0-3 (one thread; seed 0 is the stored run); each docstring gives the smallest
-# effect over those seeds, and each threshold is at most half of it.
+# margins were measured by running each notebook on the quick recipe (recipe version
+# 4: the 4-block ViT with 32x SAEs on blocks 0-2) trained with seeds 0-3 on one
+# thread (seed 0 is the stored run); each docstring gives the smallest effect over
+# those seeds, and each threshold is at most half of it.
 
 
 def _check_uni(values: dict) -> None:
     """Tutorial 1. Measured (seeds 0-3): min over images of p(class | x) - p(class |
-    UNI baseline) >= 0.064, mean drop >= 0.202; static baselines >= 4.89 from x;
-    max(p(class | black), p(class | blur)) <= 0.134 against p(class | UNI) >= 0.576;
-    completeness gap / logit change <= 0.0146; UNI path monotonicity 1.000 (black
-    <= 0.9915); evidence shares >= 0.619."""
+    UNI baseline) >= 0.019, mean drop >= 0.225; static baselines >= 4.61 from x;
+    p(class | UNI) - max(p(class | black), p(class | blur)) >= 0.209 (the static
+    ones <= 0.126, UNI >= 0.318); completeness gap / logit change <= 0.0117; UNI path
+    monotonicity 1.000 (black between 0.935 and 0.999); evidence shares >= 0.595."""
     # Algorithm 1 projects every learned baseline onto the sphere ||x' - x|| = eps.
     for distance in values["baseline_distances"]["uni"]:
         assert math.isclose(distance, values["epsilon"], rel_tol=1e-3)
@@ -304,10 +305,10 @@ def _check_uni(values: dict) -> None:
     for p_input, p_uni in zip(
         values["p_class"]["input"], values["p_class"]["uni"], strict=True
     ):
-        assert p_uni < p_input - 0.03
+        assert p_uni < p_input - 0.009
     assert p["input"] - p["uni"] > 0.1
     # "The black and blurred images lose more of the class"
-    assert max(p["black"], p["blur"]) < p["uni"] - 0.2
+    assert max(p["black"], p["blur"]) < p["uni"] - 0.1
     # "15 steps are enough": the completeness gap is a few percent of the change.
     assert values["relative_delta"] < 0.05
     assert values["noise_tunnel_shape"] == values["input_shape"]
@@ -323,9 +324,13 @@ def _check_uni(values: dict) -> None:
 
 
 def _check_fei(values: dict) -> None:
-    """Tutorial 2. Measured (seeds 0-3): |coverage - level| <= 0.020; activation MSE
-    vm / none <= 0.71; on blank images p(class) with none >= 0.553, vm / none <=
-    0.34, ibm / none <= 0.59."""
+    """Tutorial 2. Each threshold states a claim of the prose (a direction with a
+    margin), not an FEI number: a better optimiser that keeps the claims passes.
+    Measured with FEI's defaults of recipe version 3's quick models (seeds 0-3):
+    |coverage - level| <= 0.020; activation MSE vm / none <= 0.71; on blank images
+    p(class) with none >= 0.553, vm / none <= 0.34, ibm / none <= 0.59; on recipe
+    version 4 (seed 0): 0.015, 0.66, 0.623, 0.25, 0.35. Re-measure the margins
+    when FEI's defaults change."""
     assert values["nested"], "quantile maps must be nested, a_1 <= ... <= a_K"
     # "pinned to their coverage by the sorted-area term"
     for level, coverage in zip(values["levels"], values["coverage"], strict=True):
@@ -348,8 +353,9 @@ def _check_fei(values: dict) -> None:
 
 def _check_transmm(values: dict) -> None:
     """Tutorial 3. Measured (seeds 0-3, 32 images): TransMM's insertion AUC above the
-    random patch order's by >= 0.165, its deletion AUC below by >= 0.173, its
-    evidence share above by >= 0.371."""
+    random patch order's by >= 0.158, its deletion AUC below by >= 0.126, its
+    evidence share above by >= 0.329; select_gating's winner and TransMM scores
+    equal the direct SaCo computation exactly (difference 0.0 on every seed)."""
     # c_max = 1 gives unit gates: Feature-Gated TransMM equals TransMM.
     assert values["cmax1_equals_transmm"]
     gates = values["gate_range"]
@@ -363,9 +369,9 @@ def _check_transmm(values: dict) -> None:
     share = {k: _mean(v) for k, v in values["evidence_share"].items()}
     # "TransMM beats the random order on both curves and puts more of its relevance
     # into the digit's block"
-    assert insertion["TransMM"] > insertion["Random"] + 0.08
-    assert deletion["TransMM"] < deletion["Random"] - 0.08
-    assert share["TransMM"] > share["Random"] + 0.18
+    assert insertion["TransMM"] > insertion["Random"] + 0.075
+    assert deletion["TransMM"] < deletion["Random"] - 0.06
+    assert share["TransMM"] > share["Random"] + 0.16
     # "every configuration ... a metric scores it, and the configuration with the best
     # mean wins. The table's first row is TransMM, scored the same way": the winner
     # is the best gated mean, and both its score and TransMM's equal SaCo computed
@@ -401,9 +407,10 @@ def _check_transmm(values: dict) -> None:
 
 def _check_evaluation(values: dict) -> None:
     """Tutorial 4. Measured (seeds 0-3, 8 images): IG (blur)'s insertion AUC above
-    every other method's by >= 0.106; UNI's and IG (blur)'s insertion above the
-    random map's by >= 0.255, deletion below by >= 0.040; similarity after every
-    layer is randomised |rho| <= 0.097."""
+    every other method's by >= 0.178; UNI's and IG (blur)'s insertion above the
+    random map's by >= 0.176, deletion below by >= 0.019 (UNI, seed 1; 0.027 for IG
+    (blur)): the deletion claim is the weaker one; similarity after every layer is
+    randomised |rho| <= 0.097; evaluate's means equal the direct calls exactly."""
     assert {
         "insertion_auc",
         "deletion_auc",
@@ -419,11 +426,11 @@ def _check_evaluation(values: dict) -> None:
     ig_blur = table["IG (blur)"]["insertion_auc"]
     others = [row["insertion_auc"] for n, row in table.items() if n != "IG (blur)"]
     assert ig_blur > max(others) + 0.05
-    # "UNI and IG from a blurred image beat [the random map] on both insertion and
-    # deletion"
+    # "UNI and IG from a blurred image beat [the random map] on insertion by a wide
+    # margin and on deletion too"
     for name in ("UNI", "IG (blur)"):
-        assert table[name]["insertion_auc"] > table["Random"]["insertion_auc"] + 0.1
-        assert table[name]["deletion_auc"] < table["Random"]["deletion_auc"] - 0.02
+        assert table[name]["insertion_auc"] > table["Random"]["insertion_auc"] + 0.08
+        assert table[name]["deletion_auc"] < table["Random"]["deletion_auc"] - 0.009
     # "After every layer is randomised, the similarity of each method's map to its
     # original is near zero"
     for name, row in table.items():
@@ -535,6 +542,7 @@ def test_tutorials_are_listed(name):
 
 
 @pytest.mark.slow  # executes the notebook (the first four on the quick demo)
+@pytest.mark.trained  # asserts effects of the quick demo and the text model
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_tutorial_executes(name, request, tmp_path):
     if name in USES_DEMO:
