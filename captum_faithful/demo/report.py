@@ -18,7 +18,12 @@ import torch
 from captum_faithful._files import atomic_write
 from captum_faithful._utils import optional_import
 from captum_faithful.demo.gating import C_MAXS, KAPPAS, STAGE_ONE_C_MAX, STAGE_ONE_KAPPA
-from captum_faithful.demo.registry import METHODS, METRIC_INFO, comparisons
+from captum_faithful.demo.registry import (
+    METHODS,
+    METRIC_INFO,
+    SHUFFLED_VARIANT,
+    comparisons,
+)
 
 REPORT_NAME = "report.md"
 FIGURE_NAME = "attributions.png"
@@ -255,7 +260,8 @@ def gating_section(outcome: Any) -> list[str]:
         f"κ ∈ {{{', '.join(f'{k:g}' for k in KAPPAS)}}} × c_max ∈ "
         f"{{{', '.join(f'{c:g}' for c in C_MAXS)}}} on the best layers and variant of "
         "stage 1. The test images were then scored once with the choice; the "
-        "shuffled control and the three variants use the same layers, κ and c_max.",
+        "three variants and the shuffled-decoder control use the same layers, κ "
+        "and c_max.",
         "",
         f"**Chosen: blocks {list(chosen.layers)}, κ = {chosen.kappa:g}, c_max = "
         f"{chosen.c_max:g}, variant {chosen.variant}**, the highest validation "
@@ -264,13 +270,7 @@ def gating_section(outcome: Any) -> list[str]:
         f"({_percent(improvement)}).",
         "",
     ]
-    if chosen.variant != "combined":
-        lines += [
-            f"The {chosen.variant} score does not pair SAE features with decoder "
-            "rows, so the shuffled-decoder control computes exactly what "
-            "FG-TransMM computes (the thesis's control tests the combined score).",
-            "",
-        ]
+    lines += _control_note(chosen.variant)
     rows = []
     for row in table.itertuples(index=False):
         gated = row.method != "transmm"
@@ -296,6 +296,31 @@ def gating_section(outcome: Any) -> list[str]:
         "</details>",
     ]
     return lines
+
+
+def _control_note(variant: str) -> list[str]:
+    """What the shuffled-decoder control tests, for the chosen ``variant``."""
+    note = (
+        f"The shuffled-decoder control permutes the rows of every SAE decoder, which "
+        f"breaks the pairing of each feature's activation with its own decoder row "
+        f"while keeping the activations, the reconstructions and the set of decoder "
+        f"directions. Only the {SHUFFLED_VARIANT} score reads that pairing, so the "
+        f"control is FG-TransMM {SHUFFLED_VARIANT} with shuffled decoders, compared "
+        f"with FG-TransMM {SHUFFLED_VARIANT} at the same configuration (as in the "
+        "thesis)."
+    )
+    if variant != SHUFFLED_VARIANT:
+        note += (
+            f" The chosen {variant} score has no shuffled control: "
+            + (
+                "it never reads the decoder"
+                if variant == "activation"
+                else "it sums over all decoder rows, in any order"
+            )
+            + ", so with shuffled decoders it computes exactly what it computes "
+            "with the real ones."
+        )
+    return [note, ""]
 
 
 def render_figure(outcome: Any) -> bytes:
