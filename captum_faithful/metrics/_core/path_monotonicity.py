@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_faithful._compat import _format_additional_forward_args
-from captum_faithful._utils import check_int, resolve_targets, run_forward
+from captum_faithful._utils import check_int, resolve_targets
 from captum_faithful.metrics._utils import (
     check_target_form,
+    chunked_outputs,
     chunked_target_scores,
     format_inputs,
     resolve_baselines,
@@ -95,10 +95,8 @@ def path_monotonicity(
     check_target_form(target, n_examples)
     with torch.no_grad():
         starts = resolve_baselines(baselines, formatted)
-        output = run_forward(
-            forward_func,
-            formatted,
-            _format_additional_forward_args(additional_forward_args),
+        output = chunked_outputs(
+            forward_func, formatted, additional_forward_args, chunk_size
         )
         classes = resolve_targets(output, target)
         device = formatted[0].device
