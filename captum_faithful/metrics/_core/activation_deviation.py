@@ -8,11 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_faithful._compat import (
-    _format_additional_forward_args,
-    _format_tensor_into_tuples,
-    _run_forward,
-)
+from captum_faithful._compat import _format_tensor_into_tuples, _run_forward
 from captum_faithful._layers import LayerSpec, record_activations, select_layers
 from captum_faithful._utils import check_finite, check_int, preserve_model_state
 from captum_faithful.metrics._core.insertion_deletion import feature_counts
@@ -21,6 +17,7 @@ from captum_faithful.metrics._utils import (
     feature_scores,
     prepare_metric_inputs,
     rank_features,
+    resolve_chunk_size,
     select_additional_forward_args,
 )
 
@@ -31,6 +28,7 @@ def activation_deviation(
     inputs: Tensor | tuple[Tensor, ...],
     perturbed_inputs: Tensor | tuple[Tensor, ...],
     additional_forward_args: Any = None,
+    max_examples_per_batch: int | None = None,
 ) -> dict[str, Tensor]:
     r"""How far a perturbation moves the model's internal activations.
 
@@ -48,8 +46,10 @@ def activation_deviation(
         \rangle}{\lVert h_\ell(\tilde x_i) \rVert \, \lVert h_\ell(x_i) \rVert}
 
     Two all-zero activations count as identical (cosine 1); one all-zero activation
-    against a non-zero one has cosine 0. Runs under ``torch.no_grad()``; the model's
-    modes, flags and hooks are left as they were.
+    against a non-zero one has cosine 0. Runs under ``torch.no_grad()``, on
+    ``max_examples_per_batch`` samples at a time (the activations of the selected
+    layers are held for one chunk only); the model's modes, flags and hooks are left
+    as they were.
 
     Args:
 
@@ -61,8 +61,12 @@ def activation_deviation(
         inputs (Tensor or tuple[Tensor, ...]): clean inputs, batch size N.
         perturbed_inputs (Tensor or tuple[Tensor, ...]): perturbed inputs, same
                     shapes as ``inputs``.
-        additional_forward_args (Any, optional): passed after the inputs, unchanged,
-                    to both forwards.
+        additional_forward_args (Any, optional): passed after the inputs to both
+                    forwards; a tensor with the batch size on dim 0 follows its
+                    samples, anything else is passed as is (Captum's convention).
+                    Default: None
+        max_examples_per_batch (int, optional): samples per forward pass; None uses
+                    the metrics' default chunk size.
                     Default: None
 
     Returns:
@@ -92,13 +96,25 @@ def activation_deviation(
             f"{[tuple(t.shape) for t in perturbed]} for "
             f"{[tuple(t.shape) for t in clean]}"
         )
-    afa = _format_additional_forward_args(additional_forward_args)
+    chunk_size = resolve_chunk_size(max_examples_per_batch)
+    n = clean[0].shape[0]
+    mse, cosine = [], []
     with preserve_model_state(model), torch.no_grad():
-        with record_activations(modules) as clean_acts:
-            _run_forward(model, clean, None, afa)
-        with record_activations(modules) as perturbed_acts:
-            _run_forward(model, perturbed, None, afa)
-    return deviation_from_records(clean_acts, perturbed_acts)
+        for start in range(0, n, chunk_size):
+            samples = torch.arange(start, min(n, start + chunk_size))
+            args = select_additional_forward_args(additional_forward_args, samples, n)
+            with record_activations(modules) as clean_acts:
+                _run_forward(model, _rows(clean, start, chunk_size), None, args)
+            with record_activations(modules) as perturbed_acts:
+                _run_forward(model, _rows(perturbed, start, chunk_size), None, args)
+            values = deviation_from_records(clean_acts, perturbed_acts)
+            mse.append(values["mse"])
+            cosine.append(values["cosine"])
+    return {"mse": torch.cat(mse), "cosine": torch.cat(cosine)}
+
+
+def _rows(inputs: tuple[Tensor, ...], start: int, count: int) -> tuple[Tensor, ...]:
+    return tuple(x[start : start + count] for x in inputs)
 
 
 def insertion_activation_deviation(
