@@ -195,7 +195,7 @@ def test_activation_deviation_runs_max_examples_per_batch_samples_at_a_time():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("metric", ["activation_deviation"])
+@pytest.mark.parametrize("metric", ["activation_deviation", "insertion"])
 def test_peak_memory_is_bounded_by_the_chunk_not_the_batch(metric):
     """24 images hold no more memory than 4 at chunks of 4. Measured before the fix
     (WideConv, 3x64x64): from N=4 to N=24, activation_deviation took +956 MB (all

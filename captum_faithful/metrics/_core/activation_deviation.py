@@ -135,7 +135,7 @@ def insertion_activation_deviation(
     from the baseline, k = 0..n_steps; same ranking, tie-breaking and baselines) are
     compared with the clean input by :func:`activation_deviation`, and the values are
     averaged over the n_steps + 1 curve points. Because every attribution is scored at
-    exactly the same coverages, maps are compared at equal coverage (SPEC §4): a
+    exactly the same coverages, maps are compared at equal coverage: a
     soft map cannot look internally faithful just by keeping more of the input.
 
     .. math::
@@ -159,7 +159,9 @@ def insertion_activation_deviation(
                     Default: None
         n_steps (int, optional): curve segments (n_steps + 1 points).
                     Default: 100
-        max_examples_per_batch (int, optional): perturbed images per forward.
+        max_examples_per_batch (int, optional): curve images per forward pass;
+                    the clean activations are recorded for the samples of one such
+                    chunk at a time.
                     Default: None (the metrics' default chunk size)
 
     Returns:
@@ -189,23 +191,23 @@ def insertion_activation_deviation(
         counts = torch.tensor(
             feature_counts(setup.n_features, n_steps), device=ranks.device
         )
-        clean = [[] for _ in modules]
-        for start in range(0, n, setup.chunk_size):
-            samples = torch.arange(start, min(n, start + setup.chunk_size))
-            with record_activations(modules) as records:
-                _run_forward(
-                    model,
-                    tuple(x[samples.to(x.device)] for x in setup.inputs),
-                    None,
-                    select_additional_forward_args(additional_forward_args, samples, n),
-                )
-            for store, calls in zip(clean, records, strict=True):
-                store.append(calls)
-        clean = [[torch.cat(c) for c in zip(*chunks, strict=True)] for chunks in clean]
         mse, cosine = [], []
         for start in range(0, n * steps, setup.chunk_size):
             rows = torch.arange(start, min(n * steps, start + setup.chunk_size))
             samples, points = rows // steps, rows % steps
+            # rows are sample-major: the chunk's samples are a contiguous range,
+            # whose clean activations are recorded here (at most one chunk's worth)
+            first, last = int(samples[0]), int(samples[-1])
+            chunk_samples = torch.arange(first, last + 1)
+            with record_activations(modules) as clean:
+                _run_forward(
+                    model,
+                    _rows(setup.inputs, first, last + 1 - first),
+                    None,
+                    select_additional_forward_args(
+                        additional_forward_args, chunk_samples, n
+                    ),
+                )
             take = ranks[samples.to(ranks.device)] < counts[points].unsqueeze(1)
             with record_activations(modules) as records:
                 _run_forward(
@@ -214,7 +216,7 @@ def insertion_activation_deviation(
                     None,
                     select_additional_forward_args(additional_forward_args, samples, n),
                 )
-            values = deviation_from_records(clean, records, samples)
+            values = deviation_from_records(clean, records, samples - first)
             mse.append(values["mse"])
             cosine.append(values["cosine"])
     return {
