@@ -1,5 +1,6 @@
-# The two set-up commands of the README. Both create .venv if needed and install
-# the package with the extras they need; nothing hand-installed is assumed.
+# The two set-up commands of the README, and the documentation. Each creates .venv if
+# needed and installs the package with the extras it needs; nothing hand-installed
+# is assumed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,13 +8,19 @@ PY := $(VENV)/bin/python
 # machines can install; elsewhere override it, e.g. `make test TORCH="torch"`.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -m "not slow and not gpu"
+# Warnings are errors: CI builds the site with these options.
+SPHINXOPTS ?= -W --keep-going
 
-.PHONY: install test demo tutorials lint bench clean
+.PHONY: install test demo docs tutorials lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[all,test]"
+	touch $@
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[all,docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +31,11 @@ test: install
 demo: install
 	$(VENV)/bin/captum-faithful demo
 
+# The Sphinx site in docs/_build/html: API reference from the docstrings, the
+# tutorials with their stored outputs (not re-executed), the guides.
+docs: $(VENV)/.docs-installed
+	$(PY) -m sphinx $(SPHINXOPTS) -b html docs docs/_build/html
+
 # Re-executes the tutorials in place (stored outputs) with the quick demo models.
 tutorials: install
 	cd tutorials && PYTHONPATH=.. ../$(VENV)/bin/jupyter execute --inplace *.ipynb
@@ -33,4 +45,4 @@ lint: install
 	$(PY) -m ruff check captum_faithful tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build docs/_generated docs/api/generated docs/tutorials/notebooks

@@ -1,6 +1,6 @@
 """TransMM and FeatureGatedTransMM against one forward+backward of the model.
 
-SPEC §9: TransMM ≤ 1.5 × one forward+backward of the model; FeatureGatedTransMM
+Targets: TransMM ≤ 1.5 × one forward+backward of the model; FeatureGatedTransMM
 (SAEs on 3 layers) ≤ 1.3 × TransMM. Models are Hugging Face ViTs with random
 weights (timing does not depend on the weights): "tiny" (ViT-Ti/16-sized: hidden 192,
 12 blocks, 3 heads, 224×224) and "base" (ViT-B/16-sized: hidden 768, 12 blocks, 12

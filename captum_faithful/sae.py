@@ -52,6 +52,8 @@ import torch
 
 from captum_faithful._utils import optional_import
 
+__all__ = ["load_sae", "sae_d_in", "sae_hook_name"]
+
 
 def _is_sae(obj: Any) -> bool:
     return callable(getattr(obj, "encode", None)) and isinstance(

@@ -34,3 +34,17 @@ def test_readme_shows_the_two_setup_commands_first():
     first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
     assert first_block.splitlines()[0].startswith("make demo")
     assert first_block.splitlines()[1].startswith("make test")
+
+
+def test_readme_links_stay_inside_the_repository():
+    """Every relative link names a file of the repository; nothing points outside it."""
+    text = README.read_text()
+    targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    relative = [t for t in targets if not t.startswith(("http://", "https://"))]
+    assert "docs/hyperparameters.md" in relative and "docs/methods.md" in relative
+    root = README.parent.resolve()
+    for target in relative:
+        path = (root / target).resolve()
+        assert path.is_relative_to(root), target
+        assert path.exists(), target
+    assert "SPEC.md" not in text and "shared/" not in text

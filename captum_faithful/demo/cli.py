@@ -3,68 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-import torch
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {value}"
-        )
-    return value
-
-
-def _device(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(
-            f"unknown device {text!r}; e.g. 'cpu' or 'cuda:0'"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(
-            f"device {text!r} asked for, but CUDA is not available"
-        )
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(
-            f"unsupported device {text!r}; use 'cpu' or 'cuda[:i]'"
-        )
-    return str(device)
+from captum_faithful._cli import UsageError, device, non_negative_int, positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand (the default job) to ``subparsers``."""
     from captum_faithful.demo.job import METHODS
+    from captum_faithful.demo.models import CACHE_ENV, cache_root
 
     parser = subparsers.add_parser(
         "demo",
-        help="train tiny models on bundled data, explain and score every method, write a report",
+        help="train small models on bundled data, explain and score every method, "
+        "write a report",
         description=(
-            "Explain held-out BlockMNIST-style images (scikit-learn digits) with every "
-            "method, score every explanation with every metric, and write a Markdown "
-            "report, a PNG grid of maps and a per-image CSV. The models are trained on "
-            "first use (a few minutes on the CPU) and cached."
+            "Explain held-out BlockMNIST-style images (scikit-learn's bundled digits, "
+            "nothing is downloaded) with every method, score every explanation with "
+            "every metric, and write a Markdown report, a PNG grid of attribution "
+            "maps and a per-image CSV to --out. On first use it trains a small CNN, "
+            "a small ViT and SAEs on the CPU, which is the longest step; later runs "
+            "load them from the cache. --quick trains a shorter recipe and "
+            "evaluates 8 images instead of 100, for a first look."
+        ),
+        epilog=(
+            f"Trained models are cached in {cache_root()} (set "
+            f"${CACHE_ENV} to use another folder), one sub-folder per training "
+            "recipe and seed; delete it to retrain. Exit status: 0 done, 2 a usage "
+            "error, 1 a failure while running."
         ),
     )
     parser.add_argument(
@@ -80,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--n-images",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="number of test images (default: 100, 8 with --quick)",
     )
@@ -93,17 +59,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help=f"methods to run (default: all): {', '.join(METHODS)}",
     )
     parser.add_argument(
-        "--device", type=_device, default="cpu", help="torch device (default: cpu)"
+        "--device", type=device, default="cpu", help="torch device (default: cpu)"
     )
     parser.add_argument(
         "--seed",
-        type=_seed,
+        type=non_negative_int,
         default=0,
         help="seed of data, training and evaluation (default: 0)",
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         help="images per evaluation batch (default: 16)",
     )
@@ -113,7 +79,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the demo job with parsed arguments; 0 on success, 1 with a message if not."""
+    """Run the demo job with parsed arguments; 0 on success.
+
+    Raises:
+        UsageError: the output folder cannot be written.
+    """
     from captum_faithful.demo.job import Settings, check_output_folder, run
 
     settings = Settings(
@@ -129,8 +99,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         check_output_folder(settings.out)
     except OSError as err:
-        print(f"captum-faithful demo: error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(f"argument --out: {err}") from err
     outcome = run(settings)
     print(
         f"\nreport: {outcome.files['report']}\nfigure: {outcome.files['figure']}\ncsv:    {outcome.files['csv']}"

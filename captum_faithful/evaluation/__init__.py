@@ -1,5 +1,5 @@
 """Dataset-scale evaluation: many methods × many metrics over a dataset, resumable
-and sharded over torch.distributed ranks (SPEC §10).
+and sharded over torch.distributed ranks.
 
 ``evaluate`` runs it and returns ``Results``; pandas and pyarrow are imported only
 when a run writes or reads its tables.

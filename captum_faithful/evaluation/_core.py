@@ -222,6 +222,27 @@ def evaluate(
     return Results.load(out)
 
 
+class OtherSettingsError(ValueError):
+    """``out`` holds a run recorded with other settings.
+
+    Attributes ``out`` (the folder) and ``changed`` (the settings that differ, e.g.
+    ``"explainers['ig'] changed"``) let a caller word its own advice, as the command
+    line does with its flags.
+    """
+
+    def __init__(self, out: str, changed: list[str]) -> None:
+        super().__init__(out, changed)
+        self.out = out
+        self.changed = list(changed)
+
+    def __str__(self) -> str:
+        return (
+            f"`out` ({self.out}) holds a run with other settings "
+            f"({'; '.join(self.changed) or 'fingerprint differs'}). Choose another "
+            "`out`, or pass resume=False to delete the recorded rows and start over."
+        )
+
+
 def _check_arguments(
     model: Any,
     dataloader: Any,
@@ -411,12 +432,7 @@ def _prepare_out(
         recorded = storage.read_settings()
         if recorded is not None and recorded.get("fingerprint") != fingerprint:
             changed = _settings.differences(recorded.get("settings", {}), settings)
-            raise ValueError(
-                f"`out` ({storage.out}) holds a run with other settings "
-                f"({'; '.join(changed) or 'fingerprint differs'}). Choose another "
-                "`out`, or pass resume=False to delete the recorded rows and start "
-                "over."
-            )
+            raise OtherSettingsError(str(storage.out), changed)
         storage.remove_temporary_files()
         if recorded is None:
             storage.write_settings(

@@ -5,6 +5,7 @@ import pytest
 
 from captum_faithful.cli import SUBCOMMAND_MODULES, build_parser, main
 from captum_faithful.demo.job import METHODS, METRIC_INFO
+from captum_faithful.demo.models import CACHE_ENV
 
 PATH_METHODS = {key for key, method in METHODS.items() if method.path}
 CNN_METHODS = {key for key, method in METHODS.items() if method.model == "cnn"}
@@ -85,20 +86,25 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--n-images", "0"], "--n-images"),
-        (["--n-images", "many"], "--n-images"),
-        (["--methods", "gradcam"], "--methods"),
-        (["--seed", "-3"], "--seed"),
-        (["--device", "tpu:9"], "--device"),
-        (["--bogus"], "unrecognized arguments"),
+        (["--n-images", "0"], "argument --n-images: expected a positive integer"),
+        (["--n-images", "many"], "argument --n-images: expected a positive integer"),
+        (["--methods", "gradcam"], "argument --methods: invalid choice: 'gradcam'"),
+        (["--seed", "-3"], "argument --seed: expected a non-negative integer"),
+        (["--device", "tpu:9"], "argument --device: unknown device 'tpu:9'"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
-def test_bad_options_exit_nonzero_with_a_message(argv, message, tmp_path, capsys):
+def test_bad_options_exit_2_with_one_line_naming_the_flag(
+    argv, message, tmp_path, capsys
+):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--out", str(out), *argv])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert message in err[0]
     assert not out.exists()
 
 
@@ -107,6 +113,30 @@ def test_unwritable_output_folder(tmp_path, capsys):
     blocker.write_text("not a folder")
     code = main(["demo", "--quick", "--out", str(blocker / "report")])
     assert code == 2
-    err = capsys.readouterr().err
-    assert "cannot write to the output folder" in err and "report" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(
+        "captum-faithful demo: error: argument --out: cannot write to the output "
+        "folder"
+    )
+    assert "report" in err[0]
     assert blocker.read_text() == "not a folder"
+    # --debug: the traceback first, then the same line
+    code = main(["demo", "--quick", "--out", str(blocker / "report"), "--debug"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):"
+    assert any("NotADirectoryError" in line for line in err)
+    assert err[-1].startswith("captum-faithful demo: error: argument --out: ")
+
+
+def test_help_says_what_the_demo_does_and_where_the_cache_is(capsys, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, "/somewhere/else/cache")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--quick" in text and "8 images instead of 100" in text
+    assert "cached in /somewhere/else/cache" in text
+    assert f"${CACHE_ENV}" in text
+    assert "few minutes" not in text

@@ -106,3 +106,8 @@ def run_explainers(model, fail_after=None, how="raise", log=None) -> dict:
         "saliency": interruptible(model, fail_after, how=how, log=log),
         "ig": IntegratedGradients(model),
     }
+
+
+def failing_metric(forward_func, inputs, attributions, target=None):
+    """A metric that raises, for the command line's error reporting."""
+    raise RuntimeError("the metric failed on purpose")

@@ -2,7 +2,7 @@
 
 Ensemble quantile optimisation of nested retention maps, one per coverage level,
 against a random monochromatic reference, with ClipGrad on the insertion game
-(papers/fei_beyond_output_faithfulness_summary.txt; SPEC §4 gives the formulation).
+(*Beyond Output Faithfulness*, FEI; the formulation is in the class docstring).
 """
 
 from __future__ import annotations

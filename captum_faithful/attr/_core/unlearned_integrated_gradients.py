@@ -78,7 +78,7 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
     same function.
 
     More details in the paper *Unlearning-based Neural Interpretations*
-    (Algorithm 1), ``papers/uni_unlearning_based_neural_interpretations.txt``.
+    (Algorithm 1), and in the documentation's "How the methods work" page.
     """
 
     def __init__(

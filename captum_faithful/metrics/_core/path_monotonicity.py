@@ -77,7 +77,7 @@ def path_monotonicity(
                 Default: None
 
     Returns:
-        *Tensor* of shape (N,), float64: the Spearman correlation per sample.
+        Tensor: the Spearman correlation per sample, shape (N,), float64.
 
     Examples::
 
