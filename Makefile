@@ -7,11 +7,13 @@ PY := $(VENV)/bin/python
 # The torch build to install first. These releases are the newest this project's
 # machines can install; elsewhere override it, e.g. `make test TORCH="torch"`.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?= -m "not slow and not gpu"
+# Extra pytest arguments for every run below, e.g. `make test-fast PYTEST_ARGS=-x`.
+PYTEST_ARGS ?=
+PYTEST := $(PY) -m pytest
 # Warnings are errors: CI builds the site with these options.
 SPHINXOPTS ?= -W --keep-going
 
-.PHONY: install test demo docs tutorials lint clean
+.PHONY: install test test-fast demo docs tutorials lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +27,20 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# The whole suite, as CI runs it (.ci/run). The `trained` tests assert an effect on a
+# model trained in the session, and the thread count alone changes such a model, so
+# they run twice: first alone with one thread, then with two threads inside the run of
+# everything else (the fast tests, the demo end to end, the notebooks). Both runs
+# always execute; the target fails if either failed.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@status=0; \
+	OMP_NUM_THREADS=1 $(PYTEST) -m "trained and not gpu" $(PYTEST_ARGS) || status=1; \
+	OMP_NUM_THREADS=2 $(PYTEST) -m "not gpu" $(PYTEST_ARGS) || status=1; \
+	exit $$status
+
+# For development: no model training, no notebooks.
+test-fast: install
+	$(PYTEST) -m "not slow and not gpu" $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/captum-faithful demo

@@ -429,8 +429,6 @@ def compare_with_quantus(model, x, attr, repeats):
         model,
         prepare_metric_inputs(x, attr, "zero", mask, y, None),
         torch.from_numpy(replay),
-        y,
-        None,
         "pearson",
         False,
     )

@@ -2,19 +2,16 @@
 
 Captum does not promise stability for names that start with an underscore. Every
 such import in captum_faithful goes through here, so that a Captum upgrade that
-moves one of them touches this file only.
+moves one of them touches this file only. Only the helpers the package uses are
+imported.
 """
 
 from captum._utils.common import (
-    _expand_additional_forward_args,
-    _expand_target,
     _format_additional_forward_args,
-    _format_baseline,
     _format_output,
     _format_tensor_into_tuples,
     _is_tuple,
     _run_forward,
-    _select_targets,
 )
 from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr._utils.approximation_methods import (
@@ -22,11 +19,7 @@ from captum.attr._utils.approximation_methods import (
     approximation_parameters,
 )
 from captum.attr._utils.batching import _batch_attribution
-from captum.attr._utils.common import (
-    _format_input_baseline,
-    _reshape_and_sum,
-    _validate_input,
-)
+from captum.attr._utils.common import _reshape_and_sum
 
 __all__ = [
     "SUPPORTED_METHODS",
@@ -34,17 +27,11 @@ __all__ = [
     "TargetType",
     "TensorOrTupleOfTensorsGeneric",
     "_batch_attribution",
-    "_expand_additional_forward_args",
-    "_expand_target",
     "_format_additional_forward_args",
-    "_format_baseline",
-    "_format_input_baseline",
     "_format_output",
     "_format_tensor_into_tuples",
     "_is_tuple",
     "_reshape_and_sum",
     "_run_forward",
-    "_select_targets",
-    "_validate_input",
     "approximation_parameters",
 ]

@@ -118,6 +118,13 @@ def check_float(
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value``, raising TypeError unless it is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """Raise ValueError unless ``value`` is one of ``choices``."""
     choices = tuple(choices)
@@ -126,85 +133,44 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
-def resolve_model(forward_func: Callable, model: nn.Module | None) -> nn.Module:
-    """The module whose parameters a method needs: ``model`` or ``forward_func``."""
+def resolve_model(
+    forward_func: Callable, model: nn.Module | None, required: bool = True
+) -> nn.Module | None:
+    """The module whose parameters a method needs: ``model`` or ``forward_func``
+    (a module or a bound method of one). Without either, raise TypeError when
+    ``required``, else return None."""
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"`model` must be a torch.nn.Module, got {type(model).__name__}"
             )
         return model
-    if isinstance(forward_func, nn.Module):
-        return forward_func
-    owner = getattr(forward_func, "__self__", None)
-    if isinstance(owner, nn.Module):
-        return owner
-    raise TypeError(
-        "`forward_func` is not an nn.Module, so pass the module that owns the "
-        "parameters as `model=`"
-    )
-
-
-def resolve_targets(output: Tensor, target: Any) -> Tensor:
-    """Per-sample class indices, shape (N,), for a 2-D output (N, C).
-
-    ``target=None`` takes the class predicted by ``output`` (argmax); an int applies
-    to every sample; a list or tensor gives one class per sample. Indices outside
-    ``[0, C)`` raise ValueError.
-    """
-    if output.dim() != 2:
-        raise ValueError(
-            "expected a model output of shape (N, n_classes), got shape "
-            f"{tuple(output.shape)}"
-        )
-    n, n_classes = output.shape
-    if target is None:
-        return output.detach().argmax(dim=1)
-    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
-        classes = torch.full((n,), int(target), dtype=torch.long, device=output.device)
-    elif isinstance(target, Tensor):
-        if target.numel() == 1:
-            classes = target.reshape(1).expand(n).long().to(output.device)
-        elif target.dim() == 1 and target.numel() == n:
-            classes = target.long().to(output.device)
-        else:
-            raise ValueError(
-                f"`target` must be a scalar or hold one class per sample ({n}), "
-                f"got shape {tuple(target.shape)}"
-            )
-        if target.is_floating_point() and not bool((target == target.round()).all()):
-            raise ValueError("`target` must hold integer class indices")
-    elif isinstance(target, (list, tuple)):
-        if len(target) != n or not all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
-        ):
-            raise ValueError(
-                f"`target` as a list must hold one integer class per sample ({n}), "
-                f"got {target!r}"
-            )
-        classes = torch.tensor([int(t) for t in target], device=output.device)
-    else:
+    module = module_of(forward_func)
+    if module is None and required:
         raise TypeError(
-            "`target` must be None, an int, a list of ints or a tensor, got "
-            f"{type(target).__name__}"
+            "`forward_func` is not an nn.Module, so pass the module that owns the "
+            "parameters as `model=`"
         )
-    if n and (int(classes.min()) < 0 or int(classes.max()) >= n_classes):
-        raise ValueError(
-            f"`target` out of range: the output has {n_classes} classes, got "
-            f"classes from {int(classes.min())} to {int(classes.max())}"
-        )
-    return classes
+    return module
 
 
 @contextmanager
-def preserve_model_state(model: nn.Module) -> Iterator[nn.Module]:
-    """Restore train/eval mode and ``requires_grad`` flags of ``model`` on exit.
+def preserve_model_state(model: nn.Module | None) -> Iterator[nn.Module | None]:
+    """Restore ``model``'s mode, ``requires_grad`` flags and buffers on exit.
 
-    Methods may switch these for the duration of a call (e.g. to take gradients of a
-    frozen model); the user gets them back exactly, also when the call raises.
+    Methods may switch the mode and flags for the duration of a call (e.g. to take
+    gradients of a frozen model), and every forward pass of a module in training
+    mode updates its buffers (BatchNorm's ``running_mean``, ``running_var`` and
+    ``num_batches_tracked``); the user gets all of them back bit for bit, also
+    when the call raises. ``None`` (a forward function that is no module) is a
+    no-op.
     """
+    if model is None:
+        yield None
+        return
     modes = [(module, module.training) for module in model.modules()]
     flags = [(param, param.requires_grad) for param in model.parameters()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     try:
         yield model
     finally:
@@ -212,6 +178,18 @@ def preserve_model_state(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
         for param, flag in flags:
             param.requires_grad_(flag)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
+
+
+def module_of(forward_func: Any) -> nn.Module | None:
+    """The module ``forward_func`` is, or is a bound method of; else None."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    owner = getattr(forward_func, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
 
 
 def progress(iterable: Iterable, show: bool, **tqdm_kwargs: Any) -> Iterable:

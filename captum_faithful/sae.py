@@ -44,6 +44,7 @@ attached to.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -117,12 +118,34 @@ def load_sae(
                 f"`source` {str(source)!r} is not a folder; pass a folder written by "
                 "SAE.save_model, or a pretrained SAE as (release, sae_id)"
             )
-        sae = sae_lens.SAE.load_from_disk(path, device=device)
+        sae = _load_folder(sae_lens, path, device)
     else:
         sae = sae_lens.SAE.from_pretrained(str(source), sae_id, device=device)
     if not _is_sae(sae):
         raise TypeError(f"the loaded {type(sae).__name__} has no `encode` and `W_dec`")
     return sae
+
+
+def _load_folder(sae_lens: Any, path: Path, device: str) -> Any:
+    """``SAE.load_from_disk(path)``, with errors that name the file at fault."""
+    config = path / "cfg.json"
+    if not config.is_file():
+        raise ValueError(
+            f"`source` {str(path)!r} holds no cfg.json; pass a folder written by "
+            f"SAE.save_model (cfg.json and sae_weights.safetensors), found "
+            f"{sorted(p.name for p in path.iterdir()) or 'an empty folder'}"
+        )
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config} is not valid JSON: {err}") from err
+    try:
+        return sae_lens.SAE.load_from_disk(path, device=device)
+    except Exception as err:  # noqa: BLE001 - sae-lens and safetensors raise many kinds
+        raise ValueError(
+            f"cannot load the SAE in {path} (is it complete, and written by "
+            f"SAE.save_model?): {type(err).__name__}: {err}"
+        ) from err
 
 
 def sae_d_in(sae: Any) -> int:

@@ -1,5 +1,6 @@
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import small_cnn  # noqa: E402
+
+
+def pytest_report_header(config):
+    requested = os.environ.get("OMP_NUM_THREADS", "unset")
+    return (
+        f"torch {torch.__version__}: {torch.get_num_threads()} intra-op thread(s) "
+        f"(OMP_NUM_THREADS={requested})"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _trained_tests_run_at_the_requested_thread_count(request):
+    """A ``trained`` test asserts an effect whose size depends on the thread count the
+    model was trained with; CI runs these tests with OMP_NUM_THREADS=1 and =2. Make
+    sure torch really uses that many threads (nothing in the session changed it)."""
+    requested = os.environ.get("OMP_NUM_THREADS")
+    if requested and request.node.get_closest_marker("trained") is not None:
+        assert torch.get_num_threads() == int(requested), (
+            f"torch runs {torch.get_num_threads()} threads, OMP_NUM_THREADS={requested}"
+        )
 
 
 @pytest.fixture
@@ -39,7 +60,26 @@ def demo_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quick_demo(demo_cache):
-    """``load_demo(quick=True)``, trained once per session into ``demo_cache``."""
-    from captum_faithful.demo import load_demo
+    """``load_demo(quick=True)``, trained once per session into ``demo_cache``.
 
-    return load_demo(quick=True)
+    The demo trains on every core (up to four) whatever the process's thread count;
+    here it trains on the test process's own (``OMP_NUM_THREADS``), so that the
+    ``trained`` runs with 1 and 2 threads really train two different models.
+    """
+    from captum_faithful.demo import load_demo, models
+
+    threads = []
+
+    @contextmanager
+    def process_threads():
+        threads.append(torch.get_num_threads())
+        yield
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "_training_threads", process_threads)
+        demo = load_demo(quick=True)
+    requested = os.environ.get("OMP_NUM_THREADS")
+    assert threads, "the quick demo was not trained in this session"
+    if requested:
+        assert threads == [int(requested)], (threads, requested)
+    return demo

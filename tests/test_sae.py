@@ -61,6 +61,29 @@ def test_bad_sources(tmp_path):
         load_sae("release", sae_id=3)
 
 
+def test_broken_folders_raise_errors_that_name_the_path(tmp_path):
+    """An empty folder, a corrupt cfg.json and a truncated weights file each give a
+    ValueError naming the folder or file (sae-lens raised FileNotFoundError,
+    JSONDecodeError and SafetensorError that did not all name it)."""
+    folder, _ = saved_sae(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"{empty}.*no cfg.json.*empty folder"):
+        load_sae(empty)
+    config = folder / "cfg.json"
+    good_config = config.read_text()
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{config} is not valid JSON"):
+        load_sae(folder)
+    config.write_text(good_config)
+    weights = folder / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(
+        ValueError, match=f"cannot load the SAE in {folder}.*Safetensor"
+    ):
+        load_sae(folder)
+
+
 def test_import_does_not_load_heavy_dependencies():
     code = (
         "import sys, captum_faithful; "

@@ -147,6 +147,9 @@ def _check_transmm(checks: dict) -> None:
     assert checks["shuffled_differs"], "the shuffled decoder must change the gates"
     for value in checks["insertion"].values():
         assert 0.0 <= value <= 1.0
+    # select_gating chose the best validation mean of its grid
+    means = [m for m in checks["selection_means"] if not math.isnan(m)]
+    assert checks["selection_score"] == max(means)
 
 
 def _check_evaluation(checks: dict) -> None:
@@ -195,6 +198,7 @@ def test_stored_notebook_has_outputs(name):
     _checks(notebook)
 
 
+@pytest.mark.slow  # executes the notebook on the quick demo, trained in the session
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_tutorial_executes(name, quick_demo, tmp_path):
     assert quick_demo.cache_dir is not None

@@ -4,7 +4,7 @@ from captum_faithful.attr._core.blank_image_diagnostic import blank_image_diagno
 from captum_faithful.attr._core.clip_grad import ClipGrad
 from captum_faithful.attr._core.faithfulness_ensemble import FaithfulnessEnsemble
 from captum_faithful.attr._core.feature_gated_transmm import FeatureGatedTransMM
-from captum_faithful.attr._core.layer_unlearned_integrated_gradients import (
+from captum_faithful.attr._core.layer.layer_unlearned_integrated_gradients import (
     LayerUnlearnedIntegratedGradients,
 )
 from captum_faithful.attr._core.transmm import TransMM

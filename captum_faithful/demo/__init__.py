@@ -38,7 +38,11 @@ class Demo:
     x_train: Tensor
     y_train: Tensor
     accuracy: dict
+    x_validation: Tensor | None = None
+    y_validation: Tensor | None = None
+    masks_validation: Tensor | None = None
     sae_explained_variance: dict = field(default_factory=dict)
+    sae_dead_fraction: dict = field(default_factory=dict)
     cache_dir: Path | None = None
     meta: dict = field(default_factory=dict)
 
@@ -49,18 +53,23 @@ def load_demo(
     seed: int = 0,
     show_progress: bool = False,
 ) -> Demo:
-    """The demo's trained CNN, ViT and SAEs with the BlockMNIST-style test images.
+    """The demo's trained CNN, ViT and SAEs with the BlockMNIST-style held-out images.
 
-    The models are trained on first use on the CPU (about five minutes with the full
-    recipe, about a minute and a half with ``quick=True``) and cached under
-    ``~/.cache/captum_faithful`` (or ``$CAPTUM_FAITHFUL_CACHE``), in a folder keyed by
-    the training recipe and ``seed``; later calls load the cache. The SAEs are saved
-    in sae-lens's folder format and loaded back with
+    The models are trained on first use on the CPU (at most ten minutes on two
+    cores with the full recipe, about a minute with ``quick=True``) and cached
+    under ``~/.cache/captum_faithful`` (or ``$CAPTUM_FAITHFUL_CACHE``), in a folder
+    keyed by the training recipe and ``seed``; later calls load the cache. The SAEs
+    are saved in sae-lens's folder format and loaded back with
     :func:`captum_faithful.sae.load_sae`.
 
+    The held-out scans are split into a validation part (choose hyperparameters
+    there, e.g. with :func:`captum_faithful.select_gating`) and a disjoint test part
+    (score the chosen methods there once).
+
     Args:
-        quick (bool, optional): use the short training recipe (smaller, fewer epochs,
-            SAEs at two layers instead of three). Default: False
+        quick (bool, optional): use the short training recipe (a smaller ViT on
+            8-pixel patches, fewer epochs, SAEs on three blocks instead of five).
+            Default: False
         device (str or torch.device, optional): where the models and tensors go.
             Default: "cpu"
         seed (int, optional): seed of the data split, the rendering and the training.
@@ -71,9 +80,13 @@ def load_demo(
         Demo: with ``cnn`` and ``vit`` (a ``ViTForImageClassification``, eager
         attention) in eval mode, ``saes`` ({0-based block index: sae_lens.SAE}),
         ``x_test`` (N, 3, 32, 32) in [0, 1], ``y_test`` (N,), ``masks_test``
-        (N, 1, 32, 32) bool evidence masks, ``x_train``, ``y_train``, ``accuracy``
-        ({"cnn": float, "vit": float}, test accuracy) and
-        ``sae_explained_variance`` ({block: float}, on the test images).
+        (N, 1, 32, 32) bool evidence masks, the same for the validation part
+        (``x_validation``, ``y_validation``, ``masks_validation``), ``x_train``,
+        ``y_train``, ``accuracy`` ({"cnn": float, "vit": float}, on the test
+        part), and per SAE block ``sae_explained_variance`` and
+        ``sae_dead_fraction`` (the share of features that never fire), measured on
+        the patch tokens of eight renderings of the validation scans (see
+        :func:`captum_faithful.demo.models.held_out_tokens`).
 
     Examples::
 
@@ -89,6 +102,7 @@ def load_demo(
     folder = ensure_trained(recipe, seed, show_progress=show_progress)
     cnn, vit, saes, meta = load_models(folder, str(device))
     test = make_blocks("test", seed)
+    validation = make_blocks("validation", seed)
     train = make_blocks("train", seed)
     return Demo(
         cnn=cnn,
@@ -100,9 +114,13 @@ def load_demo(
         x_train=train.images.to(device),
         y_train=train.labels.to(device),
         accuracy=dict(meta["accuracy"]),
+        x_validation=validation.images.to(device),
+        y_validation=validation.labels.to(device),
+        masks_validation=validation.masks.to(device),
         sae_explained_variance={
             int(k): v for k, v in meta["sae_explained_variance"].items()
         },
+        sae_dead_fraction={int(k): v for k, v in meta["sae_dead_fraction"].items()},
         cache_dir=folder,
         meta=meta,
     )

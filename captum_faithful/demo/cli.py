@@ -10,8 +10,8 @@ from captum_faithful._cli import UsageError, device, non_negative_int, positive_
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand (the default job) to ``subparsers``."""
-    from captum_faithful.demo.job import METHODS
     from captum_faithful.demo.models import CACHE_ENV, cache_root
+    from captum_faithful.demo.registry import METHODS
 
     parser = subparsers.add_parser(
         "demo",
@@ -51,6 +51,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="number of test images (default: 100, 8 with --quick)",
     )
     parser.add_argument(
+        "--n-validation",
+        type=positive_int,
+        default=None,
+        help="validation images FG-TransMM's layers, kappa, c_max and variant are "
+        "chosen on, disjoint from the test images (default: all 120)",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         choices=list(METHODS),
@@ -84,12 +91,14 @@ def main(args: argparse.Namespace) -> int:
     Raises:
         UsageError: the output folder cannot be written.
     """
-    from captum_faithful.demo.job import Settings, check_output_folder, run
+    from captum_faithful.demo.job import check_output_folder, run
+    from captum_faithful.demo.registry import Settings
 
     settings = Settings(
         out=args.out,
         quick=args.quick,
         n_images=args.n_images,
+        n_validation=args.n_validation,
         methods=tuple(dict.fromkeys(args.methods)),
         device=args.device,
         seed=args.seed,

@@ -16,8 +16,11 @@ random too and, image by image, either lighter or darker than the background, so
 static baseline colour (black, a blur, noise) is neutral: the colour-bias setting of
 the UNI paper. The ground-truth evidence mask marks the digit's block.
 
-The split into training and test scans is fixed by the seed, and every image is a
-deterministic function of (seed, split, index, rendering).
+The split of the scans is fixed by the seed: 80 % train the models; the held-out
+20 % are cut into a validation part (a third: hyperparameters such as Feature-Gated
+TransMM's layers and gates are chosen on it) and a disjoint test part (scored once,
+with what was chosen). Every image is a deterministic function of (seed, split,
+index, rendering).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ N_CLASSES = 10
 COLUMNS = slice((IMAGE_SIZE - BLOCK_SIZE) // 2, (IMAGE_SIZE + BLOCK_SIZE) // 2)
 #: Standard deviation of the per-pixel Gaussian noise on every image.
 NOISE_STD = 0.06
+#: The splits of :func:`make_blocks` and the code of each in the rendering seed.
+SPLITS = {"train": 0, "test": 1, "validation": 2}
+#: Share of the held-out scans in the validation part (the rest is the test part).
+VALIDATION_FRACTION = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,26 @@ def split_indices(
     order = np.random.default_rng([seed, 7]).permutation(n)
     n_test = max(1, int(round(n * test_fraction)))
     return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def split_scans(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Sorted, disjoint scan indices of the ``"train"``, ``"validation"`` and
+    ``"test"`` splits of ``range(n)``.
+
+    ``"train"`` is :func:`split_indices`'s training part; its held-out part is cut
+    by a second seeded permutation into validation (:data:`VALIDATION_FRACTION`)
+    and test.
+    """
+    train, held_out = split_indices(n, seed)
+    order = np.random.default_rng([seed, 11]).permutation(len(held_out))
+    n_validation = max(1, int(round(len(held_out) * VALIDATION_FRACTION)))
+    if n_validation >= len(held_out):
+        raise ValueError(f"{n} scans are too few for a validation and a test part")
+    return {
+        "train": train,
+        "validation": np.sort(held_out[order[:n_validation]]),
+        "test": np.sort(held_out[order[n_validation:]]),
+    }
 
 
 def _upsample(scans: np.ndarray) -> Tensor:
@@ -154,11 +181,13 @@ def render(
 
 
 def make_blocks(split: str = "test", seed: int = 0, rendering: int = 0) -> DigitBlocks:
-    """The training or test split rendered as BlockMNIST-style colour images.
+    """A split of the scans rendered as BlockMNIST-style colour images.
 
     Args:
-        split (str): ``"train"`` or ``"test"``; the split of the 1,797 scans is fixed
-            by ``seed`` (80 % / 20 %).
+        split (str): ``"train"`` (80 % of the 1,797 scans), ``"validation"`` (a
+            third of the other 20 %) or ``"test"`` (the rest); the split is fixed
+            by ``seed`` (:func:`split_scans`) and the three are disjoint.
+            Default: ``"test"``
         seed (int, optional): seed of the split and of the rendering. Default: 0
         rendering (int, optional): index of the rendering; other values give the same
             scans with new colours, block order and distractors (used as augmentation
@@ -171,20 +200,16 @@ def make_blocks(split: str = "test", seed: int = 0, rendering: int = 0) -> Digit
 
         >>> test = make_blocks("test", seed=0)
         >>> test.images.shape, test.masks.shape
-        (torch.Size([359, 3, 32, 32]), torch.Size([359, 1, 32, 32]))
+        (torch.Size([239, 3, 32, 32]), torch.Size([239, 1, 32, 32]))
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"`split` must be one of {tuple(SPLITS)}, got {split!r}")
     check_int("seed", seed, minimum=0)
     check_int("rendering", rendering, minimum=0)
     scans, labels = load_scans()
-    train, test = split_indices(len(scans), seed)
-    index = train if split == "train" else test
-    # Distractors come from the split's own scans so test scans never leak into
-    # training images.
+    index = split_scans(len(scans), seed)[split]
+    # Distractors come from the split's own scans so that no scan of one split
+    # appears in the images of another.
     return render(
-        scans[index],
-        labels[index],
-        scans[index],
-        [seed, 0 if split == "train" else 1, rendering],
+        scans[index], labels[index], scans[index], [seed, SPLITS[split], rendering]
     )

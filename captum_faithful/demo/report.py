@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from captum_faithful._files import atomic_write
 from captum_faithful._utils import optional_import
+from captum_faithful.demo.gating import C_MAXS, KAPPAS, STAGE_ONE_C_MAX, STAGE_ONE_KAPPA
+from captum_faithful.demo.registry import METHODS, METRIC_INFO, comparisons
 
 REPORT_NAME = "report.md"
 FIGURE_NAME = "attributions.png"
@@ -28,6 +29,10 @@ def _number(value: float, digits: int = 3) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _percent(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:+.1f} %"
+
+
 def _pvalue(value: float) -> str:
     if math.isnan(value):
         return "–"
@@ -36,8 +41,6 @@ def _pvalue(value: float) -> str:
 
 def summary_table(outcome: Any) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table: mean ± standard error per metric."""
-    from captum_faithful.demo.job import METHODS, METRIC_INFO
-
     results = outcome.results
     summary = results.summary()
     metrics = [m for m in METRIC_INFO if m in set(results.table["metric"])]
@@ -89,8 +92,6 @@ def plain_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def comparison_rows(outcome: Any) -> list[list[str]]:
-    from captum_faithful.demo.job import METHODS, METRIC_INFO, comparisons
-
     rows = []
     for test in comparisons(outcome.results, outcome.settings.methods):
         rows.append(
@@ -110,8 +111,6 @@ def comparison_rows(outcome: Any) -> list[list[str]]:
 
 def render_report(outcome: Any) -> str:
     """The Markdown report."""
-    from captum_faithful.demo.job import METHODS
-
     settings, demo = outcome.settings, outcome.demo
     header, rows = summary_table(outcome)
     n_images = int(outcome.results.table["index"].nunique())
@@ -138,22 +137,49 @@ def render_report(outcome: Any) -> str:
         )
     else:
         lines.append("None of the compared pairs ran (see `--methods`).")
+    lines += gating_section(outcome)
     lines += [
         "",
         "## Models",
         "",
         f"- Test accuracy (all {len(demo.y_test)} test images): CNN "
         f"{demo.accuracy['cnn']:.3f}, ViT {demo.accuracy['vit']:.3f}.",
-        "- SAE explained variance on the test images' residual stream: "
-        + ", ".join(
-            f"block {layer}: {value:.3f}"
-            for layer, value in sorted(demo.sae_explained_variance.items())
-        )
-        + ".",
-        f"- SAEs: sae-lens top-k (k = {recipe.get('sae_k')}), expansion {recipe.get('sae_expansion')}×, "
-        f"on `blocks.{{l}}.hook_resid_post` for l in {list(recipe.get('sae_layers', []))}.",
-        f"- Training recipe: {'quick' if settings.quick else 'full'}; cache `{demo.cache_dir}`; "
-        f"training took {demo.meta.get('training_seconds', math.nan):.0f} s when it ran.",
+        f"- ViT: {recipe.get('vit_layers')} blocks, width {recipe.get('vit_hidden_size')}, "
+        f"{recipe.get('vit_heads')} heads, {patch}×{patch} patches.",
+        f"- SAEs: sae-lens top-k (k = {recipe.get('sae_k')}), expansion "
+        f"{recipe.get('sae_expansion')}×, on the patch tokens of "
+        f"`blocks.{{l}}.hook_resid_post` for l in {list(recipe.get('sae_layers', []))}, "
+        f"{recipe.get('sae_steps')} steps of {recipe.get('sae_batch_tokens')} tokens. "
+        "On the patch tokens of eight renderings of the validation scans (which "
+        "neither the ViT nor the SAEs saw):",
+        "",
+        markdown_table(
+            ["block", "explained variance", "dead features"],
+            [
+                [
+                    str(layer),
+                    _number(value),
+                    _number(demo.sae_dead_fraction.get(layer, math.nan)),
+                ]
+                for layer, value in sorted(demo.sae_explained_variance.items())
+            ],
+        ),
+        "",
+        f"- Training recipe: {'quick' if settings.quick else 'full'}; cache "
+        f"`{demo.cache_dir}`; {_training_time(demo.meta)}",
+        "",
+        "## Where the time went",
+        "",
+        f"On {_threads(torch.get_num_threads())}; CPU seconds count every thread "
+        "of this process.",
+        "",
+        markdown_table(
+            ["step", "wall seconds", "CPU seconds"],
+            [
+                [_step_label(step), f"{lap['wall']:.1f}", f"{lap['cpu']:.1f}"]
+                for step, lap in outcome.timings.items()
+            ],
+        ),
         "",
         "## Settings",
         "",
@@ -180,13 +206,103 @@ def render_report(outcome: Any) -> str:
     return "\n".join(lines)
 
 
+def _training_time(meta: dict) -> str:
+    phases = meta.get("training_phases")
+    if not phases:
+        return f"training took {meta.get('training_seconds', math.nan):.0f} s."
+    parts = ", ".join(
+        f"{name} {phase['wall_seconds']:.0f} s ({phase['cpu_seconds']:.0f} s CPU)"
+        for name, phase in phases.items()
+    )
+    return (
+        f"training took {meta['training_seconds']:.0f} s wall and "
+        f"{meta['training_cpu_seconds']:.0f} s CPU on "
+        f"{_threads(meta['training_threads'])} when it ran: {parts}."
+    )
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread{'s' if count != 1 else ''}"
+
+
+def _step_label(step: str) -> str:
+    if step in METHODS:
+        return f"{METHODS[step].label}: explain and score"
+    return {"models": "load (or train) the models"}.get(step, step)
+
+
+def gating_section(outcome: Any) -> list[str]:
+    """How FG-TransMM's configuration was chosen on the validation images: the
+    protocol, the choice and why, and the whole validation table."""
+    gating = outcome.gating
+    if gating is None:
+        return []
+    chosen = gating.configuration
+    metric = METRIC_INFO.get(gating.metric, (gating.metric, True))[0]
+    table = gating.table()
+    n_configurations = int((table["method"] != "transmm").sum())
+    improvement = gating.stages[-1].improvement
+    lines = [
+        "",
+        "## FG-TransMM: configuration chosen on validation images",
+        "",
+        f"The layers, κ, c_max and variant of every FG-TransMM row above were chosen "
+        f"on {gating.n_images} validation images, disjoint from the test images, by "
+        f"mean {metric}, with a protocol fixed in code before any test image was "
+        "scored (as in the thesis): stage 1 tries every variant on each SAE block "
+        "alone, on runs of three adjacent blocks and on all blocks together, at "
+        f"κ = {STAGE_ONE_KAPPA:g}, c_max = {STAGE_ONE_C_MAX:g}; stage 2 tries "
+        f"κ ∈ {{{', '.join(f'{k:g}' for k in KAPPAS)}}} × c_max ∈ "
+        f"{{{', '.join(f'{c:g}' for c in C_MAXS)}}} on the best layers and variant of "
+        "stage 1. The test images were then scored once with the choice; the "
+        "shuffled control and the three variants use the same layers, κ and c_max.",
+        "",
+        f"**Chosen: blocks {list(chosen.layers)}, κ = {chosen.kappa:g}, c_max = "
+        f"{chosen.c_max:g}, variant {chosen.variant}**, the highest validation "
+        f"{metric} of the {n_configurations} configurations tried: "
+        f"{_number(gating.score)} against TransMM's {_number(gating.baseline_score)} "
+        f"({_percent(improvement)}).",
+        "",
+    ]
+    if chosen.variant != "combined":
+        lines += [
+            f"The {chosen.variant} score does not pair SAE features with decoder "
+            "rows, so the shuffled-decoder control computes exactly what "
+            "FG-TransMM computes (the thesis's control tests the combined score).",
+            "",
+        ]
+    rows = []
+    for row in table.itertuples(index=False):
+        gated = row.method != "transmm"
+        cells = [
+            str(row.stage),
+            "TransMM" if not gated else " ".join(str(b) for b in row.layers),
+            row.variant if gated else "–",
+            f"{row.kappa:g}" if gated else "–",
+            f"{row.c_max:g}" if gated else "–",
+            f"{_number(row.mean)} ± {_number(row.sem)}",
+            _percent(row.improvement) if gated else "–",
+        ]
+        if row.chosen:
+            cells = [f"**{cell}**" for cell in cells]
+        rows.append(cells)
+    lines += [
+        "<details><summary>The whole validation table</summary>",
+        "",
+        markdown_table(
+            ["stage", "blocks", "variant", "κ", "c_max", metric, "vs TransMM"], rows
+        ),
+        "",
+        "</details>",
+    ]
+    return lines
+
+
 def render_figure(outcome: Any) -> bytes:
     """PNG grid: rows are images; columns input, evidence mask, one map per method."""
     matplotlib = optional_import("matplotlib", "demo")
     matplotlib.use("Agg")
     plt = optional_import("matplotlib.pyplot", "demo")
-    from captum_faithful.demo.job import METHODS
-
     keys = [
         k for k in outcome.settings.methods if outcome.figure_maps.get(k) is not None
     ]
@@ -217,20 +333,6 @@ def render_figure(outcome: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def write_outputs(outcome: Any) -> dict[str, Path]:
     """Render the report, figure and CSV, then write them; print the table."""
     out = outcome.settings.out
@@ -248,15 +350,13 @@ def write_outputs(outcome: Any) -> dict[str, Path]:
         "figure": out / FIGURE_NAME,
         "csv": out / CSV_NAME,
     }
-    _write_atomically(files["csv"], csv)
-    _write_atomically(files["figure"], figure)
-    _write_atomically(files["report"], report)
+    atomic_write(files["csv"], csv)
+    atomic_write(files["figure"], figure)
+    atomic_write(files["report"], report)
     header, rows = summary_table(outcome)
     print(plain_table(header, rows), file=sys.stdout, flush=True)
     return files
 
 
 def outcome_label(key: str) -> str:
-    from captum_faithful.demo.job import METHODS
-
     return METHODS[key].label

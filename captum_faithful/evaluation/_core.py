@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
+from captum_faithful._arguments import resolve_target
 from captum_faithful._utils import (
+    check_bool,
     check_choice,
+    module_of,
     optional_import,
+    preserve_model_state,
     progress,
-    resolve_targets,
     run_forward,
 )
 from captum_faithful.evaluation import _settings
+from captum_faithful.evaluation._distributed import ProcessGroup, process_group
 from captum_faithful.evaluation._storage import Rows, RunStorage, empty_rows
 from captum_faithful.evaluation.results import Results
 
@@ -81,15 +85,24 @@ def evaluate(
     CUDA device the device is synchronised before and after the call. All metrics of
     a (sample, method) pair share the same ``seconds``.
 
-    **Randomness.** With ``seed`` set, the torch random generators are seeded with
-    ``seed + batch number`` before each batch, inside ``torch.random.fork_rng`` (the
-    caller's generator state is restored afterwards), so random explainers and metrics
-    (NoiseTunnel, faithfulness correlation without a ``generator``) give the same
-    rows whether the run is single-process, distributed or resumed.
+    **Randomness.** With ``seed`` set, every batch's randomness is derived from the
+    seed and the batch number, never from the state a generator reached in earlier
+    batches, so random explainers and metrics give the same rows whether the run is
+    single-process, distributed or resumed: the torch random generators are seeded
+    with ``seed + batch number`` before each batch, inside ``torch.random.fork_rng``
+    (the caller's generator state is restored afterwards), and an explainer or
+    metric that takes a ``generator`` argument (``FaithfulnessEnsemble.attribute``,
+    ``faithfulness_correlation``) gets a new generator seeded from the seed, the
+    batch and its name, replacing one bound with ``functools.partial``. A metric's
+    generator does not depend on the method, so all methods of a batch are scored
+    with the same random draws. Randomness hidden in a closure cannot be seen.
 
     The model is used as given: call ``model.eval()`` first (a warning is issued
-    for a model in training mode). Inputs are moved to ``device``; the model is
-    not moved.
+    for a model in training mode). Every batch sees the model as the caller left
+    it: its mode, ``requires_grad`` flags and buffers (BatchNorm statistics, which
+    a model in training mode updates on every forward pass) are restored after each
+    batch, also when it raises. Inputs are moved to ``device``; the model is not
+    moved.
 
     Args:
         model (Callable): The forward function (usually an ``nn.Module``) passed
@@ -182,7 +195,7 @@ def evaluate(
         "explainer_settings": {n: _settings.describe(e) for n, e in explainers.items()},
         "metric_settings": {n: _settings.describe(m) for n, m in metrics.items()},
     }
-    with _process_group(device) as group:
+    with process_group(device) as group:
         _prepare_out(storage, settings, resume, group)
         todo = group.broadcast(
             lambda: sorted(set(range(n_batches)) - set(storage.recorded_batches()))
@@ -206,9 +219,20 @@ def evaluate(
                     indices = range(start, min(start + batch_size, n_samples))
                     if seed is not None:
                         torch.manual_seed(seed + batch_id)
-                    rows = _evaluate_batch(
-                        model, batch, indices, explainers, metrics, target, device
-                    )
+                    # every batch sees the model as the caller left it (a model in
+                    # training mode would carry BatchNorm statistics across batches)
+                    with preserve_model_state(module_of(model)):
+                        rows = _evaluate_batch(
+                            model,
+                            batch,
+                            batch_id,
+                            indices,
+                            explainers,
+                            metrics,
+                            target,
+                            device,
+                            seed,
+                        )
                     storage.write_batch(batch_id, rows)
         except BaseException as err:  # noqa: B036 - re-raised below on every rank
             failure = err
@@ -310,8 +334,7 @@ def _check_arguments(
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"`out` must be a folder, but {out} is a file")
     check_choice("target", target, TARGETS)
-    if not isinstance(resume, bool):
-        raise TypeError(f"`resume` must be a bool, got {resume!r}")
+    check_bool("resume", resume)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"`seed` must be an int or None, got {seed!r}")
     return explainers, metrics
@@ -345,76 +368,8 @@ def resolve_device(model: Any, device: Any) -> torch.device:
     return device
 
 
-class _Group:
-    """The ranks of a run; a group of one when torch.distributed is not in use."""
-
-    def __init__(self, distributed: bool) -> None:
-        self.distributed = distributed
-        self.rank = dist.get_rank() if distributed else 0
-        self.size = dist.get_world_size() if distributed else 1
-
-    def broadcast(self, compute: Callable[[], Any]) -> Any:
-        """``compute()`` on rank 0, its result on every rank; an exception raised by
-        ``compute`` is raised on every rank."""
-        try:
-            payload = (compute(), None) if self.rank == 0 else None
-        except Exception as err:  # noqa: BLE001 - sent to every rank, then raised
-            payload = (None, err)
-        if self.distributed:
-            box = [payload]
-            dist.broadcast_object_list(box, src=0)
-            payload = box[0]
-        value, err = payload
-        if err is not None:
-            raise err
-        return value
-
-    def all_gather(self, value: Any) -> list[Any]:
-        if not self.distributed:
-            return [value]
-        gathered = [None] * self.size
-        dist.all_gather_object(gathered, value)
-        return gathered
-
-    def raise_if_any_failed(self, failure: BaseException | None) -> None:
-        """Raise ``failure`` here, or an error naming the rank that failed."""
-        reports = self.all_gather(None if failure is None else repr(failure))
-        if failure is not None:
-            raise failure
-        for rank, report in enumerate(reports):
-            if report is not None:
-                raise RuntimeError(f"evaluate failed on rank {rank}: {report}")
-
-
-def _launcher_environment() -> bool:
-    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return (
-        all(key in os.environ for key in needed) and int(os.environ["WORLD_SIZE"]) > 1
-    )
-
-
-@contextmanager
-def _process_group(device: torch.device) -> Iterator[_Group]:
-    if not dist.is_available() or not (
-        dist.is_initialized() or _launcher_environment()
-    ):
-        yield _Group(distributed=False)
-        return
-    owned = not dist.is_initialized()
-    if owned:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-    try:
-        yield _Group(distributed=True)
-    finally:
-        if owned:
-            dist.destroy_process_group()
-
-
 def _prepare_out(
-    storage: RunStorage, settings: dict[str, Any], resume: bool, group: _Group
+    storage: RunStorage, settings: dict[str, Any], resume: bool, group: ProcessGroup
 ) -> None:
     fingerprint = _settings.fingerprint(settings)
     fingerprints = group.all_gather(fingerprint)
@@ -475,15 +430,11 @@ def _loader_over(
     return DataLoader(dataloader.dataset, batch_sampler=batches, **options)
 
 
-@contextmanager
-def _preserved_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+def _preserved_rng(seed: int | None, device: torch.device) -> AbstractContextManager:
     """With a seed, the caller's torch generator state is restored on exit."""
     if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
+        return nullcontext()
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:
@@ -525,17 +476,55 @@ def _to_device(inputs: Any, device: torch.device) -> Tensor | tuple[Tensor, ...]
     )
 
 
-def _call_explainer(explainer: Any, inputs: Any, target: Tensor) -> Any:
+def _parameters(func: Callable) -> Mapping[str, inspect.Parameter]:
+    try:
+        return inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _generator_keywords(
+    func: Callable, seed: int | None, *key: Any
+) -> dict[str, torch.Generator]:
+    """``{"generator": a generator seeded from (seed, *key)}`` when ``func`` takes a
+    ``generator`` argument and the run has a seed; else nothing.
+
+    A generator object carries state from call to call, so a resumed run (a new
+    process, a fresh generator) would draw what the first batch drew. Each call
+    gets its own, seeded from the run's seed and the batch: the same rows in an
+    uninterrupted, resumed or distributed run.
+    """
+    parameter = _parameters(func).get("generator")
+    if (
+        seed is None
+        or parameter is None
+        or parameter.kind
+        not in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        )
+    ):
+        return {}
+    digest = hashlib.sha256(repr((seed, *key)).encode("utf-8")).digest()
+    return {
+        "generator": torch.Generator().manual_seed(
+            int.from_bytes(digest[:8], "big") >> 1
+        )
+    }
+
+
+def _call_explainer(
+    explainer: Any, inputs: Any, target: Tensor, seed: int | None, key: tuple
+) -> Any:
     attribute = getattr(explainer, "attribute", None)
     if callable(attribute):
-        return attribute(inputs, target=target)
-    try:
-        parameters = inspect.signature(explainer).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    if "target" in parameters:
-        return explainer(inputs, target=target)
-    return explainer(inputs, target)
+        return attribute(
+            inputs, target=target, **_generator_keywords(attribute, seed, *key)
+        )
+    keywords = _generator_keywords(explainer, seed, *key)
+    if "target" in _parameters(explainer):
+        return explainer(inputs, target=target, **keywords)
+    return explainer(inputs, target, **keywords)
 
 
 def _as_values(values: Any, n: int, name: str) -> list[float]:
@@ -565,11 +554,13 @@ def _synchronize(device: torch.device) -> None:
 def _evaluate_batch(
     model: Callable,
     batch: Any,
+    batch_id: int,
     indices: range,
     explainers: dict[str, Any],
     metrics: dict[str, Callable],
     target: str,
     device: torch.device,
+    seed: int | None,
 ) -> Rows:
     inputs, labels = _split_batch(batch)
     inputs = _to_device(inputs, device)
@@ -596,14 +587,16 @@ def _evaluate_batch(
     else:
         with torch.no_grad():
             as_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
-            targets = resolve_targets(run_forward(model, as_tuple), None)
+            targets = resolve_target(run_forward(model, as_tuple), None)
     values: dict[tuple[str, str], list[float]] = {}
     seconds: dict[str, float] = {}
     for method, explainer in explainers.items():
         _synchronize(device)
         start = time.perf_counter()
         with torch.enable_grad():
-            attributions = _call_explainer(explainer, inputs, targets)
+            attributions = _call_explainer(
+                explainer, inputs, targets, seed, (batch_id, "explainer", method)
+            )
         _synchronize(device)
         seconds[method] = (time.perf_counter() - start) / n
         if isinstance(attributions, Tensor):
@@ -613,7 +606,11 @@ def _evaluate_batch(
                 a.detach() if isinstance(a, Tensor) else a for a in attributions
             )
         for metric_name, metric in metrics.items():
-            result = metric(model, inputs, attributions, target=targets)
+            # the same draws for every method: the methods are compared on equal terms
+            keywords = _generator_keywords(
+                metric, seed, batch_id, "metric", metric_name
+            )
+            result = metric(model, inputs, attributions, target=targets, **keywords)
             values[method, metric_name] = _as_values(result, n, metric_name)
         del attributions
     rows = empty_rows()

@@ -6,33 +6,50 @@ Layout of ``out``::
     batches/batch-00000042.parquet  the rows of global batch 42 (``.csv`` without pyarrow)
     results.parquet               the merged table, written by rank 0 at the end
 
-A batch file is never appended to or rewritten: its bytes go to a hidden temporary
-file in the same folder, which is flushed, ``fsync``-ed, and then renamed to its final
-name with ``os.replace`` (atomic on POSIX and Windows); the folder is ``fsync``-ed
-after the rename. A process killed at any moment (SIGKILL included) therefore leaves
-either the complete file or no file under the final name, never half a row that a
-resumed run would trust. Leftover temporary files are ignored and removed on resume.
+Every file is written with :func:`captum_faithful._files.atomic_write`: a process
+killed at any moment leaves either the complete file or no file under the final
+name, never half a row that a resumed run would trust. The tables are encoded,
+decoded and concatenated by pandas.
+
+A batch file is trusted only if it holds exactly the rows of its batch: the run's
+file format, and one row per (sample of the batch, method, metric) of the recorded
+settings. A file that cannot be read (zero bytes, truncated by something else than
+this package) is named in a warning and its batch recomputed; a readable file with
+other rows (another run's, a hand-made one) is refused with an error naming it, so
+nothing foreign is ever merged.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import io
 import json
 import os
 import re
-from collections.abc import Iterable
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from captum_faithful._files import atomic_write, remove_stale_temporary_files
+from captum_faithful._utils import optional_import
+
 COLUMNS = ("index", "method", "metric", "value", "seconds")
+DTYPES = {"index": "int64", "value": "float64", "seconds": "float64"}
 SETTINGS_FILE = "settings.json"
 BATCH_DIR = "batches"
 RESULTS_STEM = "results"
 _BATCH_NAME = re.compile(r"^batch-(\d{8})\.(parquet|csv)$")
 
 Rows = dict[str, list]
+
+
+class UnreadableFileError(ValueError):
+    """A run's file that is not a complete table (truncated, empty)."""
+
+
+class ForeignFileError(ValueError):
+    """A readable file in a run's folder that does not hold the rows it should."""
 
 
 def default_format() -> str:
@@ -44,89 +61,134 @@ def empty_rows() -> Rows:
     return {column: [] for column in COLUMNS}
 
 
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def as_table(rows: Any) -> Any:
+    """``rows`` (columns as lists, or a DataFrame) as a DataFrame of :data:`COLUMNS`."""
+    pd = optional_import("pandas", "demo")
+    return pd.DataFrame(rows, columns=list(COLUMNS)).astype(DTYPES)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent or complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def encode(rows: Rows, file_format: str) -> bytes:
-    """The bytes of a table with the columns of :data:`COLUMNS`."""
+def encode(rows: Any, file_format: str) -> bytes:
+    """The bytes of a table with the columns of :data:`COLUMNS`: Parquet, or CSV
+    with floats written exactly (shortest round-trip form) and NaN as an empty
+    field."""
+    table = as_table(rows)
     if file_format == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        return buffer.getvalue()
+    return table.to_csv(index=False, lineterminator="\n").encode("utf-8")
 
-        table = pa.table(
-            {
-                "index": pa.array(rows["index"], type=pa.int64()),
-                "method": pa.array(rows["method"], type=pa.string()),
-                "metric": pa.array(rows["metric"], type=pa.string()),
-                "value": pa.array(rows["value"], type=pa.float64()),
-                "seconds": pa.array(rows["seconds"], type=pa.float64()),
-            }
+
+def decode(path: Path) -> Any:
+    """Read a table written by :func:`encode` back into a DataFrame.
+
+    Raises:
+        UnreadableFileError: naming ``path``, when it is not a complete table.
+    """
+    pd = optional_import("pandas", "demo")
+    if path.suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise ImportError(
+            f"{path} is a Parquet file; reading it needs pyarrow (`pip install pyarrow`)"
         )
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        return sink.getvalue().to_pybytes()
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in zip(*(rows[column] for column in COLUMNS), strict=True):
-        index, method, metric, value, seconds = row
-        writer.writerow(
-            [index, method, metric, repr(float(value)), repr(float(seconds))]
+    try:
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+        else:
+            if not path.read_bytes().endswith(b"\n"):
+                raise ValueError("the file does not end with a complete line")
+            table = pd.read_csv(
+                path,
+                dtype={"method": str, "metric": str},
+                keep_default_na=False,
+                na_values={"value": [""], "seconds": [""]},
+            )
+    except Exception as err:  # noqa: BLE001 - any reader error means the same
+        raise UnreadableFileError(
+            f"{path} is truncated or not a results table ({err})"
+        ) from err
+    if tuple(table.columns) != COLUMNS:
+        raise ForeignFileError(
+            f"{path} is not a results table of captum_faithful.evaluate: columns "
+            f"{list(table.columns)}, expected {list(COLUMNS)}"
         )
-    return text.getvalue().encode("utf-8")
+    return table.astype(DTYPES)
 
 
-def decode(path: Path) -> Rows:
-    """Read a table written by :func:`encode` back into columns."""
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as err:
-            raise ImportError(
-                f"{path} is a Parquet file; reading it needs pyarrow "
-                "(`pip install pyarrow`)"
-            ) from err
-        table = pq.read_table(path)
-        return {column: table.column(column).to_pylist() for column in COLUMNS}
-    rows = empty_rows()
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if tuple(header or ()) != COLUMNS:
-            raise ValueError(f"{path} is not a results file: header {header!r}")
-        for index, method, metric, value, seconds in reader:
-            rows["index"].append(int(index))
-            rows["method"].append(method)
-            rows["metric"].append(metric)
-            rows["value"].append(float(value))
-            rows["seconds"].append(float(seconds))
-    return rows
+def concat(tables: list) -> Any:
+    pd = optional_import("pandas", "demo")
+    if not tables:
+        return as_table(empty_rows())
+    return pd.concat(tables, ignore_index=True)
 
 
-def concat(tables: Iterable[Rows]) -> Rows:
-    merged = empty_rows()
-    for table in tables:
-        for column in COLUMNS:
-            merged[column].extend(table[column])
-    return merged
+@dataclass(frozen=True)
+class RunLayout:
+    """What the batches of a run hold, from its recorded settings."""
+
+    n_samples: int
+    batch_size: int
+    methods: tuple[str, ...]
+    metrics: tuple[str, ...]
+    file_format: str
+
+    @classmethod
+    def from_settings(cls, recorded: dict[str, Any]) -> RunLayout:
+        settings = recorded["settings"]
+        return cls(
+            n_samples=int(settings["dataset"]["length"]),
+            batch_size=int(settings["batch_size"]),
+            methods=tuple(settings["methods"]),
+            metrics=tuple(settings["metrics"]),
+            file_format=recorded.get("file_format", default_format()),
+        )
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_samples // self.batch_size)
+
+    def samples(self, batch_id: int) -> range:
+        start = batch_id * self.batch_size
+        return range(start, min(start + self.batch_size, self.n_samples))
+
+    def check(self, batch_id: int, path: Path, table: Any) -> None:
+        """Raise :class:`ForeignFileError` (or :class:`UnreadableFileError` for
+        a table missing some of its rows) unless ``table`` holds exactly one row
+        per (sample, method, metric) of batch ``batch_id``."""
+        samples = self.samples(batch_id)
+        if batch_id >= self.n_batches or not set(table["index"]) <= set(samples):
+            found = sorted(set(table["index"].tolist()))
+            raise ForeignFileError(
+                f"{path} is not a batch of this run: it holds samples "
+                f"{_span(found)}, where batch {batch_id} of this {self.n_samples}-"
+                f"sample run holds {_span(list(samples))}; remove it, or choose "
+                "another `out`"
+            )
+        if not (
+            set(table["method"]) <= set(self.methods)
+            and set(table["metric"]) <= set(self.metrics)
+        ):
+            raise ForeignFileError(
+                f"{path} is not a batch of this run: methods "
+                f"{sorted(set(table['method']))} and metrics "
+                f"{sorted(set(table['metric']))}, where the run has "
+                f"{list(self.methods)} and {list(self.metrics)}; remove it, or "
+                "choose another `out`"
+            )
+        keys = table[["index", "method", "metric"]]
+        expected = len(samples) * len(self.methods) * len(self.metrics)
+        if keys.duplicated().any() or len(keys) != expected:
+            raise UnreadableFileError(
+                f"{path} holds {len(keys)} rows where batch {batch_id} has "
+                f"{expected} (one per sample, method and metric, no repeats)"
+            )
+
+
+def _span(indices: list[int]) -> str:
+    if not indices:
+        return "none"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}..{indices[-1]}"
+    return str(indices[:8])[:-1] + (", ...]" if len(indices) > 8 else "]")
 
 
 class RunStorage:
@@ -152,6 +214,14 @@ class RunStorage:
                 "captum_faithful.evaluate"
             ) from err
 
+    def layout(self) -> RunLayout:
+        recorded = self.read_settings()
+        if recorded is None:
+            raise FileNotFoundError(
+                f"`out` ({self.out}) holds no evaluation run (no settings.json)"
+            )
+        return RunLayout.from_settings(recorded)
+
     def write_settings(self, settings: dict[str, Any]) -> None:
         self.batch_dir.mkdir(parents=True, exist_ok=True)
         data = json.dumps(settings, indent=2, sort_keys=True) + "\n"
@@ -167,10 +237,10 @@ class RunStorage:
         self.settings_path.unlink(missing_ok=True)
 
     def remove_temporary_files(self) -> None:
+        """Remove the leftovers of killed writers; a file another live process is
+        writing is left alone."""
         for folder in (self.out, self.batch_dir):
-            if folder.is_dir():
-                for path in folder.glob(".*.tmp-*"):
-                    path.unlink(missing_ok=True)
+            remove_stale_temporary_files(folder)
 
     def _batch_files(self) -> dict[int, Path]:
         if not self.batch_dir.is_dir():
@@ -182,23 +252,61 @@ class RunStorage:
                 files[int(match.group(1))] = path
         return files
 
+    def _read_batch(self, batch_id: int, path: Path, layout: RunLayout) -> Any:
+        if path.suffix != f".{layout.file_format}":
+            raise ForeignFileError(
+                f"{path} is not a batch of this run: the run writes "
+                f"{layout.file_format} files; remove it, or choose another `out`"
+            )
+        table = decode(path)
+        layout.check(batch_id, path, table)
+        return table
+
     def recorded_batches(self) -> list[int]:
-        return sorted(self._batch_files())
+        """The batches already recorded, each file checked (see the module
+        docstring): an unreadable one is removed with a warning, so that its batch
+        is computed again; a foreign one raises :class:`ForeignFileError`."""
+        layout = self.layout()
+        recorded = []
+        for batch_id, path in sorted(self._batch_files().items()):
+            try:
+                self._read_batch(batch_id, path, layout)
+            except UnreadableFileError as err:
+                warnings.warn(
+                    f"evaluate: {err}; batch {batch_id} is computed again",
+                    stacklevel=2,
+                )
+                path.unlink(missing_ok=True)
+                continue
+            recorded.append(batch_id)
+        return recorded
 
     def write_batch(self, batch_id: int, rows: Rows) -> None:
         path = self.batch_dir / f"batch-{batch_id:08d}.{self.file_format}"
         atomic_write(path, encode(rows, self.file_format))
 
-    def read_batches(self) -> Rows:
+    def read_batches(self) -> Any:
+        """The rows of every recorded batch, in batch order, each file checked;
+        raises naming the first file that is unreadable or foreign."""
+        layout = self.layout()
         files = self._batch_files()
-        return concat(decode(files[batch_id]) for batch_id in sorted(files))
+        tables = []
+        for batch_id in sorted(files):
+            try:
+                tables.append(self._read_batch(batch_id, files[batch_id], layout))
+            except UnreadableFileError as err:
+                raise UnreadableFileError(
+                    f"{err}; calling evaluate with resume=True on {self.out} "
+                    "computes the batch again"
+                ) from err
+        return concat(tables)
 
-    def write_results(self, rows: Rows) -> Path:
+    def write_results(self, table: Any) -> Path:
         path = self.results_path()
-        atomic_write(path, encode(rows, self.file_format))
+        atomic_write(path, encode(table, self.file_format))
         return path
 
-    def read_results(self) -> Rows:
+    def read_results(self) -> Any:
         """The merged table if rank 0 wrote it, else the batches recorded so far."""
         for suffix in ("parquet", "csv"):
             path = self.results_path(suffix)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import inspect
 import os
+import pkgutil
 import runpy
 import sys
 from collections.abc import Mapping
@@ -187,29 +187,15 @@ class ConfigError(ValueError):
 
 
 def import_object(path: str) -> Any:
-    """The object named by ``package.module:attribute`` or ``package.module.name``."""
+    """The object named by ``package.module:attribute`` or ``package.module.name``
+    (:func:`pkgutil.resolve_name`); ValueError naming ``path`` if it cannot be
+    imported."""
     if not isinstance(path, str) or not path:
         raise ValueError(f"expected an import path 'module:name', got {path!r}")
-    if ":" in path:
-        module_name, _, attribute = path.partition(":")
-    else:
-        module_name, _, attribute = path.rpartition(".")
-    if not module_name or not attribute:
-        raise ValueError(f"expected an import path 'module:name', got {path!r}")
     try:
-        obj = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(
-            f"cannot import {module_name!r} (from {path!r}): {err}"
-        ) from err
-    for part in attribute.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as err:
-            raise ValueError(
-                f"{path!r}: {module_name} has no attribute {attribute!r}"
-            ) from err
-    return obj
+        return pkgutil.resolve_name(path)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import {path!r}: {err}") from err
 
 
 def _yaml_factory(spec: Any, key: str) -> Any:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from captum_faithful._utils import check_int, optional_import
-from captum_faithful.evaluation import _stats
 from captum_faithful.evaluation._storage import COLUMNS, RunStorage
 
 
@@ -78,19 +77,17 @@ class Results:
 
     @classmethod
     def load(cls, out: str | os.PathLike) -> Results:
-        """The results recorded under ``out`` by :func:`captum_faithful.evaluate`."""
-        pd = optional_import("pandas", "demo")
+        """The results recorded under ``out`` by :func:`captum_faithful.evaluate`.
+
+        Raises ValueError naming a batch file that is truncated or does not belong
+        to the run (see :mod:`captum_faithful.evaluation._storage`)."""
         storage = RunStorage(out)
         settings = storage.read_settings()
         if settings is None:
             raise FileNotFoundError(
                 f"`out` ({Path(out)}) holds no evaluation run (no settings.json)"
             )
-        rows = storage.read_results()
-        table = pd.DataFrame(rows, columns=list(COLUMNS)).astype(
-            {"index": "int64", "value": "float64", "seconds": "float64"}
-        )
-        return cls(table, settings)
+        return cls(storage.read_results(), settings)
 
     def _order(self, column: str) -> list[str]:
         key = {"method": "methods", "metric": "metrics"}[column]
@@ -160,8 +157,11 @@ class Results:
         """Welch's t-test of method ``a`` against method ``b`` on ``metric``.
 
         The samples are the per-sample values of the two methods (NaN left out),
-        treated as independent with possibly unequal variances; the p-value is
-        two-sided (formulas in :mod:`captum_faithful.evaluation._stats`).
+        treated as independent with possibly unequal variances:
+        ``scipy.stats.ttest_ind(a, b, equal_var=False)`` (scipy comes with the
+        ``demo`` extra), with the Welch-Satterthwaite degrees of freedom and a
+        two-sided p-value. All three are NaN when a method has fewer than two
+        values or both have zero variance.
 
         Returns:
             WelchTest: sizes, means, ``difference = mean_a - mean_b``, ``statistic``,
@@ -169,7 +169,7 @@ class Results:
         """
         values_a = self._values(a, metric)
         values_b = self._values(b, metric)
-        statistic, df, pvalue = _stats.welch(values_a, values_b)
+        statistic, df, pvalue = welch_test(values_a, values_b)
         mean_a = math.fsum(values_a) / len(values_a) if values_a else math.nan
         mean_b = math.fsum(values_b) / len(values_b) if values_b else math.nan
         return WelchTest(
@@ -262,6 +262,17 @@ class Results:
             f"Results({self.table['index'].nunique()} samples, "
             f"methods={self.methods}, metrics={self.metrics})"
         )
+
+
+def welch_test(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(t statistic, degrees of freedom, two-sided p-value) of Welch's test of
+    ``a`` against ``b``; NaN for all three when it is undefined (see
+    :meth:`Results.compare`)."""
+    if len(a) < 2 or len(b) < 2 or (min(a) == max(a) and min(b) == max(b)):
+        return math.nan, math.nan, math.nan
+    stats = optional_import("scipy.stats", "demo")
+    result = stats.ttest_ind(a, b, equal_var=False)
+    return float(result.statistic), float(result.df), float(result.pvalue)
 
 
 def _markdown_row(cells: list[str]) -> str:

@@ -6,14 +6,10 @@ machinery (validation, baselines, feature ranking, chunked perturbed forwards) i
 ``captum_faithful.metrics._utils``.
 """
 
+from captum_faithful._baselines import blur_baseline, mean_baseline, zero_baseline
 from captum_faithful.metrics._core.activation_deviation import (
     activation_deviation,
     insertion_activation_deviation,
-)
-from captum_faithful.metrics._core.baselines import (
-    blur_baseline,
-    mean_baseline,
-    zero_baseline,
 )
 from captum_faithful.metrics._core.faithfulness_correlation import (
     faithfulness_correlation,

@@ -3,10 +3,12 @@
 Every perturbation metric follows the same steps, and each step has one function here:
 
 1. :func:`prepare_metric_inputs` validates ``inputs``, ``attributions``,
-   ``baselines`` and ``feature_mask`` together (shapes, NaN/Inf, types) and resolves
-   them into a :class:`MetricInputs` record, before any forward pass. It uses
-   :func:`format_inputs`, :func:`validate_attributions`, :func:`resolve_baselines`,
-   :func:`resolve_feature_masks` and :func:`check_target_form`.
+   ``baselines``, ``feature_mask``, ``target`` and ``additional_forward_args``
+   together (shapes, NaN/Inf, types) and resolves them into a
+   :class:`MetricInputs` record, before any forward pass. Captum's arguments go
+   through the package's front door, :mod:`captum_faithful._arguments`; the
+   metric-only ones through :func:`validate_attributions` and
+   :func:`resolve_feature_masks`.
 2. :func:`feature_scores` sums the attributions of every feature, and
    :func:`rank_features` turns the scores into ranks (descending score, ties broken
    by the lower feature index).
@@ -19,7 +21,10 @@ Every perturbation metric follows the same steps, and each step has one function
    any row builder, e.g. points on an interpolation path.
 
 Also here: :func:`average_ranks`, :func:`pearson_correlation` and
-:func:`spearman_correlation` (batched, along the last dimension).
+:func:`spearman_correlation` and :func:`cosine_similarity` (batched, along the
+last dimension), and
+:func:`restores_model_state`, the decorator that gives every metric the user's model
+back as it found it.
 
 A perturbation is described by a function ``take_input(samples, perturbations)``
 that returns, for each requested (sample, perturbation) pair, a boolean row over
@@ -29,17 +34,32 @@ copies are built chunk by chunk, so the result does not depend on the chunk size
 
 from __future__ import annotations
 
-import numbers
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from captum_faithful._compat import _format_additional_forward_args
-from captum_faithful._utils import check_finite, check_int, resolve_targets, run_forward
-from captum_faithful.metrics._core.baselines import BASELINE_PRESETS
+from captum_faithful._arguments import (
+    broadcasts_to,
+    format_additional_forward_args,
+    format_baselines,
+    format_inputs,
+    format_target,
+    per_input,
+    resolve_target,
+    select_rows,
+)
+from captum_faithful._utils import (
+    check_finite,
+    check_int,
+    module_of,
+    preserve_model_state,
+    run_forward,
+)
 
 #: Default number of perturbed examples per forward pass when
 #: ``max_examples_per_batch=None``. Measured with ``benchmarks/bench_metrics.py``
@@ -51,6 +71,7 @@ from captum_faithful.metrics._core.baselines import BASELINE_PRESETS
 DEFAULT_MAX_EXAMPLES_PER_BATCH = 64
 
 TakeInput = Callable[[Tensor, Tensor], Tensor]
+Metric = TypeVar("Metric", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,10 @@ class MetricInputs:
             ``[0, n_features)``; the same index in two places is the same feature.
         n_features (int): Number of features F.
         n_examples (int): Batch size N.
+        target (Tensor or None): The class per sample, (N,) int64, or None for
+            the class predicted on the unperturbed inputs.
+        additional_forward_args (tuple or None): Formatted and checked (see
+            :func:`captum_faithful._arguments.format_additional_forward_args`).
         chunk_size (int): Perturbed examples per forward pass.
         feature_ranges (tuple): Per input, ``(start, stop)`` when its elements, in
             order, are features ``start .. stop-1`` for every sample (the default
@@ -82,61 +107,9 @@ class MetricInputs:
     n_features: int
     n_examples: int
     chunk_size: int
+    target: Tensor | None = None
+    additional_forward_args: tuple | None = None
     feature_ranges: tuple[tuple[int, int] | None, ...] = ()
-
-
-def format_inputs(inputs: Any) -> tuple[tuple[Tensor, ...], bool]:
-    """Return ``(inputs_as_tuple, is_tuple)`` after checking types, batch and values.
-
-    Every input must be a non-empty tensor with a leading batch dimension of the same
-    size N >= 1, free of NaN/Inf.
-    """
-    is_tuple = isinstance(inputs, (tuple, list))
-    items = tuple(inputs) if is_tuple else (inputs,)
-    if not items or not all(isinstance(x, Tensor) for x in items):
-        raise TypeError(
-            "`inputs` must be a tensor or a non-empty tuple of tensors, got "
-            f"{type(inputs).__name__}"
-        )
-    for x in items:
-        if x.dim() < 1 or x.numel() == 0:
-            raise ValueError(
-                "`inputs` must be non-empty tensors of shape (N, ...), got shape "
-                f"{tuple(x.shape)}"
-            )
-    n = items[0].shape[0]
-    if any(x.shape[0] != n for x in items):
-        raise ValueError(
-            "every tensor in `inputs` must have the same batch size, got "
-            f"{[x.shape[0] for x in items]}"
-        )
-    check_finite("inputs", items)
-    return items, is_tuple
-
-
-def _as_tuple_like(name: str, value: Any, inputs: tuple[Tensor, ...]) -> tuple:
-    """``value`` as a tuple with one entry per input (a single value is shared
-    only when there is one input)."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != len(inputs):
-            raise ValueError(
-                f"`{name}` must hold one entry per input tensor ({len(inputs)}), "
-                f"got {len(value)}"
-            )
-        return tuple(value)
-    if len(inputs) != 1:
-        raise ValueError(
-            f"`{name}` must be a tuple with one entry per input tensor "
-            f"({len(inputs)}) when `inputs` is a tuple of several tensors"
-        )
-    return (value,)
-
-
-def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
 
 
 def validate_attributions(
@@ -145,7 +118,16 @@ def validate_attributions(
     """Check that ``attributions`` mirror ``inputs``: one tensor per input, with the
     input's number of dimensions, batch size N, every other dimension equal to the
     input's or 1 (e.g. (N, 1, H, W) for (N, C, H, W) images), and finite values."""
-    items = _as_tuple_like("attributions", attributions, inputs)
+    if not isinstance(attributions, (Tensor, tuple)):
+        raise TypeError(
+            "`attributions` must be a tensor or a tuple of tensors, got "
+            f"{type(attributions).__name__}"
+        )
+    if isinstance(attributions, Tensor) and len(inputs) > 1:
+        raise ValueError(
+            f"`attributions` must be a tuple with one tensor per input ({len(inputs)})"
+        )
+    items = per_input("attributions", attributions, inputs)
     for a, x in zip(items, inputs, strict=True):
         if not isinstance(a, Tensor):
             raise TypeError(
@@ -155,7 +137,7 @@ def validate_attributions(
         if (
             a.dim() != x.dim()
             or a.shape[0] != x.shape[0]
-            or not _broadcasts_to(a.shape, x.shape)
+            or not broadcasts_to(a.shape, x.shape)
         ):
             raise ValueError(
                 "`attributions` must have the shape of the inputs, or one that "
@@ -164,47 +146,6 @@ def validate_attributions(
             )
     check_finite("attributions", items)
     return items
-
-
-def resolve_baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Turn ``baselines`` into one tensor per input, expanded to the input's shape.
-
-    ``baselines`` is a string preset (``"zero"``, ``"mean"``, ``"blur"``), a number,
-    a tensor broadcastable to the input, a callable ``input -> tensor`` (applied to
-    each input tensor), or a tuple of these with one entry per input. The result is
-    finite, on the input's device and dtype; nothing is computed in place.
-    """
-    if isinstance(baselines, (tuple, list)):
-        items = _as_tuple_like("baselines", baselines, inputs)
-    else:
-        items = (baselines,) * len(inputs)
-    resolved = []
-    for b, x in zip(items, inputs, strict=True):
-        if isinstance(b, str):
-            if b not in BASELINE_PRESETS:
-                raise ValueError(
-                    f"`baselines` must be one of {tuple(BASELINE_PRESETS)}, a number, "
-                    f"a tensor or a callable, got {b!r}"
-                )
-            # "zero" stays one broadcast scalar: building copies then skips it
-            b = x.new_zeros(()) if b == "zero" else BASELINE_PRESETS[b](x)
-        elif isinstance(b, numbers.Real) and not isinstance(b, bool):
-            b = torch.full((), float(b), dtype=x.dtype, device=x.device)
-        elif callable(b) and not isinstance(b, Tensor):
-            b = b(x)
-        if not isinstance(b, Tensor):
-            raise TypeError(
-                "`baselines` must be a string preset, a number, a tensor or a "
-                f"callable returning a tensor, got {type(b).__name__}"
-            )
-        if b.dim() > x.dim() or not _broadcasts_to(b.shape, x.shape):
-            raise ValueError(
-                "`baselines` must broadcast to the input shape "
-                f"{tuple(x.shape)}, got shape {tuple(b.shape)}"
-            )
-        check_finite("baselines", b)
-        resolved.append(b.to(device=x.device, dtype=x.dtype).expand_as(x))
-    return tuple(resolved)
 
 
 def default_feature_ids(inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], int]:
@@ -239,7 +180,11 @@ def resolve_feature_masks(
     """
     if feature_mask is None:
         return default_feature_ids(inputs)
-    items = _as_tuple_like("feature_mask", feature_mask, inputs)
+    if isinstance(feature_mask, Tensor) and len(inputs) > 1:
+        raise ValueError(
+            f"`feature_mask` must be a tuple with one tensor per input ({len(inputs)})"
+        )
+    items = per_input("feature_mask", feature_mask, inputs)
     masks = []
     for m, x in zip(items, inputs, strict=True):
         if not isinstance(m, Tensor):
@@ -251,7 +196,7 @@ def resolve_feature_masks(
             raise TypeError(
                 f"`feature_mask` must hold integer feature ids, got dtype {m.dtype}"
             )
-        if m.dim() > x.dim() or not _broadcasts_to(m.shape, x.shape):
+        if m.dim() > x.dim() or not broadcasts_to(m.shape, x.shape):
             raise ValueError(
                 f"`feature_mask` must broadcast to the input shape {tuple(x.shape)}, "
                 f"got shape {tuple(m.shape)}"
@@ -277,46 +222,6 @@ def resolve_feature_masks(
     return ids, n_features
 
 
-def check_target_form(target: Any, n_examples: int) -> None:
-    """Check what can be checked about ``target`` before a forward pass: its type,
-    one class per sample, non-negative integers. The upper bound (number of classes)
-    is checked by :func:`resolve_targets` after the clean forward pass."""
-    if target is None:
-        return
-    if isinstance(target, bool):
-        raise TypeError("`target` must be None, an int, a list of ints or a tensor")
-    if isinstance(target, numbers.Integral):
-        values = [int(target)]
-    elif isinstance(target, Tensor):
-        if target.is_floating_point() or target.is_complex():
-            if not bool((target == target.round()).all()):
-                raise ValueError("`target` must hold integer class indices")
-        if target.numel() not in (1, n_examples) or target.dim() > 1:
-            raise ValueError(
-                f"`target` must be a scalar or hold one class per sample "
-                f"({n_examples}), got shape {tuple(target.shape)}"
-            )
-        values = target.reshape(-1).tolist()
-    elif isinstance(target, (list, tuple)):
-        if len(target) != n_examples or not all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
-        ):
-            raise ValueError(
-                f"`target` as a list must hold one integer class per sample "
-                f"({n_examples}), got {target!r}"
-            )
-        values = [int(t) for t in target]
-    else:
-        raise TypeError(
-            "`target` must be None, an int, a list of ints or a tensor, got "
-            f"{type(target).__name__}"
-        )
-    if values and min(values) < 0:
-        raise ValueError(
-            f"`target` out of range: class indices must be >= 0, got {min(values)}"
-        )
-
-
 def resolve_chunk_size(max_examples_per_batch: Any) -> int:
     """``max_examples_per_batch`` as a positive int; None means
     :data:`DEFAULT_MAX_EXAMPLES_PER_BATCH`."""
@@ -332,6 +237,7 @@ def prepare_metric_inputs(
     feature_mask: Any,
     target: Any,
     max_examples_per_batch: Any,
+    additional_forward_args: Any = None,
 ) -> MetricInputs:
     """Validate and resolve the common arguments of a perturbation metric at once,
     raising ValueError/TypeError that names the argument before any forward pass."""
@@ -339,10 +245,10 @@ def prepare_metric_inputs(
     n = inputs[0].shape[0]
     attributions = validate_attributions(attributions, inputs)
     chunk_size = resolve_chunk_size(max_examples_per_batch)
-    check_target_form(target, n)
+    target = format_target(target, n)
+    additional_forward_args = format_additional_forward_args(additional_forward_args, n)
     feature_ids, n_features = resolve_feature_masks(feature_mask, inputs)
-    with torch.no_grad():
-        baselines = resolve_baselines(baselines, inputs)
+    baselines = format_baselines(baselines, inputs)
     return MetricInputs(
         inputs=inputs,
         is_tuple=is_tuple,
@@ -352,8 +258,25 @@ def prepare_metric_inputs(
         n_features=n_features,
         n_examples=n,
         chunk_size=chunk_size,
+        target=target,
+        additional_forward_args=additional_forward_args,
         feature_ranges=tuple(contiguous_feature_range(ids) for ids in feature_ids),
     )
+
+
+def restores_model_state(metric: Metric) -> Metric:
+    """Decorate a metric whose first argument is the forward function (or model):
+    the mode, ``requires_grad`` flags and buffers of the module it is (or is a bound
+    method of) are restored when the metric returns or raises, since every forward
+    pass of a model in training mode updates BatchNorm's statistics. A forward
+    function that is no module is left alone (its modules cannot be seen)."""
+
+    @functools.wraps(metric)
+    def wrapper(forward_func: Callable, *args: Any, **kwargs: Any) -> Any:
+        with preserve_model_state(module_of(forward_func)):
+            return metric(forward_func, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def contiguous_feature_range(ids: Tensor) -> tuple[int, int] | None:
@@ -418,23 +341,6 @@ def rank_features(scores: Tensor) -> Tensor:
     return ranks
 
 
-def select_additional_forward_args(
-    additional_forward_args: Any, samples: Tensor, n_examples: int
-) -> Any:
-    """The additional forward arguments for rows built from ``samples``: a tensor
-    whose first dimension is N is indexed by sample; anything else is passed as is
-    (Captum's convention of batch-first tensors)."""
-    args = _format_additional_forward_args(additional_forward_args)
-    if args is None:
-        return None
-    return tuple(
-        arg.index_select(0, samples.to(arg.device))
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_examples
-        else arg
-        for arg in args
-    )
-
-
 def target_scores(
     forward_func: Callable,
     inputs: tuple[Tensor, ...],
@@ -461,34 +367,31 @@ def chunked_outputs(
     additional_forward_args: Any,
     chunk_size: int,
 ) -> Tensor:
-    """The forward outputs of ``inputs``, ``chunk_size`` samples per forward pass
-    (tensors in ``additional_forward_args`` with a leading dimension N follow their
-    samples), concatenated: shape (N, ...)."""
+    """The forward outputs of ``inputs``, ``chunk_size`` samples per forward pass,
+    concatenated: shape (N, ...). ``additional_forward_args`` is formatted (see
+    :func:`captum_faithful._arguments.format_additional_forward_args`); its
+    per-sample tensors follow their samples."""
     n = inputs[0].shape[0]
     outputs = []
     for start in range(0, n, chunk_size):
         samples = torch.arange(start, min(n, start + chunk_size))
         rows = tuple(x[start : start + chunk_size] for x in inputs)
-        args = select_additional_forward_args(additional_forward_args, samples, n)
+        args = select_rows(additional_forward_args, samples)
         outputs.append(run_forward(forward_func, rows, args))
     return torch.cat(outputs)
 
 
 def clean_target_scores(
-    forward_func: Callable,
-    setup: MetricInputs,
-    target: Any,
-    additional_forward_args: Any,
-    apply_softmax: bool,
+    forward_func: Callable, setup: MetricInputs, apply_softmax: bool
 ) -> tuple[Tensor, Tensor]:
     """Forward the unperturbed inputs (in chunks) and return ``(scores, classes)``,
-    each of shape (N,): ``classes`` is ``target`` or, for ``target=None``, the
+    each of shape (N,): ``classes`` is the target or, for ``target=None``, the
     predicted class; ``scores`` the target-class score. Raises ValueError if a
     target class is out of range."""
     output = chunked_outputs(
-        forward_func, setup.inputs, additional_forward_args, setup.chunk_size
+        forward_func, setup.inputs, setup.additional_forward_args, setup.chunk_size
     )
-    classes = resolve_targets(output, target)
+    classes = resolve_target(output, setup.target)
     scores = torch.softmax(output, dim=1) if apply_softmax else output
     return scores.gather(1, classes.view(-1, 1)).squeeze(1), classes
 
@@ -592,8 +495,9 @@ def chunked_target_scores(
     The N x P copies are enumerated sample-major; for each chunk,
     ``build_rows(samples, perturbations)`` (two LongTensors of shape (R,) on
     ``device``) returns the chunk's model inputs as a tuple of batched tensors.
-    Copy r of the chunk is scored on class ``classes[samples[r]]``; tensors in
-    ``additional_forward_args`` with a leading dimension N follow their sample.
+    Copy r of the chunk is scored on class ``classes[samples[r]]``; the batched
+    tensors of ``additional_forward_args`` (formatted by the front door) follow
+    their sample.
     Any metric that scores copies of its inputs (perturbations, interpolation
     paths) can use this as its batched forward loop.
 
@@ -605,9 +509,7 @@ def chunked_target_scores(
     for start in range(0, total, chunk_size):
         rows = torch.arange(start, min(total, start + chunk_size), device=device)
         samples, perturbations = rows // n_perturbations, rows % n_perturbations
-        args = select_additional_forward_args(
-            additional_forward_args, samples, n_examples
-        )
+        args = select_rows(additional_forward_args, samples)
         scores.append(
             target_scores(
                 forward_func,
@@ -626,7 +528,6 @@ def perturbed_target_scores(
     take_input: TakeInput,
     n_perturbations: int,
     classes: Tensor,
-    additional_forward_args: Any,
     apply_softmax: bool,
 ) -> Tensor:
     """Target-class scores of ``n_perturbations`` perturbed copies of every sample.
@@ -657,7 +558,7 @@ def perturbed_target_scores(
         setup.n_examples,
         n_perturbations,
         classes,
-        additional_forward_args,
+        setup.additional_forward_args,
         apply_softmax,
         setup.chunk_size,
         setup.feature_ids[0].device,
@@ -698,6 +599,26 @@ def spearman_correlation(a: Tensor, b: Tensor) -> Tensor:
     """Spearman rank correlation along the last dimension (Pearson of average
     ranks), in float64; NaN where either side is constant."""
     return pearson_correlation(average_ranks(a), average_ranks(b))
+
+
+def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
+    r"""Cosine similarity along the last dimension, in float64.
+
+    .. math::
+        \cos(a, b) = \frac{\langle a, b \rangle}{\lVert a \rVert \, \lVert b \rVert}
+
+    Zero vectors follow one convention, chosen so that :math:`\cos(a, a) = 1` for
+    every :math:`a`: two zero vectors are identical (1); a zero vector and a
+    non-zero one share no direction (0).
+    """
+    # the cosine is scale-free: dividing each vector by its largest magnitude keeps
+    # the norms far from underflow, also for tiny activations
+    a, b = (v.to(torch.float64) for v in (a, b))
+    tiny = torch.finfo(torch.float64).tiny
+    a = a / a.abs().amax(dim=-1, keepdim=True).clamp_min(tiny)
+    b = b / b.abs().amax(dim=-1, keepdim=True).clamp_min(tiny)
+    both_zero = (a == 0).all(-1) & (b == 0).all(-1)
+    return torch.where(both_zero, 1.0, F.cosine_similarity(a, b, dim=-1))
 
 
 CORRELATIONS = {"pearson": pearson_correlation, "spearman": spearman_correlation}

@@ -22,6 +22,13 @@ def _blocks(tiny):
     return list(tiny.model.blocks)
 
 
+def lower_median(values):
+    """The median as torch.median takes it: the lower middle value when the count
+    is even (sorted values, index (n - 1) // 2)."""
+    ordered = np.sort(np.asarray(values))
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def reference_gates(
     tiny, x, saes, variant="combined", kappa=0.5, c_max=10.0, perms=None
 ):
@@ -63,8 +70,8 @@ def reference_gates(
         s = s.double().numpy()
         rows = []
         for row in s:
-            med = np.median(row)
-            mad = np.median(np.abs(row - med))
+            med = lower_median(row)
+            mad = lower_median(np.abs(row - med))
             s_hat = (row - med) / (1.4826 * mad + 1e-8)
             rows.append(np.exp(math.log(c_max) * np.tanh(kappa * s_hat)))
         gates[layer] = torch.tensor(np.stack(rows), dtype=torch.float32)
@@ -207,15 +214,33 @@ def test_feature_scores_equal_sum_over_features(k, variant):
         torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_robust_normalize_matches_numpy_even_and_odd():
+def test_robust_normalize_takes_the_lower_median_like_torch_median():
+    """The thesis's code normalises with torch.median: for an even number of tokens
+    the lower of the two middle values, for both the median and the MAD."""
     generator = torch.Generator().manual_seed(0)
-    for size in (9, 16):
+    for size in (9, 16, 196):
         scores = torch.randn(3, size, generator=generator, dtype=torch.float64)
         result = robust_normalize(scores)
         for row, out in zip(scores.numpy(), result, strict=True):
-            med = np.median(row)
-            mad = np.median(np.abs(row - med))
+            med = lower_median(row)
+            mad = lower_median(np.abs(row - med))
             np.testing.assert_allclose(out.numpy(), (row - med) / (1.4826 * mad + 1e-8))
+            if size % 2 == 0:
+                # the convention matters: the mean of the two middle values differs
+                mean_med = np.median(row)
+                assert mean_med != med
+                assert not np.allclose(
+                    out.numpy(),
+                    (row - mean_med)
+                    / (1.4826 * np.median(np.abs(row - mean_med)) + 1e-8),
+                )
+
+
+def test_robust_normalize_on_a_hand_made_even_row():
+    # sorted: 0, 1, 3, 10 -> lower median 1; |s - 1| = 1, 0, 2, 9 -> lower median 1
+    scores = torch.tensor([[3.0, 0.0, 10.0, 1.0]], dtype=torch.float64)
+    expected = (scores - 1.0) / (1.4826 * 1.0 + 1e-8)
+    torch.testing.assert_close(robust_normalize(scores), expected)
 
 
 def test_model_and_saes_untouched(sae_folders):

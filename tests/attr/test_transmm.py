@@ -208,3 +208,17 @@ def test_bad_arguments():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         explainer.attribute(bad)
+
+
+def test_integer_images_and_empty_batches_are_named_before_the_model_runs():
+    """Integer pixels used to fail inside autograd, an empty batch deep in
+    transformers; both are now ValueError/TypeError naming ``inputs``, raised
+    before any forward pass (no hook left behind)."""
+    tiny = hf_vit()
+    snapshot = ModelSnapshot.take(tiny.model)
+    explainer = TransMM(tiny.model)
+    with pytest.raises(TypeError, match="`inputs`.*floating point.*torch.uint8"):
+        explainer.attribute((images(2) * 255).clamp(0, 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="`inputs`.*empty batch"):
+        explainer.attribute(images(2)[:0])
+    snapshot.assert_same(tiny.model)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import matplotlib
 import pytest
 import torch
@@ -12,6 +10,7 @@ from captum.attr import IntegratedGradients, NoiseTunnel
 from captum.metrics import infidelity, sensitivity_max
 from helpers import ModelSnapshot, small_cnn
 from torch import nn
+from uni_reference import reference_baselines, reference_unlearned_probs
 
 from captum_faithful import UnlearnedIntegratedGradients
 from captum_faithful.attr._utils.unlearning import (
@@ -25,48 +24,8 @@ matplotlib.use("Agg")
 
 
 # ---------------------------------------------------------------- reference
-
-
-def reference_unlearned_probs(model, sample_args, target, eta=1.0):
-    """p̂ for one sample: deep copy, explicit ascent step written into the copy."""
-    unlearned = copy.deepcopy(model)
-    params = [p for p in unlearned.parameters() if p.requires_grad]
-    if not params:
-        params = list(unlearned.parameters())
-        for p in params:
-            p.requires_grad_(True)
-    loss = F.cross_entropy(unlearned(*sample_args), target.reshape(1))
-    grads = torch.autograd.grad(loss, params)
-    norm = torch.sqrt(sum((g**2).sum() for g in grads))
-    with torch.no_grad():
-        for p, g in zip(params, grads, strict=True):
-            p.add_(eta * g / norm)
-        return F.softmax(unlearned(*sample_args), dim=1)
-
-
-def reference_baselines(
-    model, inputs, targets, extra=(), eta=1.0, steps=10, eps=0.25, mu=0.1
-):
-    """Algorithm 1 lines 1-7, one sample at a time, tuple inputs perturbed jointly."""
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    out = [[] for _ in inputs]
-    for i in range(inputs[0].shape[0]):
-        xi = tuple(x[i : i + 1] for x in inputs)
-        ei = tuple(e[i : i + 1] for e in extra)
-        p_hat = reference_unlearned_probs(model, (*xi, *ei), targets[i], eta)
-        deltas = [torch.zeros_like(x) for x in xi]
-        for _ in range(steps):
-            deltas = [d.detach().requires_grad_(True) for d in deltas]
-            moved = [x + d for x, d in zip(xi, deltas, strict=True)]
-            q = F.log_softmax(model(*moved, *ei), dim=1)
-            kl = (p_hat * (p_hat.log() - q)).sum()
-            grads = torch.autograd.grad(kl, deltas)
-            deltas = [d - mu * g for d, g in zip(deltas, grads, strict=True)]
-            norm = torch.sqrt(sum((d**2).sum() for d in deltas))
-            deltas = [eps * d / norm for d in deltas]
-        for slot, x, d in zip(out, xi, deltas, strict=True):
-            slot.append((x + d).detach())
-    return tuple(torch.cat(slot) for slot in out)
+# reference_baselines / reference_unlearned_probs (Algorithm 1, one sample at a time)
+# live in tests/uni_reference.py, shared with the metric tests.
 
 
 def kl_to(model, p_hat, x):
@@ -259,6 +218,51 @@ def test_single_step_is_gradient_at_input_times_difference(cnn, images):
     torch.testing.assert_close(got, grad * (images - baselines), atol=1e-6, rtol=1e-5)
 
 
+def _gradient_at(model, baselines, images, alpha, target):
+    """∇f_target at baselines + alpha (images - baselines), by autograd."""
+    point = (baselines + alpha * (images - baselines)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(point)[:, target].sum(), point)
+    return grad
+
+
+@pytest.mark.parametrize(
+    ("method", "alpha"),
+    [
+        ("riemann_left", 0.0),
+        ("riemann_middle", 0.5),
+        ("riemann_right", 1.0),
+        ("gausslegendre", 0.5),  # one Gauss-Legendre node: the midpoint, weight 1
+    ],
+)
+@pytest.mark.parametrize("multiply", [True, False])
+def test_single_step_is_one_gradient_at_the_rule_point(
+    cnn, images, method, alpha, multiply
+):
+    # explicit baselines far from the inputs: the gradient at α = 0, 1/2 and 1 differ
+    baselines = torch.rand(4, 3, 16, 16) * 4 - 2
+    gradients = {a: _gradient_at(cnn, baselines, images, a, 2) for a in (0, 0.5, 1)}
+    assert not torch.allclose(gradients[0], gradients[1], atol=1e-3)
+    assert not torch.allclose(gradients[0], gradients[0.5], atol=1e-3)
+    assert not torch.allclose(gradients[0.5], gradients[1], atol=1e-3)
+    expected = gradients[alpha] * ((images - baselines) if multiply else 1.0)
+    uni = UnlearnedIntegratedGradients(cnn, multiply_by_inputs=multiply)
+    got = uni.attribute(images, baselines=baselines, target=2, n_steps=1, method=method)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # the learned baselines take the same single point of the path
+    learned = uni.compute_baselines(images, target=2)
+    grad = _gradient_at(cnn, learned, images, alpha, 2)
+    got = uni.attribute(images, target=2, n_steps=1, method=method)
+    expected = grad * ((images - learned) if multiply else 1.0)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_trapezoid_rule_needs_two_steps(cnn, images):
+    with pytest.raises(ValueError, match="n_steps"):
+        UnlearnedIntegratedGradients(cnn).attribute(
+            images, n_steps=1, method="riemann_trapezoid"
+        )
+
+
 def test_completeness_within_five_percent_at_400_steps(cnn):
     images = torch.randn(3, 3, 16, 16) * 3
     uni = UnlearnedIntegratedGradients(cnn, epsilon=3.0)
@@ -370,7 +374,7 @@ def test_data_dependent_control_flow_falls_back_to_the_loop():
     model = CheckingNet().eval()
     images = torch.randn(3, 3, 8, 8)
     targets = model(images).argmax(1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="data-dependent control flow"):
         _log_probs(model, (images,), targets, "vmap", 3)
     auto = _log_probs(model, (images,), targets, "auto", 3)
     loop = _log_probs(model, (images,), targets, "loop", 3)
@@ -386,7 +390,8 @@ def test_batchnorm_in_train_mode_uses_copies_of_the_buffers():
     images = torch.randn(4, 3, 8, 8)
     snapshot = ModelSnapshot.take(model)
     targets = torch.tensor([0, 1, 2, 3])
-    with pytest.raises(RuntimeError):  # in-place running-stat update under vmap
+    # vmap refuses the in-place update of the (unbatched) running statistics
+    with pytest.raises(RuntimeError, match="running_mean or running_var"):
         _log_probs(model, (images,), targets, "vmap", 4)
     auto = _log_probs(model, (images,), targets, "auto", 4)
     loop = _log_probs(model, (images,), targets, "loop", 4)
@@ -559,8 +564,45 @@ def test_captum_infidelity_with_uni_attributions(cnn, images):
 
 def test_captum_sensitivity_max_calls_uni_under_no_grad(cnn, images):
     uni = UnlearnedIntegratedGradients(cnn)
-    sens = sensitivity_max(uni.attribute, images[:2], target=1, n_perturb_samples=2)
-    assert sens.shape == (2,) and torch.isfinite(sens).all() and (sens > 0).all()
+    x = images[:2]
+    n_perturb = 3
+    noise = 0.05 * torch.randn(2 * n_perturb, *x.shape[1:])
+    calls = []
+
+    def explain(inputs, target):
+        # what Captum hands over (a 1-tuple for the clean inputs), and whether it
+        # disabled autograd for the call
+        (tensor,) = inputs if isinstance(inputs, tuple) else (inputs,)
+        calls.append((torch.is_grad_enabled(), tensor.clone()))
+        return uni.attribute(inputs, target=target)
+
+    def perturb(inputs):  # deterministic: x_i + noise[i * n_perturb + j]
+        return inputs + noise
+
+    sens = sensitivity_max(
+        explain, x, perturb_func=perturb, target=1, n_perturb_samples=n_perturb
+    )
+    # sensitivity_max explains the clean inputs and one batch of perturbed ones,
+    # both under torch.no_grad() (so UNI must enable autograd itself)
+    assert len(calls) == 2
+    assert [enabled for enabled, _ in calls] == [False, False]
+    torch.testing.assert_close(calls[0][1], x, atol=0, rtol=0)
+    expected_perturbed = x.repeat_interleave(n_perturb, dim=0) + noise
+    torch.testing.assert_close(calls[1][1], expected_perturbed, atol=0, rtol=0)
+    # independent value: every explanation computed with autograd on, one sample at
+    # a time; max_j ‖a(x_i + δ_ij) − a(x_i)‖_F / ‖a(x_i)‖_F
+    assert torch.is_grad_enabled()
+    expected = []
+    for i in range(2):
+        clean = uni.attribute(x[i : i + 1], target=1)
+        ratios = []
+        for j in range(n_perturb):
+            moved = expected_perturbed[i * n_perturb + j : i * n_perturb + j + 1]
+            diff = uni.attribute(moved, target=1) - clean
+            ratios.append(float(diff.norm() / clean.norm()))
+        expected.append(max(ratios))
+    assert min(expected) > 0.01  # the noise moves the explanation measurably
+    torch.testing.assert_close(sens, torch.tensor(expected), atol=1e-5, rtol=1e-4)
 
 
 def test_visualize_image_attr(cnn, images):
@@ -639,21 +681,39 @@ def test_bad_hyperparameters_raise(cnn, kwargs, name):
         UnlearnedIntegratedGradients(cnn, **kwargs)
 
 
-def test_forward_without_parameters_needs_a_model(cnn):
-    with pytest.raises(TypeError, match="model"):
-        UnlearnedIntegratedGradients(lambda x: cnn(x))
-    with pytest.raises(ValueError, match="parameters"):
-        UnlearnedIntegratedGradients(nn.Flatten())
-    with pytest.raises(ValueError, match="parameters"):
-        UnlearnedIntegratedGradients(lambda x: cnn(x), model=nn.ReLU())
+def test_parameters_are_needed_only_to_learn_baselines(cnn, images):
+    """Explicit baselines are used as given, so a forward function without
+    parameters works, as with Captum's IntegratedGradients; learning baselines
+    asks for the module that holds the parameters."""
+    x = images[:2]
+    explicit = UnlearnedIntegratedGradients(lambda t: cnn(t)).attribute(
+        x, baselines=0.0, target=1
+    )
+    assert torch.equal(
+        explicit, UnlearnedIntegratedGradients(cnn).attribute(x, 0.0, target=1)
+    )
+    UnlearnedIntegratedGradients(nn.Flatten()).attribute(x, baselines=0.0, target=1)
+    for uni in (
+        UnlearnedIntegratedGradients(lambda t: cnn(t)),
+        UnlearnedIntegratedGradients(nn.Flatten()),
+        UnlearnedIntegratedGradients(lambda t: cnn(t), model=nn.ReLU()),
+    ):
+        with pytest.raises(ValueError, match="`model=`.*`baselines`"):
+            uni.attribute(x)
     with pytest.raises(TypeError, match="model"):
         UnlearnedIntegratedGradients(cnn, model="cnn")
 
 
-def test_output_must_be_class_logits(images):
+def test_learned_baselines_need_several_classes(images):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1), nn.Flatten(0))
-    with pytest.raises(ValueError, match="n_classes"):
+    with pytest.raises(ValueError, match="1 score per sample"):
         UnlearnedIntegratedGradients(model).attribute(images)
+    # explicit baselines: one score per sample is what Captum's IG explains
+    uni = UnlearnedIntegratedGradients(model).attribute(images, baselines=0.0)
+    expected = IntegratedGradients(model).attribute(
+        images, baselines=0.0, n_steps=15, method="riemann_right"
+    )
+    torch.testing.assert_close(uni, expected)
 
 
 def test_captum_attribution_interface(cnn):

@@ -4,8 +4,8 @@ import os
 import pytest
 
 from captum_faithful.cli import SUBCOMMAND_MODULES, build_parser, main
-from captum_faithful.demo.job import METHODS, METRIC_INFO
 from captum_faithful.demo.models import CACHE_ENV
+from captum_faithful.demo.registry import METHODS, METRIC_INFO
 
 PATH_METHODS = {key for key, method in METHODS.items() if method.path}
 CNN_METHODS = {key for key, method in METHODS.items() if method.model == "cnn"}
@@ -20,7 +20,18 @@ def test_demo_is_the_default_job():
     assert set(args.methods) == set(METHODS)
 
 
-def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
+@pytest.mark.slow  # trains the quick demo (once per session)
+def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
+    import captum_faithful.demo.job as job
+
+    chosen_on = []
+
+    def recording(vit, saes, images, **kwargs):
+        chosen_on.append(images.clone())
+        return choose_gating(vit, saes, images, **kwargs)
+
+    choose_gating = job.choose_gating
+    monkeypatch.setattr(job, "choose_gating", recording)
     out = tmp_path / "report"
     code = main(
         [
@@ -67,9 +78,31 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
         ("UNI", "IG (black)"),
         ("FG-TransMM", "TransMM"),
         ("FG-TransMM", "FG-TransMM (shuffled)"),
+        ("FG-TransMM combined", "TransMM"),
+        ("FG-TransMM activation", "TransMM"),
+        ("FG-TransMM gradient", "TransMM"),
         ("FEI (vm)", "FEI (none)"),
     ):
         assert f"| {a} | {b} |" in report
+    # the gating was chosen once, on validation images none of which was scored
+    assert len(chosen_on) == 1
+    validation = chosen_on[0].flatten(1)
+    scored = quick_demo.x_test[:4].flatten(1)
+    assert len(validation) == len(quick_demo.y_validation) == 120
+    assert not bool((validation[:, None] == scored[None]).all(-1).any())
+    assert "configuration chosen on validation images" in report
+    # FG-TransMM is one of the three variants at the chosen configuration: that
+    # variant's row holds the same values
+    values = {}
+    for row in rows:
+        values.setdefault(row["method"], {})[row["index"], row["metric"]] = row["value"]
+    twins = [
+        variant
+        for variant in ("combined", "activation", "gradient")
+        if values[f"fg-transmm-{variant}"] == values["fg-transmm"]
+    ]
+    assert len(twins) == 1
+    assert "**Chosen: blocks" in report and "The whole validation table" in report
     assert f"CNN {quick_demo.accuracy['cnn']:.3f}" in report
     assert "explained variance" in report
     # localisation values are shares
@@ -88,6 +121,10 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys):
     [
         (["--n-images", "0"], "argument --n-images: expected a positive integer"),
         (["--n-images", "many"], "argument --n-images: expected a positive integer"),
+        (
+            ["--n-validation", "0"],
+            "argument --n-validation: expected a positive integer",
+        ),
         (["--methods", "gradcam"], "argument --methods: invalid choice: 'gradcam'"),
         (["--seed", "-3"], "argument --seed: expected a non-negative integer"),
         (["--device", "tpu:9"], "argument --device: unknown device 'tpu:9'"),
@@ -116,8 +153,7 @@ def test_unwritable_output_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith(
-        "captum-faithful demo: error: argument --out: cannot write to the output "
-        "folder"
+        "captum-faithful demo: error: argument --out: cannot write to the output folder"
     )
     assert "report" in err[0]
     assert blocker.read_text() == "not a folder"

@@ -8,6 +8,7 @@ from captum_faithful.demo.data import (
     load_scans,
     make_blocks,
     split_indices,
+    split_scans,
 )
 
 
@@ -29,22 +30,39 @@ def test_deterministic_from_seed(test_split):
 
 def test_split_is_fixed_disjoint_and_complete():
     scans, labels = load_scans()
-    train, test = split_indices(len(scans), seed=0)
-    assert len(np.intersect1d(train, test)) == 0
-    assert len(train) + len(test) == len(scans) == 1797
-    assert len(test) == round(0.2 * 1797)
-    assert np.array_equal(split_indices(len(scans), seed=0)[1], test)
-    assert torch.equal(
-        make_blocks("test", seed=0).labels, torch.from_numpy(labels[test])
+    train, held_out = split_indices(len(scans), seed=0)
+    assert len(np.intersect1d(train, held_out)) == 0
+    assert len(train) + len(held_out) == len(scans) == 1797
+    assert len(held_out) == round(0.2 * 1797)
+    assert np.array_equal(split_indices(len(scans), seed=0)[1], held_out)
+    splits = split_scans(len(scans), seed=0)
+    assert np.array_equal(splits["train"], train)
+    # validation and test never share a scan, and together are the held-out scans
+    assert len(np.intersect1d(splits["validation"], splits["test"])) == 0
+    assert np.array_equal(
+        np.sort(np.concatenate([splits["validation"], splits["test"]])), held_out
     )
-    assert torch.equal(
-        make_blocks("train", seed=0).labels, torch.from_numpy(labels[train])
-    )
+    assert len(splits["validation"]) == round(len(held_out) / 3)
+    for name, index in splits.items():
+        assert np.array_equal(index, np.sort(index))
+        assert np.array_equal(split_scans(len(scans), seed=0)[name], index)
+        assert torch.equal(
+            make_blocks(name, seed=0).labels, torch.from_numpy(labels[index])
+        )
+    assert not np.array_equal(split_scans(len(scans), seed=1)["test"], splits["test"])
+
+
+def test_validation_and_test_images_never_overlap():
+    validation = make_blocks("validation", seed=0).images.flatten(1)
+    test = make_blocks("test", seed=0).images.flatten(1)
+    # no image of one part equals an image of the other (nor, by the scan split,
+    # shows the same digit scan)
+    assert not bool((validation[:, None] == test[None]).all(-1).any())
 
 
 def test_digit_lies_inside_its_evidence_mask(test_split):
     images, masks, ink = test_split.images, test_split.masks, test_split.ink
-    assert images.shape == (359, 3, 32, 32) and masks.shape == (359, 1, 32, 32)
+    assert images.shape == (239, 3, 32, 32) and masks.shape == (239, 1, 32, 32)
     assert masks.dtype == torch.bool
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     # every bit of the digit's ink is inside the mask, and every image has ink
@@ -98,7 +116,7 @@ def test_distractor_is_a_tile_shuffle():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="split"):
-        make_blocks("validation")
+        make_blocks("valid")
     with pytest.raises(ValueError, match="seed"):
         make_blocks("test", seed=-1)
     with pytest.raises(TypeError, match="rendering"):

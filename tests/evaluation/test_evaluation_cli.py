@@ -340,3 +340,15 @@ def test_a_failure_during_the_run_is_one_line_and_debug_shows_it(tmp_path, capsy
     assert err[-1] == (
         "captum-faithful evaluate: error: RuntimeError: the metric failed on purpose"
     )
+
+
+def test_import_paths_resolve_both_forms_and_errors_name_the_path():
+    from captum.attr import Saliency
+
+    from captum_faithful.evaluation.cli import import_object
+
+    assert import_object("captum.attr:Saliency") is Saliency
+    assert import_object("captum.attr.Saliency") is Saliency
+    for path in ("no_such_module_x:f", "captum.attr:NoSuchClass", ""):
+        with pytest.raises(ValueError, match="import path|cannot import"):
+            import_object(path)

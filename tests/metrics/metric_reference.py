@@ -127,21 +127,21 @@ def reference_faithfulness_correlation(
     model, x, attr, baseline, mask, size, n_samples, seed, softmax, target=None
 ):
     """Per-image, per-subset loop; subsets drawn with the documented protocol: a
-    numpy PCG64 generator seeded by one draw from the torch generator gives, per
-    example, n_samples x F float32 keys; a subset = the ``size`` smallest keys."""
+    numpy PCG64 generator seeded by one draw from the torch generator gives
+    n_samples x F float32 keys, shared by every example; a subset = the ``size``
+    smallest keys."""
     import numpy as np
     import scipy.stats
 
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    n_features = len(set(image_feature_ids(mask, x, 0).reshape(-1).tolist()))
+    keys = torch.from_numpy(rng.random((n_samples, n_features), dtype=np.float32))
     pearson, spearman = [], []
     for n in range(x.shape[0]):
         ids = image_feature_ids(mask, x, n)
         feature_list = sorted(set(ids.reshape(-1).tolist()))
         a = attr[n].to(torch.float64).expand(ids.shape)
-        keys = torch.from_numpy(
-            rng.random((n_samples, len(feature_list)), dtype=np.float32)
-        )
         cls = predicted(model, x, n, target)
         clean = score_one(model, x[n], cls, softmax)
         sums, drops = [], []

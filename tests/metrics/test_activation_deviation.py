@@ -150,6 +150,27 @@ def test_insertion_activation_deviation_follows_the_hard_insertion_curve(cnn):
         insertion_activation_deviation(cnn, "conv", x, attributions[:2])
 
 
+def test_insertion_activation_deviation_rounds_exact_halves_to_even():
+    from captum_faithful.metrics import insertion_activation_deviation
+
+    # F = 10 pixels, n_steps = 4: k F / n_steps = 2.5 and 7.5, rounded to 2 and 8.
+    # The recorded layer is the flattened image: all ones on a zero baseline, so
+    # with c features inserted MSE = (10 - c) / 10 and cosine = sqrt(c / 10).
+    model = nn.Sequential(nn.Flatten(), nn.Linear(10, 2))
+    x = torch.ones(2, 1, 2, 5)
+    attributions = torch.stack([torch.arange(10.0), torch.arange(10.0).flip(0)])
+    counts = [0, 2, 5, 8, 10]  # half-up rounding would give [0, 3, 5, 8, 10]
+    result = insertion_activation_deviation(
+        model, [model[0]], x, attributions.view(x.shape), baselines=0.0, n_steps=4
+    )
+    mse = sum((10 - c) / 10 for c in counts) / 5
+    cosine = sum(math.sqrt(c / 10) for c in counts) / 5
+    torch.testing.assert_close(result["mse"], torch.full((2,), mse), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        result["cosine"], torch.full((2,), cosine), atol=1e-6, rtol=0
+    )
+
+
 class WideConv(nn.Module):
     """One 1x1 convolution to 256 channels: 4 MB of activation per 3x64x64 image, so
     the memory the metrics hold per sample stands out."""

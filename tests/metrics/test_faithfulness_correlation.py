@@ -60,7 +60,9 @@ def test_matches_per_image_loop(cnn, images, baseline, mask, size, count, chunk)
             max_examples_per_batch=chunk,
             generator=torch.Generator().manual_seed(7),
         )
-        torch.testing.assert_close(value, expected, atol=1e-5, rtol=0)
+        # float32 logits of batched and single-image forwards differ by ~1e-7;
+        # a correlation over small score drops amplifies that to ~1e-5
+        torch.testing.assert_close(value, expected, atol=3e-5, rtol=0)
 
 
 def test_input_x_gradient_on_a_linear_model_correlates_perfectly():
@@ -117,6 +119,25 @@ def test_smallest_k_members_exact_size_and_ties_go_to_the_lower_index():
     kept_max = torch.where(members, distinct, -1.0).max(1).values
     dropped_min = torch.where(members, 2.0, distinct).min(1).values
     assert (kept_max < dropped_min).all()
+
+
+def test_value_does_not_depend_on_the_batch(cnn):
+    """The same image alone and inside a batch of 16, from the same seed, gets the
+    same subsets, hence the same value (subsets drawn example after example made
+    them differ by up to 0.73)."""
+    torch.manual_seed(4)
+    batch = torch.rand(16, 3, 12, 12)
+    attr = torch.randn_like(batch)
+
+    def score(x, a):
+        return faithfulness_correlation(
+            cnn, x, a, n_samples=30, generator=torch.Generator().manual_seed(0)
+        )
+
+    together = score(batch, attr)
+    for n in (0, 3, 15):
+        alone = score(batch[n : n + 1], attr[n : n + 1])
+        torch.testing.assert_close(alone[0], together[n], atol=1e-6, rtol=0)
 
 
 def test_random_subsets_are_uniform_enough():

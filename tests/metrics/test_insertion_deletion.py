@@ -322,3 +322,60 @@ def test_more_steps_than_features_repeats_counts(cnn):
         )
         torch.testing.assert_close(curves.double(), ref_curves, atol=1e-6, rtol=0)
         torch.testing.assert_close(auc.double(), ref_auc, atol=1e-6, rtol=0)
+
+
+def _round_half_to_even(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded to the nearest integer, an exact half to the
+    even neighbour; integer arithmetic only (no float, no ``round``)."""
+    quotient, remainder = divmod(numerator, denominator)
+    if 2 * remainder > denominator or (
+        2 * remainder == denominator and quotient % 2 == 1
+    ):
+        quotient += 1
+    return quotient
+
+
+@pytest.mark.parametrize(
+    "n_features,n_steps,expected",
+    [
+        # k F / n_steps = 2.5 (to 2) and 7.5 (to 8); half-up would give 3 at k = 1
+        (10, 4, [0, 2, 5, 8, 10]),
+        # 0.5 -> 0, 1.5 -> 2, 2.5 -> 2: half-up would give 1 and 3
+        (1, 2, [0, 0, 1]),
+        (5, 2, [0, 2, 5]),
+        (3, 6, [0, 0, 1, 2, 2, 2, 3]),
+    ],
+)
+def test_feature_counts_round_exact_halves_to_even(n_features, n_steps, expected):
+    by_hand = [_round_half_to_even(k * n_features, n_steps) for k in range(n_steps + 1)]
+    assert by_hand == expected
+    assert feature_counts(n_features, n_steps) == expected
+
+
+class CountRevealed(torch.nn.Module):
+    """Logit 0 is the sum of the pixels: on an all-ones input over a zero baseline it
+    is the number of features taken from the input."""
+
+    def forward(self, x):
+        total = x.flatten(1).sum(1)
+        return torch.stack([total, torch.zeros_like(total)], dim=1)
+
+
+def test_curves_count_features_with_exact_halves_rounded_to_even():
+    # F = 10 pixels, n_steps = 4: the k = 1 and k = 3 points land on 2.5 and 7.5
+    x = torch.ones(2, 1, 2, 5)
+    attributions = torch.stack([torch.arange(10.0), -torch.arange(10.0)]).view(x.shape)
+    counts = torch.tensor([_round_half_to_even(10 * k, 4) for k in range(5)])
+    assert counts.tolist() == [0, 2, 5, 8, 10]
+    kwargs = dict(
+        target=0, baselines=0.0, n_steps=4, apply_softmax=False, return_curves=True
+    )
+    auc, curves = insertion_auc(CountRevealed(), x, attributions, **kwargs)
+    torch.testing.assert_close(curves, counts.float().expand(2, 5), atol=0, rtol=0)
+    # trapezoid rule by hand: (1 + 3.5 + 6.5 + 9) / 4 (half-up would give 5.25)
+    torch.testing.assert_close(auc, torch.full((2,), 5.0), atol=0, rtol=0)
+    auc, curves = deletion_auc(CountRevealed(), x, attributions, **kwargs)
+    torch.testing.assert_close(
+        curves, (10 - counts).float().expand(2, 5), atol=0, rtol=0
+    )
+    torch.testing.assert_close(auc, torch.full((2,), 5.0), atol=0, rtol=0)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from metric_reference import reference_baseline
 
 from captum_faithful.metrics import mean_baseline, patch_mask, zero_baseline
 from captum_faithful.metrics._utils import (
@@ -163,11 +164,21 @@ def test_build_perturbed_inputs_equals_where(dtype, baseline, per_sample_mask):
     setup = prepare_metric_inputs(
         x, torch.ones_like(x, dtype=torch.float32), baseline, mask, None, None
     )
+    # the baseline from the slow reference (a preset) or filled by hand (a scalar),
+    # not from the setup under test
+    if isinstance(baseline, str):
+        reference = reference_baseline(baseline, x)
+    else:
+        reference = torch.full_like(x, baseline)
     samples = torch.tensor([2, 0, 0, 1, 1, 1, 2])
     take = torch.rand(7, setup.n_features) > 0.5
     (rows,) = build_perturbed_inputs(setup, samples, take)
+    assert rows.dtype == dtype and rows.shape == (7, 2, 4, 4)
     for r, n in enumerate(samples.tolist()):
         m = mask[n if per_sample_mask else 0]
         keep = take[r][m.expand(2, 4, 4)]
-        expected = torch.where(keep, x[n], setup.baselines[0][n])
-        assert torch.equal(rows[r], expected)
+        assert 0 < int(keep.sum()) < keep.numel()  # both sources appear in the row
+        assert torch.equal(rows[r][keep], x[n][keep])
+        torch.testing.assert_close(
+            rows[r][~keep], reference[n][~keep], atol=1e-6, rtol=0
+        )

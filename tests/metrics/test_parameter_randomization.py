@@ -111,3 +111,24 @@ def test_bad_input(kwargs, error, name):
     with pytest.raises(error, match=name):
         parameter_randomization(**args)
     assert not calls
+
+
+def test_cosine_similarity_against_scipy_and_its_zero_convention():
+    """One cosine for the package (parameter_randomization, activation_deviation):
+    scipy's value for non-zero vectors; cos(a, a) = 1 also for a zero vector; a
+    zero vector against a non-zero one, 0."""
+    from scipy.spatial.distance import cosine as cosine_distance
+
+    from captum_faithful.metrics._utils import cosine_similarity
+
+    a = torch.randn(5, 7, dtype=torch.float64)
+    b = torch.randn(5, 7, dtype=torch.float64)
+    got = cosine_similarity(a, b)
+    for n in range(5):
+        assert abs(float(got[n]) - (1 - cosine_distance(a[n], b[n]))) < 1e-12
+    zero = torch.zeros(7)
+    tiny = torch.full((7,), 1e-200, dtype=torch.float64)
+    pairs = torch.stack([zero, zero, a[0].float(), zero]).double()
+    others = torch.stack([zero, a[1].float(), zero, zero]).double()
+    assert cosine_similarity(pairs, others).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert float(cosine_similarity(tiny, tiny)) == pytest.approx(1.0)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from metric_reference import reference_baseline
 from torch import nn
+from uni_reference import reference_baselines
 
 from captum_faithful import UnlearnedIntegratedGradients
 from captum_faithful.metrics import path_monotonicity
@@ -115,10 +117,21 @@ def test_tuple_inputs_additional_args_and_callable_baselines():
 
 def test_uni_baselines_through_compute_baselines(cnn):
     x = torch.randn(2, 3, 16, 16)
-    uni = UnlearnedIntegratedGradients(cnn)
-    via_callable = path_monotonicity(cnn, x, uni.compute_baselines)
-    explicit = path_monotonicity(cnn, x, uni.compute_baselines(x))
-    torch.testing.assert_close(via_callable, explicit)
+    # a long learned path (epsilon 8) and classes whose score is not monotone on it,
+    # so that the value depends on where the path starts
+    uni = UnlearnedIntegratedGradients(cnn, epsilon=8.0)
+    target = torch.tensor([0, 4])
+    got = path_monotonicity(cnn, x, uni.compute_baselines, target=target, n_steps=40)
+    # independent: Algorithm 1 run one sample at a time by the reference loop (for
+    # the predicted class, as compute_baselines(x) does), then scipy's Spearman
+    predicted = cnn(x).argmax(1)
+    (baselines,) = reference_baselines(cnn, x, predicted, eps=8.0)
+    expected = reference(cnn, x, baselines, target, 40, True)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # the check has teeth: a start at the same distance in a random direction
+    direction = torch.randn_like(x)
+    elsewhere = x + 8.0 * direction / direction.flatten(1).norm(dim=1).view(2, 1, 1, 1)
+    assert (reference(cnn, x, elsewhere, target, 40, True) - expected).abs().max() > 0.1
 
 
 def test_runs_without_gradients_and_leaves_model_alone(cnn):
@@ -149,14 +162,20 @@ def test_bad_input(cnn):
         path_monotonicity(cnn, x, 0.0, max_examples_per_batch=0)
 
 
-def test_presets_and_chunking_do_not_change_the_result(cnn):
-    from captum_faithful.metrics import blur_baseline
-
+@pytest.mark.parametrize("preset", ["zero", "mean", "blur"])
+def test_presets_and_chunking_equal_the_reference(cnn, preset):
     x = torch.rand(3, 3, 16, 16)
-    expected = path_monotonicity(cnn, x, blur_baseline(x), n_steps=9)
-    for chunk in (1, 7, 64):
-        got = path_monotonicity(cnn, x, "blur", n_steps=9, max_examples_per_batch=chunk)
-        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    predicted = cnn(x).argmax(1)
+    # the preset's image from the slow reference (the blur: a full 11x11 kernel on a
+    # reflect-padded image), not from the package's baseline functions. Spearman
+    # only sees ranks: with 100 steps a blur of sigma 4.9 instead of 5 already
+    # changes the value (measured: 0.4818 vs 0.4789 on the first image)
+    expected = reference(cnn, x, reference_baseline(preset, x), predicted, 100, True)
+    for chunk in (None, 1, 7, 64):
+        got = path_monotonicity(
+            cnn, x, preset, n_steps=100, max_examples_per_batch=chunk
+        )
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 def test_no_forward_exceeds_max_examples_per_batch(cnn):

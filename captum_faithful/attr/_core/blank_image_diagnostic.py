@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_faithful._arguments import resolve_target
 from captum_faithful._compat import TargetType
 from captum_faithful._layers import LayerSpec, select_layers
 from captum_faithful._utils import (
@@ -17,15 +18,11 @@ from captum_faithful._utils import (
     check_int,
     progress,
     resolve_model,
-    resolve_targets,
     run_forward,
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES
 from captum_faithful.attr._core.faithfulness_ensemble import FaithfulnessEnsemble
-from captum_faithful.metrics._core.activation_deviation import (
-    insertion_activation_deviation,
-)
-from captum_faithful.metrics._core.insertion_deletion import insertion_auc
+from captum_faithful.metrics import insertion_activation_deviation, insertion_auc
 
 
 def blank_image_diagnostic(
@@ -175,7 +172,7 @@ def blank_image_diagnostic(
             )
         check_finite("baselines", reference)
     with torch.no_grad():
-        classes = resolve_targets(
+        classes = resolve_target(
             run_forward(forward_func, (x,), additional_forward_args), target
         )
     report = {}

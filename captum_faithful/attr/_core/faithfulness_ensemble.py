@@ -19,6 +19,7 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_faithful._arguments import format_baselines, resolve_target
 from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
@@ -36,11 +37,9 @@ from captum_faithful._utils import (
     preserve_model_state,
     progress,
     resolve_model,
-    resolve_targets,
     run_forward,
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES, ClipGrad
-from captum_faithful.metrics._utils import resolve_baselines
 
 OBJECTIVES = ("insertion", "deletion", "both")
 
@@ -362,7 +361,7 @@ class FaithfulnessEnsemble(GradientAttribution):
             else:
                 with torch.no_grad():
                     clean = run_forward(self.forward_func, xs, afa)
-            classes = resolve_targets(clean, target)
+            classes = resolve_target(clean, target)
             batch_classes = classes[batch_rows]
             for step in progress(
                 range(self.n_iter), show_progress, desc="FEI", total=self.n_iter
@@ -427,7 +426,7 @@ class FaithfulnessEnsemble(GradientAttribution):
             )
         if baselines is None:
             return tuple(monochrome_reference(x, generator) for x in xs)
-        return resolve_baselines(baselines, xs)
+        return format_baselines(baselines, xs)
 
 
 def _game_loss(

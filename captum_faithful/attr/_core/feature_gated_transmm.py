@@ -98,10 +98,13 @@ def robust_normalize(scores: Tensor) -> Tensor:
         \hat{s}_t = \frac{s_t - \operatorname{median}(s)}
         {1.4826 \cdot \operatorname{median}(|s - \operatorname{median}(s)|) + 10^{-8}}
 
-    The median of an even number of values is the mean of the two middle ones.
+    Both medians are taken as the thesis's published code takes them, with
+    ``torch.median``: for an even number of values (a ViT-B/16 at 224 pixels has 196
+    patch tokens) that is the *lower* of the two middle values, not their mean, so
+    the gates reproduce the thesis's numbers.
     """
-    median = scores.quantile(0.5, dim=-1, keepdim=True)
-    mad = (scores - median).abs().quantile(0.5, dim=-1, keepdim=True)
+    median = scores.median(dim=-1, keepdim=True).values
+    mad = (scores - median).abs().median(dim=-1, keepdim=True).values
     return (scores - median) / (MAD_SCALE * mad + EPSILON)
 
 
@@ -125,8 +128,9 @@ class FeatureGatedTransMM(TransMM):
     :math:`f_t`, and the gradient :math:`g_t = \partial y_t / \partial x_t` is
     projected onto the decoder, :math:`\nabla f_t = W_{dec} g_t`. Features that are
     both active and aligned with the target give a patch a high score; scores are
-    normalised over the patches of the image with median and MAD and mapped to
-    gates that scale the patch columns of TransMM's :math:`\bar{A}^{(\ell)}` before
+    normalised over the patches of the image with median and MAD (each median the
+    lower middle value for an even number of patches, as ``torch.median`` and the
+    thesis's code take it) and mapped to gates that scale the patch columns of TransMM's :math:`\bar{A}^{(\ell)}` before
     that layer's update. Everything else is TransMM: this class only overrides its
     per-layer gating step, :meth:`layer_gates`.
 
@@ -141,6 +145,10 @@ class FeatureGatedTransMM(TransMM):
         R \leftarrow R + \bar{A}^{(\ell)}_{gated} R
 
     With ``c_max=1`` every gate is 1 and the result equals :class:`TransMM`.
+
+    The thesis chooses the gated blocks, κ, c_max and the variant per model and
+    dataset on validation images, then scores held-out images once;
+    :func:`captum_faithful.select_gating` runs that choice.
 
     Cost on top of TransMM: one ``sae.encode`` of the patch tokens per gated block
     (for large SAEs, e.g. 64× expansion on ViT-B, this dominates) and one

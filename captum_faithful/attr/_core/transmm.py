@@ -11,20 +11,14 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_faithful._compat import (
-    TargetType,
-    TensorOrTupleOfTensorsGeneric,
-    _format_tensor_into_tuples,
-    _is_tuple,
+from captum_faithful._arguments import (
+    format_additional_forward_args,
+    format_inputs,
+    format_target,
+    resolve_target,
 )
-from captum_faithful._utils import (
-    check_choice,
-    check_finite,
-    check_int,
-    resolve_model,
-    resolve_targets,
-    run_forward,
-)
+from captum_faithful._compat import TargetType, TensorOrTupleOfTensorsGeneric
+from captum_faithful._utils import check_choice, check_int, resolve_model, run_forward
 from captum_faithful.vit import capture, eager_attention, get_adapter
 
 OUTPUTS = ("input", "patches")
@@ -147,7 +141,9 @@ class TransMM(GradientAttribution):
                         the output). For ``CLIPModel`` it indexes the texts.
                         Default: None
             additional_forward_args (Any, optional): Passed to ``forward_func`` after
-                        the inputs, as in Captum. Default: None
+                        the inputs, as in Captum. The batch is forwarded once,
+                        whole, so tensors need not have its batch size (e.g. the
+                        token ids of ``CLIPModel``'s texts). Default: None
             output (str, optional): ``"input"`` spreads each patch value over its
                         pixels and channels (nearest, no rescale; pixels cropped by
                         the patch embedding get 0), so the attribution has the
@@ -206,9 +202,11 @@ class TransMM(GradientAttribution):
         output: str,
     ) -> tuple[TensorOrTupleOfTensorsGeneric | Tensor, dict[int, Tensor]]:
         check_choice("output", output, OUTPUTS)
-        is_tuple = _is_tuple(inputs)
-        inputs = _format_tensor_into_tuples(inputs)
-        check_finite("inputs", inputs)
+        inputs, is_tuple = format_inputs(inputs)
+        n_examples = inputs[0].shape[0]
+        target = format_target(target, n_examples)
+        # one forward pass of the whole batch: the arguments are not split by sample
+        args = format_additional_forward_args(additional_forward_args, None)
         images = [i for i, x in enumerate(inputs) if x.dim() == 4]
         if len(images) != 1:
             raise ValueError(
@@ -217,6 +215,11 @@ class TransMM(GradientAttribution):
             )
         index = images[0]
         image = inputs[index]
+        if not image.is_floating_point():
+            raise TypeError(
+                "`inputs`: the image tensor must be floating point (TransMM takes "
+                f"gradients through the model), got dtype {image.dtype}"
+            )
         adapter = self.adapter
         grid = adapter.patch_grid(image.shape[-2], image.shape[-1])
         n_patches = grid[0] * grid[1]
@@ -236,10 +239,8 @@ class TransMM(GradientAttribution):
             eager_attention(self.model),
             capture(adapter, layers, gated) as captured,
         ):
-            logits = run_forward(
-                self.forward_func, tuple(forward_inputs), additional_forward_args
-            )
-        targets = resolve_targets(logits, target)
+            logits = run_forward(self.forward_func, tuple(forward_inputs), args)
+        targets = resolve_target(logits, target)
         missing = [layer for layer in layers if layer not in captured.attention]
         if missing:
             raise RuntimeError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,31 +11,56 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_faithful._compat import (
-    TargetType,
-    TensorOrTupleOfTensorsGeneric,
-    _format_additional_forward_args,
-    _format_output,
-    _is_tuple,
-)
-from captum_faithful._utils import resolve_model, resolve_targets
-from captum_faithful.attr._utils.unlearning import (
-    ParametrizedForward,
-    UnlearningHyperparameters,
-    UnlearningSettings,
-    buffer_copies,
-    check_call_arguments,
-    check_sample_args,
-    check_unlearnable,
-    completeness_gap,
+from captum_faithful._arguments import (
+    format_additional_forward_args,
     format_baselines,
     format_inputs,
+    format_target,
+    resolve_target,
+)
+from captum_faithful._compat import (
+    SUPPORTED_METHODS,
+    TargetType,
+    TensorOrTupleOfTensorsGeneric,
+    _batch_attribution,
+    _format_output,
+)
+from captum_faithful._utils import check_choice, check_float, check_int, resolve_model
+from captum_faithful.attr._utils.unlearning import (
+    ParametrizedForward,
+    buffer_copies,
+    completeness_gap,
+    integrated_gradients,
+    match_baselines,
     protected_forward,
-    resolve_class_targets,
+    unlearned_log_probs,
+    unlearned_parameters,
+    unlearning_chunk_size,
 )
 
 
-class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttribution):
+@dataclass(frozen=True)
+class PathSpace:
+    """Where the path integral of one call lives.
+
+    Attributes:
+        points (tuple of Tensor): The end of the path, detached: the inputs, or a
+            layer's output.
+        forward (Callable): The class scores as a function of ``points`` (and of
+            ``args``), with the original parameters.
+        args (tuple or None): What ``forward`` takes after the points.
+        is_tuple (bool): Whether the attributions are returned as a tuple.
+        logits (Tensor): The class scores (N, n_classes) on the inputs.
+    """
+
+    points: tuple[Tensor, ...]
+    forward: Callable[..., Tensor]
+    args: tuple | None
+    is_tuple: bool
+    logits: Tensor
+
+
+class UnlearnedIntegratedGradients(GradientAttribution):
     r"""
     Unlearning-based Neural Interpretations (UNI) replace the static baseline of
     Integrated Gradients (black, blurred, noise) by a baseline learned for each
@@ -69,52 +95,50 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
     all input tensors jointly (the rescale is skipped while :math:`\delta = 0`), and
     Captum's step sizes :math:`w_k` and points :math:`\alpha_k` for ``method``
     (right Riemann sum by default: :math:`\alpha_k = k/B`, :math:`w_k = 1/B`).
-    Outputs are treated as logits. The unlearned parameters and copies of the
-    buffers are substituted with :func:`torch.func.functional_call`, so the model is
-    never written to (BatchNorm in training mode updates the copies); every module
-    runs in the mode the user left it in. The per-sample unlearning is vectorised
-    with :func:`torch.func.vmap` in chunks of ``unlearning_batch_size`` samples and
+    Outputs are treated as logits. The unlearning direction is computed as the
+    gradient of the log-odds against :math:`c`, which has the direction of
+    :math:`g` and does not underflow in float32 on confident predictions. The
+    unlearned parameters and copies of the buffers are substituted with
+    :func:`torch.func.functional_call`, so the model is never written to
+    (BatchNorm in training mode updates the copies); every module runs in the mode
+    the user left it in. The per-sample unlearning is vectorised with
+    :func:`torch.func.vmap` in chunks of ``unlearning_batch_size`` samples and
     falls back to a per-sample loop for models vmap cannot run; both compute the
     same function.
 
+    With explicit ``baselines`` UNI is Captum's IntegratedGradients (no unlearning,
+    no parameters needed): a drop-in for it, with UNI's defaults for ``n_steps``
+    and ``method``.
+
+    :class:`~captum_faithful.LayerUnlearnedIntegratedGradients` is this class with
+    the path on a layer's output: it overrides :meth:`_path_space` and
+    :meth:`_given_starts`.
+
     More details in the paper *Unlearning-based Neural Interpretations*
     (Algorithm 1), and in the documentation's "How the methods work" page.
-    """
 
-    def __init__(
-        self,
-        forward_func: Callable,
-        model: nn.Module | None = None,
-        multiply_by_inputs: bool = True,
-        unlearning_step: float = 1.0,
-        pgd_steps: int = 10,
-        epsilon: float = 0.25,
-        pgd_step_size: float = 0.1,
-        unlearning_batch_size: int | None = None,
-    ) -> None:
-        r"""
-        Args:
+    Args:
 
-            forward_func (Callable): The forward function of the model or any
-                    modification of it. It must return class logits of shape
-                    (N, n_classes), or a Hugging Face ``ModelOutput`` / dict with a
-                    ``logits`` field.
-            model (nn.Module, optional): The module whose parameters are unlearned
-                    and whose buffers are protected. ``forward_func`` must use this
-                    module. Default: ``forward_func`` when it is an ``nn.Module``
-                    (or a bound method of one).
-                    Default: None
-            multiply_by_inputs (bool, optional): Whether to multiply the
-                    integrated gradients by ``(inputs - baselines)`` (global
-                    attribution) as Captum's IntegratedGradients does.
+        forward_func (Callable): The forward function of the model or any
+                    modification of it. It returns class scores of shape
+                    (N, n_classes), one score per sample (N,), or a Hugging Face
+                    ``ModelOutput`` / dict with a ``logits`` field.
+        model (nn.Module, optional): The module whose parameters are unlearned
+                    and whose buffers are protected; ``forward_func`` must use it.
+                    Only learning the baselines needs it.
+                    Default: ``forward_func`` when it is an ``nn.Module`` (or a
+                    bound method of one), else None
+        multiply_by_inputs (bool, optional): Whether to multiply the integrated
+                    gradients by ``(inputs - baselines)`` (global attribution), as
+                    Captum's IntegratedGradients does.
                     Default: True
-            unlearning_step (float, optional): :math:`\eta`, the L2 length of the
+        unlearning_step (float, optional): :math:`\eta`, the L2 length of the
                     gradient-ascent step on the parameters (> 0).
                     Default: 1.0
-            pgd_steps (int, optional): :math:`T`, the number of baseline matching
+        pgd_steps (int, optional): :math:`T`, the number of baseline matching
                     steps (>= 0; 0 gives the baseline ``x`` itself).
                     Default: 10
-            epsilon (float, optional): :math:`\varepsilon`, the L2 distance between
+        epsilon (float, optional): :math:`\varepsilon`, the L2 distance between
                     each baseline and its input (> 0): one radius over the whole
                     sample, all elements of all input tensors jointly (not per
                     pixel or per channel), in the units of the inputs. With
@@ -134,7 +158,7 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
                     values near 1e-6, which Captum's ``visualize_image_attr`` warns
                     are "approximately 0" (the map is still scaled correctly).
                     Default: 0.25
-            pgd_step_size (float, optional): :math:`\mu`, the step size of the
+        pgd_step_size (float, optional): :math:`\mu`, the step size of the
                     baseline matching (> 0), in the units of the inputs, taken
                     before each rescale to :math:`\varepsilon`: when
                     :math:`\mu \lVert \nabla_\delta \mathrm{KL} \rVert` is small
@@ -142,20 +166,41 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
                     turn :math:`\delta` (random-weight ResNet-18 at 3x224x224:
                     0.3% of :math:`\varepsilon` per step).
                     Default: 0.1
-            unlearning_batch_size (int, optional): Samples unlearned together in
-                    one vectorised chunk; memory grows as this times the number of
+        unlearning_batch_size (int, optional): Samples unlearned together in one
+                    vectorised chunk; memory grows as this times the number of
                     parameters (measured: about 3.5 float32 copies of the
                     parameters per sample, 360 MB per sample on ResNet-50). None
-                    takes as many as fit ``2**26`` parameter values.
+                    takes as many as fit ``2**26`` parameter values (256 MB per
+                    copy at float32).
                     Default: None
-        """
-        self.model = resolve_model(forward_func, model)
-        check_unlearnable(self.model)
-        self._settings = UnlearningSettings(
-            unlearning_step, pgd_steps, epsilon, pgd_step_size, unlearning_batch_size
-        )
+    """
+
+    #: Whether ``inputs`` must be floating point (the path runs through them).
+    _floating_inputs = True
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        model: nn.Module | None = None,
+        multiply_by_inputs: bool = True,
+        unlearning_step: float = 1.0,
+        pgd_steps: int = 10,
+        epsilon: float = 0.25,
+        pgd_step_size: float = 0.1,
+        unlearning_batch_size: int | None = None,
+    ) -> None:
         GradientAttribution.__init__(self, forward_func)
+        self.model = resolve_model(forward_func, model, required=False)
         self._multiply_by_inputs = bool(multiply_by_inputs)
+        self.unlearning_step = _positive_finite("unlearning_step", unlearning_step)
+        self.pgd_steps = check_int("pgd_steps", pgd_steps, minimum=0)
+        self.epsilon = _positive_finite("epsilon", epsilon)
+        self.pgd_step_size = _positive_finite("pgd_step_size", pgd_step_size)
+        self.unlearning_batch_size = (
+            None
+            if unlearning_batch_size is None
+            else check_int("unlearning_batch_size", unlearning_batch_size, minimum=1)
+        )
         self._wrapper = ParametrizedForward(forward_func, self.model)
 
     @log_usage()
@@ -174,53 +219,57 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
         Args:
 
             inputs (Tensor or tuple[Tensor, ...]): Input for which attributions
-                    are computed, floating point, with the batch on dim 0. A tuple
-                    of tensors is perturbed jointly (one L2 ball over all of them).
-            baselines (scalar, Tensor, tuple of scalars or Tensors, optional):
-                    None (default) learns the baselines with Algorithm 1. Anything
-                    else is used as given, exactly as in Captum's
-                    IntegratedGradients (a scalar, or a tensor of the input's
-                    shape or with batch size 1, per input), without unlearning.
-                    Default: None
+                        are computed, floating point, with the batch on dim 0. A
+                        tuple of tensors is perturbed jointly (one L2 ball over all
+                        of them).
+            baselines (scalar, Tensor, str, Callable, or tuple, optional): None
+                        learns the baselines with Algorithm 1. Anything else is
+                        used as given, without unlearning, as in Captum's
+                        IntegratedGradients: a number or a tensor broadcastable to
+                        the input (batch 1 or N), a preset ``"zero"``, ``"mean"``
+                        or ``"blur"``, a callable ``input -> tensor``, or a tuple
+                        with one per input.
+                        Default: None
             target (int, tuple, Tensor, or list, optional): The class explained
-                    and unlearned per sample, in any of Captum's forms for a 2-D
-                    output: an int, a one-element tuple ``(c,)``, a 0-d or
-                    one-element tensor, or a list / 1-D tensor with one class per
-                    sample. None explains the predicted class (argmax of the
-                    output on ``inputs``).
-                    Default: None
+                        and unlearned per sample, in any of Captum's forms: an
+                        int, a one-element tuple ``(c,)``, a tensor with one class,
+                        or a list / 1-D tensor with one class per sample. None
+                        explains the predicted class (argmax of the output on
+                        ``inputs``); for one score per sample, that score.
+                        Default: None
             additional_forward_args (Any, optional): Passed to ``forward_func``
-                    after the inputs, as in Captum. Tensors must have the batch
-                    size on dim 0; each sample is unlearned with its own row.
-                    Default: None
+                        after the inputs, as in Captum. Tensors must have the batch
+                        size on dim 0; each sample is unlearned with its own row.
+                        Default: None
             n_steps (int, optional): :math:`B`, the number of points of the path
-                    integral (>= 1; 1 is one gradient at ``inputs``).
-                    Default: 15
+                        integral (>= 1; 1 is one gradient at ``inputs``).
+                        Default: 15
             method (str, optional): Captum's approximation method:
-                    ``riemann_right``, ``riemann_left``, ``riemann_middle``,
-                    ``riemann_trapezoid`` or ``gausslegendre``.
-                    Default: ``riemann_right``
+                        ``riemann_right``, ``riemann_left``, ``riemann_middle``,
+                        ``riemann_trapezoid`` or ``gausslegendre``.
+                        Default: ``riemann_right``
             internal_batch_size (int, optional): Maximum number of path points
-                    evaluated in one forward pass of the integral, as in Captum: a
-                    chunk holds whole steps of all N samples, so at least N rows,
-                    and the baseline matching runs the N samples together. Memory
-                    is bounded by ``max(internal_batch_size, N)`` forward+backward
-                    rows (plus the unlearning chunk).
-                    Default: None (all ``n_steps * N`` at once; measured on
-                    ResNet-50 at 3x224x224: about 90 MB per row, 3.0 GB for 2
-                    images)
+                        evaluated in one forward pass of the integral, as in
+                        Captum: a chunk holds whole steps of all N samples, so at
+                        least N rows, and the baseline matching runs the N samples
+                        together. Memory is bounded by
+                        ``max(internal_batch_size, N)`` forward+backward rows (plus
+                        the unlearning chunk). None evaluates all ``n_steps * N``
+                        at once (measured on ResNet-50 at 3x224x224: about 90 MB
+                        per row).
+                        Default: None
             return_convergence_delta (bool, optional): Also return the
-                    completeness gap per sample.
-                    Default: False
+                        completeness gap per sample.
+                        Default: False
 
         Returns:
             **attributions** or 2-element tuple of **attributions**, **delta**:
             - **attributions** (*Tensor* or *tuple[Tensor, ...]*):
-                    Attributions with the shape of ``inputs``; a tuple when
-                    ``inputs`` is a tuple.
+                        Attributions with the shape of ``inputs``; a tuple when
+                        ``inputs`` is a tuple.
             - **delta** (*Tensor*, returned if return_convergence_delta=True):
-                    :math:`\sum_i \mathrm{UNI}_i(x) - (f_c(x) - f_c(x'))` per
-                    sample, shape (N,).
+                        :math:`\sum_i \mathrm{UNI}_i(x) - (f_c(x) - f_c(x'))` per
+                        sample, shape (N,).
 
         Examples::
 
@@ -234,33 +283,29 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
             >>> # The learned baselines, to plot them.
             >>> baselines = uni.compute_baselines(input)
         """
-        is_inputs_tuple = _is_tuple(inputs)
-        n_steps, method, internal_batch_size = check_call_arguments(
+        n_steps, method, internal_batch_size = _check_call_arguments(
             n_steps, method, internal_batch_size
         )
-        formatted = format_inputs(inputs, require_float=True)
-        given = None if baselines is None else format_baselines(baselines, formatted)
-        args = _format_additional_forward_args(additional_forward_args)
-        check_sample_args(args, formatted[0].shape[0])
-
+        inputs, is_tuple, target, args = self._front_door(
+            inputs, target, additional_forward_args
+        )
+        given = None if baselines is None else format_baselines(baselines, inputs)
         with torch.enable_grad():
             forward = protected_forward(self._wrapper, buffer_copies(self.model))
-            classes = self._classes(forward, formatted, target, args)
+            space = self._path_space(forward, inputs, is_tuple, args)
+            classes = resolve_target(space.logits, target)
             if given is None:
-                starts = self._learn_baselines(
-                    forward, formatted, formatted, classes, args, args
-                )
+                starts = self._learned_starts(space, inputs, classes, args)
             else:
-                starts = given
+                starts = self._given_starts(forward, space, given, args)
             attributions = self._integrate(
-                forward, formatted, starts, classes, args, n_steps, method,
-                internal_batch_size,
-            )  # fmt: skip
-            output = _format_output(is_inputs_tuple, attributions)
+                space, starts, classes, n_steps, method, internal_batch_size
+            )
+            output = _format_output(space.is_tuple, attributions)
             if not return_convergence_delta:
                 return output
             delta = completeness_gap(
-                forward, attributions, formatted, starts, classes, args
+                space.forward, attributions, space.points, starts, classes, space.args
             )
         return output, delta
 
@@ -277,39 +322,205 @@ class UnlearnedIntegratedGradients(UnlearningHyperparameters, GradientAttributio
 
             inputs (Tensor or tuple[Tensor, ...]): As in :meth:`attribute`.
             target (int, tuple, Tensor, or list, optional): As in
-                    :meth:`attribute`.
-                    Default: None
+                        :meth:`attribute`.
+                        Default: None
             additional_forward_args (Any, optional): As in :meth:`attribute`.
-                    Default: None
+                        Default: None
 
         Returns:
-            *Tensor* or *tuple[Tensor, ...]* of **baselines**, shaped like
-            ``inputs``, at L2 distance ``epsilon`` from them per sample.
+            *Tensor* or *tuple[Tensor, ...]* of **baselines**, shaped like the
+            path's end (``inputs``), at L2 distance ``epsilon`` from it per sample.
 
         Examples::
 
             >>> uni = UnlearnedIntegratedGradients(net)
             >>> baselines = uni.compute_baselines(images, target=labels)
         """
-        is_inputs_tuple = _is_tuple(inputs)
-        formatted = format_inputs(inputs, require_float=True)
-        args = _format_additional_forward_args(additional_forward_args)
-        check_sample_args(args, formatted[0].shape[0])
+        inputs, is_tuple, target, args = self._front_door(
+            inputs, target, additional_forward_args
+        )
         with torch.enable_grad():
             forward = protected_forward(self._wrapper, buffer_copies(self.model))
-            classes = self._classes(forward, formatted, target, args)
-            baselines = self._learn_baselines(
-                forward, formatted, formatted, classes, args, args
-            )
-        return _format_output(is_inputs_tuple, tuple(b.detach() for b in baselines))
+            space = self._path_space(forward, inputs, is_tuple, args)
+            classes = resolve_target(space.logits, target)
+            baselines = self._learned_starts(space, inputs, classes, args)
+        return _format_output(space.is_tuple, tuple(b.detach() for b in baselines))
 
-    def _classes(
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def attribute_future(self) -> None:
+        """Not implemented, as for Captum's IntegratedGradients."""
+        raise NotImplementedError(
+            f"attribute_future is not implemented for {type(self).__name__}"
+        )
+
+    def _front_door(
+        self, inputs: Any, target: Any, additional_forward_args: Any
+    ) -> tuple[tuple[Tensor, ...], bool, Tensor | None, tuple | None]:
+        """Captum's arguments in their canonical forms (inputs detached)."""
+        formatted, is_tuple = format_inputs(inputs, floating=self._floating_inputs)
+        n_examples = formatted[0].shape[0]
+        return (
+            tuple(x.detach() for x in formatted),
+            is_tuple,
+            format_target(target, n_examples),
+            format_additional_forward_args(additional_forward_args, n_examples),
+        )
+
+    def _path_space(
         self,
         forward: Callable[..., Tensor],
         inputs: tuple[Tensor, ...],
-        target: TargetType,
+        is_tuple: bool,
         args: tuple | None,
-    ) -> Tensor:
+    ) -> PathSpace:
+        """The path lives on the inputs (the hook the layer variant overrides)."""
         with torch.no_grad():
             logits = forward(*inputs, *(args or ()))
-        return resolve_targets(logits, resolve_class_targets(logits, target))
+        return PathSpace(inputs, forward, args, is_tuple, logits)
+
+    def _given_starts(
+        self,
+        forward: Callable[..., Tensor],
+        space: PathSpace,
+        given: tuple[Tensor, ...],
+        args: tuple | None,
+    ) -> tuple[Tensor, ...]:
+        """The start of the path for explicit input-space ``baselines``."""
+        return given
+
+    def _learned_starts(
+        self,
+        space: PathSpace,
+        inputs: tuple[Tensor, ...],
+        classes: Tensor,
+        args: tuple | None,
+    ) -> tuple[Tensor, ...]:
+        """Algorithm 1, lines 1-7: unlearn the prediction of ``inputs`` per sample,
+        then move ``space.points`` until the original model's output matches the
+        unlearned distribution."""
+        self._check_unlearnable(space.logits)
+        params = unlearned_parameters(self.model)
+        log_target = unlearned_log_probs(
+            self._wrapper,
+            params,
+            buffer_copies(self.model),
+            inputs,
+            classes,
+            args,
+            self.unlearning_step,
+            unlearning_chunk_size(
+                self.unlearning_batch_size, params, inputs[0].shape[0]
+            ),
+        )
+        return match_baselines(
+            self.gradient_func,
+            space.forward,
+            space.points,
+            log_target,
+            space.args,
+            self.pgd_steps,
+            self.epsilon,
+            self.pgd_step_size,
+        )
+
+    def _check_unlearnable(self, logits: Tensor) -> None:
+        """Learning baselines needs parameters to unlearn and a class to unlearn
+        among several (explicit ``baselines`` need neither)."""
+        if self.model is None:
+            reason = "`forward_func` is no nn.Module"
+        elif not any(p.is_floating_point() for p in self.model.parameters()):
+            reason = "the model has no floating-point parameters"
+        elif logits.shape[1] < 2:
+            reason = f"forward_func returns {logits.shape[1]} score per sample"
+        else:
+            return
+        raise ValueError(
+            "UNI learns the baselines by unlearning the model's parameters on the "
+            f"explained class among several, but {reason}; pass the module that "
+            "holds the parameters as `model=`, or explicit `baselines` (used as "
+            "given, as in Captum)"
+        )
+
+    def _integrate(
+        self,
+        space: PathSpace,
+        starts: tuple[Tensor, ...],
+        classes: Tensor,
+        n_steps: int,
+        method: str,
+        internal_batch_size: int | None,
+    ) -> tuple[Tensor, ...]:
+        """Integrated gradients of ``space.forward`` from ``starts`` to
+        ``space.points``, in chunks of ``internal_batch_size`` path points when
+        given (Captum's batching, which calls :meth:`_attribute`)."""
+        if internal_batch_size is not None and n_steps > 1:
+            attributions = _batch_attribution(
+                self,
+                space.points[0].shape[0],
+                internal_batch_size,
+                n_steps,
+                inputs=space.points,
+                baselines=starts,
+                target=classes,
+                additional_forward_args=space.args,
+                method=method,
+                forward_fn=space.forward,
+            )
+        else:
+            attributions = self._attribute(
+                space.points, starts, classes, space.args, n_steps, method,
+                forward_fn=space.forward,
+            )  # fmt: skip
+        return tuple(a.detach() for a in attributions)
+
+    def _attribute(
+        self,
+        inputs: tuple[Tensor, ...],
+        baselines: tuple[Tensor, ...],
+        target: Tensor,
+        additional_forward_args: tuple | None = None,
+        n_steps: int = 15,
+        method: str = "riemann_right",
+        step_sizes_and_alphas: tuple[list[float], list[float]] | None = None,
+        forward_fn: Callable[..., Tensor] | None = None,
+    ) -> tuple[Tensor, ...]:
+        return integrated_gradients(
+            self.gradient_func,
+            forward_fn if forward_fn is not None else self._wrapper,
+            inputs,
+            baselines,
+            target,
+            additional_forward_args,
+            n_steps,
+            method,
+            self.multiplies_by_inputs,
+            step_sizes_and_alphas,
+        )
+
+
+def _positive_finite(name: str, value: Any) -> float:
+    value = check_float(name, value, low=0.0, low_inclusive=False)
+    if value == float("inf"):
+        raise ValueError(f"`{name}` must be finite, got inf")
+    return value
+
+
+def _check_call_arguments(
+    n_steps: Any, method: Any, internal_batch_size: Any
+) -> tuple[int, str, int | None]:
+    """Validate the integration arguments of ``attribute``."""
+    n_steps = check_int("n_steps", n_steps, minimum=1)
+    method = check_choice("method", method, SUPPORTED_METHODS)
+    if method == "riemann_trapezoid" and n_steps < 2:
+        raise ValueError("`n_steps` must be >= 2 with method='riemann_trapezoid'")
+    if internal_batch_size is not None:
+        internal_batch_size = check_int(
+            "internal_batch_size", internal_batch_size, minimum=1
+        )
+    return n_steps, method, internal_batch_size

@@ -1,7 +1,9 @@
 """The math of UNI (unlearning-based neural interpretations), one function per step.
 
 1. :func:`unlearned_log_probs` — per sample, the unlearning direction
-   ``g_i = ∇_θ CE(f(x_i; θ), c_i)``, the unlearned parameters
+   ``g_i = ∇_θ CE(f(x_i; θ), c_i)`` (computed as the gradient of the log-odds
+   against ``c_i``, same direction, see :func:`log_odds_against`), the unlearned
+   parameters
    ``θ̂_i = θ + η g_i / ‖g_i‖`` (one global L2 norm over all parameters) and the target
    distribution ``log softmax f(x_i; θ̂_i)``; vectorised with ``torch.func.vmap`` in
    chunks, with a per-sample loop for models vmap cannot run.
@@ -25,21 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from captum_faithful._compat import (
-    SUPPORTED_METHODS,
-    _batch_attribution,
-    _expand_additional_forward_args,
-    _expand_target,
-    _reshape_and_sum,
-    approximation_parameters,
-)
-from captum_faithful._utils import (
-    as_logits,
-    check_choice,
-    check_finite,
-    check_float,
-    check_int,
-)
+from captum_faithful._arguments import class_scores, is_batched, repeat_rows
+from captum_faithful._compat import _reshape_and_sum, approximation_parameters
+from captum_faithful._utils import as_logits
 
 #: With ``unlearning_batch_size=None`` a chunk holds at most this many parameter
 #: values (chunk size x number of unlearned parameters), i.e. 256 MB per copy at
@@ -56,17 +46,19 @@ class ParametrizedForward(nn.Module):
     :func:`torch.func.functional_call` on this module substitutes tensors for the
     parameters and buffers of ``model`` (names prefixed ``"model."``) while
     ``forward_func`` runs, which lets any callable that closes over ``model`` be
-    evaluated with unlearned parameters. The output is reduced to logits.
+    evaluated with unlearned parameters. The output is reduced to class scores
+    (N, n_classes); an output of one score per sample is one class.
+    ``model=None`` (a forward function without a module) substitutes nothing.
     """
 
-    def __init__(self, forward_func: Callable, model: nn.Module) -> None:
+    def __init__(self, forward_func: Callable, model: nn.Module | None) -> None:
         super().__init__()
-        self.model = model
+        self.model = model if model is not None else nn.Module()
         # a plain attribute, not a submodule, so the parameters are listed once
         object.__setattr__(self, "_forward_func", forward_func)
 
     def forward(self, *args: Any) -> Tensor:
-        return as_logits(self._forward_func(*args))
+        return class_scores(as_logits(self._forward_func(*args)))
 
 
 def unlearned_parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -80,13 +72,15 @@ def unlearned_parameters(model: nn.Module) -> dict[str, Tensor]:
     return {f"model.{n}": p.detach() for n, p in (trainable or named)}
 
 
-def buffer_copies(model: nn.Module) -> dict[str, Tensor]:
+def buffer_copies(model: nn.Module | None) -> dict[str, Tensor]:
     """Copies of the buffers of ``model`` (keyed for :class:`ParametrizedForward`).
 
     Passed to :func:`torch.func.functional_call`, they take the in-place updates a
     module in training mode makes (BatchNorm running statistics), so the user's
-    buffers are never written to.
+    buffers are never written to. None (no module) has none.
     """
+    if model is None:
+        return {}
     return {f"model.{n}": b.detach().clone() for n, b in model.named_buffers()}
 
 
@@ -109,23 +103,38 @@ def kl_divergence(log_target: Tensor, logits: Tensor) -> Tensor:
     ``log_target`` holds ``log p̂`` (N, C); returns shape (N,).
     """
     log_probs = torch.log_softmax(logits, dim=1)
-    return (log_target.exp() * (log_target - log_probs)).sum(dim=1)
+    return F.kl_div(log_probs, log_target, reduction="none", log_target=True).sum(1)
+
+
+def log_odds_against(logits: Tensor, target: Tensor) -> Tensor:
+    r"""``L = log Σ_{k≠c} exp(z_k − z_c)`` per row: the log-odds against class c.
+
+    The cross-entropy is :math:`\mathrm{CE} = \log(1 + e^L) = \mathrm{softplus}(L)`,
+    so :math:`\nabla \mathrm{CE} = \sigma(L) \nabla L` with :math:`\sigma(L) > 0`:
+    both have the same direction, which is all the unlearning step uses. ``L``'s
+    gradient has no cancellation and cannot underflow: in float32 the softmax
+    probability of a class ahead by a logit margin of ~17 rounds to 1, so the
+    cross-entropy gradient loses its target component (``p_c − 1 = 0``), and past
+    a margin of ~50 its norm underflows to 0, which left the parameters, hence the
+    baseline, unchanged.
+    """
+    target = target.view(-1, 1)
+    margins = logits - logits.gather(1, target)
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    return torch.logsumexp(margins.masked_fill(classes == target, -torch.inf), dim=1)
 
 
 def split_per_sample(
-    additional_forward_args: tuple | None, n_examples: int
+    additional_forward_args: tuple | None,
 ) -> tuple[list[int], tuple[Tensor, ...], tuple]:
-    """Separate the per-sample tensors of ``additional_forward_args``.
+    """Separate the batched tensors of ``additional_forward_args`` (formatted by
+    the front door, so they have the batch size on dim 0).
 
-    Returns the positions of the tensors that have the batch size on dim 0, those
-    tensors, and the full argument tuple (used as a template).
+    Returns their positions, those tensors, and the full argument tuple (used as a
+    template).
     """
     args = additional_forward_args or ()
-    positions = [
-        i
-        for i, arg in enumerate(args)
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_examples
-    ]
+    positions = [i for i, arg in enumerate(args) if is_batched(arg)]
     return positions, tuple(args[i] for i in positions), tuple(args)
 
 
@@ -161,9 +170,10 @@ def _unlearn_one(
     args = _sample_args(sample, extra, positions, template)
 
     def loss(theta: dict[str, Tensor]) -> Tensor:
+        # the direction of the cross-entropy's gradient (see log_odds_against)
         copies = {name: b.clone() for name, b in buffers.items()}
         logits = functional_call(wrapper, {**theta, **copies}, args)
-        return F.cross_entropy(logits, target.reshape(1))
+        return log_odds_against(logits, target.reshape(1)).sum()
 
     direction = grad(loss)(params)
     norm = torch.sqrt(sum(g.pow(2).sum() for g in direction.values()))
@@ -209,7 +219,7 @@ def unlearned_log_probs(
     function.
     """
     n_examples = inputs[0].shape[0]
-    positions, extra, template = split_per_sample(additional_forward_args, n_examples)
+    positions, extra, template = split_per_sample(additional_forward_args)
 
     def one(sample: tuple, target: Tensor, extra_i: tuple) -> Tensor:
         return _unlearn_one(
@@ -250,8 +260,12 @@ def project_to_sphere(deltas: tuple[Tensor, ...], epsilon: float) -> tuple[Tenso
 
     A sample whose ``δ`` is zero is left at zero.
     """
-    squared = sum(d.reshape(d.shape[0], -1).pow(2).sum(dim=1) for d in deltas)
-    norm = torch.sqrt(squared)
+    # scaled by the largest magnitude first, so that the first step of a saturated
+    # prediction (a tiny gradient) is not lost to an underflowing sum of squares
+    flat = [d.reshape(d.shape[0], -1) for d in deltas]
+    peak = torch.stack([f.abs().amax(dim=1) for f in flat]).amax(dim=0)
+    peak = torch.where(peak > 0, peak, 1.0).unsqueeze(1)
+    norm = peak[:, 0] * torch.sqrt(sum((f / peak).pow(2).sum(dim=1) for f in flat))
     scale = torch.where(
         norm > 0, epsilon / norm.clamp_min(torch.finfo(norm.dtype).tiny), 1.0
     )
@@ -297,7 +311,25 @@ def match_baselines(
             ),
             epsilon,
         )
+    if pgd_steps > 0:
+        _warn_if_unmoved(deltas)
     return tuple(s + d for s, d in zip(starts, deltas, strict=True))
+
+
+def _warn_if_unmoved(deltas: tuple[Tensor, ...]) -> None:
+    """Warn about samples whose baseline equals the input (their attribution is 0)."""
+    moved = torch.stack([d.reshape(d.shape[0], -1).ne(0).any(dim=1) for d in deltas])
+    unmoved = (~moved.any(dim=0)).nonzero().flatten().tolist()
+    if unmoved:
+        warnings.warn(
+            f"UNI: the learned baseline of samples {unmoved} equals the input, so "
+            "their attributions are zero: the gradient of the KL divergence "
+            "vanished (the unlearned and the original predictions agree to the "
+            "floating-point precision, e.g. a saturated prediction with a small "
+            "`unlearning_step`, or a model whose output does not depend on the "
+            "input there). Increase `unlearning_step`, or pass `baselines`.",
+            stacklevel=4,
+        )
 
 
 #: A single point of each Riemann rule (Captum's rules need two or more).
@@ -338,16 +370,13 @@ def integrated_gradients(
         torch.cat([b + alpha * (x - b) for alpha in alphas], dim=0).requires_grad_()
         for x, b in zip(inputs, baselines, strict=True)
     )
-    expanded_args = (
-        _expand_additional_forward_args(additional_forward_args, n_steps)
-        if additional_forward_args is not None
-        else None
-    )
     grads = gradient_func(
         forward_fn=forward_fn,
         inputs=scaled,
-        target_ind=_expand_target(target, n_steps),
-        additional_forward_args=expanded_args,
+        target_ind=target.repeat(n_steps),
+        additional_forward_args=repeat_rows(
+            additional_forward_args, n_steps, target.shape[0]
+        ),
     )
     totals = []
     for g in grads:
@@ -380,286 +409,3 @@ def completeness_gap(
         start = forward_fn(*baselines, *args)[rows, target]
         total = sum(a.reshape(a.shape[0], -1).sum(dim=1) for a in attributions)
     return total - (end - start)
-
-
-def resolve_class_targets(logits: Tensor, target: Any) -> Any:
-    """Bring Captum's tuple targets for 2-D outputs into the form of ``resolve_targets``.
-
-    Captum indexes the non-batch dimensions with a tuple: for an (N, C) output that
-    is ``(c,)`` for every sample, or a list of one-element tuples.
-    """
-    if logits.dim() != 2:
-        raise ValueError(
-            "UNI needs class logits of shape (N, n_classes) from forward_func, got "
-            f"an output of shape {tuple(logits.shape)}"
-        )
-    if isinstance(target, tuple):
-        if len(target) != 1:
-            raise ValueError(
-                "`target` as a tuple indexes the output dimensions after the batch; "
-                f"the output has one, so expected (class,), got {target!r}"
-            )
-        return target[0]
-    if (
-        isinstance(target, list)
-        and target
-        and all(isinstance(t, tuple) for t in target)
-    ):
-        if not all(len(t) == 1 for t in target):
-            raise ValueError(
-                "`target` as a list of tuples needs one-element tuples (class,) for "
-                f"an output of shape (N, n_classes), got {target!r}"
-            )
-        return [t[0] for t in target]
-    return target
-
-
-def check_sample_args(additional_forward_args: tuple | None, n_examples: int) -> None:
-    """Tensors in ``additional_forward_args`` must have the batch size on dim 0."""
-    for i, arg in enumerate(additional_forward_args or ()):
-        if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] != n_examples:
-            raise ValueError(
-                f"`additional_forward_args[{i}]` must have the batch size "
-                f"{n_examples} on dim 0 (as in Captum), got shape {tuple(arg.shape)}"
-            )
-
-
-def _positive_finite(name: str, value: Any) -> float:
-    value = check_float(name, value, low=0.0, low_inclusive=False)
-    if value == float("inf"):
-        raise ValueError(f"`{name}` must be finite, got inf")
-    return value
-
-
-class UnlearningSettings:
-    """The validated hyperparameters of Algorithm 1 (η, T, ε, μ, chunk size)."""
-
-    def __init__(
-        self,
-        unlearning_step: float,
-        pgd_steps: int,
-        epsilon: float,
-        pgd_step_size: float,
-        unlearning_batch_size: int | None,
-    ) -> None:
-        self.unlearning_step = _positive_finite("unlearning_step", unlearning_step)
-        self.pgd_steps = check_int("pgd_steps", pgd_steps, minimum=0)
-        self.epsilon = _positive_finite("epsilon", epsilon)
-        self.pgd_step_size = _positive_finite("pgd_step_size", pgd_step_size)
-        self.unlearning_batch_size = (
-            None
-            if unlearning_batch_size is None
-            else check_int("unlearning_batch_size", unlearning_batch_size, minimum=1)
-        )
-
-
-class UnlearningHyperparameters:
-    """What the UNI attribution classes share: read-only hyperparameters, the
-    baseline learning step (Algorithm 1, lines 1-7) and the path integral (line 8)."""
-
-    _settings: UnlearningSettings
-    _wrapper: ParametrizedForward
-    _multiply_by_inputs: bool
-    model: nn.Module
-    gradient_func: Callable
-
-    def _learn_baselines(
-        self,
-        forward: Callable[..., Tensor],
-        points: tuple[Tensor, ...],
-        inputs: tuple[Tensor, ...],
-        classes: Tensor,
-        args: tuple | None,
-        forward_args: tuple | None,
-    ) -> tuple[Tensor, ...]:
-        """Unlearn the prediction of ``inputs`` per sample, then perturb ``points``
-        (the inputs, or a layer's output) so that ``forward(points, forward_args)``
-        matches the unlearned distribution."""
-        settings = self._settings
-        params = unlearned_parameters(self.model)
-        log_target = unlearned_log_probs(
-            self._wrapper,
-            params,
-            buffer_copies(self.model),
-            inputs,
-            classes,
-            args,
-            settings.unlearning_step,
-            unlearning_chunk_size(
-                settings.unlearning_batch_size, params, inputs[0].shape[0]
-            ),
-        )
-        return match_baselines(
-            self.gradient_func,
-            forward,
-            points,
-            log_target,
-            forward_args,
-            settings.pgd_steps,
-            settings.epsilon,
-            settings.pgd_step_size,
-        )
-
-    def _integrate(
-        self,
-        forward: Callable[..., Tensor],
-        points: tuple[Tensor, ...],
-        starts: tuple[Tensor, ...],
-        classes: Tensor,
-        args: tuple | None,
-        n_steps: int,
-        method: str,
-        internal_batch_size: int | None,
-    ) -> tuple[Tensor, ...]:
-        """Integrated gradients of ``forward`` from ``starts`` to ``points``, in
-        chunks of ``internal_batch_size`` path points when given (Captum's batching)."""
-        if internal_batch_size is not None and n_steps > 1:
-            attributions = _batch_attribution(
-                self,
-                points[0].shape[0],
-                internal_batch_size,
-                n_steps,
-                inputs=points,
-                baselines=starts,
-                target=classes,
-                additional_forward_args=args,
-                method=method,
-                forward_fn=forward,
-            )
-        else:
-            attributions = self._attribute(
-                points, starts, classes, args, n_steps, method, forward_fn=forward
-            )
-        return tuple(a.detach() for a in attributions)
-
-    def _attribute(
-        self,
-        inputs: tuple[Tensor, ...],
-        baselines: tuple[Tensor, ...],
-        target: Tensor,
-        additional_forward_args: tuple | None = None,
-        n_steps: int = 15,
-        method: str = "riemann_right",
-        step_sizes_and_alphas: tuple[list[float], list[float]] | None = None,
-        forward_fn: Callable[..., Tensor] | None = None,
-    ) -> tuple[Tensor, ...]:
-        return integrated_gradients(
-            self.gradient_func,
-            forward_fn if forward_fn is not None else self._wrapper,
-            inputs,
-            baselines,
-            target,
-            additional_forward_args,
-            n_steps,
-            method,
-            self.multiplies_by_inputs,
-            step_sizes_and_alphas,
-        )
-
-    def has_convergence_delta(self) -> bool:
-        return True
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs
-
-    @property
-    def unlearning_step(self) -> float:
-        return self._settings.unlearning_step
-
-    @property
-    def pgd_steps(self) -> int:
-        return self._settings.pgd_steps
-
-    @property
-    def epsilon(self) -> float:
-        return self._settings.epsilon
-
-    @property
-    def pgd_step_size(self) -> float:
-        return self._settings.pgd_step_size
-
-    @property
-    def unlearning_batch_size(self) -> int | None:
-        return self._settings.unlearning_batch_size
-
-
-def check_unlearnable(model: nn.Module) -> None:
-    """UNI needs parameters to unlearn: raise a clear error when there are none."""
-    if not any(p.is_floating_point() for p in model.parameters()):
-        raise ValueError(
-            "UNI unlearns the model's parameters, but the model has no floating-point "
-            "parameters; pass the module that holds them as `model=`"
-        )
-
-
-def check_call_arguments(
-    n_steps: Any, method: Any, internal_batch_size: Any
-) -> tuple[int, str, int | None]:
-    """Validate the integration arguments of ``attribute``."""
-    n_steps = check_int("n_steps", n_steps, minimum=1)
-    method = check_choice("method", method, SUPPORTED_METHODS)
-    if method == "riemann_trapezoid" and n_steps < 2:
-        raise ValueError("`n_steps` must be >= 2 with method='riemann_trapezoid'")
-    if internal_batch_size is not None:
-        internal_batch_size = check_int(
-            "internal_batch_size", internal_batch_size, minimum=1
-        )
-    return n_steps, method, internal_batch_size
-
-
-def format_inputs(inputs: Any, require_float: bool) -> tuple[Tensor, ...]:
-    """``inputs`` as a tuple of tensors sharing the batch size, checked for NaN/Inf."""
-    formatted = inputs if isinstance(inputs, tuple) else (inputs,)
-    if not formatted or not all(isinstance(t, Tensor) for t in formatted):
-        raise TypeError(
-            "`inputs` must be a tensor or a non-empty tuple of tensors, got "
-            f"{type(inputs).__name__}"
-        )
-    if any(t.dim() == 0 for t in formatted):
-        raise ValueError("`inputs` need a leading batch dimension")
-    n_examples = formatted[0].shape[0]
-    if n_examples == 0 or any(t.shape[0] != n_examples for t in formatted):
-        raise ValueError(
-            "`inputs` must share a batch size >= 1 on dim 0, got shapes "
-            f"{[tuple(t.shape) for t in formatted]}"
-        )
-    if require_float and not all(t.is_floating_point() for t in formatted):
-        raise TypeError(
-            "`inputs` must be floating-point tensors (UNI perturbs them); for token "
-            "ids use LayerUnlearnedIntegratedGradients on the embedding layer"
-        )
-    check_finite("inputs", formatted)
-    return tuple(t.detach() for t in formatted)
-
-
-def format_baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Explicit baselines as full tensors shaped like ``inputs`` (Captum's forms).
-
-    Each baseline is a scalar or a tensor broadcastable to its input (batch size 1
-    or N); a tuple holds one per input.
-    """
-    formatted = baselines if isinstance(baselines, tuple) else (baselines,)
-    if len(formatted) != len(inputs):
-        raise ValueError(
-            f"`baselines` must hold one baseline per input ({len(inputs)}), got "
-            f"{len(formatted)}"
-        )
-    result = []
-    for i, (baseline, x) in enumerate(zip(formatted, inputs, strict=True)):
-        if isinstance(baseline, bool) or not isinstance(baseline, (Tensor, int, float)):
-            raise TypeError(
-                f"`baselines[{i}]` must be a tensor or a number, got "
-                f"{type(baseline).__name__}"
-            )
-        baseline = torch.as_tensor(baseline, device=x.device)
-        check_finite("baselines", baseline)
-        try:
-            expanded = torch.broadcast_to(baseline.to(x.dtype), x.shape)
-        except RuntimeError as err:
-            raise ValueError(
-                f"`baselines[{i}]` of shape {tuple(baseline.shape)} cannot be "
-                f"broadcast to the input shape {tuple(x.shape)}"
-            ) from err
-        result.append(expanded.detach())
-    return tuple(result)

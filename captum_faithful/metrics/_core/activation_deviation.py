@@ -5,20 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_faithful._arguments import format_additional_forward_args, select_rows
 from captum_faithful._compat import _format_tensor_into_tuples, _run_forward
 from captum_faithful._layers import LayerSpec, record_activations, select_layers
 from captum_faithful._utils import check_finite, check_int, preserve_model_state
 from captum_faithful.metrics._core.insertion_deletion import feature_counts
 from captum_faithful.metrics._utils import (
     build_perturbed_inputs,
+    cosine_similarity,
     feature_scores,
     prepare_metric_inputs,
     rank_features,
     resolve_chunk_size,
-    select_additional_forward_args,
 )
 
 
@@ -98,11 +98,12 @@ def activation_deviation(
         )
     chunk_size = resolve_chunk_size(max_examples_per_batch)
     n = clean[0].shape[0]
+    additional_forward_args = format_additional_forward_args(additional_forward_args, n)
     mse, cosine = [], []
     with preserve_model_state(model), torch.no_grad():
         for start in range(0, n, chunk_size):
             samples = torch.arange(start, min(n, start + chunk_size))
-            args = select_additional_forward_args(additional_forward_args, samples, n)
+            args = select_rows(additional_forward_args, samples)
             with record_activations(modules) as clean_acts:
                 _run_forward(model, _rows(clean, start, chunk_size), None, args)
             with record_activations(modules) as perturbed_acts:
@@ -182,6 +183,7 @@ def insertion_activation_deviation(
         inputs, attributions, baselines, feature_mask, None, max_examples_per_batch
     )
     n, steps = setup.n_examples, n_steps + 1
+    additional_forward_args = format_additional_forward_args(additional_forward_args, n)
     with preserve_model_state(model), torch.no_grad():
         ranks = rank_features(
             feature_scores(
@@ -204,9 +206,7 @@ def insertion_activation_deviation(
                     model,
                     _rows(setup.inputs, first, last + 1 - first),
                     None,
-                    select_additional_forward_args(
-                        additional_forward_args, chunk_samples, n
-                    ),
+                    select_rows(additional_forward_args, chunk_samples),
                 )
             take = ranks[samples.to(ranks.device)] < counts[points].unsqueeze(1)
             with record_activations(modules) as records:
@@ -214,7 +214,7 @@ def insertion_activation_deviation(
                     model,
                     build_perturbed_inputs(setup, samples, take),
                     None,
-                    select_additional_forward_args(additional_forward_args, samples, n),
+                    select_rows(additional_forward_args, samples),
                 )
             values = deviation_from_records(clean, records, samples - first)
             mse.append(values["mse"])
@@ -245,13 +245,6 @@ def deviation_from_records(
                 h = h.index_select(0, rows.to(h.device))
             h, h_tilde = h.flatten(1).double(), h_tilde.flatten(1).double()
             mse = mse + ((h_tilde - h) ** 2).mean(dim=1)
-            cosine = cosine + _cosine(h, h_tilde)
+            cosine = cosine + cosine_similarity(h, h_tilde)
             count += 1
     return {"mse": (mse / count).float(), "cosine": (cosine / count).float()}
-
-
-def _cosine(a: Tensor, b: Tensor) -> Tensor:
-    norm_a, norm_b = a.norm(dim=1), b.norm(dim=1)
-    both_zero = (norm_a == 0) & (norm_b == 0)
-    value = F.cosine_similarity(a, b, dim=1, eps=1e-12)
-    return torch.where(both_zero, torch.ones_like(value), value)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._compat import (
@@ -15,7 +16,7 @@ from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
-from captum_faithful._utils import check_choice, check_int
+from captum_faithful._utils import check_bool, check_choice, check_int
 from captum_faithful.metrics._utils import (
     CORRELATIONS,
     MetricInputs,
@@ -23,6 +24,7 @@ from captum_faithful.metrics._utils import (
     feature_scores,
     perturbed_target_scores,
     prepare_metric_inputs,
+    restores_model_state,
 )
 
 
@@ -71,29 +73,29 @@ def random_feature_subsets(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Boolean membership (N, n_samples, F) of uniformly random ``size``-subsets.
+    """Boolean membership (N, n_samples, F) of uniformly random ``size``-subsets,
+    the same ``n_samples`` subsets for every example.
 
     One integer drawn from ``generator`` (torch's global generator if None) seeds
-    a numpy PCG64 generator (several times faster than torch's CPU generator);
-    example by example, it draws ``n_samples x F`` float32 keys and each subset
-    holds the ``size`` features with the smallest keys (:func:`smallest_k_members`).
+    a numpy PCG64 generator (several times faster than torch's CPU generator),
+    which draws ``n_samples x F`` float32 keys; each subset holds the ``size``
+    features with the smallest keys (:func:`smallest_k_members`). Sharing the
+    subsets makes an example's value independent of the batch it is in (with
+    subsets drawn example after example, the same image alone and at position 3
+    of a batch would get different subsets from the same seed). The result is an
+    expanded view: one (n_samples, F) draw in memory.
     """
     gen_device = generator.device if generator is not None else torch.device("cpu")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
-    rng = np.random.default_rng(seed)
-    members = torch.zeros(n_examples, n_samples, n_features, dtype=torch.bool)
-    for example in range(n_examples):
-        keys = torch.from_numpy(rng.random((n_samples, n_features), dtype=np.float32))
-        members[example] = smallest_k_members(keys, size)
-    return members.to(device)
+    keys = np.random.default_rng(seed).random((n_samples, n_features), dtype=np.float32)
+    members = smallest_k_members(torch.from_numpy(keys), size).to(device)
+    return members.unsqueeze(0).expand(n_examples, -1, -1)
 
 
 def faithfulness_correlation_for_subsets(
     forward_func: Callable,
     setup: MetricInputs,
     subsets: Tensor,
-    target: TargetType,
-    additional_forward_args: Any,
     correlation: str,
     apply_softmax: bool,
 ) -> Tensor:
@@ -103,9 +105,7 @@ def faithfulness_correlation_for_subsets(
     baseline. Used by :func:`faithfulness_correlation` and by benchmarks that
     replay another library's subsets."""
     with torch.no_grad():
-        clean, classes = clean_target_scores(
-            forward_func, setup, target, additional_forward_args, apply_softmax
-        )
+        clean, classes = clean_target_scores(forward_func, setup, apply_softmax)
         scores = feature_scores(
             setup.attributions, setup.inputs, setup.feature_ids, setup.n_features
         )
@@ -120,7 +120,6 @@ def faithfulness_correlation_for_subsets(
             take_input,
             subsets.shape[1],
             classes,
-            additional_forward_args,
             apply_softmax,
         )
         attribution_sums = torch.stack(
@@ -133,6 +132,8 @@ def faithfulness_correlation_for_subsets(
         return CORRELATIONS[correlation](attribution_sums, drops)
 
 
+@log_usage()
+@restores_model_state
 def faithfulness_correlation(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,
@@ -151,10 +152,12 @@ def faithfulness_correlation(
     r"""Faithfulness correlation (MuFidelity, Bhatt et al. 2020).
 
     For ``n_samples`` random subsets S of the features (each of ``subset_size``
-    features, drawn uniformly without replacement per example from
-    ``generator``, see :func:`random_feature_subsets`), replace S by the baseline and record the drop of the target
-    score; the metric is the correlation, over the subsets, between the summed
-    attribution of S and that drop. A feature's attribution is the sum of the
+    features, drawn uniformly without replacement from ``generator``, see
+    :func:`random_feature_subsets`), replace S by the baseline and record the drop
+    of the target score; the metric is the correlation, over the subsets, between
+    the summed attribution of S and that drop. All examples of a call share the same
+    subsets, so an example's value does not depend on the other examples of its
+    batch. A feature's attribution is the sum of the
     attributions of its elements. NaN when either side is constant.
 
     .. math::
@@ -162,30 +165,43 @@ def faithfulness_correlation(
         \phi(x) - \phi(x_{S \to b})\Big)
 
     Args:
+
         forward_func (Callable): The model or any callable returning (N, n_classes)
-            outputs.
+                    outputs.
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
-        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
-            same shape or broadcastable to it with the same batch size.
-        target (int, tuple, Tensor or list, optional): Class per sample; None
-            scores the class predicted on the unperturbed input. Default: None
-        additional_forward_args (Any, optional): Extra arguments for
-            ``forward_func``. Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero",
-            "mean", "blur", a number, a tensor or a callable. Default: "zero"
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
+                    shape or broadcastable to it with the same batch size.
+        target (int, tuple, Tensor or list, optional): Class per sample; None scores the
+                    class predicted on the unperturbed input.
+                    Default: None
+        additional_forward_args (Any, optional): Extra arguments for ``forward_func``
+                    (tensors with the batch size N on dim 0, see
+                    :func:`~captum_faithful.metrics.insertion_auc`).
+                    Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean",
+                    "blur", a number, a tensor or a callable.
+                    Default: "zero"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids, Captum's
-            meaning; None: one feature per spatial location for 4-D inputs, one per
-            element otherwise. Default: None
+                    meaning; None: one feature per spatial location for 4-D inputs, one
+                    per element otherwise.
+                    Default: None
         subset_size (float or int, optional): Fraction of the features in (0, 1]
-            (rounded, at least one) or a feature count. Default: 0.25
-        n_samples (int, optional): Number of random subsets, >= 2. Default: 100
-        correlation (str, optional): "pearson" or "spearman". Default: "pearson"
+                    (rounded, at least one) or a feature count.
+                    Default: 0.25
+        n_samples (int, optional): Number of random subsets, >= 2.
+                    Default: 100
+        correlation (str, optional): "pearson" or "spearman".
+                    Default: "pearson"
         apply_softmax (bool, optional): Softmax probability (True) or raw output
-            (False). Default: False
-        max_examples_per_batch (int, optional): Perturbed copies per forward pass;
-            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``. Default: None
-        generator (torch.Generator, optional): Source of the random subsets; None
-            uses torch's global generator. Default: None
+                    (False).
+                    Default: False
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass; None
+                    uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``.
+                    Default: None
+        generator (torch.Generator, optional): Source of the random subsets (one draw
+                    per call, shared by all examples); None uses torch's global
+                    generator.
+                    Default: None
 
     Returns:
         Tensor: Correlation per sample, shape (N,), float64.
@@ -199,14 +215,19 @@ def faithfulness_correlation(
     """
     n_samples = check_int("n_samples", n_samples, 2)
     check_choice("correlation", correlation, tuple(CORRELATIONS))
-    if not isinstance(apply_softmax, bool):
-        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    check_bool("apply_softmax", apply_softmax)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
             f"`generator` must be a torch.Generator, got {type(generator).__name__}"
         )
     setup = prepare_metric_inputs(
-        inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
+        inputs,
+        attributions,
+        baselines,
+        feature_mask,
+        target,
+        max_examples_per_batch,
+        additional_forward_args,
     )
     size = subset_count(subset_size, setup.n_features)
     subsets = random_feature_subsets(
@@ -218,11 +239,5 @@ def faithfulness_correlation(
         setup.feature_ids[0].device,
     )
     return faithfulness_correlation_for_subsets(
-        forward_func,
-        setup,
-        subsets,
-        target,
-        additional_forward_args,
-        correlation,
-        apply_softmax,
+        forward_func, setup, subsets, correlation, apply_softmax
     )

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._compat import (
@@ -13,7 +14,7 @@ from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
-from captum_faithful._utils import check_int
+from captum_faithful._utils import check_bool, check_int
 from captum_faithful.metrics._utils import (
     MetricInputs,
     clean_target_scores,
@@ -22,6 +23,7 @@ from captum_faithful.metrics._utils import (
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
+    restores_model_state,
 )
 
 
@@ -53,10 +55,15 @@ def _curve(
     return_curves: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     n_steps = check_int("n_steps", n_steps, 1)
-    if not isinstance(apply_softmax, bool):
-        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    check_bool("apply_softmax", apply_softmax)
     setup: MetricInputs = prepare_metric_inputs(
-        inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
+        inputs,
+        attributions,
+        baselines,
+        feature_mask,
+        target,
+        max_examples_per_batch,
+        additional_forward_args,
     )
     n_features = setup.n_features
     # The copy equal to the clean input (everything revealed for insertion, nothing
@@ -66,9 +73,7 @@ def _curve(
     counts = feature_counts(n_features, n_steps)
     distinct = sorted(set(counts) - {clean_count})
     with torch.no_grad():
-        clean, classes = clean_target_scores(
-            forward_func, setup, target, additional_forward_args, apply_softmax
-        )
+        clean, classes = clean_target_scores(forward_func, setup, apply_softmax)
         ranks = rank_features(
             feature_scores(
                 setup.attributions, setup.inputs, setup.feature_ids, n_features
@@ -90,7 +95,6 @@ def _curve(
             take_input,
             len(distinct),
             classes,
-            additional_forward_args,
             apply_softmax,
         )
         columns = {count: scores[:, i] for i, count in enumerate(distinct)}
@@ -102,6 +106,8 @@ def _curve(
     return auc
 
 
+@log_usage()
+@restores_model_state
 def insertion_auc(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,
@@ -135,36 +141,42 @@ def insertion_auc(
     the target-class score.
 
     Args:
+
         forward_func (Callable): The model or any callable returning (N, n_classes)
-            outputs (a Hugging Face ``ModelOutput`` is reduced to its logits).
+                    outputs (a Hugging Face ``ModelOutput`` is reduced to its logits).
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
-        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
-            same shape or broadcastable to it with the same batch size
-            (e.g. (N, 1, H, W) for images).
-        target (int, tuple, Tensor or list, optional): Class per sample, as in
-            Captum. None scores the class predicted on the unperturbed input.
-            Default: None
-        additional_forward_args (Any, optional): Extra arguments for
-            ``forward_func``; tensors whose first dimension is N are repeated along
-            with their sample. Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): What a
-            hidden feature shows: "zero", "mean" (per sample, per channel), "blur"
-            (Gaussian, kernel 11, sigma 5, reflect padding), a number, a tensor
-            broadcastable to the input, or a callable ``input -> tensor``.
-            Default: "blur"
-        feature_mask (Tensor or tuple[Tensor, ...], optional): Integer ids, same
-            id = same feature (Captum's meaning); broadcastable to the input with
-            batch dimension 1 or N. None: one feature per spatial location for 4-D
-            inputs (all channels together), one per element otherwise.
-            Default: None
-        n_steps (int, optional): Number of curve segments (n_steps+1 points),
-            >= 1. Default: 100
-        apply_softmax (bool, optional): Score = softmax probability of the target
-            class (True) or the raw output (False). Default: True
-        max_examples_per_batch (int, optional): Perturbed copies per forward pass.
-            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH`` (64, the fastest measured
-            on CPU). The result does not depend on it. Default: None
-        return_curves (bool, optional): Also return the curves. Default: False
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
+                    shape or broadcastable to it with the same batch size (e.g. (N, 1,
+                    H, W) for images).
+        target (int, tuple, Tensor or list, optional): Class per sample, as in Captum.
+                    None scores the class predicted on the unperturbed input.
+                    Default: None
+        additional_forward_args (Any, optional): Extra arguments for ``forward_func``,
+                    after the inputs. As in Captum, tensors must have the batch size N
+                    on dim 0 (each perturbed copy gets its sample's row); other values
+                    are passed as they are.
+                    Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): What a hidden
+                    feature shows: "zero", "mean" (per sample, per channel), "blur"
+                    (Gaussian, kernel 11, sigma 5, reflect padding), a number, a tensor
+                    broadcastable to the input, or a callable ``input -> tensor``.
+                    Default: "blur"
+        feature_mask (Tensor or tuple[Tensor, ...], optional): Integer ids, same id =
+                    same feature (Captum's meaning); broadcastable to the input with
+                    batch dimension 1 or N. None: one feature per spatial location for
+                    4-D inputs (all channels together), one per element otherwise.
+                    Default: None
+        n_steps (int, optional): Number of curve segments (n_steps+1 points), >= 1.
+                    Default: 100
+        apply_softmax (bool, optional): Score = softmax probability of the target class
+                    (True) or the raw output (False).
+                    Default: True
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass. None
+                    uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH`` (64, the fastest measured on
+                    CPU). The result does not depend on it.
+                    Default: None
+        return_curves (bool, optional): Also return the curves.
+                    Default: False
 
     Returns:
         Tensor or (Tensor, Tensor): AUC per sample, shape (N,); with
@@ -193,6 +205,8 @@ def insertion_auc(
     )
 
 
+@log_usage()
+@restores_model_state
 def deletion_auc(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,
@@ -219,26 +233,34 @@ def deletion_auc(
         y_k = \phi\big(b \odot M_{c_k} + x \odot (1 - M_{c_k})\big)
 
     Args:
+
         forward_func (Callable): The model or any callable returning (N, n_classes)
-            outputs.
+                    outputs.
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
-        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
-            same shape or broadcastable to it with the same batch size.
-        target (int, tuple, Tensor or list, optional): Class per sample; None
-            scores the class predicted on the unperturbed input. Default: None
-        additional_forward_args (Any, optional): Extra arguments for
-            ``forward_func``. Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero",
-            "mean", "blur", a number, a tensor or a callable (see
-            :func:`insertion_auc`). Default: "zero"
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
+                    shape or broadcastable to it with the same batch size.
+        target (int, tuple, Tensor or list, optional): Class per sample; None scores the
+                    class predicted on the unperturbed input.
+                    Default: None
+        additional_forward_args (Any, optional): Extra arguments for ``forward_func``
+                    (see :func:`insertion_auc`).
+                    Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean",
+                    "blur", a number, a tensor or a callable (see
+                    :func:`insertion_auc`).
+                    Default: "zero"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids (see
-            :func:`insertion_auc`). Default: None
-        n_steps (int, optional): Number of curve segments, >= 1. Default: 100
+                    :func:`insertion_auc`).
+                    Default: None
+        n_steps (int, optional): Number of curve segments, >= 1.
+                    Default: 100
         apply_softmax (bool, optional): Softmax probability (True) or raw output.
-            Default: True
-        max_examples_per_batch (int, optional): Perturbed copies per forward pass;
-            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``. Default: None
-        return_curves (bool, optional): Also return the curves. Default: False
+                    Default: True
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass; None
+                    uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``.
+                    Default: None
+        return_curves (bool, optional): Also return the curves.
+                    Default: False
 
     Returns:
         Tensor or (Tensor, Tensor): AUC per sample, shape (N,); with

@@ -7,21 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_faithful._arguments import format_inputs, format_target
 from captum_faithful._compat import TargetType, TensorOrTupleOfTensorsGeneric
 from captum_faithful._utils import check_choice
-from captum_faithful.metrics._utils import CORRELATIONS, format_inputs
-
-
-def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity along the last dimension, in float64 (NaN for a zero
-    vector)."""
-    a = a.to(torch.float64)
-    b = b.to(torch.float64)
-    denominator = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(denominator > 0, (a * b).sum(-1) / denominator, torch.nan)
-
+from captum_faithful.metrics._utils import CORRELATIONS, cosine_similarity
 
 SIMILARITIES = {**CORRELATIONS, "cosine": cosine_similarity}
 
@@ -69,6 +61,7 @@ def _flatten_attributions(attributions: Any, n: int) -> Tensor:
     return torch.cat([a.detach().reshape(n, -1).to(torch.float64) for a in items], 1)
 
 
+@log_usage()
 def parameter_randomization(
     explain: Callable[[nn.Module, Any, TargetType], Any],
     model: nn.Module,
@@ -98,18 +91,24 @@ def parameter_randomization(
         E(f_{\tilde\theta_{\le \ell}}, x)\big)
 
     Args:
-        explain (Callable): ``explain(model, inputs, target) -> attributions``
-            (a tensor or tuple of tensors with batch size N), e.g.
-            ``lambda m, x, t: Saliency(m).attribute(x, target=t)``.
+
+        explain (Callable): ``explain(model, inputs, target) -> attributions`` (a tensor
+                    or tuple of tensors with batch size N), e.g. ``lambda m, x, t:
+                    Saliency(m).attribute(x, target=t)``.
         model (nn.Module): The model; copied with ``copy.deepcopy``.
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
         target (int, tuple, Tensor or list, optional): Passed to ``explain`` as is.
-            Default: None
-        order (str, optional): "top_down" or "bottom_up". Default: "top_down"
+                    Default: None
+        order (str, optional): "top_down" or "bottom_up".
+                    Default: "top_down"
         similarity (str, optional): "spearman" (rank correlation of the flattened
-            attributions), "pearson" or "cosine". Default: "spearman"
-        generator (torch.Generator, optional): Source of the random weights; None
-            uses torch's global generator. Default: None
+                    attributions), "pearson" or "cosine" (two all-zero attributions are
+                    identical, 1; an all-zero one against another, 0; see
+                    :func:`~captum_faithful.metrics._utils.cosine_similarity`).
+                    Default: "spearman"
+        generator (torch.Generator, optional): Source of the random weights; None uses
+                    torch's global generator.
+                    Default: None
 
     Returns:
         dict[str, Tensor]: For each randomised layer (by module name, in
@@ -137,6 +136,7 @@ def parameter_randomization(
     items, is_tuple = format_inputs(inputs)
     inputs = items if is_tuple else items[0]
     n = items[0].shape[0]
+    format_target(target, n)
     model_copy = copy.deepcopy(model)
     layers = parameterised_layers(model_copy)
     if not layers:

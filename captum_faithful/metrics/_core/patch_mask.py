@@ -23,10 +23,11 @@ def patch_mask(
         + \lfloor j / p_w \rfloor
 
     Args:
-        inputs (Tensor or tuple[Tensor, ...]): Image batch(es) of shape
-            (N, C, H, W); only the shape and device are used.
-        patch_size (int or tuple[int, int]): Patch height and width (one int for
-            square patches), each >= 1.
+
+        inputs (Tensor or tuple[Tensor, ...]): Image batch(es) of shape (N, C, H, W);
+                    only the shape and device are used.
+        patch_size (int or tuple[int, int]): Patch height and width (one int for square
+                    patches), each >= 1.
 
     Returns:
         Tensor or tuple[Tensor, ...]: int64 mask(s) of shape (1, 1, H, W), mirroring

@@ -6,20 +6,28 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from captum.log import log_usage
 from torch import Tensor
 
-from captum_faithful._utils import check_int, resolve_targets
+from captum_faithful._arguments import (
+    format_additional_forward_args,
+    format_baselines,
+    format_inputs,
+    format_target,
+    resolve_target,
+)
+from captum_faithful._utils import check_bool, check_int, run_forward
 from captum_faithful.metrics._utils import (
-    check_target_form,
     chunked_outputs,
     chunked_target_scores,
-    format_inputs,
-    resolve_baselines,
     resolve_chunk_size,
+    restores_model_state,
     spearman_correlation,
 )
 
 
+@log_usage()
+@restores_model_state
 def path_monotonicity(
     forward_func: Callable,
     inputs: Tensor | tuple[Tensor, ...],
@@ -87,18 +95,16 @@ def path_monotonicity(
         >>> pm_black = path_monotonicity(net, images, 0.0, target=labels)
     """
     n_steps = check_int("n_steps", n_steps, minimum=1)
-    if not isinstance(apply_softmax, bool):
-        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    check_bool("apply_softmax", apply_softmax)
     chunk_size = resolve_chunk_size(max_examples_per_batch)
     formatted, _ = format_inputs(inputs)
     n_examples = formatted[0].shape[0]
-    check_target_form(target, n_examples)
+    target = format_target(target, n_examples)
+    args = format_additional_forward_args(additional_forward_args, n_examples)
+    starts = format_baselines(baselines, formatted)
     with torch.no_grad():
-        starts = resolve_baselines(baselines, formatted)
-        output = chunked_outputs(
-            forward_func, formatted, additional_forward_args, chunk_size
-        )
-        classes = resolve_targets(output, target)
+        output = chunked_outputs(forward_func, formatted, args, chunk_size)
+        classes = resolve_target(output, target)
         device = formatted[0].device
 
         def build_rows(samples: Tensor, points: Tensor) -> tuple[Tensor, ...]:
@@ -115,7 +121,7 @@ def path_monotonicity(
             n_examples,
             n_steps + 1,
             classes,
-            additional_forward_args,
+            args,
             apply_softmax,
             chunk_size,
             device,

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._compat import (
@@ -13,7 +14,7 @@ from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
-from captum_faithful._utils import check_int
+from captum_faithful._utils import check_bool, check_int
 from captum_faithful.metrics._utils import (
     clean_target_scores,
     compact_indices,
@@ -21,6 +22,7 @@ from captum_faithful.metrics._utils import (
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
+    restores_model_state,
 )
 
 
@@ -56,6 +58,8 @@ def saco_from_groups(group_scores: Tensor, deltas: Tensor) -> Tensor:
     return torch.where(denominator > 0, numerator / denominator, torch.nan)
 
 
+@log_usage()
+@restores_model_state
 def saco(
     forward_func: Callable,
     inputs: TensorOrTupleOfTensorsGeneric,
@@ -86,27 +90,34 @@ def saco(
         -(s_i - s_j) & \text{otherwise} \end{cases}
 
     Args:
+
         forward_func (Callable): The model or any callable returning (N, n_classes)
-            outputs.
+                    outputs.
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
-        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``,
-            same shape or broadcastable to it with the same batch size.
-        target (int, tuple, Tensor or list, optional): Class per sample; None
-            scores the class predicted on the unperturbed input. Default: None
-        additional_forward_args (Any, optional): Extra arguments for
-            ``forward_func``. Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero",
-            "mean" (per sample, per channel), "blur", a number, a tensor or a
-            callable ``input -> tensor``. Default: "mean"
+        attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
+                    shape or broadcastable to it with the same batch size.
+        target (int, tuple, Tensor or list, optional): Class per sample; None scores the
+                    class predicted on the unperturbed input.
+                    Default: None
+        additional_forward_args (Any, optional): Extra arguments for ``forward_func``
+                    (tensors with the batch size N on dim 0, see
+                    :func:`~captum_faithful.metrics.insertion_auc`).
+                    Default: None
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean"
+                    (per sample, per channel), "blur", a number, a tensor or a callable
+                    ``input -> tensor``.
+                    Default: "mean"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids, Captum's
-            meaning; None: one feature per spatial location for 4-D inputs, one per
-            element otherwise. Default: None
-        n_groups (int, optional): Number of groups K, 2 <= K <= number of
-            features. Default: 10
+                    meaning; None: one feature per spatial location for 4-D inputs, one
+                    per element otherwise.
+                    Default: None
+        n_groups (int, optional): Number of groups K, 2 <= K <= number of features.
+                    Default: 10
         apply_softmax (bool, optional): Softmax probability (True) or raw output.
-            Default: True
-        max_examples_per_batch (int, optional): Perturbed copies per forward pass;
-            None uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``. Default: None
+                    Default: True
+        max_examples_per_batch (int, optional): Perturbed copies per forward pass; None
+                    uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``.
+                    Default: None
 
     Returns:
         Tensor: SaCo per sample, shape (N,), float64.
@@ -118,10 +129,15 @@ def saco(
         ...              feature_mask=patch_mask(images, 16))
     """
     n_groups = check_int("n_groups", n_groups, 2)
-    if not isinstance(apply_softmax, bool):
-        raise TypeError(f"`apply_softmax` must be a bool, got {apply_softmax!r}")
+    check_bool("apply_softmax", apply_softmax)
     setup = prepare_metric_inputs(
-        inputs, attributions, baselines, feature_mask, target, max_examples_per_batch
+        inputs,
+        attributions,
+        baselines,
+        feature_mask,
+        target,
+        max_examples_per_batch,
+        additional_forward_args,
     )
     if n_groups > setup.n_features:
         raise ValueError(
@@ -129,9 +145,7 @@ def saco(
             f"got {n_groups}"
         )
     with torch.no_grad():
-        clean, classes = clean_target_scores(
-            forward_func, setup, target, additional_forward_args, apply_softmax
-        )
+        clean, classes = clean_target_scores(forward_func, setup, apply_softmax)
         scores = feature_scores(
             setup.attributions, setup.inputs, setup.feature_ids, setup.n_features
         )
@@ -150,7 +164,6 @@ def saco(
             take_input,
             n_groups,
             classes,
-            additional_forward_args,
             apply_softmax,
         )
         group_scores = torch.zeros(

@@ -1,8 +1,10 @@
 """Baseline presets: what a removed feature is replaced with.
 
 Each preset is a callable ``inputs -> tensor`` of the same shape as ``inputs``, so it
-can be passed as ``baselines=`` to every metric (the strings ``"zero"``, ``"mean"`` and
-``"blur"`` select the same functions). They never modify their argument.
+can be passed as ``baselines=`` to every method and metric (the strings ``"zero"``,
+``"mean"`` and ``"blur"`` select the same functions, see
+:func:`captum_faithful._arguments.format_baselines`). They never modify their
+argument. The public names are exported by :mod:`captum_faithful.metrics`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ def zero_baseline(inputs: Tensor) -> Tensor:
     r"""All-zero baseline of the shape of ``inputs``.
 
     Args:
+
         inputs (Tensor): Input batch, first dimension the examples.
 
     Returns:
@@ -43,6 +46,7 @@ def mean_baseline(inputs: Tensor) -> Tensor:
         b_{n,c,\dots} = \frac{1}{|\Omega|} \sum_{\omega \in \Omega} x_{n,c,\omega}
 
     Args:
+
         inputs (Tensor): Input batch of at least two dimensions.
 
     Returns:
@@ -86,8 +90,9 @@ def blur_baseline(inputs: Tensor) -> Tensor:
         b = G_{\sigma=5}^{11 \times 11} * \operatorname{reflect\_pad}_5(x)
 
     Args:
+
         inputs (Tensor): Image batch of shape (N, C, H, W) with H, W > 5 (reflect
-            padding needs the image to be larger than the pad).
+                    padding needs the image to be larger than the pad).
 
     Returns:
         Tensor: Blurred images, same shape, dtype and device as ``inputs``.

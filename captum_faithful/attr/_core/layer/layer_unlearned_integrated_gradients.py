@@ -7,31 +7,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from captum.attr import GradientAttribution, LayerAttribution
+from captum.attr import LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_faithful._compat import (
-    TargetType,
-    TensorOrTupleOfTensorsGeneric,
-    _expand_additional_forward_args,
-    _format_additional_forward_args,
-    _format_output,
-)
-from captum_faithful._utils import resolve_model, resolve_targets
-from captum_faithful.attr._utils.unlearning import (
-    ParametrizedForward,
-    UnlearningHyperparameters,
-    UnlearningSettings,
-    buffer_copies,
-    check_call_arguments,
-    check_sample_args,
-    check_unlearnable,
-    completeness_gap,
-    format_baselines,
-    format_inputs,
-    protected_forward,
-    resolve_class_targets,
+from captum_faithful._arguments import repeat_rows
+from captum_faithful._compat import TargetType, TensorOrTupleOfTensorsGeneric
+from captum_faithful.attr._core.unlearned_integrated_gradients import (
+    PathSpace,
+    UnlearnedIntegratedGradients,
 )
 
 
@@ -82,14 +66,13 @@ def _as_tensor_tuple(output: Any) -> tuple[tuple[Tensor, ...], bool]:
     )
 
 
-class LayerUnlearnedIntegratedGradients(
-    UnlearningHyperparameters, LayerAttribution, GradientAttribution
-):
+class LayerUnlearnedIntegratedGradients(UnlearnedIntegratedGradients, LayerAttribution):
     r"""
     Layer UNI is :class:`UnlearnedIntegratedGradients` on the output of a layer,
     typically the embedding layer of a text model, where token ids cannot be
     perturbed continuously. It is a drop-in for Captum's
-    ``LayerIntegratedGradients``.
+    ``LayerIntegratedGradients``. Everything but where the path lives is UNI's:
+    this class overrides the two hooks that place it on the layer's output.
 
     For each sample :math:`x` with class :math:`c`, let :math:`h = e(x)` be the
     layer's output and :math:`f(h)` the model's logits when the layer returns
@@ -114,7 +97,48 @@ class LayerUnlearnedIntegratedGradients(
     unlearning, sees each sample with its own mask row. The model is never written
     to and runs in the mode the user left it in (see
     :class:`UnlearnedIntegratedGradients`). One layer per instance.
+
+    Args:
+
+        forward_func (Callable): The forward function of the model or any
+                    modification of it, returning class logits (N, n_classes) or a
+                    ``ModelOutput`` / dict with ``logits``.
+        layer (nn.Module): The layer whose output is perturbed and attributed
+                    (e.g. ``model.bert.embeddings``). It must return a tensor or a
+                    tuple of tensors and run once per forward.
+        model (nn.Module, optional): The module whose parameters are unlearned;
+                    only learning the baselines needs it.
+                    Default: ``forward_func`` when it is an ``nn.Module``, else
+                    None
+        multiply_by_inputs (bool, optional): Whether to multiply by
+                    ``(h - h')``, as Captum's LayerIntegratedGradients does.
+                    Default: True
+        unlearning_step (float, optional): :math:`\eta` (> 0).
+                    Default: 1.0
+        pgd_steps (int, optional): :math:`T` (>= 0).
+                    Default: 10
+        epsilon (float, optional): :math:`\varepsilon`, the L2 distance of the
+                    layer baseline from the layer output per sample (> 0): one
+                    radius over the sample's whole layer output (all tokens and
+                    features, all tensors of a tuple), in the units of that output.
+                    With :math:`d` values per sample it moves each by
+                    :math:`\varepsilon / \sqrt{d}` (root mean square): for BERT-base
+                    embeddings of 128 tokens (:math:`d` = 98,304, LayerNorm-ed to
+                    about unit scale) 0.25 is 8e-4 per value. The paper's 0.25 was
+                    chosen for 3x224x224 images, not for embeddings; scale it with
+                    :math:`\sqrt{d}` and the output's scale (see
+                    :class:`~captum_faithful.UnlearnedIntegratedGradients`).
+                    Default: 0.25
+        pgd_step_size (float, optional): :math:`\mu` (> 0).
+                    Default: 0.1
+        unlearning_batch_size (int, optional): Samples unlearned together in one
+                    vectorised chunk; None takes as many as fit ``2**26``
+                    parameter values.
+                    Default: None
     """
+
+    #: The inputs are not perturbed (token ids may be integers); the layer output is.
+    _floating_inputs = False
 
     def __init__(
         self,
@@ -128,56 +152,20 @@ class LayerUnlearnedIntegratedGradients(
         pgd_step_size: float = 0.1,
         unlearning_batch_size: int | None = None,
     ) -> None:
-        r"""
-        Args:
-
-            forward_func (Callable): The forward function of the model or any
-                    modification of it, returning class logits (N, n_classes) or a
-                    ``ModelOutput`` / dict with ``logits``.
-            layer (nn.Module): The layer whose output is perturbed and
-                    attributed (e.g. ``model.bert.embeddings``). It must return a
-                    tensor or a tuple of tensors and run once per forward.
-            model (nn.Module, optional): The module whose parameters are
-                    unlearned. Default: ``forward_func`` when it is an
-                    ``nn.Module``.
-                    Default: None
-            multiply_by_inputs (bool, optional): Whether to multiply by
-                    ``(h - h')``, as Captum's LayerIntegratedGradients does.
-                    Default: True
-            unlearning_step (float, optional): :math:`\eta` (> 0).
-                    Default: 1.0
-            pgd_steps (int, optional): :math:`T` (>= 0).
-                    Default: 10
-            epsilon (float, optional): :math:`\varepsilon`, the L2 distance of the
-                    layer baseline from the layer output per sample (> 0): one
-                    radius over the sample's whole layer output (all tokens and
-                    features, all tensors of a tuple), in the units of that output.
-                    With :math:`d` values per sample it moves each by
-                    :math:`\varepsilon / \sqrt{d}` (root mean square): for BERT-base
-                    embeddings of 128 tokens (:math:`d` = 98,304, LayerNorm-ed to
-                    about unit scale) 0.25 is 8e-4 per value. The paper's 0.25 was
-                    chosen for 3x224x224 images, not for embeddings; scale it with
-                    :math:`\sqrt{d}` and the output's scale (see
-                    :class:`UnlearnedIntegratedGradients`).
-                    Default: 0.25
-            pgd_step_size (float, optional): :math:`\mu` (> 0).
-                    Default: 0.1
-            unlearning_batch_size (int, optional): Samples unlearned together in
-                    one vectorised chunk; None takes as many as fit ``2**26``
-                    parameter values.
-                    Default: None
-        """
         if not isinstance(layer, nn.Module):
             raise TypeError(f"`layer` must be an nn.Module, got {type(layer).__name__}")
-        self.model = resolve_model(forward_func, model)
-        check_unlearnable(self.model)
-        self._settings = UnlearningSettings(
-            unlearning_step, pgd_steps, epsilon, pgd_step_size, unlearning_batch_size
+        UnlearnedIntegratedGradients.__init__(
+            self,
+            forward_func,
+            model,
+            multiply_by_inputs,
+            unlearning_step,
+            pgd_steps,
+            epsilon,
+            pgd_step_size,
+            unlearning_batch_size,
         )
         LayerAttribution.__init__(self, forward_func, layer)
-        GradientAttribution.__init__(self, forward_func)
-        self._multiply_by_inputs = bool(multiply_by_inputs)
-        self._wrapper = ParametrizedForward(forward_func, self.model)
 
     @log_usage()
     def attribute(
@@ -195,42 +183,44 @@ class LayerUnlearnedIntegratedGradients(
         Args:
 
             inputs (Tensor or tuple[Tensor, ...]): The model inputs (e.g. token
-                    ids), batch on dim 0. They are not perturbed; the layer output
-                    is.
-            baselines (scalar, Tensor, tuple of scalars or Tensors, optional):
-                    None (default) learns the layer baseline :math:`h'`. Anything
-                    else is an input-space baseline used as given, as in Captum's
-                    LayerIntegratedGradients: :math:`h'` is the layer output on it
-                    (e.g. a tensor of pad-token ids).
-                    Default: None
+                        ids), batch on dim 0. They are not perturbed; the layer
+                        output is.
+            baselines (scalar, Tensor, str, Callable, or tuple, optional): None
+                        learns the layer baseline :math:`h'`. Anything else is an
+                        input-space baseline in any of
+                        :meth:`UnlearnedIntegratedGradients.attribute`'s forms,
+                        used as in Captum's LayerIntegratedGradients: :math:`h'` is
+                        the layer output on it (e.g. a tensor of pad-token ids).
+                        Default: None
             target (int, tuple, Tensor, or list, optional): Class explained and
-                    unlearned per sample (Captum's forms); None explains the
-                    predicted class.
-                    Default: None
+                        unlearned per sample (Captum's forms); None explains the
+                        predicted class.
+                        Default: None
             additional_forward_args (Any, optional): Passed to ``forward_func``
-                    after the inputs (e.g. the attention mask); tensors must have
-                    the batch size on dim 0.
-                    Default: None
+                        after the inputs (e.g. the attention mask); tensors must
+                        have the batch size on dim 0.
+                        Default: None
             n_steps (int, optional): Points of the path integral (>= 1).
-                    Default: 15
+                        Default: 15
             method (str, optional): Captum's approximation method.
-                    Default: ``riemann_right``
+                        Default: ``riemann_right``
             internal_batch_size (int, optional): Maximum number of path points
-                    per forward pass of the integral, as in Captum (at least the N
-                    samples of one step; the baseline matching runs them together).
-                    Default: None
+                        per forward pass of the integral, as in Captum (at least
+                        the N samples of one step; the baseline matching runs them
+                        together).
+                        Default: None
             return_convergence_delta (bool, optional): Also return the
-                    completeness gap :math:`\sum_j \mathrm{LayerUNI}_j -
-                    (f_c(h) - f_c(h'))` per sample.
-                    Default: False
+                        completeness gap :math:`\sum_j \mathrm{LayerUNI}_j -
+                        (f_c(h) - f_c(h'))` per sample.
+                        Default: False
 
         Returns:
             **attributions** or 2-element tuple of **attributions**, **delta**:
             - **attributions** (*Tensor* or *tuple[Tensor, ...]*): Attributions
-                    with the shape of the layer output (a tuple when the layer
-                    returns one).
+                        with the shape of the layer output (a tuple when the layer
+                        returns one).
             - **delta** (*Tensor*, returned if return_convergence_delta=True):
-                    Completeness gap per sample, shape (N,).
+                        Completeness gap per sample, shape (N,).
 
         Examples::
 
@@ -243,41 +233,17 @@ class LayerUnlearnedIntegratedGradients(
             >>>     input_ids, additional_forward_args=(attention_mask,))
             >>> token_scores = attributions.sum(dim=-1)
         """
-        n_steps, method, internal_batch_size = check_call_arguments(
-            n_steps, method, internal_batch_size
+        return UnlearnedIntegratedGradients.attribute.__wrapped__(
+            self,
+            inputs,
+            baselines,
+            target,
+            additional_forward_args,
+            n_steps,
+            method,
+            internal_batch_size,
+            return_convergence_delta,
         )
-        formatted = format_inputs(inputs, require_float=False)
-        given = None if baselines is None else format_baselines(baselines, formatted)
-        args = _format_additional_forward_args(additional_forward_args)
-        n_examples = formatted[0].shape[0]
-        check_sample_args(args, n_examples)
-
-        with torch.enable_grad():
-            forward = protected_forward(self._wrapper, buffer_copies(self.model))
-            layer_out, is_layer_tuple, logits = self._layer_eval(
-                forward, formatted, args
-            )
-            classes = resolve_targets(logits, resolve_class_targets(logits, target))
-            layer_forward = self._layer_forward(
-                forward, formatted, args, is_layer_tuple
-            )
-            if given is None:
-                starts = self._learn_baselines(
-                    layer_forward, layer_out, formatted, classes, args, None
-                )
-            else:
-                starts = self._layer_eval(forward, given, args)[0]
-            attributions = self._integrate(
-                layer_forward, layer_out, starts, classes, None, n_steps, method,
-                internal_batch_size,
-            )  # fmt: skip
-            output = _format_output(is_layer_tuple, attributions)
-            if not return_convergence_delta:
-                return output
-            delta = completeness_gap(
-                layer_forward, attributions, layer_out, starts, classes, None
-            )
-        return output, delta
 
     def compute_baselines(
         self,
@@ -292,10 +258,10 @@ class LayerUnlearnedIntegratedGradients(
 
             inputs (Tensor or tuple[Tensor, ...]): As in :meth:`attribute`.
             target (int, tuple, Tensor, or list, optional): As in
-                    :meth:`attribute`.
-                    Default: None
+                        :meth:`attribute`.
+                        Default: None
             additional_forward_args (Any, optional): As in :meth:`attribute`.
-                    Default: None
+                        Default: None
 
         Returns:
             *Tensor* or *tuple[Tensor, ...]* shaped like the layer output, at L2
@@ -306,22 +272,29 @@ class LayerUnlearnedIntegratedGradients(
             >>> uni = LayerUnlearnedIntegratedGradients(forward, embeddings, model)
             >>> h_baseline = uni.compute_baselines(input_ids, None, (mask,))
         """
-        formatted = format_inputs(inputs, require_float=False)
-        args = _format_additional_forward_args(additional_forward_args)
-        check_sample_args(args, formatted[0].shape[0])
-        with torch.enable_grad():
-            forward = protected_forward(self._wrapper, buffer_copies(self.model))
-            layer_out, is_layer_tuple, logits = self._layer_eval(
-                forward, formatted, args
-            )
-            classes = resolve_targets(logits, resolve_class_targets(logits, target))
-            layer_forward = self._layer_forward(
-                forward, formatted, args, is_layer_tuple
-            )
-            baselines = self._learn_baselines(
-                layer_forward, layer_out, formatted, classes, args, None
-            )
-        return _format_output(is_layer_tuple, tuple(b.detach() for b in baselines))
+        return super().compute_baselines(inputs, target, additional_forward_args)
+
+    def _path_space(
+        self,
+        forward: Callable[..., Tensor],
+        inputs: tuple[Tensor, ...],
+        is_tuple: bool,
+        args: tuple | None,
+    ) -> PathSpace:
+        """The path lives on the layer's output; the model inputs stay fixed."""
+        layer_out, is_layer_tuple, logits = self._layer_eval(forward, inputs, args)
+        layer_forward = self._layer_forward(forward, inputs, args, is_layer_tuple)
+        return PathSpace(layer_out, layer_forward, None, is_layer_tuple, logits)
+
+    def _given_starts(
+        self,
+        forward: Callable[..., Tensor],
+        space: PathSpace,
+        given: tuple[Tensor, ...],
+        args: tuple | None,
+    ) -> tuple[Tensor, ...]:
+        """An input-space baseline starts the path at the layer's output on it."""
+        return self._layer_eval(forward, given, args)[0]
 
     def _layer_eval(
         self,
@@ -354,11 +327,7 @@ class LayerUnlearnedIntegratedGradients(
         def layer_forward(*values: Tensor) -> Tensor:
             copies = values[0].shape[0] // n_examples
             model_inputs = tuple(torch.cat([x] * copies) for x in inputs)
-            model_args = (
-                _expand_additional_forward_args(args, copies)
-                if args is not None and copies > 1
-                else args
-            )
+            model_args = repeat_rows(args, copies, n_examples)
             with _replace_output(self.layer, values, is_layer_tuple):
                 return forward(*model_inputs, *(model_args or ()))
 

@@ -276,8 +276,10 @@ def test_bad_input(bert, batch):
     forward = forward_of(bert)
     with pytest.raises(TypeError, match="layer"):
         LayerUnlearnedIntegratedGradients(forward, "embeddings", model=bert)
-    with pytest.raises(TypeError, match="model"):
-        LayerUnlearnedIntegratedGradients(forward, bert.bert.embeddings)
+    with pytest.raises(ValueError, match="model="):
+        LayerUnlearnedIntegratedGradients(forward, bert.bert.embeddings).attribute(
+            ids, additional_forward_args=(mask,)
+        )
     with pytest.raises(ValueError, match="epsilon"):
         LayerUnlearnedIntegratedGradients(
             forward, bert.bert.embeddings, model=bert, epsilon=0
@@ -341,3 +343,28 @@ def test_tuple_layer_output_is_perturbed_jointly():
     torch.testing.assert_close(delta, total - gap, atol=1e-5, rtol=1e-4)
     # the head is linear in the layer output: the path integral is exact
     torch.testing.assert_close(total, gap, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("method", "alpha"),
+    [("riemann_left", 0.0), ("riemann_middle", 0.5), ("riemann_right", 1.0)],
+)
+def test_single_step_is_one_layer_gradient_at_the_rule_point(method, alpha):
+    model = small_cnn()
+    images = torch.randn(3, 3, 16, 16)
+    uni = LayerUnlearnedIntegratedGradients(model, model[3], epsilon=4.0)
+    base = uni.compute_baselines(images, target=7)
+    with torch.no_grad():
+        h = model[:4](images)
+
+    def gradient_at(a):
+        # the tail after the layer, differentiated by autograd at h' + a (h - h')
+        point = (base + a * (h - base)).requires_grad_(True)
+        (grad,) = torch.autograd.grad(model[4:](point)[:, 7].sum(), point)
+        return grad
+
+    assert not torch.allclose(gradient_at(0.0), gradient_at(1.0), atol=1e-3)
+    assert not torch.allclose(gradient_at(0.5), gradient_at(1.0), atol=1e-3)
+    got = uni.attribute(images, target=7, n_steps=1, method=method)
+    expected = gradient_at(alpha) * (h - base)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,1 @@
+"""Layer attribution methods, mirroring ``captum.attr._core.layer``."""

@@ -1,0 +1,387 @@
+"""What the demo job runs: its options, the methods (each bound to the CNN or the
+ViT), the metrics that score them and the comparisons the report tests.
+
+Adding a method to the demo means adding one :class:`Method` to :data:`METHODS`;
+the job (:mod:`captum_faithful.demo.job`) and the report
+(:mod:`captum_faithful.demo.report`) both read this registry and do not import each
+other's internals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_faithful._utils import optional_import
+from captum_faithful.attr._core.feature_gated_transmm import VARIANTS
+from captum_faithful.demo.gating import GatingChoice
+
+#: How many images of the first batch each method's maps are kept for, for the figure.
+FIGURE_IMAGES = 6
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The job's options (see ``captum-faithful demo --help``)."""
+
+    out: Path
+    quick: bool = False
+    n_images: int | None = None
+    methods: tuple[str, ...] = ()
+    device: str = "cpu"
+    seed: int = 0
+    batch_size: int = 16
+    show_progress: bool = True
+    n_validation: int | None = None
+
+    def resolved_n_images(self) -> int:
+        """Test images every method explains."""
+        if self.n_images is not None:
+            return self.n_images
+        return 8 if self.quick else 100
+
+    def resolved_n_validation(self, available: int) -> int:
+        """Validation images the gating configurations are chosen on: all
+        ``available`` unless ``n_validation`` asks for fewer."""
+        if self.n_validation is not None:
+            return min(self.n_validation, available)
+        return available
+
+
+class Explainer:
+    """A method bound to a model: ``(inputs, target) -> attributions``.
+
+    It keeps the attributions of the first ``FIGURE_IMAGES`` images it explains (for
+    the figure) and, for path methods, the baselines of the last batch (for path
+    monotonicity, so a learned baseline is not computed twice). ``identity``, when
+    given, names what it computes: two explainers with the same identity give the
+    same attributions, so the job evaluates only the first.
+    """
+
+    def __init__(
+        self,
+        attribute: Callable[[Tensor, Tensor], Tensor],
+        baselines: Callable[[Tensor, Tensor], Tensor] | None = None,
+        identity: Hashable | None = None,
+    ) -> None:
+        self._attribute = attribute
+        self._baselines = baselines
+        self.identity = identity
+        self.figure_maps: Tensor | None = None
+        self._last: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def is_path_method(self) -> bool:
+        return self._baselines is not None
+
+    def __call__(self, inputs: Tensor, target: Tensor) -> Tensor:
+        if self._baselines is not None:
+            baselines = self._baselines(inputs, target).detach()
+            self._last = (inputs, baselines)
+            attributions = self._attribute(inputs, target, baselines)
+        else:
+            attributions = self._attribute(inputs, target)
+        attributions = attributions.detach()
+        if self.figure_maps is None:
+            self.figure_maps = attributions[:FIGURE_IMAGES].cpu()
+        return attributions
+
+    def path_baselines(self, inputs: Tensor, target: Tensor) -> Tensor:
+        """The baselines used for ``inputs`` (recorded by the last call)."""
+        if self._last is not None and self._last[0] is inputs:
+            return self._last[1]
+        return self._baselines(inputs, target).detach()
+
+
+#: How a method's explainer is built: from the demo's models and data, the job's
+#: settings, and the gating configuration chosen on the validation images (None
+#: when no gated method runs).
+Builder = Callable[[Any, Settings, GatingChoice | None], Explainer]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the report: a method bound to the CNN or the ViT.
+
+    ``gated`` methods need the gating configuration, which the job chooses on the
+    validation images before it builds them.
+    """
+
+    key: str
+    label: str
+    model: str
+    build: Builder
+    path: bool = False
+    gated: bool = False
+
+
+def _unlearned_integrated_gradients(
+    demo: Any, settings: Settings, gating: GatingChoice | None
+) -> Explainer:
+    from captum_faithful.attr import UnlearnedIntegratedGradients
+
+    uni = UnlearnedIntegratedGradients(demo.cnn)
+    # The learned baselines are computed once and handed to ``attribute`` (which then
+    # integrates from them, exactly what ``attribute`` does internally), so that path
+    # monotonicity can be measured along the same path.
+    return Explainer(
+        lambda x, t, b: uni.attribute(x, baselines=b, target=t),
+        baselines=lambda x, t: uni.compute_baselines(x, target=t),
+    )
+
+
+def _integrated_gradients(baseline: str) -> Builder:
+    def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
+        from captum.attr import IntegratedGradients
+
+        from captum_faithful.metrics import blur_baseline
+
+        ig = IntegratedGradients(demo.cnn)
+        make = torch.zeros_like if baseline == "black" else blur_baseline
+        return Explainer(
+            lambda x, t, b: ig.attribute(x, baselines=b, target=t, n_steps=50),
+            baselines=lambda x, t: make(x),
+        )
+
+    return build
+
+
+def _saliency(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
+    from captum.attr import Saliency
+
+    saliency = Saliency(demo.cnn)
+    # a copy that requires grad, so Captum need not warn that it set the flag
+    return Explainer(
+        lambda x, t: saliency.attribute(
+            x.detach().clone().requires_grad_(), target=t, abs=True
+        )
+    )
+
+
+def _faithfulness_ensemble(clip: str) -> Builder:
+    def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
+        from captum_faithful.attr import FaithfulnessEnsemble
+
+        fei = FaithfulnessEnsemble(
+            demo.cnn, clip=clip, n_iter=30 if settings.quick else 100
+        )
+        return Explainer(lambda x, t: fei.attribute(x, target=t))
+
+    return build
+
+
+def _transmm(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
+    from captum_faithful.attr import TransMM
+
+    transmm = TransMM(demo.vit)
+    return Explainer(lambda x, t: transmm.attribute(x, target=t))
+
+
+def _feature_gated_transmm(variant: str | None, shuffled: bool = False) -> Builder:
+    """FG-TransMM with the configuration chosen on the validation images; with
+    ``variant``, that configuration's layers, κ and c_max with this variant;
+    ``shuffled``: the thesis's shuffled-decoder control of the same configuration."""
+
+    def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
+        if gating is None:
+            raise ValueError("FG-TransMM needs the gating chosen on validation images")
+        configuration = gating.configuration
+        if variant is not None:
+            configuration = dataclasses.replace(configuration, variant=variant)
+        shuffle = settings.seed if shuffled else None
+        gated = configuration.explainer(demo.vit, demo.saes, shuffle_decoder=shuffle)
+        # only the combined score pairs features with decoder rows: the other
+        # variants' shuffled control computes exactly what they compute
+        order = shuffle if configuration.variant == "combined" else None
+        return Explainer(
+            lambda x, t: gated.attribute(x, target=t),
+            identity=("fg-transmm", configuration, order),
+        )
+
+    return build
+
+
+METHODS: dict[str, Method] = {
+    method.key: method
+    for method in (
+        Method("uni", "UNI", "cnn", _unlearned_integrated_gradients, path=True),
+        Method(
+            "ig-black", "IG (black)", "cnn", _integrated_gradients("black"), path=True
+        ),
+        Method("ig-blur", "IG (blur)", "cnn", _integrated_gradients("blur"), path=True),
+        Method("saliency", "Saliency", "cnn", _saliency),
+        Method("fei-none", "FEI (none)", "cnn", _faithfulness_ensemble("none")),
+        Method("fei-vm", "FEI (vm)", "cnn", _faithfulness_ensemble("vm")),
+        Method("fei-ibm", "FEI (ibm)", "cnn", _faithfulness_ensemble("ibm")),
+        Method("transmm", "TransMM", "vit", _transmm),
+        Method(
+            "fg-transmm",
+            "FG-TransMM",
+            "vit",
+            _feature_gated_transmm(None),
+            gated=True,
+        ),
+        Method(
+            "fg-transmm-shuffled",
+            "FG-TransMM (shuffled)",
+            "vit",
+            _feature_gated_transmm(None, shuffled=True),
+            gated=True,
+        ),
+        *(
+            Method(
+                f"fg-transmm-{variant}",
+                f"FG-TransMM {variant}",
+                "vit",
+                _feature_gated_transmm(variant),
+                gated=True,
+            )
+            for variant in VARIANTS
+        ),
+    )
+}
+
+#: Welch comparisons the papers make: (method a, method b, metrics or None for all).
+COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("uni", "ig-black", None),
+    ("fg-transmm", "transmm", None),
+    ("fg-transmm", "fg-transmm-shuffled", None),
+    *((f"fg-transmm-{variant}", "transmm", None) for variant in VARIANTS),
+    ("fei-vm", "fei-none", ("activation_deviation", "insertion", "deletion")),
+)
+
+#: Metric name → (label in the report, True when higher is better).
+METRIC_INFO: dict[str, tuple[str, bool]] = {
+    "insertion": ("insertion AUC", True),
+    "deletion": ("deletion AUC", False),
+    "saco": ("SaCo", True),
+    "faithfulness_correlation": ("faithfulness corr.", True),
+    "path_monotonicity": ("path monotonicity", True),
+    "activation_deviation": ("activation deviation (MSE)", False),
+    "localisation": ("evidence localisation", True),
+}
+
+
+class EvidenceLocalisation:
+    """Share of the positive attribution that falls inside the evidence block.
+
+    The attribution map is summed over channels; its positive part is compared with
+    the ground-truth evidence mask of the same image, found by exact match of the
+    input among the demo's images (the metric is called with the inputs only). NaN
+    when a map has no positive attribution.
+    """
+
+    def __init__(self, images: Tensor, masks: Tensor) -> None:
+        self.images = images.flatten(1)
+        self.masks = masks
+
+    def __call__(
+        self,
+        forward_func: Any,
+        inputs: Tensor,
+        attributions: Tensor,
+        target: Any = None,
+    ) -> Tensor:
+        flat = inputs.flatten(1).to(self.images.device)
+        match = (flat.unsqueeze(1) == self.images.unsqueeze(0)).all(-1)
+        if not bool(match.any(1).all()):
+            raise ValueError("localisation: an input is not one of the demo's images")
+        masks = self.masks[match.float().argmax(1)].to(attributions.device)
+        positive = attributions.sum(1, keepdim=True).clamp(min=0)
+        total = positive.flatten(1).sum(1)
+        inside = (positive * masks).flatten(1).sum(1)
+        return torch.where(total > 0, inside / total.clamp(min=1e-30), torch.nan)
+
+
+def metrics_for(
+    method: Method,
+    explainer: Explainer,
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    settings: Settings,
+) -> dict[str, Callable]:
+    """The metrics that score ``method`` (partial applications of §6 metrics)."""
+    metrics_module = optional_import("captum_faithful.metrics", "demo")
+    feature_mask = None
+    if method.model == "vit":
+        patch = int(model.config.patch_size)
+        feature_mask = metrics_module.patch_mask(images[:1], patch)
+    steps = 50 if settings.quick else 100
+    samples = 50 if settings.quick else 100
+    chunk = 256
+    metrics: dict[str, Callable] = {
+        "insertion": functools.partial(
+            metrics_module.insertion_auc,
+            feature_mask=feature_mask,
+            n_steps=steps,
+            max_examples_per_batch=chunk,
+        ),
+        "deletion": functools.partial(
+            metrics_module.deletion_auc,
+            feature_mask=feature_mask,
+            n_steps=steps,
+            max_examples_per_batch=chunk,
+        ),
+        "saco": functools.partial(
+            metrics_module.saco, feature_mask=feature_mask, max_examples_per_batch=chunk
+        ),
+        "faithfulness_correlation": functools.partial(
+            metrics_module.faithfulness_correlation,
+            feature_mask=feature_mask,
+            n_samples=samples,
+            max_examples_per_batch=chunk,
+        ),
+    }
+    if method.path:
+
+        def monotonicity(
+            forward_func: Any, inputs: Tensor, attributions: Tensor, target: Any = None
+        ) -> Tensor:
+            baselines = explainer.path_baselines(inputs, target)
+            return metrics_module.path_monotonicity(
+                forward_func, inputs, baselines, target=target
+            )
+
+        metrics["path_monotonicity"] = monotonicity
+    if method.model == "cnn":
+
+        def deviation(
+            forward_func: Any, inputs: Tensor, attributions: Tensor, target: Any = None
+        ) -> Tensor:
+            return metrics_module.insertion_activation_deviation(
+                model,
+                "conv",
+                inputs,
+                attributions,
+                baselines="mean",
+                n_steps=20,
+                max_examples_per_batch=chunk,
+            )["mse"]
+
+        metrics["activation_deviation"] = deviation
+    metrics["localisation"] = EvidenceLocalisation(images, masks)
+    return metrics
+
+
+def comparisons(results: Any, methods: tuple[str, ...]) -> list[Any]:
+    """Welch tests of :data:`COMPARISONS` among the methods that ran."""
+    tests = []
+    present = set(results.table["metric"])
+    for a, b, metrics in COMPARISONS:
+        if a not in methods or b not in methods:
+            continue
+        for metric in metrics or tuple(METRIC_INFO):
+            if metric not in present:
+                continue
+            rows = results.table[results.table["metric"] == metric]
+            if {a, b} <= set(rows["method"]):
+                tests.append(results.compare(a, b, metric))
+    return tests

@@ -1,0 +1,49 @@
+"""Run select_gating on the gating fixtures as one torch.distributed rank (the
+launcher variables are set by the test). Usage: python gating_worker.py OUT REPORT
+
+REPORT receives the chosen configuration, the table's means and the dataset
+positions of the batches this rank explained (JSON).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import gating_fixtures as fx  # noqa: E402
+from test_select_gating import fx_grid  # noqa: E402
+
+from captum_faithful import select_gating  # noqa: E402
+from captum_faithful.evaluation import _selection  # noqa: E402
+
+
+def main() -> None:
+    out, report = sys.argv[1], sys.argv[2]
+    images = fx.images()
+    seen: list[int] = []
+    original = _selection._Candidate.attribute
+
+    def attribute(self, inputs, target=None):
+        if self.explainer.__class__.__name__ == "TransMM":
+            for row in inputs:
+                matches = (images == row).flatten(1).all(1).nonzero().flatten()
+                seen.append(int(matches[0]))
+        return original(self, inputs, target=target)
+
+    _selection._Candidate.attribute = attribute
+    selection = select_gating(fx.vit(), fx.saes(), images, out=out, **fx_grid())
+    Path(report).write_text(
+        json.dumps(
+            {
+                "chosen": selection.configuration.name,
+                "means": list(selection.table["mean"]),
+                "seen": seen,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

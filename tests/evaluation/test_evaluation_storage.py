@@ -1,0 +1,117 @@
+"""The batch files of a run are trusted only when they hold their batch's rows."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from captum.attr import Saliency
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import eval_fixtures as fx  # noqa: E402
+
+from captum_faithful import Results, evaluate  # noqa: E402
+from captum_faithful.evaluation import _storage  # noqa: E402
+
+
+def _run(out, explainers=None):
+    model = fx.model()
+    return evaluate(
+        model,
+        fx.loader(),
+        explainers or {"saliency": Saliency(model)},
+        {"mass": fx.attribution_mass, "drop": fx.top_feature_drop},
+        out=out,
+        show_progress=False,
+    )
+
+
+def _rows(results):
+    table = results.table.sort_values(["index", "method", "metric"])
+    return [tuple(r) for r in table[["index", "method", "metric", "value"]].values]
+
+
+@pytest.fixture(params=["parquet", "csv"])
+def file_format(request, monkeypatch):
+    monkeypatch.setattr(_storage, "default_format", lambda: request.param)
+    return request.param
+
+
+def test_truncated_and_empty_batch_files_are_named_and_recomputed(
+    tmp_path, file_format
+):
+    reference = _rows(_run(tmp_path / "reference"))
+    out = tmp_path / "run"
+    _run(out)
+    (out / f"results.{file_format}").unlink()
+    truncated = out / "batches" / f"batch-00000002.{file_format}"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    empty = out / "batches" / f"batch-00000003.{file_format}"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="batch-00000002.*resume=True"):
+        Results.load(out)
+    with pytest.warns(UserWarning) as caught:
+        resumed = _run(out)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "batch-00000002" in messages and "batch-00000003" in messages
+    assert _rows(resumed) == reference
+    assert _rows(Results.load(out)) == reference
+
+
+def test_foreign_batch_files_are_refused(tmp_path, file_format):
+    """A file of another run (a sample index 999 in an 18-sample dataset), a file
+    of the other format and one of other methods are never merged."""
+    out = tmp_path / "run"
+    _run(out)
+    (out / f"results.{file_format}").unlink()
+    target = out / "batches" / f"batch-00000001.{file_format}"
+    # the last batch of a 1000-sample run with the same methods and metrics
+    samples = [i for i in range(996, 1000) for _ in ("mass", "drop")]
+    rows = {
+        "index": samples,
+        "method": ["saliency"] * 8,
+        "metric": ["mass", "drop"] * 4,
+        "value": [0.5] * 8,
+        "seconds": [0.1] * 8,
+    }
+    target.write_bytes(_storage.encode(rows, file_format))
+    for call in (lambda: _run(out), lambda: Results.load(out)):
+        with pytest.raises(ValueError, match=r"batch-00000001.*samples 996..999"):
+            call()
+    target.unlink()
+    other = "csv" if file_format == "parquet" else "parquet"
+    wrong_format = out / "batches" / f"batch-00000001.{other}"
+    wrong_format.write_bytes(_storage.encode(rows, other))
+    with pytest.raises(ValueError, match=f"batch-00000001.{other}.*{file_format}"):
+        _run(out)
+    wrong_format.unlink()
+    model = fx.model()
+    _run(tmp_path / "other", explainers={"ig": Saliency(model)})
+    shutil.copy(
+        tmp_path / "other" / "batches" / f"batch-00000001.{file_format}", target
+    )
+    with pytest.raises(ValueError, match=r"batch-00000001.*methods \['ig'\]"):
+        _run(out)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_another_process_in_flight_temporary_file_is_left_alone(tmp_path):
+    """A second evaluate on the same folder removes the leftovers of killed
+    writers, never the temporary file a live writer holds (it used to delete it,
+    and the writer's rename then failed)."""
+    import fcntl
+
+    out = tmp_path / "run"
+    _run(out)
+    batches = out / "batches"
+    stale = batches / ".batch-00000001.parquet.tmp-4000000-0a1b2c3d"
+    stale.write_bytes(b"left by a killed process")
+    in_flight = batches / ".batch-00000002.parquet.tmp-4000001-0a1b2c3d"
+    with open(in_flight, "wb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(b"being written")
+        _run(out)
+        assert in_flight.exists()
+    assert not stale.exists()
