@@ -16,7 +16,7 @@ from captum_faithful._arguments import (
     format_target,
     resolve_target,
 )
-from captum_faithful._utils import check_bool, check_int, run_forward
+from captum_faithful._utils import check_bool, check_int
 from captum_faithful.metrics._utils import (
     chunked_outputs,
     chunked_target_scores,
