@@ -29,9 +29,10 @@ Parts (``--parts``):
     Peak memory against each chunking argument, one fresh subprocess per
     configuration: UNI's ``internal_batch_size`` and ``unlearning_batch_size``
     (ResNet-50, and VGG16 for the unlearning), LayerUNI's ``internal_batch_size``
-    (BERT) and the metrics' ``max_examples_per_batch`` (ResNet-50), each at two or
-    three batch sizes, with one PGD step and with step counts that just fill the
-    largest chunk (memory depends on the rows per pass, not on how many passes).
+    (BERT) and the metrics' ``max_examples_per_batch`` (ResNet-50), each at two
+    batch sizes (the larger 4x the smaller), with one PGD step and with step counts
+    that just fill the largest chunk (memory depends on the rows per pass, not on
+    how many passes).
 
 Time: the compared calls run round-robin in one process (``--repeats`` rounds), so
 that load from other processes hits them alike; the tables give the minimum process
@@ -84,6 +85,7 @@ sys.path.insert(0, str(ROOT))
 IMAGE_MODELS = ("resnet50", "vgg16", "vit_hf", "vit_timm")
 MODELS = (*IMAGE_MODELS, "bert")
 PARTS = ("methods", "metrics", "memory")
+METHOD_GROUPS = ("uni", "fei", "transmm")
 VITS = ("vit_hf", "vit_timm")
 SAE_BLOCKS = (3, 6, 9)
 SAE_EXPANSION = 32
@@ -283,23 +285,33 @@ def methods_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
     blends = torch.cat(
         [x * (k + 1) / (FEI_QUANTILES + 1) for k in range(FEI_QUANTILES)]
     )
-    fns: dict[str, Callable] = {
-        "uni": lambda: uni.attribute(x, target=target, internal_batch_size=ibs),
-        "ig50": lambda: ig.attribute(
-            x, target=target, n_steps=IG_N_STEPS, internal_batch_size=ibs
-        ),
-        "pass": lambda: forward_backward(bench.forward, x, target),
-        "path": lambda: path_rows(bench, UNI_N_STEPS, ibs),
-        "unlearn": lambda: unlearning_loop(bench),
-        "fei": lambda: fei.attribute(
-            x, target=target, generator=torch.Generator().manual_seed(0)
-        ),
-        "fei_iteration": lambda: forward_backward(
-            bench.forward, blends, target.repeat(FEI_QUANTILES)
-        ),
-    }
+    groups = set(args.methods)
+    fns: dict[str, Callable] = {}
+    if "uni" in groups:
+        fns.update(
+            {
+                "uni": lambda: uni.attribute(x, target=target, internal_batch_size=ibs),
+                "ig50": lambda: ig.attribute(
+                    x, target=target, n_steps=IG_N_STEPS, internal_batch_size=ibs
+                ),
+                "pass": lambda: forward_backward(bench.forward, x, target),
+                "path": lambda: path_rows(bench, UNI_N_STEPS, ibs),
+                "unlearn": lambda: unlearning_loop(bench),
+            }
+        )
+    if "fei" in groups:
+        fns.update(
+            {
+                "fei": lambda: fei.attribute(
+                    x, target=target, generator=torch.Generator().manual_seed(0)
+                ),
+                "fei_iteration": lambda: forward_backward(
+                    bench.forward, blends, target.repeat(FEI_QUANTILES)
+                ),
+            }
+        )
     tmp = None
-    if bench.name in VITS:
+    if bench.name in VITS and "transmm" in groups:
         from captum_faithful.vit import get_adapter
 
         tmp = tempfile.TemporaryDirectory()
@@ -323,41 +335,49 @@ def methods_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
     def cpu(name: str) -> float:
         return t[name]["cpu"]
 
-    ig50 = cpu("ig50")
-    uni_floor = UNI_PGD_STEPS * cpu("pass") + cpu("path") + cpu("unlearn")
-    per_iteration = cpu("fei") / args.fei_iters
-    projected_fei = 100 * per_iteration  # FEI's default n_iter
-    rows = [
-        row(
-            bench,
-            "UNI",
-            f"defaults, internal_batch_size={ibs}",
-            t["uni"],
-            n,
-            ig50=cpu("uni") / ig50,
-            floor=cpu("uni") / uni_floor,
-        ),
-        row(
-            bench,
-            "Captum IG",
-            f"n_steps=50, internal_batch_size={ibs}",
-            t["ig50"],
-            n,
-            ig50=1.0,
-        ),
-        row(
-            bench,
-            "FEI",
-            f"{args.fei_iters} iterations (default n_iter=100)",
-            t["fei"],
-            n,
-            ig50=projected_fei / ig50,
-            floor=per_iteration / cpu("fei_iteration"),
-            note=f"{per_iteration / n:.3g} s/iteration/image; "
-            "x IG50 is for 100 iterations, projected",
-        ),
-    ]
-    if bench.name in VITS:
+    def x_ig50(name: str) -> float | None:
+        return cpu(name) / cpu("ig50") if "ig50" in t else None
+
+    rows = []
+    if "uni" in t:
+        uni_floor = UNI_PGD_STEPS * cpu("pass") + cpu("path") + cpu("unlearn")
+        rows += [
+            row(
+                bench,
+                "UNI",
+                f"defaults, internal_batch_size={ibs}",
+                t["uni"],
+                n,
+                ig50=x_ig50("uni"),
+                floor=cpu("uni") / uni_floor,
+                note=f"floor {uni_floor / n:.3g} s/image",
+            ),
+            row(
+                bench,
+                "Captum IG",
+                f"n_steps=50, internal_batch_size={ibs}",
+                t["ig50"],
+                n,
+                ig50=1.0,
+            ),
+        ]
+    if "fei" in t:
+        per_iteration = cpu("fei") / args.fei_iters
+        projected_fei = 100 * per_iteration  # FEI's default n_iter
+        rows.append(
+            row(
+                bench,
+                "FEI",
+                f"{args.fei_iters} iterations (default n_iter=100)",
+                t["fei"],
+                n,
+                ig50=projected_fei / cpu("ig50") if "ig50" in t else None,
+                floor=per_iteration / cpu("fei_iteration"),
+                note=f"{per_iteration / n:.3g} s/iteration/image; "
+                "x IG50 is for 100 iterations, projected",
+            )
+        )
+    if "transmm" in t:
         transmm_cpu = cpu("transmm")
         rows += [
             row(
@@ -366,7 +386,7 @@ def methods_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
                 "",
                 t["transmm"],
                 n,
-                ig50=transmm_cpu / ig50,
+                ig50=x_ig50("transmm"),
                 floor=transmm_cpu / cpu("eager_pass"),
             ),
             row(
@@ -375,7 +395,7 @@ def methods_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
                 f"{SAE_EXPANSION}x SAEs on blocks {','.join(map(str, SAE_BLOCKS))}",
                 t["fg_transmm"],
                 n,
-                ig50=cpu("fg_transmm") / ig50,
+                ig50=x_ig50("fg_transmm"),
                 floor=cpu("fg_transmm") / cpu("eager_pass"),
                 note=f"{cpu('fg_transmm') / transmm_cpu:.2f} x TransMM",
             ),
@@ -606,9 +626,11 @@ def metrics_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
 # ------------------------------------------------------------------- memory
 
 
-#: The largest chunk of each sweep; the step counts are chosen so that every batch
-#: size fills it (more steps would only repeat the same chunks).
-UNI_CHUNKS, METRIC_CHUNKS = (4, 8, 16, 32), (8, 16, 32, 64)
+#: The chunk sizes of each sweep; the step counts are chosen so that every batch
+#: size fills the largest (more steps would only repeat the same chunks). Two batch
+#: sizes per sweep, the larger 4x the smaller: at a chunk >= the batch, memory must
+#: not grow with it.
+UNI_CHUNKS, METRIC_CHUNKS = (8, 16), (8, 32)
 
 
 def memory_sweeps(models: list[str]) -> list[tuple]:
@@ -617,9 +639,11 @@ def memory_sweeps(models: list[str]) -> list[tuple]:
     if "resnet50" in models:
         configs += [
             ("uni internal_batch_size", "resnet50", n, c)
-            for n in (2, 4, 8)
+            for n in (2, 8)
             for c in UNI_CHUNKS
         ]
+        # below the batch size a chunk still holds one step of every sample
+        configs.append(("uni internal_batch_size", "resnet50", 8, 2))
         configs += [
             ("uni unlearning_batch_size", "resnet50", n, c)
             for n in (2, 4)
@@ -639,7 +663,7 @@ def memory_sweeps(models: list[str]) -> list[tuple]:
         configs += [
             ("activation_deviation max_examples_per_batch", "resnet50", n, c)
             for n in (4, 16)
-            for c in (2, 4, 16)
+            for c in (2, 4)
         ]
     if "vgg16" in models:
         configs += [("uni unlearning_batch_size", "vgg16", 2, c) for c in (1, 2)]
@@ -820,6 +844,12 @@ def main() -> None:
         help="internal_batch_size of UNI, LayerUNI and Captum IG",
     )
     parser.add_argument("--fei-iters", type=int, default=3)
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHOD_GROUPS),
+        help="comma-separated subset of the methods part's cells: uni (UNI, Captum "
+        "IG and their floors), fei, transmm (TransMM and FeatureGatedTransMM, ViTs)",
+    )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--floor-chunks", default="16,64")
     parser.add_argument("--threads", type=int, default=1)
@@ -835,6 +865,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.floor_chunks = [int(c) for c in args.floor_chunks.split(",")]
+    args.methods = [m for m in args.methods.split(",") if m]
+    if any(m not in METHOD_GROUPS for m in args.methods):
+        parser.error(f"--methods must be a subset of {','.join(METHOD_GROUPS)}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     if args.child:
@@ -878,6 +911,8 @@ def main() -> None:
         str(args.threads),
         "--floor-chunks",
         ",".join(map(str, args.floor_chunks)),
+        "--methods",
+        ",".join(args.methods),
     ]
     keys = [
         "model",
