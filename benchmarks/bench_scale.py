@@ -29,10 +29,10 @@ Parts (``--parts``):
     Peak memory against each chunking argument, one fresh subprocess per
     configuration: UNI's ``internal_batch_size`` and ``unlearning_batch_size``
     (ResNet-50, and VGG16 for the unlearning), LayerUNI's ``internal_batch_size``
-    (BERT) and the metrics' ``max_examples_per_batch`` (ResNet-50), each at two
-    batch sizes (the larger 4x the smaller), with one PGD step and with step counts
-    that just fill the largest chunk (memory depends on the rows per pass, not on
-    how many passes).
+    (BERT) and the metrics' ``max_examples_per_batch`` (ResNet-50): the chunk held
+    while the batch grows 4x, and the chunk grown; with one PGD step and with step
+    counts that just fill the largest chunk (memory depends on the rows per pass,
+    not on how many passes).
 
 Time: the compared calls run round-robin in one process (``--repeats`` rounds), so
 that load from other processes hits them alike; the tables give the minimum process
@@ -626,29 +626,26 @@ def metrics_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
 # ------------------------------------------------------------------- memory
 
 
-#: The chunk sizes of each sweep; the step counts are chosen so that every batch
-#: size fills the largest (more steps would only repeat the same chunks). Two batch
-#: sizes per sweep, the larger 4x the smaller: at a chunk >= the batch, memory must
-#: not grow with it.
+#: The largest chunk of each sweep; the step counts are chosen so that every batch
+#: size fills it (more steps would only repeat the same chunks).
 UNI_CHUNKS, METRIC_CHUNKS = (8, 16), (8, 32)
 
 
 def memory_sweeps(models: list[str]) -> list[tuple]:
-    """``(sweep, model, batch size, chunk)`` configurations of the memory part."""
+    """``(sweep, model, batch size, chunk)`` configurations of the memory part.
+
+    Each sweep holds the chunk and grows the batch 4x (memory must not follow),
+    then grows the chunk at the larger batch or the smaller one (memory follows)."""
     configs = []
     if "resnet50" in models:
+        # the last: a chunk below the batch size
         configs += [
             ("uni internal_batch_size", "resnet50", n, c)
-            for n in (2, 8)
-            for c in UNI_CHUNKS
+            for n, c in ((2, 8), (8, 8), (2, 16), (8, 2))
         ]
-        # below the batch size a chunk still holds one step of every sample
-        configs.append(("uni internal_batch_size", "resnet50", 8, 2))
         configs += [
             ("uni unlearning_batch_size", "resnet50", n, c)
-            for n in (2, 4)
-            for c in (1, 2, 4)
-            if c <= n
+            for n, c in ((2, 1), (8, 1), (2, 2), (4, 4))
         ]
         for metric in (
             "insertion_auc",
@@ -657,22 +654,16 @@ def memory_sweeps(models: list[str]) -> list[tuple]:
         ):
             configs += [
                 (f"{metric} max_examples_per_batch", "resnet50", n, c)
-                for n in (2, 8)
-                for c in METRIC_CHUNKS
+                for n, c in ((2, 8), (8, 8), (8, 32))
             ]
         configs += [
             ("activation_deviation max_examples_per_batch", "resnet50", n, c)
-            for n in (4, 16)
-            for c in (2, 4)
+            for n, c in ((4, 2), (16, 2), (16, 8))
         ]
     if "vgg16" in models:
         configs += [("uni unlearning_batch_size", "vgg16", 2, c) for c in (1, 2)]
     if "bert" in models:
-        configs += [
-            ("layer_uni internal_batch_size", "bert", n, c)
-            for n in (2, 8)
-            for c in UNI_CHUNKS
-        ]
+        configs += [("layer_uni internal_batch_size", "bert", n, 8) for n in (2, 8)]
     return configs
 
 
