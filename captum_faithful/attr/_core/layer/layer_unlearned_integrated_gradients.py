@@ -205,9 +205,9 @@ class LayerUnlearnedIntegratedGradients(UnlearnedIntegratedGradients, LayerAttri
             method (str, optional): Captum's approximation method.
                         Default: ``riemann_right``
             internal_batch_size (int, optional): Maximum number of path points
-                        per forward pass of the integral, as in Captum (at least
-                        the N samples of one step; the baseline matching runs them
-                        together).
+                        per forward pass of the integral, as in Captum; a batch of
+                        more samples is explained that many samples at a time, so
+                        memory is bounded by it, not by the batch size.
                         Default: None
             return_convergence_delta (bool, optional): Also return the
                         completeness gap :math:`\sum_j \mathrm{LayerUNI}_j -
