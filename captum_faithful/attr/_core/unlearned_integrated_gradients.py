@@ -259,7 +259,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
                         ``internal_batch_size`` forward+backward rows, plus the
                         unlearning chunk, whatever the batch size. None evaluates
                         all ``n_steps * N`` at once (measured on ResNet-50 at
-                        3x224x224: about 90 MB per row).
+                        3x224x224: about 100 MB per row).
                         Default: None
             return_convergence_delta (bool, optional): Also return the
                         completeness gap per sample.
