@@ -136,6 +136,21 @@ def cache_root() -> Path:
 
 
 @contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No Hugging Face progress bars ("Loading weights", "Writing model shards")
+    inside the block: the demo shows its own; the library's setting is restored
+    afterwards."""
+    logging = optional_import("transformers.utils.logging", "vit")
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+@contextmanager
 def _training_threads() -> Iterator[None]:
     """Every core, at most four, while training (these models are too small to gain
     from more: measured on 2 cores, 2 threads train the quick recipe in 0.73x the
@@ -559,7 +574,8 @@ def train_all(
     folder.mkdir(parents=True, exist_ok=True)
     safetensors = optional_import("safetensors.torch", "sae")
     safetensors.save_file(cnn.state_dict(), str(folder / "cnn.safetensors"))
-    vit.save_pretrained(str(folder / "vit"))
+    with quiet_transformers():
+        vit.save_pretrained(str(folder / "vit"))
     for layer, sae in saes.items():
         sae.save_model(folder / f"sae_block{layer}")
     meta = {
@@ -625,9 +641,10 @@ def load_models(
     cnn = build_cnn()
     cnn.load_state_dict(safetensors.load_file(str(folder / "cnn.safetensors")))
     transformers = optional_import("transformers", "vit")
-    vit = transformers.ViTForImageClassification.from_pretrained(
-        str(folder / "vit"), attn_implementation="eager"
-    )
+    with quiet_transformers():
+        vit = transformers.ViTForImageClassification.from_pretrained(
+            str(folder / "vit"), attn_implementation="eager"
+        )
     saes = {
         layer: sae_loader(folder / f"sae_block{layer}", device)
         for layer in recipe.sae_layers

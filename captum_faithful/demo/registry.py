@@ -184,28 +184,48 @@ def _transmm(demo: Any, settings: Settings, gating: GatingChoice | None) -> Expl
     return Explainer(lambda x, t: transmm.attribute(x, target=t))
 
 
-def _feature_gated_transmm(variant: str | None, shuffled: bool = False) -> Builder:
+def _feature_gated_transmm(variant: str | None) -> Builder:
     """FG-TransMM with the configuration chosen on the validation images; with
-    ``variant``, that configuration's layers, κ and c_max with this variant;
-    ``shuffled``: the thesis's shuffled-decoder control of the same configuration."""
+    ``variant``, that configuration's layers, κ and c_max with this variant."""
 
     def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
-        if gating is None:
-            raise ValueError("FG-TransMM needs the gating chosen on validation images")
-        configuration = gating.configuration
+        configuration = _chosen(gating)
         if variant is not None:
             configuration = dataclasses.replace(configuration, variant=variant)
-        shuffle = settings.seed if shuffled else None
-        gated = configuration.explainer(demo.vit, demo.saes, shuffle_decoder=shuffle)
-        # only the combined score pairs features with decoder rows: the other
-        # variants' shuffled control computes exactly what they compute
-        order = shuffle if configuration.variant == "combined" else None
+        gated = configuration.explainer(demo.vit, demo.saes)
         return Explainer(
             lambda x, t: gated.attribute(x, target=t),
-            identity=("fg-transmm", configuration, order),
+            identity=("fg-transmm", configuration, None),
         )
 
     return build
+
+
+#: The variant the shuffled-decoder control runs: the only score that pairs each
+#: feature's activation with its own decoder row. The activation score never reads
+#: the decoder and the gradient score sums over all rows, so permuting the rows
+#: leaves both unchanged: their "control" would be FG-TransMM itself.
+SHUFFLED_VARIANT = "combined"
+
+
+def _shuffled_decoder(
+    demo: Any, settings: Settings, gating: GatingChoice | None
+) -> Explainer:
+    """The thesis's shuffled-decoder control: the combined score at the chosen
+    layers, κ and c_max, with the rows of every decoder permuted (seeded by the
+    demo's seed); compared with FG-TransMM combined at the same configuration."""
+    configuration = dataclasses.replace(_chosen(gating), variant=SHUFFLED_VARIANT)
+    gated = configuration.explainer(demo.vit, demo.saes, shuffle_decoder=settings.seed)
+    return Explainer(
+        lambda x, t: gated.attribute(x, target=t),
+        identity=("fg-transmm", configuration, ("shuffled decoder", settings.seed)),
+    )
+
+
+def _chosen(gating: GatingChoice | None) -> Any:
+    if gating is None:
+        raise ValueError("FG-TransMM needs the gating chosen on validation images")
+    return gating.configuration
 
 
 METHODS: dict[str, Method] = {
@@ -230,9 +250,9 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "fg-transmm-shuffled",
-            "FG-TransMM (shuffled)",
+            f"FG-TransMM {SHUFFLED_VARIANT} (shuffled)",
             "vit",
-            _feature_gated_transmm(None, shuffled=True),
+            _shuffled_decoder,
             gated=True,
         ),
         *(
@@ -252,8 +272,10 @@ METHODS: dict[str, Method] = {
 COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("uni", "ig-black", None),
     ("fg-transmm", "transmm", None),
-    ("fg-transmm", "fg-transmm-shuffled", None),
     *((f"fg-transmm-{variant}", "transmm", None) for variant in VARIANTS),
+    # the control against the same score with the real decoder, and against TransMM
+    (f"fg-transmm-{SHUFFLED_VARIANT}", "fg-transmm-shuffled", None),
+    ("fg-transmm-shuffled", "transmm", None),
     ("fei-vm", "fei-none", ("activation_deviation", "insertion", "deletion")),
 )
 

@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from captum_faithful._files import atomic_write
 from captum_faithful._utils import optional_import
 from captum_faithful.demo.gating import C_MAXS, KAPPAS, STAGE_ONE_C_MAX, STAGE_ONE_KAPPA
-from captum_faithful.demo.registry import METHODS, METRIC_INFO, comparisons
+from captum_faithful.demo.registry import (
+    FIGURE_IMAGES,
+    METHODS,
+    METRIC_INFO,
+    SHUFFLED_VARIANT,
+    comparisons,
+)
 
 REPORT_NAME = "report.md"
 FIGURE_NAME = "attributions.png"
@@ -137,6 +144,7 @@ def render_report(outcome: Any) -> str:
         )
     else:
         lines.append("None of the compared pairs ran (see `--methods`).")
+    lines += reading_guide(outcome)
     lines += gating_section(outcome)
     lines += [
         "",
@@ -231,6 +239,94 @@ def _step_label(step: str) -> str:
     return {"models": "load (or train) the models"}.get(step, step)
 
 
+#: How to read each metric of :data:`METRIC_INFO`: what it measures, the
+#: reference image it uses, and which methods that favours.
+METRIC_GUIDE: dict[str, str] = {
+    "insertion": (
+        "starts from a **blurred copy** of the image and puts the original pixels "
+        "(patches for the ViT) back in the order of the map, most important first; "
+        "the area under the class probability curve. High when the first features "
+        "alone bring the prediction back. The blurred start favours IG (blur), whose "
+        "path starts from the same blur."
+    ),
+    "deletion": (
+        "starts from the image and sets features to **black** in the order of the "
+        "map; the area under the class probability curve, lower is better. Low when "
+        "removing the first features destroys the prediction. The black reference "
+        "favours IG (black), which attributes relative to black. The images' "
+        "background and ink colours are random (the colour-bias setting), so black is "
+        "itself evidence for some colours and not others."
+    ),
+    "saco": (
+        "cuts the ranked features into 10 groups, replaces each group on its own with "
+        "the image's **mean colour**, and checks that a group with more attribution "
+        "also costs more probability when removed (+1: always, −1: never). It "
+        "compares the sizes of the attributions, not only their order, so maps with "
+        "calibrated magnitudes score well; the mean colour is no method's reference, "
+        "so it favours none of the path methods."
+    ),
+    "faithfulness_correlation": (
+        "sets random subsets of a quarter of the features to **black** and correlates "
+        "(Pearson) each subset's total attribution with the drop of the class "
+        "logit. It rewards maps whose attributions add up like the model's "
+        "response to removal, so it favours methods whose attributions sum to the "
+        "output change relative to black (the completeness of IG (black))."
+    ),
+    "path_monotonicity": (
+        "path methods only: the model's class probability at 15 points of the "
+        "method's **own** straight path, from its baseline (black, blur or UNI's "
+        "learned one) to the image, rank-correlated (Spearman) with the position on "
+        "the path; 1 when the probability rises all the way. It judges the baseline, "
+        "not the map: it favours baselines the model sees as featureless, which is "
+        "what UNI learns."
+    ),
+    "activation_deviation": (
+        "CNN methods only: the insertion curve started from the image's **mean "
+        "colour**, and at each of its 21 points the mean squared difference between "
+        "the convolutional activations and those of the clean image; lower is better. "
+        "Low when the inserted features recreate the network's own internal state "
+        "rather than another route to the same output; every map is compared at the "
+        "same coverages. It favours what FEI's activation-clipping variants (vm, "
+        "ibm) aim at."
+    ),
+    "localisation": (
+        "no reference image: the share of the map's positive attribution that lies "
+        "in the block holding the digit (the other block holds shuffled strokes "
+        "with no class information). It favours maps concentrated on the digit, "
+        "whether or not the model depends on every part of it; a map of the ViT has "
+        "one value per patch, so it can spill over the block's edge."
+    ),
+}
+
+#: Why a map optimised for insertion and deletion can still lose on deletion.
+FEI_NOTE = (
+    "**Why FEI can lose on deletion although it optimises insertion/deletion "
+    "games.** FEI optimises soft masks that blend the image with its own random "
+    "single-colour reference, at a few coverage levels, and mostly on the insertion "
+    "game (keep as little as possible and still keep the class). The deletion row "
+    "scores the hard version against black, at every coverage: a map that finds "
+    "*one* region sufficient for the class scores well on insertion, but when the "
+    "evidence is redundant (several strokes of the digit, or its colour) removing "
+    "that region leaves the rest to carry the prediction, and the map is flat "
+    "within each coverage level, so the order of its first pixels is arbitrary."
+)
+
+
+def reading_guide(outcome: Any) -> list[str]:
+    """The report's "How to read this" section: one entry per metric in the
+    table, and the FEI note when an FEI row ran."""
+    present = set(outcome.results.table["metric"])
+    lines = ["", "## How to read this", ""]
+    for metric, (label, higher) in METRIC_INFO.items():
+        if metric not in present:
+            continue
+        arrow = "higher is better" if higher else "lower is better"
+        lines.append(f"- **{label}** ({arrow}): {METRIC_GUIDE[metric]}")
+    if any(key.startswith("fei") for key in outcome.settings.methods):
+        lines += ["", FEI_NOTE]
+    return lines
+
+
 def gating_section(outcome: Any) -> list[str]:
     """How FG-TransMM's configuration was chosen on the validation images: the
     protocol, the choice and why, and the whole validation table."""
@@ -255,7 +351,8 @@ def gating_section(outcome: Any) -> list[str]:
         f"κ ∈ {{{', '.join(f'{k:g}' for k in KAPPAS)}}} × c_max ∈ "
         f"{{{', '.join(f'{c:g}' for c in C_MAXS)}}} on the best layers and variant of "
         "stage 1. The test images were then scored once with the choice; the "
-        "shuffled control and the three variants use the same layers, κ and c_max.",
+        "three variants and the shuffled-decoder control use the same layers, κ "
+        "and c_max.",
         "",
         f"**Chosen: blocks {list(chosen.layers)}, κ = {chosen.kappa:g}, c_max = "
         f"{chosen.c_max:g}, variant {chosen.variant}**, the highest validation "
@@ -264,13 +361,7 @@ def gating_section(outcome: Any) -> list[str]:
         f"({_percent(improvement)}).",
         "",
     ]
-    if chosen.variant != "combined":
-        lines += [
-            f"The {chosen.variant} score does not pair SAE features with decoder "
-            "rows, so the shuffled-decoder control computes exactly what "
-            "FG-TransMM computes (the thesis's control tests the combined score).",
-            "",
-        ]
+    lines += _control_note(chosen.variant)
     rows = []
     for row in table.itertuples(index=False):
         gated = row.method != "transmm"
@@ -298,52 +389,189 @@ def gating_section(outcome: Any) -> list[str]:
     return lines
 
 
-def render_figure(outcome: Any) -> bytes:
-    """PNG grid: rows are images; columns input, evidence mask, one map per method."""
+def _control_note(variant: str) -> list[str]:
+    """What the shuffled-decoder control tests, for the chosen ``variant``."""
+    note = (
+        f"The shuffled-decoder control permutes the rows of every SAE decoder, which "
+        f"breaks the pairing of each feature's activation with its own decoder row "
+        f"while keeping the activations, the reconstructions and the set of decoder "
+        f"directions. Only the {SHUFFLED_VARIANT} score reads that pairing, so the "
+        f"control is FG-TransMM {SHUFFLED_VARIANT} with shuffled decoders, compared "
+        f"with FG-TransMM {SHUFFLED_VARIANT} at the same configuration (as in the "
+        "thesis)."
+    )
+    if variant != SHUFFLED_VARIANT:
+        note += (
+            f" The chosen {variant} score has no shuffled control: "
+            + (
+                "it never reads the decoder"
+                if variant == "activation"
+                else "it sums over all decoder rows, in any order"
+            )
+            + ", so with shuffled decoders it computes exactly what it computes "
+            "with the real ones."
+        )
+    return [note, ""]
+
+
+def predicted_classes(outcome: Any) -> dict[str, Tensor]:
+    """Each model's predicted class (argmax of its logits) on the first test images:
+    as many as the report scored, and at least the figure's."""
+    demo = outcome.demo
+    table = outcome.results.table
+    n = max(int(table["index"].max()) + 1 if len(table) else 0, FIGURE_IMAGES)
+    n = min(n, len(demo.y_test))
+    images = demo.x_test[:n]
+    predictions = {}
+    for name, model in (("cnn", demo.cnn), ("vit", demo.vit)):
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            chunks = [
+                _logits(model, images[i : i + 64].to(device)).argmax(-1).cpu()
+                for i in range(0, n, 64)
+            ]
+        predictions[name] = torch.cat(chunks)
+    return predictions
+
+
+def _logits(model: Any, x: Tensor) -> Tensor:
+    out = model(x)
+    return out if isinstance(out, Tensor) else out.logits
+
+
+#: The figure's colour map: red for positive attribution, blue for negative.
+COLOUR_MAP = "bwr"
+COLOUR_BAR_LABEL = (
+    "attribution ÷ the largest |attribution| of its map "
+    "(each map explains the class its model predicts)"
+)
+LEGEND_LABELS = (
+    "red: positive, evidence for the explained class",
+    "blue: negative, evidence against it",
+)
+
+
+def image_caption(
+    index: int, labels: Tensor, predictions: dict[str, Tensor], models: list[str]
+) -> str:
+    """The caption under an input image: its true class and each model's
+    predicted class."""
+    parts = [f"true {int(labels[index])}"]
+    parts += [
+        f"{'CNN' if name == 'cnn' else 'ViT'}: {int(predictions[name][index])}"
+        for name in models
+    ]
+    return "\n".join(parts)
+
+
+def build_figure(outcome: Any, predictions: dict[str, Tensor]) -> Any:
+    """The figure: rows are images (captioned with the true class and each model's
+    prediction); columns the input, the evidence mask and one map per method, on one
+    colour scale with a colour bar and a legend for red and blue."""
     matplotlib = optional_import("matplotlib", "demo")
     matplotlib.use("Agg")
     plt = optional_import("matplotlib.pyplot", "demo")
+    patches = optional_import("matplotlib.patches", "demo")
     keys = [
         k for k in outcome.settings.methods if outcome.figure_maps.get(k) is not None
     ]
+    models = [m for m in ("cnn", "vit") if any(METHODS[k].model == m for k in keys)]
     images = outcome.demo.x_test.cpu()
     masks = outcome.demo.masks_test.cpu()
+    labels = outcome.demo.y_test.cpu()
     n = min(len(outcome.figure_maps[k]) for k in keys) if keys else 0
     columns = 2 + len(keys)
+    rows = max(n, 1)
     fig, axes = plt.subplots(
-        max(n, 1), columns, figsize=(1.6 * columns, 1.7 * max(n, 1)), squeeze=False
+        rows,
+        columns,
+        figsize=(1.6 * columns, 1.9 * rows + 1.1),
+        squeeze=False,
+        layout="constrained",
     )
     for row in range(n):
         axes[row, 0].imshow(images[row].permute(1, 2, 0).numpy())
+        axes[row, 0].set_xlabel(
+            image_caption(row, labels, predictions, models), fontsize=6
+        )
         axes[row, 1].imshow(masks[row, 0].numpy(), cmap="gray", vmin=0, vmax=1)
         for column, key in enumerate(keys, start=2):
             heat = outcome.figure_maps[key][row].float().sum(0)
             scale = float(heat.abs().max()) or 1.0
-            axes[row, column].imshow(heat.numpy(), cmap="bwr", vmin=-scale, vmax=scale)
+            axes[row, column].imshow(
+                (heat / scale).numpy(), cmap=COLOUR_MAP, vmin=-1.0, vmax=1.0
+            )
     titles = ["input", "evidence"] + [METHODS[k].label for k in keys]
     for column, title in enumerate(titles):
         axes[0, column].set_title(title, fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    scalar = matplotlib.cm.ScalarMappable(
+        norm=matplotlib.colors.Normalize(-1.0, 1.0), cmap=COLOUR_MAP
+    )
+    bar = fig.colorbar(
+        scalar, ax=axes, orientation="horizontal", fraction=0.03, aspect=60
+    )
+    bar.set_label(COLOUR_BAR_LABEL, fontsize=7)
+    bar.set_ticks([-1.0, 0.0, 1.0])
+    bar.ax.tick_params(labelsize=6)
+    colours = matplotlib.colormaps[COLOUR_MAP]
+    fig.legend(
+        handles=[
+            patches.Patch(color=colours(1.0), label=LEGEND_LABELS[0]),
+            patches.Patch(color=colours(0.0), label=LEGEND_LABELS[1]),
+        ],
+        loc="outside lower center",
+        ncol=2,
+        fontsize=7,
+        frameon=False,
+    )
+    return fig
+
+
+def render_figure(outcome: Any, predictions: dict[str, Tensor] | None = None) -> bytes:
+    """The figure (:func:`build_figure`) as PNG bytes."""
+    plt = optional_import("matplotlib.pyplot", "demo")
+    if predictions is None:
+        predictions = predicted_classes(outcome)
+    fig = build_figure(outcome, predictions)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
 
 
+def per_image_csv(outcome: Any, predictions: dict[str, Tensor]) -> bytes:
+    """One row per (image, method, metric), with the image's true class and the
+    class the method's model predicted (the class every method explains)."""
+    table = outcome.results.table.copy()
+    labels = outcome.demo.y_test.cpu()
+    table["label"] = [outcome_label(k) for k in table["method"]]
+    table["true_class"] = [int(labels[int(i)]) for i in table["index"]]
+    table["predicted_class"] = [
+        int(predictions[METHODS[key].model][int(i)])
+        for key, i in zip(table["method"], table["index"], strict=True)
+    ]
+    columns = [
+        "index",
+        "true_class",
+        "predicted_class",
+        "method",
+        "label",
+        "metric",
+        "value",
+        "seconds",
+    ]
+    return table[columns].to_csv(index=False).encode()
+
+
 def write_outputs(outcome: Any) -> dict[str, Path]:
     """Render the report, figure and CSV, then write them; print the table."""
     out = outcome.settings.out
-    table = outcome.results.table.copy()
-    table["label"] = [outcome_label(k) for k in table["method"]]
-    csv = (
-        table[["index", "method", "label", "metric", "value", "seconds"]]
-        .to_csv(index=False)
-        .encode()
-    )
-    figure = render_figure(outcome)
+    predictions = predicted_classes(outcome)
+    csv = per_image_csv(outcome, predictions)
+    figure = render_figure(outcome, predictions)
     report = render_report(outcome).encode()
     files = {
         "report": out / REPORT_NAME,

@@ -211,7 +211,7 @@ def evaluate(
                     zip(mine, loader, strict=True),
                     show_progress and group.rank == 0,
                     total=len(mine),
-                    desc="evaluate",
+                    desc=_progress_label(explainers),
                     unit="batch",
                 )
                 for batch_id, batch in batches:
@@ -623,3 +623,11 @@ def _evaluate_batch(
                 rows["value"].append(values[method, metric_name][position])
                 rows["seconds"].append(seconds[method])
     return rows
+
+
+def _progress_label(explainers: Mapping[str, Any]) -> str:
+    """The progress bar's label: the method's name, or how many methods run."""
+    names = list(explainers)
+    if len(names) == 1:
+        return f"evaluate {names[0]}"
+    return f"evaluate {len(names)} methods"

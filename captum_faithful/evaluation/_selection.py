@@ -227,9 +227,12 @@ def select_gating(
     resumable (a killed sweep continues where it stopped, with the same settings),
     and under ``torchrun`` every rank takes a disjoint share of the batches and
     every rank returns the same selection. Afterwards, score the test images once
-    with ``selection.explainer(model, saes)`` and, as the thesis's control,
-    ``selection.explainer(model, saes, shuffle_decoder=0)``; choosing on the test
-    images themselves would overstate the gain.
+    with ``selection.explainer(model, saes)`` and, as the thesis's control, the
+    combined score at the same blocks, κ and c_max with shuffled decoders
+    (``dataclasses.replace(selection.configuration, variant="combined")
+    .explainer(model, saes, shuffle_decoder=0)``; the other two scores do not
+    depend on the decoder's feature order); choosing on the test images
+    themselves would overstate the gain.
 
     .. math::
         (\mathcal{L}, \kappa, c_{max}, v)^\star = \arg\max_{\text{grid}}
@@ -302,7 +305,9 @@ def select_gating(
         >>> selection.configuration, selection.improvement
         >>> print(selection.table.to_string())
         >>> explainer = selection.explainer(model, saes)   # for the test images
-        >>> control = selection.explainer(model, saes, shuffle_decoder=0)
+        >>> # the thesis's control: the combined score, shuffled decoders
+        >>> combined = dataclasses.replace(selection.configuration, variant="combined")
+        >>> control = combined.explainer(model, saes, shuffle_decoder=0)
     """
     metric_name, metric_function, higher = _check_metric(metric, higher_is_better)
     kappas = _check_grid("kappas", kappas, _check_kappa)

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -191,6 +192,28 @@ def test_shuffle_decoder_changes_result_reproducibly():
     tiny.set_eager()
     expected = reference_gates(tiny, x, {0: sae}, perms={0: perm})
     torch.testing.assert_close(g_shuffled[0], expected[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["activation", "gradient"])
+def test_shuffle_decoder_warns_where_it_cannot_change_anything(variant):
+    """The activation score never reads W_dec and the gradient score sums |W_dec g|
+    over all rows: permuting the rows leaves both unchanged, so the "control" is the
+    method itself and the class says so (the demo once reported such a control as
+    if it had been one)."""
+    tiny = hf_vit()
+    x = images(3)
+    sae = make_sae("standard", seed=11)
+    plain = FeatureGatedTransMM(tiny.model, {0: sae}, variant=variant)
+    with pytest.warns(UserWarning, match=f"no effect with variant='{variant}'"):
+        shuffled = FeatureGatedTransMM(
+            tiny.model, {0: sae}, variant=variant, shuffle_decoder=0
+        )
+    torch.testing.assert_close(
+        shuffled.attribute(x), plain.attribute(x), rtol=1e-5, atol=1e-7
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FeatureGatedTransMM(tiny.model, {0: sae}, variant="combined", shuffle_decoder=0)
 
 
 @pytest.mark.parametrize("k", [2, 16])  # density 1/32 (sparse product), 1/4 (dense)

@@ -2,6 +2,7 @@ import csv
 import os
 
 import pytest
+import torch
 
 from captum_faithful.cli import SUBCOMMAND_MODULES, build_parser, main
 from captum_faithful.demo.models import CACHE_ENV
@@ -46,7 +47,11 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
         ]
     )
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # no third-party progress bars (the models are loaded from the cache here)
+    for bar in ("Loading weights", "Writing model shards"):
+        assert bar not in captured.out and bar not in captured.err
     report = (out / "report.md").read_text()
     figure = (out / "attributions.png").read_bytes()
     assert figure[:8] == b"\x89PNG\r\n\x1a\n" and len(figure) > 10_000
@@ -77,11 +82,12 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
     for a, b in (
         ("UNI", "IG (black)"),
         ("FG-TransMM", "TransMM"),
-        ("FG-TransMM", "FG-TransMM (shuffled)"),
         ("FG-TransMM combined", "TransMM"),
         ("FG-TransMM activation", "TransMM"),
         ("FG-TransMM gradient", "TransMM"),
         ("FEI (vm)", "FEI (none)"),
+        ("FG-TransMM combined", "FG-TransMM combined (shuffled)"),
+        ("FG-TransMM combined (shuffled)", "TransMM"),
     ):
         assert f"| {a} | {b} |" in report
     # the gating was chosen once, on validation images none of which was scored
@@ -102,6 +108,25 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
         if values[f"fg-transmm-{variant}"] == values["fg-transmm"]
     ]
     assert len(twins) == 1
+    # the shuffled-decoder control is scored, not copied from a real row
+    assert values["fg-transmm-shuffled"] != values["fg-transmm-combined"]
+    assert values["fg-transmm-shuffled"] != values["fg-transmm"]
+    # every metric is explained, naming its reference
+    assert "## How to read this" in report
+    for label, _ in METRIC_INFO.values():
+        assert f"- **{label}**" in report
+    # each row carries the image's true class and the class its model predicted
+    x = quick_demo.x_test[:4]
+    with torch.no_grad():
+        predicted = {
+            "cnn": quick_demo.cnn(x).argmax(-1),
+            "vit": quick_demo.vit(x).logits.argmax(-1),
+        }
+    for row in rows:
+        index = int(row["index"])
+        assert int(row["true_class"]) == int(quick_demo.y_test[index])
+        model = METHODS[row["method"]].model
+        assert int(row["predicted_class"]) == int(predicted[model][index]), row
     assert "**Chosen: blocks" in report and "The whole validation table" in report
     assert f"CNN {quick_demo.accuracy['cnn']:.3f}" in report
     assert "explained variance" in report

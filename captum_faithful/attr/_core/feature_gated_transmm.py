@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -177,7 +178,8 @@ class FeatureGatedTransMM(TransMM):
                     rows of each :math:`W_{dec}` (the feature order) are permuted with
                     a generator seeded with this value, breaking the pairing of
                     :math:`f` and :math:`\nabla f`. Only ``"combined"`` depends on the
-                    feature order. The SAEs themselves are not modified.
+                    feature order (the other variants warn that the control is
+                    theirs unchanged). The SAEs themselves are not modified.
                     Default: None (no shuffling)
     """
 
@@ -201,6 +203,15 @@ class FeatureGatedTransMM(TransMM):
         self.variant = check_choice("variant", variant, VARIANTS)
         if shuffle_decoder is not None:
             check_int("shuffle_decoder", shuffle_decoder)
+            if self.variant != "combined":
+                warnings.warn(
+                    f"`shuffle_decoder` has no effect with variant={self.variant!r}: "
+                    "only the 'combined' score pairs each feature with its decoder "
+                    "row, so this control computes exactly what the unshuffled "
+                    "explainer computes. Run the control with variant='combined'.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if not isinstance(saes, Mapping) or len(saes) == 0:
             raise TypeError(
                 "`saes` must be a non-empty mapping {block index: SAE, folder or "
