@@ -361,6 +361,26 @@ def target_scores(
     return output.gather(1, classes.view(-1, 1).to(output.device)).squeeze(1)
 
 
+def chunked_outputs(
+    forward_func: Callable,
+    inputs: tuple[Tensor, ...],
+    additional_forward_args: Any,
+    chunk_size: int,
+) -> Tensor:
+    """The forward outputs of ``inputs``, ``chunk_size`` samples per forward pass,
+    concatenated: shape (N, ...). ``additional_forward_args`` is formatted (see
+    :func:`captum_faithful._arguments.format_additional_forward_args`); its
+    per-sample tensors follow their samples."""
+    n = inputs[0].shape[0]
+    outputs = []
+    for start in range(0, n, chunk_size):
+        samples = torch.arange(start, min(n, start + chunk_size))
+        rows = tuple(x[start : start + chunk_size] for x in inputs)
+        args = select_rows(additional_forward_args, samples)
+        outputs.append(run_forward(forward_func, rows, args))
+    return torch.cat(outputs)
+
+
 def clean_target_scores(
     forward_func: Callable, setup: MetricInputs, apply_softmax: bool
 ) -> tuple[Tensor, Tensor]:
@@ -368,14 +388,9 @@ def clean_target_scores(
     each of shape (N,): ``classes`` is the target or, for ``target=None``, the
     predicted class; ``scores`` the target-class score. Raises ValueError if a
     target class is out of range."""
-    outputs = []
-    n = setup.n_examples
-    for start in range(0, n, setup.chunk_size):
-        samples = torch.arange(start, min(n, start + setup.chunk_size))
-        rows = tuple(x[start : start + setup.chunk_size] for x in setup.inputs)
-        args = select_rows(setup.additional_forward_args, samples)
-        outputs.append(run_forward(forward_func, rows, args))
-    output = torch.cat(outputs)
+    output = chunked_outputs(
+        forward_func, setup.inputs, setup.additional_forward_args, setup.chunk_size
+    )
     classes = resolve_target(output, setup.target)
     scores = torch.softmax(output, dim=1) if apply_softmax else output
     return scores.gather(1, classes.view(-1, 1)).squeeze(1), classes

@@ -305,11 +305,51 @@ def test_explicit_baselines_are_used_as_given(cnn, images):
 def test_internal_batch_size_gives_same_attributions(cnn, images):
     uni = UnlearnedIntegratedGradients(cnn)
     full = uni.attribute(images, n_steps=9)
-    with pytest.warns(UserWarning):
-        tiny = uni.attribute(images, n_steps=9, internal_batch_size=3)
+    tiny = uni.attribute(images, n_steps=9, internal_batch_size=3)
     chunked = uni.attribute(images, n_steps=9, internal_batch_size=8)
     torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(tiny, full, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_internal_batch_size_below_the_batch_bounds_every_forward(cnn, learned):
+    """With fewer rows per pass than samples, the batch is explained that many
+    samples at a time: no forward (baseline matching, path, completeness gap) sees
+    more than internal_batch_size rows, where Captum's chunking would still put one
+    path step of all 5 samples in a pass; attributions, deltas and the order of the
+    samples are those of the whole batch, for learned and given baselines and with
+    a per-sample additional argument."""
+    from memory import LargestBatch
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = cnn
+
+        def forward(self, x, shift):
+            return self.net(x + shift.view(-1, 1, 1, 1))
+
+    model = Shifted()
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    shift = torch.linspace(-0.5, 0.5, 5)
+    target = torch.tensor([0, 1, 2, 1, 0])
+    baselines = None if learned else 0.1 * torch.ones(1, 3, 1, 1)
+    uni = UnlearnedIntegratedGradients(model, unlearning_batch_size=1)
+    keywords = dict(
+        baselines=baselines, target=target, additional_forward_args=(shift,),
+        n_steps=6, return_convergence_delta=True,
+    )  # fmt: skip
+    whole, whole_delta = uni.attribute(x, **keywords)
+    with LargestBatch(cnn) as probe:
+        chunked, delta = uni.attribute(x, internal_batch_size=2, **keywords)
+    assert probe.largest <= 2
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(delta, whole_delta, atol=1e-6, rtol=1e-5)
+    alone = uni.attribute(
+        x[3:4], baselines=baselines, target=target[3:4],
+        additional_forward_args=(shift[3:4],), n_steps=6,
+    )  # fmt: skip
+    torch.testing.assert_close(chunked[3:4], alone, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- batching, vmap

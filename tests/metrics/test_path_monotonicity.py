@@ -176,3 +176,32 @@ def test_presets_and_chunking_equal_the_reference(cnn, preset):
             cnn, x, preset, n_steps=100, max_examples_per_batch=chunk
         )
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_no_forward_exceeds_max_examples_per_batch(cnn):
+    """The clean pass that fixes the predicted class is chunked like the path: memory
+    is bounded by the chunk, not by the batch (it once forwarded all 8 images at
+    once); an additional argument with a batch dimension follows its samples."""
+    from memory import LargestBatch
+
+    class Shifted(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, shift):
+            return self.model(x + shift.view(-1, 1, 1, 1))
+
+    model = Shifted(cnn)
+    x, shift = torch.rand(8, 3, 16, 16), torch.linspace(-0.5, 0.5, 8)
+    expected = path_monotonicity(
+        model, x, 0.0, additional_forward_args=(shift,), n_steps=4,
+        max_examples_per_batch=64,
+    )  # fmt: skip
+    with LargestBatch(cnn) as probe:
+        got = path_monotonicity(
+            model, x, 0.0, additional_forward_args=(shift,), n_steps=4,
+            max_examples_per_batch=3,
+        )  # fmt: skip
+    assert probe.largest == 3
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)

@@ -22,6 +22,7 @@ from captum_faithful.metrics._utils import (
     feature_scores,
     prepare_metric_inputs,
     rank_features,
+    resolve_chunk_size,
 )
 
 
@@ -31,6 +32,7 @@ def activation_deviation(
     inputs: Tensor | tuple[Tensor, ...],
     perturbed_inputs: Tensor | tuple[Tensor, ...],
     additional_forward_args: Any = None,
+    max_examples_per_batch: int | None = None,
 ) -> dict[str, Tensor]:
     r"""How far a perturbation moves the model's internal activations.
 
@@ -48,8 +50,10 @@ def activation_deviation(
         \rangle}{\lVert h_\ell(\tilde x_i) \rVert \, \lVert h_\ell(x_i) \rVert}
 
     Two all-zero activations count as identical (cosine 1); one all-zero activation
-    against a non-zero one has cosine 0. Runs under ``torch.no_grad()``; the model's
-    modes, flags and hooks are left as they were.
+    against a non-zero one has cosine 0. Runs under ``torch.no_grad()``, on
+    ``max_examples_per_batch`` samples at a time (the activations of the selected
+    layers are held for one chunk only); the model's modes, flags and hooks are left
+    as they were.
 
     Args:
 
@@ -63,8 +67,12 @@ def activation_deviation(
         inputs (Tensor or tuple[Tensor, ...]): clean inputs, batch size N.
         perturbed_inputs (Tensor or tuple[Tensor, ...]): perturbed inputs, same
                     shapes as ``inputs``.
-        additional_forward_args (Any, optional): passed after the inputs, unchanged,
-                    to both forwards.
+        additional_forward_args (Any, optional): passed after the inputs to both
+                    forwards; a tensor with the batch size on dim 0 follows its
+                    samples, anything else is passed as is (Captum's convention).
+                    Default: None
+        max_examples_per_batch (int, optional): samples per forward pass; None uses
+                    the metrics' default chunk size.
                     Default: None
 
     Returns:
@@ -94,18 +102,30 @@ def activation_deviation(
             f"{[tuple(t.shape) for t in perturbed]} for "
             f"{[tuple(t.shape) for t in clean]}"
         )
-    # both batches are forwarded whole, so the arguments are not split by sample
-    extra_args = format_additional_forward_args(additional_forward_args, None)
+    chunk_size = resolve_chunk_size(max_examples_per_batch)
+    n = clean[0].shape[0]
+    additional_forward_args = format_additional_forward_args(additional_forward_args, n)
+    mse, cosine = [], []
     with (
         preserve_model_state(model),
         model_places(model, layers) as places,
         torch.no_grad(),
     ):
-        with record_activations(places) as clean_acts:
-            _run_forward(model, clean, None, extra_args)
-        with record_activations(places) as perturbed_acts:
-            _run_forward(model, perturbed, None, extra_args)
-    return deviation_from_records(clean_acts, perturbed_acts)
+        for start in range(0, n, chunk_size):
+            samples = torch.arange(start, min(n, start + chunk_size))
+            args = select_rows(additional_forward_args, samples)
+            with record_activations(places) as clean_acts:
+                _run_forward(model, _rows(clean, start, chunk_size), None, args)
+            with record_activations(places) as perturbed_acts:
+                _run_forward(model, _rows(perturbed, start, chunk_size), None, args)
+            values = deviation_from_records(clean_acts, perturbed_acts)
+            mse.append(values["mse"])
+            cosine.append(values["cosine"])
+    return {"mse": torch.cat(mse), "cosine": torch.cat(cosine)}
+
+
+def _rows(inputs: tuple[Tensor, ...], start: int, count: int) -> tuple[Tensor, ...]:
+    return tuple(x[start : start + count] for x in inputs)
 
 
 def insertion_activation_deviation(
@@ -150,7 +170,9 @@ def insertion_activation_deviation(
                     Default: None
         n_steps (int, optional): curve segments (n_steps + 1 points).
                     Default: 100
-        max_examples_per_batch (int, optional): perturbed images per forward.
+        max_examples_per_batch (int, optional): curve images per forward pass;
+                    the clean activations are recorded for the samples of one such
+                    chunk at a time.
                     Default: None (the metrics' default chunk size)
 
     Returns:
@@ -186,23 +208,21 @@ def insertion_activation_deviation(
         counts = torch.tensor(
             feature_counts(setup.n_features, n_steps), device=ranks.device
         )
-        clean = [[] for _ in modules]
-        for start in range(0, n, setup.chunk_size):
-            samples = torch.arange(start, min(n, start + setup.chunk_size))
-            with record_activations(modules) as records:
-                _run_forward(
-                    model,
-                    tuple(x[samples.to(x.device)] for x in setup.inputs),
-                    None,
-                    select_rows(additional_forward_args, samples),
-                )
-            for store, calls in zip(clean, records, strict=True):
-                store.append(calls)
-        clean = [[torch.cat(c) for c in zip(*chunks, strict=True)] for chunks in clean]
         mse, cosine = [], []
         for start in range(0, n * steps, setup.chunk_size):
             rows = torch.arange(start, min(n * steps, start + setup.chunk_size))
             samples, points = rows // steps, rows % steps
+            # rows are sample-major: the chunk's samples are a contiguous range,
+            # whose clean activations are recorded here (at most one chunk's worth)
+            first, last = int(samples[0]), int(samples[-1])
+            chunk_samples = torch.arange(first, last + 1)
+            with record_activations(modules) as clean:
+                _run_forward(
+                    model,
+                    _rows(setup.inputs, first, last + 1 - first),
+                    None,
+                    select_rows(additional_forward_args, chunk_samples),
+                )
             take = ranks[samples.to(ranks.device)] < counts[points].unsqueeze(1)
             with record_activations(modules) as records:
                 _run_forward(
@@ -211,7 +231,7 @@ def insertion_activation_deviation(
                     None,
                     select_rows(additional_forward_args, samples),
                 )
-            values = deviation_from_records(clean, records, samples)
+            values = deviation_from_records(clean, records, samples - first)
             mse.append(values["mse"])
             cosine.append(values["cosine"])
     return {

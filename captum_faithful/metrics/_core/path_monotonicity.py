@@ -16,8 +16,9 @@ from captum_faithful._arguments import (
     format_target,
     resolve_target,
 )
-from captum_faithful._utils import check_bool, check_int, run_forward
+from captum_faithful._utils import check_bool, check_int
 from captum_faithful.metrics._utils import (
+    chunked_outputs,
     chunked_target_scores,
     resolve_chunk_size,
     restores_model_state,
@@ -102,7 +103,8 @@ def path_monotonicity(
     args = format_additional_forward_args(additional_forward_args, n_examples)
     starts = format_baselines(baselines, formatted)
     with torch.no_grad():
-        classes = resolve_target(run_forward(forward_func, formatted, args), target)
+        output = chunked_outputs(forward_func, formatted, args, chunk_size)
+        classes = resolve_target(output, target)
         device = formatted[0].device
 
         def build_rows(samples: Tensor, points: Tensor) -> tuple[Tensor, ...]:

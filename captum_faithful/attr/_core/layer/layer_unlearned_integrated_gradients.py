@@ -118,7 +118,16 @@ class LayerUnlearnedIntegratedGradients(UnlearnedIntegratedGradients, LayerAttri
         pgd_steps (int, optional): :math:`T` (>= 0).
                     Default: 10
         epsilon (float, optional): :math:`\varepsilon`, the L2 distance of the
-                    layer baseline from the layer output per sample (> 0).
+                    layer baseline from the layer output per sample (> 0): one
+                    radius over the sample's whole layer output (all tokens and
+                    features, all tensors of a tuple), in the units of that output.
+                    With :math:`d` values per sample it moves each by
+                    :math:`\varepsilon / \sqrt{d}` (root mean square): for BERT-base
+                    embeddings of 128 tokens (:math:`d` = 98,304, LayerNorm-ed to
+                    about unit scale) 0.25 is 8e-4 per value. The paper's 0.25 was
+                    chosen for 3x224x224 images, not for embeddings; scale it with
+                    :math:`\sqrt{d}` and the output's scale (see
+                    :class:`~captum_faithful.UnlearnedIntegratedGradients`).
                     Default: 0.25
         pgd_step_size (float, optional): :math:`\mu` (> 0).
                     Default: 0.1
@@ -196,7 +205,9 @@ class LayerUnlearnedIntegratedGradients(UnlearnedIntegratedGradients, LayerAttri
             method (str, optional): Captum's approximation method.
                         Default: ``riemann_right``
             internal_batch_size (int, optional): Maximum number of path points
-                        per forward pass of the integral.
+                        per forward pass of the integral, as in Captum; a batch of
+                        more samples is explained that many samples at a time, so
+                        memory is bounded by it, not by the batch size.
                         Default: None
             return_convergence_delta (bool, optional): Also return the
                         completeness gap :math:`\sum_j \mathrm{LayerUNI}_j -

@@ -1,0 +1,952 @@
+"""Real scale: every method and metric on ImageNet-sized models (not run by CI).
+
+Models, all with random weights (nothing is downloaded; timings and memory do not
+depend on the weights): torchvision ResNet-50 and VGG16, a ViT-B/16 from Hugging Face
+(``ViTForImageClassification`` built from a ``ViTConfig``) and from timm
+(``vit_base_patch16_224``, ``pretrained=False``), all on 3x224x224 images, and a
+BERT-base-sized ``BertForSequenceClassification`` (sequences of ``--seq-len`` tokens).
+
+Parts (``--parts``):
+
+``methods``
+    UNI (defaults) next to Captum ``IntegratedGradients(n_steps=50)``, both with
+    ``internal_batch_size=--ibs``; FEI (defaults, ``n_iter=--fei-iters``; the time per
+    iteration is reported); on the ViTs TransMM and FeatureGatedTransMM with 32x
+    sae-lens SAEs on blocks 3, 6 and 9 (built from configs, saved to a temporary
+    folder and loaded with ``load_sae``); on BERT, LayerUNI on
+    ``bert.embeddings`` next to Captum ``LayerIntegratedGradients(n_steps=50)``.
+    Floors: UNI = ``pgd_steps`` forward+backward passes of the batch + ``n_steps`` x
+    batch path points forward+backward in chunks of ``--ibs`` + the per-sample
+    unlearning written as a plain loop (forward, parameter gradient, forward, batch
+    of one); FEI = one forward+backward of the N x K insertion images per
+    iteration; TransMM = one forward+backward with eager attention.
+``metrics``
+    Each metric with its defaults (``max_examples_per_batch=None``), against its
+    floor: the images the metric forwards (recorded from one run by a forward
+    pre-hook on the model), already built, forwarded with no hooks in chunks of
+    each size in ``--floor-chunks``; the fastest chunk is the floor.
+``memory``
+    Peak memory against each chunking argument, one fresh subprocess per
+    configuration: UNI's ``internal_batch_size`` and ``unlearning_batch_size``
+    (ResNet-50, and VGG16 for the unlearning), LayerUNI's ``internal_batch_size``
+    (BERT) and the metrics' ``max_examples_per_batch`` (ResNet-50): the chunk held
+    while the batch grows 4x, and the chunk grown; with one PGD step and with step
+    counts that just fill the largest chunk (memory depends on the rows per pass,
+    not on how many passes).
+
+Time: the compared calls run round-robin in one process (``--repeats`` rounds), so
+that load from other processes hits them alike; the tables give the minimum process
+CPU time (``time.process_time``; with one thread this is the work done, little
+inflated by other processes on a shared machine) and the minimum wall time, per
+image. Ratios are of CPU times.
+
+Peak memory: before each call the process runs ``gc.collect()`` and glibc's
+``malloc_trim(0)`` (freed heap pages go back to the system, so the resident set is
+the live data), reads its resident set ``VmRSS`` and resets its high-water mark
+``VmHWM`` (writing ``5`` to ``/proc/self/clear_refs``); after the call the peak is
+``VmHWM`` minus that ``VmRSS``: the most resident memory the call added at any
+moment, model, inputs and results of earlier calls excluded. Linux only. In the
+``methods`` and ``metrics`` parts every configuration of one model runs in one
+subprocess per part (the reset makes each call's peak its own); the ``memory`` part
+uses a fresh subprocess per configuration.
+
+Usage (run from the repository root)::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py                  # everything
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --only resnet50  # one model
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --only vit_hf,vit_timm \\
+        --parts methods --repeats 3
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --parts memory --only resnet50
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMAGE_MODELS = ("resnet50", "vgg16", "vit_hf", "vit_timm")
+MODELS = (*IMAGE_MODELS, "bert")
+PARTS = ("methods", "metrics", "memory")
+METHOD_GROUPS = ("uni", "fei", "transmm")
+VITS = ("vit_hf", "vit_timm")
+SAE_BLOCKS = (3, 6, 9)
+SAE_EXPANSION = 32
+UNI_N_STEPS, UNI_PGD_STEPS = 15, 10  # UNI's defaults (SPEC section 3)
+FEI_QUANTILES = 5  # FEI's default K
+IG_N_STEPS = 50
+
+
+# ------------------------------------------------------------- measurement
+
+
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def measure(fn: Callable[[], Any]) -> tuple[float, float, float]:
+    """``(cpu_s, wall_s, peak_extra_mb)`` of one call (see the module docstring)."""
+    gc.collect()
+    _LIBC.malloc_trim(0)
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    cpu, wall = time.process_time(), time.perf_counter()
+    fn()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return cpu, wall, (_status_kb("VmHWM") - base) / 1024
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict]:
+    """Minimum CPU and wall time and maximum peak of each function, run in turns."""
+    runs: dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(measure(fn))
+    return {
+        name: {
+            "cpu": min(r[0] for r in values),
+            "wall": min(r[1] for r in values),
+            "peak_mb": max(r[2] for r in values),
+        }
+        for name, values in runs.items()
+    }
+
+
+# ------------------------------------------------------------------- models
+
+
+class Bench:
+    """A model with its inputs, target and forward function (logits)."""
+
+    def __init__(self, name: str, batch: int, seq_len: int) -> None:
+        torch.manual_seed(0)
+        self.name = name
+        self.model = build_model(name)
+        generator = torch.Generator().manual_seed(0)
+        if name == "bert":
+            vocab = self.model.config.vocab_size
+            self.inputs = torch.randint(1, vocab, (batch, seq_len), generator=generator)
+            self.mask = torch.ones(batch, seq_len, dtype=torch.long)
+            self.mask[1:, seq_len - seq_len // 4 :] = 0  # padding in all but sample 0
+            self.args: tuple | None = (self.mask,)
+        else:
+            self.inputs = torch.rand(batch, 3, 224, 224, generator=generator)
+            self.args = None
+        with torch.no_grad():
+            self.target = self.forward(self.inputs, *(self.args or ())).argmax(1)
+
+    def forward(self, x: Tensor, *args: Tensor) -> Tensor:
+        if self.name == "bert":
+            return self.model(input_ids=x, attention_mask=args[0]).logits
+        out = self.model(x)
+        return out.logits if hasattr(out, "logits") else out
+
+    def layers(self) -> Any:
+        """Where FEI's ClipGrad and activation deviation look: convs or blocks."""
+        if self.name in VITS:
+            from captum_faithful.vit import get_adapter
+
+            return get_adapter(self.model).blocks
+        return "conv"
+
+
+def build_model(name: str) -> nn.Module:
+    if name in ("resnet50", "vgg16"):
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None).eval()
+    if name == "vit_hf":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(image_size=224, patch_size=16, num_labels=1000)
+        return ViTForImageClassification(config).eval()
+    if name == "vit_timm":
+        import timm
+
+        return timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    if name == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        return BertForSequenceClassification(BertConfig(num_labels=2)).eval()
+    raise ValueError(f"unknown model {name!r}")
+
+
+def saved_and_loaded_saes(hidden: int, folder: Path) -> dict:
+    """32x standard sae-lens SAEs from configs, saved and loaded with ``load_sae``.
+
+    The encoder bias is shifted so that about 2% of the features fire, as in trained
+    SAEs with an L0 of a few hundred (the gating cost depends on the sparsity).
+    """
+    import sae_lens
+
+    from captum_faithful import load_sae
+
+    saes = {}
+    for block in SAE_BLOCKS:
+        config = sae_lens.StandardSAEConfig(d_in=hidden, d_sae=SAE_EXPANSION * hidden)
+        sae = sae_lens.StandardSAE(config)
+        with torch.no_grad():
+            sae.b_enc.fill_(-2.0 * sae.W_enc.norm(dim=0).mean())
+        path = folder / f"block_{block}"
+        sae.save_model(path)
+        saes[block] = load_sae(path)
+    return saes
+
+
+# ------------------------------------------------------------------- floors
+
+
+def forward_backward(forward: Callable, x: Tensor, target: Tensor, *args) -> None:
+    x = x.detach().requires_grad_(True)
+    out = forward(x, *args)
+    torch.autograd.grad(out.gather(1, target.view(-1, 1)).sum(), x)
+
+
+def path_rows(bench: Bench, n_steps: int, chunk: int) -> None:
+    """``n_steps`` x batch path points forward+backward, ``chunk`` rows at a time."""
+    x, n = bench.inputs, bench.inputs.shape[0]
+    steps_per_chunk = max(1, chunk // n)
+    for first in range(0, n_steps, steps_per_chunk):
+        count = min(steps_per_chunk, n_steps - first)
+        rows = torch.cat([x * ((first + k + 1) / n_steps) for k in range(count)])
+        forward_backward(bench.forward, rows, bench.target.repeat(count))
+
+
+def unlearning_loop(bench: Bench) -> None:
+    """Per sample: forward, gradient of the loss w.r.t. the parameters, forward."""
+    params = [p for p in bench.model.parameters() if p.requires_grad]
+    for i in range(bench.inputs.shape[0]):
+        sample = bench.inputs[i : i + 1]
+        args = tuple(a[i : i + 1] for a in bench.args or ())
+        loss = F.cross_entropy(bench.forward(sample, *args), bench.target[i : i + 1])
+        torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            bench.forward(sample, *args)
+
+
+def bert_embedding_forward(bench: Bench) -> Callable:
+    """BERT's forward from the word embeddings: what LayerUNI differentiates."""
+
+    def forward(embeddings: Tensor, mask: Tensor) -> Tensor:
+        return bench.model(inputs_embeds=embeddings, attention_mask=mask).logits
+
+    return forward
+
+
+# ------------------------------------------------------------------ methods
+
+
+def methods_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
+    if bench.name == "bert":
+        return bert_rows(bench, args)
+    from captum.attr import IntegratedGradients
+
+    from captum_faithful import (
+        FaithfulnessEnsemble,
+        FeatureGatedTransMM,
+        TransMM,
+        UnlearnedIntegratedGradients,
+    )
+    from captum_faithful.vit import eager_attention
+
+    x, target, ibs = bench.inputs, bench.target, args.ibs
+    n = x.shape[0]
+    uni = UnlearnedIntegratedGradients(bench.forward, model=bench.model)
+    ig = IntegratedGradients(bench.forward)
+    fei = FaithfulnessEnsemble(
+        bench.forward, model=bench.model, layers=bench.layers(), n_iter=args.fei_iters
+    )
+    # the insertion images of one FEI iteration: N x K soft blends of x and a colour
+    blends = torch.cat(
+        [x * (k + 1) / (FEI_QUANTILES + 1) for k in range(FEI_QUANTILES)]
+    )
+    groups = set(args.methods)
+    fns: dict[str, Callable] = {}
+    if "uni" in groups:
+        fns.update(
+            {
+                "uni": lambda: uni.attribute(x, target=target, internal_batch_size=ibs),
+                "ig50": lambda: ig.attribute(
+                    x, target=target, n_steps=IG_N_STEPS, internal_batch_size=ibs
+                ),
+                "pass": lambda: forward_backward(bench.forward, x, target),
+                "path": lambda: path_rows(bench, UNI_N_STEPS, ibs),
+                "unlearn": lambda: unlearning_loop(bench),
+            }
+        )
+    if "fei" in groups:
+        fns.update(
+            {
+                "fei": lambda: fei.attribute(
+                    x, target=target, generator=torch.Generator().manual_seed(0)
+                ),
+                "fei_iteration": lambda: forward_backward(
+                    bench.forward, blends, target.repeat(FEI_QUANTILES)
+                ),
+            }
+        )
+    tmp = None
+    if bench.name in VITS and "transmm" in groups:
+        from captum_faithful.vit import get_adapter
+
+        tmp = tempfile.TemporaryDirectory()
+        hidden = get_adapter(bench.model).hidden_size
+        transmm = TransMM(bench.model)
+        gated = FeatureGatedTransMM(
+            bench.model, saved_and_loaded_saes(hidden, Path(tmp.name))
+        )
+
+        def eager_pass() -> None:
+            with eager_attention(bench.model):
+                forward_backward(bench.forward, x, target)
+
+        fns["transmm"] = lambda: transmm.attribute(x, target=target)
+        fns["fg_transmm"] = lambda: gated.attribute(x, target=target)
+        fns["eager_pass"] = eager_pass
+    t = round_robin(fns, args.repeats)
+    if tmp is not None:
+        tmp.cleanup()
+
+    def cpu(name: str) -> float:
+        return t[name]["cpu"]
+
+    def x_ig50(name: str) -> float | None:
+        return cpu(name) / cpu("ig50") if "ig50" in t else None
+
+    rows = []
+    if "uni" in t:
+        uni_floor = UNI_PGD_STEPS * cpu("pass") + cpu("path") + cpu("unlearn")
+        rows += [
+            row(
+                bench,
+                "UNI",
+                f"defaults, internal_batch_size={ibs}",
+                t["uni"],
+                n,
+                ig50=x_ig50("uni"),
+                floor=cpu("uni") / uni_floor,
+                note=f"floor {uni_floor / n:.3g} s/image",
+            ),
+            row(
+                bench,
+                "Captum IG",
+                f"n_steps=50, internal_batch_size={ibs}",
+                t["ig50"],
+                n,
+                ig50=1.0,
+            ),
+        ]
+    if "fei" in t:
+        per_iteration = cpu("fei") / args.fei_iters
+        projected_fei = 100 * per_iteration  # FEI's default n_iter
+        rows.append(
+            row(
+                bench,
+                "FEI",
+                f"{args.fei_iters} iterations (default n_iter=100)",
+                t["fei"],
+                n,
+                ig50=projected_fei / cpu("ig50") if "ig50" in t else None,
+                floor=per_iteration / cpu("fei_iteration"),
+                note=f"{per_iteration / n:.3g} s/iteration/image; "
+                "x IG50 is for 100 iterations, projected",
+            )
+        )
+    if "transmm" in t:
+        transmm_cpu = cpu("transmm")
+        rows += [
+            row(
+                bench,
+                "TransMM",
+                "",
+                t["transmm"],
+                n,
+                ig50=x_ig50("transmm"),
+                floor=transmm_cpu / cpu("eager_pass"),
+            ),
+            row(
+                bench,
+                "FeatureGatedTransMM",
+                f"{SAE_EXPANSION}x SAEs on blocks {','.join(map(str, SAE_BLOCKS))}",
+                t["fg_transmm"],
+                n,
+                ig50=x_ig50("fg_transmm"),
+                floor=cpu("fg_transmm") / cpu("eager_pass"),
+                note=f"{cpu('fg_transmm') / transmm_cpu:.2f} x TransMM",
+            ),
+        ]
+    return rows
+
+
+def bert_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
+    from captum.attr import LayerIntegratedGradients
+
+    from captum_faithful import LayerUnlearnedIntegratedGradients
+
+    ids, mask, target, ibs = bench.inputs, bench.mask, bench.target, args.ibs
+    n = ids.shape[0]
+    layer = bench.model.bert.embeddings
+    uni = LayerUnlearnedIntegratedGradients(bench.forward, layer, model=bench.model)
+    lig = LayerIntegratedGradients(bench.forward, layer)
+    embed = bench.model.bert.embeddings.word_embeddings
+    from_embeddings = bert_embedding_forward(bench)
+
+    def embedding_pass(copies: int = 1) -> None:
+        with torch.no_grad():
+            start = embed(ids).repeat(copies, 1, 1)
+        forward_backward(
+            from_embeddings, start, target.repeat(copies), mask.repeat(copies, 1)
+        )
+
+    def path() -> None:
+        per_chunk = max(1, ibs // n)
+        for first in range(0, UNI_N_STEPS, per_chunk):
+            embedding_pass(min(per_chunk, UNI_N_STEPS - first))
+
+    fns = {
+        "uni": lambda: uni.attribute(
+            ids,
+            target=target,
+            additional_forward_args=(mask,),
+            internal_batch_size=ibs,
+        ),
+        "lig50": lambda: lig.attribute(
+            ids,
+            baselines=torch.zeros_like(ids),
+            target=target,
+            additional_forward_args=(mask,),
+            n_steps=IG_N_STEPS,
+            internal_batch_size=ibs,
+        ),
+        "pass": embedding_pass,
+        "path": path,
+        "unlearn": lambda: unlearning_loop(bench),
+    }
+    t = round_robin(fns, args.repeats)
+    floor = UNI_PGD_STEPS * t["pass"]["cpu"] + t["path"]["cpu"] + t["unlearn"]["cpu"]
+    lig50 = t["lig50"]["cpu"]
+    settings = f"bert.embeddings, {ids.shape[1]} tokens, internal_batch_size={ibs}"
+    return [
+        row(
+            bench,
+            "LayerUNI",
+            f"defaults, {settings}",
+            t["uni"],
+            n,
+            ig50=t["uni"]["cpu"] / lig50,
+            floor=t["uni"]["cpu"] / floor,
+        ),
+        row(
+            bench, "Captum LayerIG", f"n_steps=50, {settings}", t["lig50"], n, ig50=1.0
+        ),
+    ]
+
+
+def row(
+    bench: Bench,
+    method: str,
+    settings: str,
+    timing: dict,
+    n: int,
+    ig50: float | None = None,
+    floor: float | None = None,
+    note: str = "",
+) -> dict:
+    return {
+        "model": bench.name,
+        "method": method,
+        "settings": settings,
+        "batch": n,
+        "cpu_s_per_image": timing["cpu"] / n,
+        "wall_s_per_image": timing["wall"] / n,
+        "x_captum_ig50": ig50,
+        "x_floor": floor,
+        "peak_mb": timing["peak_mb"],
+        "note": note,
+    }
+
+
+# ------------------------------------------------------------------ metrics
+
+
+class RowRecorder:
+    """Records (copies of) the images a metric forwards.
+
+    ``forward`` stands in for the model where a metric takes a forward function
+    (it returns zero logits: the images a metric builds do not depend on the
+    scores when the target is given); the metrics that take the model itself are
+    recorded by a forward pre-hook while ``active``.
+    """
+
+    def __init__(self, model: nn.Module, n_classes: int) -> None:
+        self.rows: list[Tensor] = []
+        self.active = False
+        self.n_classes = n_classes
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        if self.active and args:
+            self.rows.append(args[0].detach().clone())
+
+    def forward(self, x: Tensor, *args: Any) -> Tensor:
+        self.rows.append(x.detach().clone())
+        return x.new_zeros(x.shape[0], self.n_classes)
+
+    def record(self, fn: Callable[[], Any]) -> Tensor:
+        self.rows, self.active = [], True
+        try:
+            fn()
+        finally:
+            self.active = False
+        rows, self.rows = torch.cat(self.rows), []
+        return rows
+
+
+def metric_calls(bench: Bench) -> dict[str, tuple[str, Callable[[Callable], Any]]]:
+    """name -> (settings, call(forward_func)); the activation metrics run the model."""
+    from captum_faithful import metrics
+
+    model, x, target = bench.model, bench.inputs, bench.target
+    attributions = torch.rand(
+        x.shape[0], 1, *x.shape[2:], generator=torch.Generator().manual_seed(1)
+    )
+    perturbed = metrics.blur_baseline(x)
+    layers = bench.layers()
+    return {
+        "insertion_auc": (
+            "n_steps=100, blur",
+            lambda forward: metrics.insertion_auc(
+                forward, x, attributions, target=target
+            ),
+        ),
+        "deletion_auc": (
+            "n_steps=100, zero",
+            lambda forward: metrics.deletion_auc(
+                forward, x, attributions, target=target
+            ),
+        ),
+        "saco": (
+            "n_groups=10, mean",
+            lambda forward: metrics.saco(forward, x, attributions, target=target),
+        ),
+        "faithfulness_correlation": (
+            "n_samples=100, 25%, zero",
+            lambda forward: metrics.faithfulness_correlation(
+                forward,
+                x,
+                attributions,
+                target=target,
+                generator=torch.Generator().manual_seed(0),
+            ),
+        ),
+        "path_monotonicity": (
+            "n_steps=15, blur",
+            lambda forward: metrics.path_monotonicity(
+                forward, x, "blur", target=target
+            ),
+        ),
+        "activation_deviation": (
+            f"{layer_label(layers)}, x vs blur(x)",
+            lambda forward: metrics.activation_deviation(model, layers, x, perturbed),
+        ),
+        "insertion_activation_deviation": (
+            f"{layer_label(layers)}, n_steps=20",
+            lambda forward: metrics.insertion_activation_deviation(
+                model, layers, x, attributions, n_steps=20
+            ),
+        ),
+    }
+
+
+def layer_label(layers: Any) -> str:
+    return "all Conv2d" if layers == "conv" else f"{len(layers)} blocks"
+
+
+def metrics_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
+    with torch.no_grad():
+        n_classes = bench.forward(bench.inputs[:1]).shape[1]
+    recorder = RowRecorder(bench.model, n_classes)
+    rows = []
+    for name, (settings, run) in metric_calls(bench).items():
+        forwarded = recorder.record(lambda run=run: run(recorder.forward))
+
+        def call(run: Callable = run) -> Any:
+            return run(bench.forward)
+
+        def floor(chunk: int, forwarded: Tensor = forwarded) -> None:
+            with torch.no_grad():
+                for start in range(0, forwarded.shape[0], chunk):
+                    bench.forward(forwarded[start : start + chunk])
+
+        fns = {"metric": call}
+        for chunk in args.floor_chunks:
+            fns[f"floor{chunk}"] = lambda c=chunk: floor(c)
+        t = round_robin(fns, args.repeats)
+        best = min(args.floor_chunks, key=lambda c: t[f"floor{c}"]["cpu"])
+        n = bench.inputs.shape[0]
+        rows.append(
+            row(
+                bench,
+                name,
+                settings,
+                t["metric"],
+                n,
+                floor=t["metric"]["cpu"] / t[f"floor{best}"]["cpu"],
+                note=f"{forwarded.shape[0]} images forwarded; floor at chunk {best}",
+            )
+        )
+    return rows
+
+
+# ------------------------------------------------------------------- memory
+
+
+#: The largest chunk of each sweep; the step counts are chosen so that every batch
+#: size fills it (more steps would only repeat the same chunks).
+UNI_CHUNKS, METRIC_CHUNKS = (8, 16), (8, 32)
+
+
+def memory_sweeps(models: list[str]) -> list[tuple]:
+    """``(sweep, model, batch size, chunk)`` configurations of the memory part.
+
+    Each sweep holds the chunk and grows the batch 4x (memory must not follow),
+    then grows the chunk at the larger batch or the smaller one (memory follows)."""
+    configs = []
+    if "resnet50" in models:
+        # the last: a chunk below the batch size
+        configs += [
+            ("uni internal_batch_size", "resnet50", n, c)
+            for n, c in ((2, 8), (8, 8), (2, 16), (8, 2))
+        ]
+        configs += [
+            ("uni unlearning_batch_size", "resnet50", n, c)
+            for n, c in ((2, 1), (8, 1), (2, 2), (4, 4))
+        ]
+        for metric in (
+            "insertion_auc",
+            "path_monotonicity",
+            "insertion_activation_deviation",
+        ):
+            configs += [
+                (f"{metric} max_examples_per_batch", "resnet50", n, c)
+                for n, c in ((2, 8), (8, 8), (8, 32))
+            ]
+        configs += [
+            ("activation_deviation max_examples_per_batch", "resnet50", n, c)
+            for n, c in ((4, 2), (16, 2), (16, 8))
+        ]
+    if "vgg16" in models:
+        configs += [("uni unlearning_batch_size", "vgg16", 2, c) for c in (1, 2)]
+    if "bert" in models:
+        configs += [("layer_uni internal_batch_size", "bert", n, 8) for n in (2, 8)]
+    return configs
+
+
+def _steps_to_fill(chunks: tuple[int, ...], n: int) -> int:
+    return max(2, -(-max(chunks) // n))
+
+
+def memory_child(sweep: str, model: str, n: int, chunk: int, seq_len: int) -> dict:
+    from captum_faithful import (
+        LayerUnlearnedIntegratedGradients,
+        UnlearnedIntegratedGradients,
+        metrics,
+    )
+
+    bench = Bench(model, n, seq_len)
+    x, target = bench.inputs, bench.target
+    uni_steps = _steps_to_fill(UNI_CHUNKS, n)
+    metric_steps = _steps_to_fill(METRIC_CHUNKS, n)
+    if sweep == "uni internal_batch_size":
+        # one PGD step: the baseline matching's memory does not depend on T
+        uni = UnlearnedIntegratedGradients(
+            bench.forward, model=bench.model, pgd_steps=1, unlearning_batch_size=1
+        )
+
+        def call() -> Any:
+            return uni.attribute(
+                x, target=target, n_steps=uni_steps, internal_batch_size=chunk
+            )
+
+    elif sweep == "uni unlearning_batch_size":
+        # pgd_steps=0: the learned baseline is x itself, only the unlearning runs
+        uni = UnlearnedIntegratedGradients(
+            bench.forward,
+            model=bench.model,
+            pgd_steps=0,
+            unlearning_batch_size=chunk,
+        )
+
+        def call() -> Any:
+            return uni.compute_baselines(x, target=target)
+
+    elif sweep == "layer_uni internal_batch_size":
+        uni = LayerUnlearnedIntegratedGradients(
+            bench.forward,
+            bench.model.bert.embeddings,
+            model=bench.model,
+            pgd_steps=1,
+            unlearning_batch_size=1,
+        )
+
+        def call() -> Any:
+            return uni.attribute(
+                x,
+                target=target,
+                additional_forward_args=(bench.mask,),
+                n_steps=uni_steps,
+                internal_batch_size=chunk,
+            )
+
+    else:
+        metric = sweep.split()[0]
+        attributions = torch.rand(n, 1, 224, 224)
+        calls = {
+            "insertion_auc": lambda: metrics.insertion_auc(
+                bench.forward,
+                x,
+                attributions,
+                target=target,
+                n_steps=metric_steps,
+                max_examples_per_batch=chunk,
+            ),
+            "path_monotonicity": lambda: metrics.path_monotonicity(
+                bench.forward,
+                x,
+                0.0,
+                target=target,
+                n_steps=metric_steps,
+                max_examples_per_batch=chunk,
+            ),
+            "activation_deviation": lambda: metrics.activation_deviation(
+                bench.model, "conv", x, x.flip(0), max_examples_per_batch=chunk
+            ),
+            "insertion_activation_deviation": lambda: (
+                metrics.insertion_activation_deviation(
+                    bench.model,
+                    "conv",
+                    x,
+                    attributions,
+                    n_steps=metric_steps,
+                    max_examples_per_batch=chunk,
+                )
+            ),
+        }
+        call = calls[metric]
+    cpu, wall, peak = measure(call)
+    return {
+        "sweep": sweep,
+        "model": model,
+        "batch": n,
+        "chunk": chunk,
+        "peak_mb": peak,
+        "cpu_s": cpu,
+    }
+
+
+# ---------------------------------------------------------------- the parent
+
+
+def _child(argv: list[str]) -> Any:
+    result = subprocess.run(
+        [sys.executable, __file__, *argv], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        raise RuntimeError(f"child {argv} failed")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def table(rows: list[dict], keys: list[str]) -> str:
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def chunk_table(rows: list[dict]) -> str:
+    """One line per (sweep, model, batch), one column per chunk size."""
+    chunks = sorted({r["chunk"] for r in rows})
+    lines = [
+        "| sweep | model | batch | " + " | ".join(f"{c}" for c in chunks) + " |",
+        "|" + "---|" * (3 + len(chunks)),
+    ]
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        groups.setdefault((r["sweep"], r["model"], r["batch"]), {})[r["chunk"]] = r
+    for (sweep, model, n), by_chunk in groups.items():
+        cells = [
+            f"{by_chunk[c]['peak_mb']:.0f}" if c in by_chunk else "" for c in chunks
+        ]
+        lines.append(f"| {sweep} | {model} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only",
+        default=",".join(MODELS),
+        help=f"comma-separated subset of {','.join(MODELS)}",
+    )
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)}",
+    )
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--ibs",
+        type=int,
+        default=16,
+        help="internal_batch_size of UNI, LayerUNI and Captum IG",
+    )
+    parser.add_argument("--fei-iters", type=int, default=3)
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHOD_GROUPS),
+        help="comma-separated subset of the methods part's cells: uni (UNI, Captum "
+        "IG and their floors), fei, transmm (TransMM and FeatureGatedTransMM, ViTs)",
+    )
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--floor-chunks", default="16,64")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="also write every row to this file")
+    parser.add_argument(
+        "--child", nargs=2, metavar=("MODEL", "PART"), help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--memory-child",
+        nargs=4,
+        metavar=("SWEEP", "MODEL", "N", "CHUNK"),
+        help=argparse.SUPPRESS,
+    )
+    args = parser.parse_args()
+    args.floor_chunks = [int(c) for c in args.floor_chunks.split(",")]
+    args.methods = [m for m in args.methods.split(",") if m]
+    if any(m not in METHOD_GROUPS for m in args.methods):
+        parser.error(f"--methods must be a subset of {','.join(METHOD_GROUPS)}")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    if args.child:
+        bench = Bench(args.child[0], args.batch, args.seq_len)
+        rows = {"methods": methods_rows, "metrics": metrics_rows}[args.child[1]](
+            bench, args
+        )
+        print(json.dumps(rows))
+        return
+    if args.memory_child:
+        sweep, model, n, chunk = args.memory_child
+        print(json.dumps(memory_child(sweep, model, int(n), int(chunk), args.seq_len)))
+        return
+
+    models = [m for m in args.only.split(",") if m]
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [m for m in models if m not in MODELS] + [
+        p for p in parts if p not in PARTS
+    ]
+    if unknown:
+        parser.error(f"unknown model or part: {unknown}")
+    if os.environ.get("OMP_NUM_THREADS") != str(args.threads):
+        print(f"(warning: OMP_NUM_THREADS is not {args.threads})", file=sys.stderr)
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, "
+        f"{args.repeats} round(s), internal_batch_size {args.ibs}, "
+        f"FEI {args.fei_iters} iterations"
+    )
+    common = [
+        "--batch",
+        str(args.batch),
+        "--repeats",
+        str(args.repeats),
+        "--ibs",
+        str(args.ibs),
+        "--fei-iters",
+        str(args.fei_iters),
+        "--seq-len",
+        str(args.seq_len),
+        "--threads",
+        str(args.threads),
+        "--floor-chunks",
+        ",".join(map(str, args.floor_chunks)),
+        "--methods",
+        ",".join(args.methods),
+    ]
+    keys = [
+        "model",
+        "method",
+        "settings",
+        "cpu_s_per_image",
+        "wall_s_per_image",
+        "x_captum_ig50",
+        "x_floor",
+        "peak_mb",
+        "note",
+    ]
+    everything: list[dict] = []
+    for part in ("methods", "metrics"):
+        if part not in parts:
+            continue
+        rows = []
+        for model in models:
+            if part == "metrics" and model == "bert":
+                continue
+            rows += _child(["--child", model, part, *common])
+            print(f"  ({part}: {model} done)", file=sys.stderr, flush=True)
+        print(f"\n## {part}\n")
+        print(table(rows, keys))
+        everything += rows
+    if "memory" in parts:
+        rows = []
+        for sweep, model, n, chunk in memory_sweeps(models):
+            rows.append(
+                _child(["--memory-child", sweep, model, str(n), str(chunk), *common])
+            )
+            print(
+                f"  (memory: {sweep} {model} N={n} chunk={chunk}: "
+                f"{rows[-1]['peak_mb']:.0f} MB)",
+                file=sys.stderr,
+                flush=True,
+            )
+        print("\n## peak MB against the chunking argument (columns)\n")
+        print(chunk_table(rows))
+        everything += rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    main()
