@@ -250,11 +250,11 @@ class ClipGrad:
                 # g d < 0 or d = 0 (one buffer, no boolean mask)
                 head = (head * state).clamp_(min=0).mul_(state)
             elif rule == "ivm":  # g < 0 and d >= 0
-                head = head.masked_fill((head < 0) & state, 0.0)
+                head = head.masked_fill(head.lt(0).logical_and_(state), 0.0)
             elif rule == "avm":  # g > 0 and d <= 0
-                head = head.masked_fill((head > 0) & state, 0.0)
+                head = head.masked_fill(head.gt(0).logical_and_(state), 0.0)
             else:  # ibm: h <= 0 and g < 0
-                head = head.masked_fill((head < 0) & state, 0.0)
+                head = head.masked_fill(head.lt(0).logical_and_(state), 0.0)
             if grad.shape[0] == n:
                 return head
             return torch.cat([head, grad[n:]])
