@@ -658,7 +658,7 @@ def test_vit_attention_and_blocks_run_eager_and_restore_the_model():
     x = images(2)
     results = {}
     for layers in ("attention", "blocks"):
-        for clip in ("vm", "none"):
+        for clip in ("vm", "ibm", "none"):
             seen.clear()
             fei = FaithfulnessEnsemble(
                 forward,
@@ -674,6 +674,18 @@ def test_vit_attention_and_blocks_run_eager_and_restore_the_model():
                 assert set(seen) == {"eager"}
             assert model.config._attn_implementation == before
     assert torch.equal(results["attention", "none"], results["blocks", "none"])
+    # ibm acts only where the clean activation is <= 0; softmax probabilities never
+    # are, so on attention it must give exactly the unconstrained maps computed with
+    # the same (eager) attention. (Against SDPA attention the rounding differences,
+    # amplified by the coverage ranking, reach 0.01.)
+    model.config._attn_implementation = "eager"
+    try:
+        eager_none = FaithfulnessEnsemble(
+            model, layers="attention", clip="none", n_iter=3, lr=0.5, maps="pixel"
+        ).attribute(x, baselines=0.0, target=[0, 1])
+    finally:
+        model.config._attn_implementation = before
+    assert torch.equal(results["attention", "ibm"], eager_none)
     for layers in ("attention", "blocks"):
         assert not torch.allclose(
             results[layers, "vm"], results[layers, "none"], atol=1e-4

@@ -337,7 +337,9 @@ class FaithfulnessEnsemble(GradientAttribution):
                     submodule names.
                     Default: ``"conv"``
         clip (str, optional): ClipGrad rule, one of ``"vm"``, ``"ivm"``, ``"avm"``,
-                    ``"ibm"``, ``"none"``.
+                    ``"ibm"``, ``"none"``. ``"ibm"`` acts only where the clean
+                    activation is :math:`\le 0`; attention probabilities never are,
+                    so with ``layers="attention"`` it gives the maps of ``"none"``.
                     Default: ``"vm"``
         quantiles (int or Sequence[float], optional): K levels at ``k / (K + 1)``,
                     or an explicit strictly increasing sequence in (0, 1).
