@@ -1,9 +1,10 @@
 """FEI benchmark on the demo's models (not run by CI).
 
-1. Speed (the demo CNN, ``--images`` test images, K=5, 100 iterations): FEI (vm and
-   none, default smooth maps) against its floor, the forward+backward passes it cannot
-   avoid (100 passes of the N*K batch, the target probability's gradient to the input),
-   against the same quantiles optimised one after another, and against Captum's
+1. Speed (the demo CNN, ``--images`` test images, K=5, 100 iterations): FEI (every
+   clip rule, default smooth maps, ClipGrad on the convolutions) against its floor,
+   the forward+backward passes it cannot avoid (100 passes of the N*K batch, the
+   target probability's gradient to the input), FEI (vm) against the same quantiles
+   optimised one after another, and everything against Captum's
    ``IntegratedGradients(n_steps=50)`` on the same batch. Calls are interleaved
    round-robin (``--repeats`` rounds, one warm-up each), CPU time of this process
    (``time.process_time``), one thread; the table gives the minimum and the ratios of
@@ -129,8 +130,7 @@ def speed(demo, images, targets, repeats):
     times = interleaved(
         {
             "floor": floor(model, images, targets),
-            "FEI (vm)": fei("vm"),
-            "FEI (none)": fei("none"),
+            **{f"FEI ({clip})": fei(clip) for clip in CLIPS},
             "FEI (vm), one quantile after another": one_after_another,
             "Captum IG (n_steps=50)": integrated_gradients(model, images, targets),
         },

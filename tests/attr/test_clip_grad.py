@@ -223,3 +223,47 @@ def test_vm_at_attention_probabilities_blocks_exactly_the_attention_path():
     assert torch.allclose(clipped, expected, atol=1e-6)
     assert not torch.allclose(clipped, plain, atol=1e-4)
     snapshot.assert_same(model)
+
+
+@pytest.mark.parametrize("rule", ["vm", "ivm", "avm"])
+def test_state_buffers_are_reused_across_iterations_but_never_under_a_live_graph(rule):
+    """The per-forward state (sign of d, or the sign test) goes back to its slot
+    when the graph holding it is freed, so an optimisation loop writes every forward
+    into the same buffer; a graph kept for a second backward (``retain_graph``)
+    keeps its own, and its second backward still clips by its own deviation."""
+    layer = Copy()
+    clean = torch.zeros(1, 6)
+    g = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0, -1.0]])
+    first_input = torch.tensor([[1.0, 1.0, -1.0, -1.0, 0.0, 0.0]])
+
+    def clipped(x):
+        """The input gradient of one forward and backward (graph freed after)."""
+        x = x.clone().requires_grad_()
+        out = layer(x)
+        (grad,) = torch.autograd.grad((out * g).sum(), x)
+        return grad
+
+    def expected(x):
+        pairs = zip((x - clean)[0].tolist(), g[0].tolist(), strict=True)
+        zeroed = [_zeroed_by_rule(rule, 0.0, dv, gv) for dv, gv in pairs]
+        return torch.where(torch.tensor([zeroed]), 0.0, g)
+
+    # the two deviations clip differently, so a reused buffer would show
+    assert not torch.equal(expected(first_input), expected(-first_input))
+    with ClipGrad([layer], rule) as clip:
+        clip.capture(lambda: layer(clean))
+        assert torch.equal(clipped(first_input), expected(first_input))
+        buffer = clip._spare[(0, 0)]
+        for _ in range(3):
+            assert torch.equal(clipped(-first_input), expected(-first_input))
+            assert clip._spare[(0, 0)] is buffer  # written again, not reallocated
+
+        kept = first_input.clone().requires_grad_()
+        kept_loss = (layer(kept) * g).sum()
+        assert (0, 0) not in clip._spare  # the live graph holds the buffer
+        (first,) = torch.autograd.grad(kept_loss, kept, retain_graph=True)
+        # a later forward with the opposite deviation must not overwrite it
+        assert torch.equal(clipped(-first_input), expected(-first_input))
+        (second,) = torch.autograd.grad(kept_loss, kept)
+        assert torch.equal(first, expected(first_input))
+        assert torch.equal(second, first)

@@ -10,6 +10,7 @@ gradient ``g = d loss / d h~`` named by the rule, with ``d = h~ - h``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,7 +71,9 @@ class ClipGrad:
     Between forward and backward each rule keeps only what it reads: :math:`d` for
     ``"vm"``, the sign test of :math:`d` for ``"ivm"`` / ``"avm"`` (one byte per
     element), and for ``"ibm"`` nothing but the clean test :math:`h \le 0`, taken
-    once at capture.
+    once at capture. That state is written into a buffer per layer call that comes
+    back when the graph holding it is freed, so an optimisation loop allocates no
+    new layer-sized tensor for it after the first iteration.
 
     Args:
 
@@ -104,6 +107,9 @@ class ClipGrad:
         self.clean: list[list[Tensor]] = [[] for _ in layers]
         self._inactive: list[list[Tensor]] = [[] for _ in layers]
         self._calls = [0] * len(layers)
+        # per (layer, call): the state buffer of a finished backward, reused by the
+        # next forward (an optimisation allocates no new layer-sized tensor for it)
+        self._spare: dict[tuple[int, int], Tensor] = {}
         self._capturing = False
         self._handles: list[Any] = []
 
@@ -127,6 +133,7 @@ class ClipGrad:
         self._handles = []
         self.clean = [[] for _ in self.layers]
         self._inactive = [[] for _ in self.layers]
+        self._spare = {}
         self._capturing = False
 
     def capture(self, forward: Callable[[], Any], index: Tensor | None = None) -> Any:
@@ -172,6 +179,7 @@ class ClipGrad:
         # ibm needs only where the clean activation is inactive
         self._inactive = [[h <= 0 for h in calls] for calls in self.clean]
         self._calls = [0] * len(self.layers)
+        self._spare = {}
         return result
 
     def _make_hook(self, position: int) -> Callable:
@@ -199,17 +207,36 @@ class ClipGrad:
                     f"{tuple(h.shape)}"
                 )
             # What each rule needs of d and h, taken now (before an in-place
-            # activation can overwrite the output), in as few passes as possible.
+            # activation can overwrite the output), in as few passes as possible,
+            # into the buffer the last backward of this call handed back.
             head = output.detach()[:n]
-            if self.rule == "vm":
-                state = (head - h).sign_()
-            elif self.rule == "ivm":
-                state = head >= h
-            elif self.rule == "avm":
-                state = head <= h
-            else:
+            if self.rule == "ibm":
                 state = self._inactive[position][call]
-            output.register_hook(self._make_grad_hook(n, state))
+                output.register_hook(self._make_grad_hook(n, state))
+                return
+            slot = (position, call)
+            dtype = head.dtype if self.rule == "vm" else torch.bool
+            state = self._spare.pop(slot, None)
+            if (
+                state is None
+                or state.shape != head.shape
+                or state.dtype != dtype
+                or state.device != head.device
+            ):
+                state = torch.empty_like(head, dtype=dtype)
+            if self.rule == "vm":
+                torch.sub(head, h, out=state).sign_()
+            elif self.rule == "ivm":
+                torch.ge(head, h, out=state)
+            else:
+                torch.le(head, h, out=state)
+            grad_hook = self._make_grad_hook(n, state)
+            output.register_hook(grad_hook)
+            # The buffer goes back to this call's slot when the graph that holds the
+            # hook is freed (after its backward, or dropped unused), never while a
+            # backward could still read it (e.g. ``retain_graph=True``).
+            handback = weakref.finalize(grad_hook, self._spare.__setitem__, slot, state)
+            handback.atexit = False
 
         return hook
 
@@ -223,11 +250,11 @@ class ClipGrad:
                 # g d < 0 or d = 0 (one buffer, no boolean mask)
                 head = (head * state).clamp_(min=0).mul_(state)
             elif rule == "ivm":  # g < 0 and d >= 0
-                head = head.masked_fill((head < 0) & state, 0.0)
+                head = head.masked_fill(head.lt(0).logical_and_(state), 0.0)
             elif rule == "avm":  # g > 0 and d <= 0
-                head = head.masked_fill((head > 0) & state, 0.0)
+                head = head.masked_fill(head.gt(0).logical_and_(state), 0.0)
             else:  # ibm: h <= 0 and g < 0
-                head = head.masked_fill((head < 0) & state, 0.0)
+                head = head.masked_fill(head.lt(0).logical_and_(state), 0.0)
             if grad.shape[0] == n:
                 return head
             return torch.cat([head, grad[n:]])
