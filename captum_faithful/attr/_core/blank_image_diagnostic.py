@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_faithful._arguments import resolve_target
@@ -29,6 +30,7 @@ from captum_faithful.attr._core.faithfulness_ensemble import (
 from captum_faithful.metrics import insertion_activation_deviation, insertion_auc
 
 
+@log_usage()
 def blank_image_diagnostic(
     forward_func: Callable,
     blank_inputs: Tensor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_faithful._arguments import (
@@ -26,6 +27,7 @@ from captum_faithful.metrics._utils import (
 )
 
 
+@log_usage()
 def activation_deviation(
     model: nn.Module,
     layers: LayerSpec,
@@ -128,6 +130,7 @@ def _rows(inputs: tuple[Tensor, ...], start: int, count: int) -> tuple[Tensor, .
     return tuple(x[start : start + count] for x in inputs)
 
 
+@log_usage()
 def insertion_activation_deviation(
     model: nn.Module,
     layers: LayerSpec,
