@@ -121,6 +121,21 @@ def per_input(name: str, value: Any, inputs: tuple[Tensor, ...]) -> tuple:
     return value
 
 
+def check_integer_mask(mask: Any, ids: str = "feature ids") -> Tensor:
+    """``mask`` itself if it is an integer tensor; a ``TypeError`` naming
+    ``feature_mask`` otherwise (``ids`` says what its entries are)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            "`feature_mask` must be an integer tensor or a tuple of them, got "
+            f"{type(mask).__name__}"
+        )
+    if mask.is_floating_point() or mask.is_complex() or mask.dtype == torch.bool:
+        raise TypeError(
+            f"`feature_mask` must hold integer {ids}, got dtype {mask.dtype}"
+        )
+    return mask
+
+
 def format_baselines(baselines: Any, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """One baseline tensor per input, expanded to the input's shape.
 

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from captum_faithful._arguments import (
     broadcasts_to,
+    check_integer_mask,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
@@ -187,15 +188,7 @@ def resolve_feature_masks(
     items = per_input("feature_mask", feature_mask, inputs)
     masks = []
     for m, x in zip(items, inputs, strict=True):
-        if not isinstance(m, Tensor):
-            raise TypeError(
-                "`feature_mask` must be an integer tensor or a tuple of them, got "
-                f"{type(m).__name__}"
-            )
-        if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
-            raise TypeError(
-                f"`feature_mask` must hold integer feature ids, got dtype {m.dtype}"
-            )
+        check_integer_mask(m)
         if m.dim() > x.dim() or not broadcasts_to(m.shape, x.shape):
             raise ValueError(
                 f"`feature_mask` must broadcast to the input shape {tuple(x.shape)}, "

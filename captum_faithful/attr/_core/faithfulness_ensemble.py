@@ -22,6 +22,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_faithful._arguments import (
+    check_integer_mask,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
@@ -644,15 +645,7 @@ class FaithfulnessEnsemble(GradientAttribution):
 
 def _group_maps(mask: Any, x: Tensor) -> GroupMaps:
     """Validate a Captum feature mask for FEI's maps and relabel it 0..G-1."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(
-            "`feature_mask` must be an integer tensor or a tuple of them, got "
-            f"{type(mask).__name__}"
-        )
-    if mask.is_floating_point() or mask.is_complex() or mask.dtype == torch.bool:
-        raise TypeError(
-            f"`feature_mask` must hold integer group ids, got dtype {mask.dtype}"
-        )
+    check_integer_mask(mask, ids="group ids")
     n, _, height, width = x.shape
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     if (
