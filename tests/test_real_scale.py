@@ -97,11 +97,21 @@ def test_vectorised_unlearning_equals_the_loop_on_resnet50(resnet50, images):
         )
         for mode in ("vmap", "loop")
     }
-    torch.testing.assert_close(results["vmap"], results["loop"], rtol=1e-5, atol=1e-4)
+    # log-probabilities of a random-weight ResNet-50 reach ~500 in magnitude, and
+    # vmap's batched convolutions round differently from the loop's (measured: 1.5e-5
+    # of the scale with 2 threads); mixing the samples' parameters would differ by
+    # the size of the unlearning step itself
+    scale = results["loop"].abs().max().item()
+    torch.testing.assert_close(
+        results["vmap"], results["loop"], rtol=0, atol=1e-4 * scale
+    )
     # the unlearning step lowers the explained class in every sample
     clean = torch.log_softmax(resnet50(images).detach(), 1)
     rows = torch.arange(2)
     assert (results["vmap"][rows, target] < clean[rows, target]).all()
+    # the tolerance above is far below the change the step makes
+    step = (results["loop"] - clean).abs().max().item()
+    assert step > 100 * 1e-4 * scale
 
 
 def test_uni_memory_is_bounded_by_its_chunking_arguments(resnet50, images):
