@@ -326,26 +326,28 @@ def _check_uni(values: dict) -> None:
 def _check_fei(values: dict) -> None:
     """Tutorial 2. Each threshold states a claim of the prose (a direction with a
     margin), not an FEI number: a better optimiser that keeps the claims passes.
-    Measured with FEI's defaults of recipe version 3's quick models (seeds 0-3):
-    |coverage - level| <= 0.020; activation MSE vm / none <= 0.71; on blank images
-    p(class) with none >= 0.553, vm / none <= 0.34, ibm / none <= 0.59; on recipe
-    version 4 (seed 0): 0.015, 0.66, 0.623, 0.25, 0.35. Re-measure the margins
-    when FEI's defaults change."""
+    Measured with FEI's current defaults (smooth maps, exact coverage) on the quick
+    models of training seeds 0-3 (one thread): |coverage - level| <= 1e-7;
+    activation MSE vm / none 0.829, 0.735, 0.879, 0.811 (and 0.859 for seed 0
+    trained with 2 threads); on blank images p(class) with none 0.451, 0.469, 0.513,
+    0.425, vm / none 0.266, 0.313, 0.466, 0.397, ibm / none 0.222, 0.392, 0.676,
+    0.416. Thresholds keep half of the smallest effect (none > 0.3 is the prose's
+    "three times chance"). Re-measure the margins when FEI's defaults change."""
     assert values["nested"], "quantile maps must be nested, a_1 <= ... <= a_K"
     # "pinned to their coverage by the sorted-area term"
     for level, coverage in zip(values["levels"], values["coverage"], strict=True):
-        assert abs(level - coverage) < 0.05, (level, coverage)
+        assert abs(level - coverage) < 0.01, (level, coverage)
     deviation, blank = values["deviation_mse"], values["blank_probability"]
     # "the game constrained by the "vm" rule moves the hidden activations less than
     # the unconstrained one at equal coverage"
-    assert deviation["vm"] < 0.85 * deviation["none"]
+    assert deviation["vm"] < 0.94 * deviation["none"]
     # "On blank images the unconstrained game manufactures evidence; the "vm" rule
     # finds much less of it, and "ibm" less."
     # (manufactured evidence: on the curve, at least three times the chance level of
     # the ten classes)
     assert blank["none"] > 0.3
-    assert blank["vm"] < 0.5 * blank["none"]
-    assert blank["ibm"] < 0.8 * blank["none"]
+    assert blank["vm"] < 0.73 * blank["none"]
+    assert blank["ibm"] < 0.84 * blank["none"]
     # ClipGrad zeroes exactly the entries the "vm" rule names, and some of them.
     assert values["clipgrad_matches_rule"]
     assert values["clipgrad_zeroed_fraction"] > 0.0
