@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from captum.attr import GradientAttribution
 from captum.log import log_usage
@@ -110,7 +111,7 @@ def area_loss(maps: Tensor, levels: Sequence[float]) -> Tensor:
     (neighbours in sorted order closer than :data:`TIE_TOLERANCE` count as tied, so
     that rounding does not decide).
     """
-    flat = maps.flatten(-2).sort(dim=-1).values
+    flat = _sorted(maps.flatten(-2))
     size = flat.shape[-1]
     positions = torch.arange(size, device=maps.device)
     ones = torch.tensor([round(q * size) for q in levels], device=maps.device)
@@ -124,6 +125,20 @@ def area_loss(maps: Tensor, levels: Sequence[float]) -> Tensor:
         tied = (sums / counts.clamp(min=1)).gather(-1, run)
         spread = ((target - tied) ** 2).mean(dim=-1)
     return ((flat - tied) ** 2).mean(dim=-1) + spread
+
+
+def _sorted(values: Tensor) -> Tensor:
+    """``values`` sorted along the last dimension, differentiable (a gather at the
+    sorting indices). On CPU the indices come from NumPy's argsort, about twice as
+    fast as ``torch.sort`` for FEI's rows of a few thousand values; the order among
+    equal values may differ, which :func:`area_loss` does not depend on."""
+    if values.device.type != "cpu" or values.dtype not in (
+        torch.float32,
+        torch.float64,
+    ):
+        return values.sort(dim=-1).values
+    order = np.argsort(values.detach().numpy(), axis=-1)
+    return values.gather(-1, torch.from_numpy(order))
 
 
 def monochrome_reference(
