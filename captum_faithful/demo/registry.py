@@ -54,6 +54,15 @@ class Settings:
             return min(self.n_validation, available)
         return available
 
+    def fei_iterations(self) -> int:
+        """FEI's Adam iterations in the demo. Fewer than the library's default of 100:
+        its smooth maps have converged by then. On the full recipe's 100 test
+        images (seed 0), 50 against 100 iterations gave FEI (vm) evidence precision
+        0.850 / 0.843, insertion 0.876 / 0.875, activation deviation 0.1147 / 0.1152
+        (vm below none: Welch p = 0.003 / 0.004), and on the ViT (vm, attention)
+        precision 0.702 / 0.713, in half the time."""
+        return 30 if self.quick else 50
+
 
 class Explainer:
     """A method bound to a model: ``(inputs, target) -> attributions``.
@@ -179,7 +188,7 @@ def _faithfulness_ensemble(
             demo.cnn if model == "cnn" else demo.vit,
             clip=clip,
             layers=layers,
-            n_iter=30 if settings.quick else 100,
+            n_iter=settings.fei_iterations(),
         )
         return Explainer(
             lambda x, t: fei.attribute(

@@ -205,6 +205,9 @@ def render_report(outcome: Any) -> str:
         f"{patch}×{patch} "
         "patches as features, CNN methods with pixels. Time: explanation seconds per "
         "image.",
+        f"- FEI: {settings.fei_iterations()} iterations (the library's default is "
+        "100; the smooth maps have converged by then), 5 coverage levels, smooth "
+        "maps of stride 4, a random single-colour reference per image.",
         f"- Wall time of this run: {outcome.seconds:.0f} s. Python {platform.python_version()}, "
         f"torch {torch.__version__}.",
         "",

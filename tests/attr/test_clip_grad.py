@@ -34,11 +34,18 @@ def _zeroed_by_rule(rule, h, d, g):
 COMBOS = list(itertools.product((-1.5, 0.0, 2.0), (-0.5, 0.0, 0.25), (-3.0, 0.0, 1.0)))
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+)
+@pytest.mark.parametrize("huge", [False, True])
 @pytest.mark.parametrize("rule", CLIP_RULES)
-def test_each_rule_zeroes_exactly_the_named_entries(rule):
-    h = torch.tensor([[c[0] for c in COMBOS]])
-    d = torch.tensor([[c[1] for c in COMBOS]])
-    g = torch.tensor([[c[2] for c in COMBOS]])
+def test_each_rule_zeroes_exactly_the_named_entries(rule, huge, dtype):
+    """In every dtype, and with gradients near the dtype's largest number (the
+    one-sided rules clamp to a bound that is 0 or that largest number)."""
+    h = torch.tensor([[c[0] for c in COMBOS]], dtype=dtype)
+    d = torch.tensor([[c[1] for c in COMBOS]], dtype=dtype)
+    scale = torch.finfo(dtype).max / 4 if huge else 1.0
+    g = torch.tensor([[c[2] * scale for c in COMBOS]], dtype=dtype)
     layer = Copy()
     perturbed = (h + d).clone().requires_grad_()
     with ClipGrad([layer], rule) as clip:

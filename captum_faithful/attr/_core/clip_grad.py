@@ -54,6 +54,17 @@ def clip_mask(rule: str, grad: Tensor, deviation: Tensor, clean: Tensor) -> Tens
     return torch.zeros_like(grad, dtype=torch.bool)
 
 
+def _lower_bound(applies_not: Tensor) -> Tensor:
+    """In place: 1 -> the dtype's most negative finite number, 0 -> 0 (a lower bound
+    that does not bind where ``applies_not`` is 1, and clamps to 0 elsewhere)."""
+    return applies_not.mul_(-torch.finfo(applies_not.dtype).max)
+
+
+def _upper_bound(applies_not: Tensor) -> Tensor:
+    """In place: 1 -> the dtype's largest finite number, 0 -> 0."""
+    return applies_not.mul_(torch.finfo(applies_not.dtype).max)
+
+
 class ClipGrad:
     r"""Zero the gradient entries that would move layer outputs off their clean values.
 
@@ -68,12 +79,16 @@ class ClipGrad:
     Rows: the clean activations (optionally re-indexed by ``index``) cover the first
     ``n`` rows of a perturbed batch; later rows (e.g. FEI's deletion game) pass
     unclipped. A layer called several times per forward is paired call by call.
-    Between forward and backward each rule keeps only what it reads: :math:`d` for
-    ``"vm"``, the sign test of :math:`d` for ``"ivm"`` / ``"avm"`` (one byte per
-    element), and for ``"ibm"`` nothing but the clean test :math:`h \le 0`, taken
-    once at capture. That state is written into a buffer per layer call that comes
-    back when the graph holding it is freed, so an optimisation loop allocates no
-    new layer-sized tensor for it after the first iteration.
+    Between forward and backward each rule keeps one tensor of the layer's size and
+    dtype, taken in the forward hook (before an in-place activation can overwrite the
+    output): :math:`\mathrm{sign}(d)` for ``"vm"``; for the one-sided rules the bound
+    that the gradient is clamped to, 0 where the rule may zero an entry and the
+    dtype's largest finite number (with the sign that never binds) elsewhere, so that
+    the backward is a single ``clamp``: for ``"ibm"`` that bound depends on the clean
+    activation only and is taken once, at capture. The tensor is written into a
+    buffer per layer call that comes back when the graph holding it is freed, so an
+    optimisation loop allocates no new layer-sized tensor for it after the first
+    iteration.
 
     Args:
 
@@ -176,8 +191,11 @@ class ClipGrad:
                 [h.index_select(0, index.to(h.device)) for h in calls]
                 for calls in self.clean
             ]
-        # ibm needs only where the clean activation is inactive
-        self._inactive = [[h <= 0 for h in calls] for calls in self.clean]
+        # ibm needs only where the clean activation is inactive: its bound
+        self._inactive = [
+            [_lower_bound(torch.gt(h, 0, out=torch.empty_like(h))) for h in calls]
+            for calls in self.clean
+        ]
         self._calls = [0] * len(self.layers)
         self._spare = {}
         return result
@@ -215,21 +233,22 @@ class ClipGrad:
                 output.register_hook(self._make_grad_hook(n, state))
                 return
             slot = (position, call)
-            dtype = head.dtype if self.rule == "vm" else torch.bool
             state = self._spare.pop(slot, None)
             if (
                 state is None
                 or state.shape != head.shape
-                or state.dtype != dtype
+                or state.dtype != head.dtype
                 or state.device != head.device
             ):
-                state = torch.empty_like(head, dtype=dtype)
+                state = torch.empty_like(head)
+            # comparisons written as 0 / 1 in the activation dtype and scaled
+            # (arithmetic passes: far cheaper on CPU than boolean masks)
             if self.rule == "vm":
                 torch.sub(head, h, out=state).sign_()
-            elif self.rule == "ivm":
-                torch.ge(head, h, out=state)
-            else:
-                torch.le(head, h, out=state)
+            elif self.rule == "ivm":  # zero g < 0 where d >= 0: g >= bound
+                _lower_bound(torch.lt(head, h, out=state))
+            else:  # avm, zero g > 0 where d <= 0: g <= bound
+                _upper_bound(torch.gt(head, h, out=state))
             grad_hook = self._make_grad_hook(n, state)
             output.register_hook(grad_hook)
             # The buffer goes back to this call's slot when the graph that holds the
@@ -249,12 +268,10 @@ class ClipGrad:
                 # state = sign(d): max(g s, 0) s is g where g d > 0 and 0 where
                 # g d < 0 or d = 0 (one buffer, no boolean mask)
                 head = (head * state).clamp_(min=0).mul_(state)
-            elif rule == "ivm":  # g < 0 and d >= 0
-                head = head.masked_fill(head.lt(0).logical_and_(state), 0.0)
-            elif rule == "avm":  # g > 0 and d <= 0
-                head = head.masked_fill(head.gt(0).logical_and_(state), 0.0)
-            else:  # ibm: h <= 0 and g < 0
-                head = head.masked_fill(head.lt(0).logical_and_(state), 0.0)
+            elif rule == "avm":  # state: 0 where d <= 0, else the largest number
+                head = torch.clamp(head, max=state)
+            else:  # ivm, ibm: state is 0 where the rule applies, else -largest
+                head = torch.clamp(head, min=state)
             if grad.shape[0] == n:
                 return head
             return torch.cat([head, grad[n:]])
