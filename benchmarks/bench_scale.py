@@ -57,6 +57,8 @@ Usage (run from the repository root)::
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --only vit_hf,vit_timm \\
         --parts methods --repeats 3
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --parts memory --only resnet50
+    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --only resnet50 --parts metrics \\
+        --metrics activation_deviation,insertion_activation_deviation
 """
 
 from __future__ import annotations
@@ -86,6 +88,15 @@ IMAGE_MODELS = ("resnet50", "vgg16", "vit_hf", "vit_timm")
 MODELS = (*IMAGE_MODELS, "bert")
 PARTS = ("methods", "metrics", "memory")
 METHOD_GROUPS = ("uni", "fei", "transmm")
+METRICS = (
+    "insertion_auc",
+    "deletion_auc",
+    "saco",
+    "faithfulness_correlation",
+    "path_monotonicity",
+    "activation_deviation",
+    "insertion_activation_deviation",
+)
 VITS = ("vit_hf", "vit_timm")
 SAE_BLOCKS = (3, 6, 9)
 SAE_EXPANSION = 32
@@ -593,6 +604,8 @@ def metrics_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
     recorder = RowRecorder(bench.model, n_classes)
     rows = []
     for name, (settings, run) in metric_calls(bench).items():
+        if name not in args.metrics:
+            continue
         forwarded = recorder.record(lambda run=run: run(recorder.forward))
 
         def call(run: Callable = run) -> Any:
@@ -839,7 +852,14 @@ def main() -> None:
         "--methods",
         default=",".join(METHOD_GROUPS),
         help="comma-separated subset of the methods part's cells: uni (UNI, Captum "
-        "IG and their floors), fei, transmm (TransMM and FeatureGatedTransMM, ViTs)",
+        "IG and their floors), fei, transmm (TransMM and FeatureGatedTransMM, ViTs); "
+        "without uni the memory part skips UNI's sweeps",
+    )
+    parser.add_argument(
+        "--metrics",
+        default=",".join(METRICS),
+        help="comma-separated subset of the metrics part's rows (and of the memory "
+        f"part's metric sweeps): {','.join(METRICS)}",
     )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--floor-chunks", default="16,64")
@@ -859,6 +879,9 @@ def main() -> None:
     args.methods = [m for m in args.methods.split(",") if m]
     if any(m not in METHOD_GROUPS for m in args.methods):
         parser.error(f"--methods must be a subset of {','.join(METHOD_GROUPS)}")
+    args.metrics = [m for m in args.metrics.split(",") if m]
+    if any(m not in METRICS for m in args.metrics):
+        parser.error(f"--metrics must be a subset of {','.join(METRICS)}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     if args.child:
@@ -904,6 +927,8 @@ def main() -> None:
         ",".join(map(str, args.floor_chunks)),
         "--methods",
         ",".join(args.methods),
+        "--metrics",
+        ",".join(args.metrics),
     ]
     keys = [
         "model",
@@ -931,7 +956,13 @@ def main() -> None:
         everything += rows
     if "memory" in parts:
         rows = []
-        for sweep, model, n, chunk in memory_sweeps(models):
+        sweeps = [
+            config
+            for config in memory_sweeps(models)
+            if config[0].split()[0] in (*args.metrics, "layer_uni")
+            or (config[0].startswith("uni ") and "uni" in args.methods)
+        ]
+        for sweep, model, n, chunk in sweeps:
             rows.append(
                 _child(["--memory-child", sweep, model, str(n), str(chunk), *common])
             )

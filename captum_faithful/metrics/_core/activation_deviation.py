@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +19,12 @@ from captum_faithful._arguments import (
     select_rows,
 )
 from captum_faithful._compat import _format_tensor_into_tuples, _run_forward
-from captum_faithful._layers import LayerSpec, model_places, record_activations
+from captum_faithful._layers import (
+    LayerSpec,
+    Place,
+    model_places,
+    record_activations,
+)
 from captum_faithful._utils import check_finite, check_int, preserve_model_state
 from captum_faithful.metrics._core.insertion_deletion import feature_counts
 from captum_faithful.metrics._utils import (
@@ -52,10 +62,15 @@ def activation_deviation(
         \rangle}{\lVert h_\ell(\tilde x_i) \rVert \, \lVert h_\ell(x_i) \rVert}
 
     Two all-zero activations count as identical (cosine 1); one all-zero activation
-    against a non-zero one has cosine 0. Runs under ``torch.no_grad()``, on
-    ``max_examples_per_batch`` samples at a time (the activations of the selected
-    layers are held for one chunk only); the model's modes, flags and hooks are left
-    as they were.
+    against a non-zero one has cosine 0. The differences and products are taken in
+    the activations' dtype (float32 for half precision) and summed in float64.
+
+    Runs under ``torch.no_grad()``, on ``max_examples_per_batch`` samples at a time;
+    the model's modes, flags and hooks are left as they were. The clean pass of a
+    chunk records the selected layers' outputs; in the perturbed pass each layer
+    output is compared with them inside its forward hook and reduced to per-sample
+    sums at once, so the memory holds one chunk's clean activations (in their dtype)
+    and no perturbed one beyond its layer.
 
     Args:
 
@@ -116,11 +131,15 @@ def activation_deviation(
         for start in range(0, n, chunk_size):
             samples = torch.arange(start, min(n, start + chunk_size))
             args = select_rows(additional_forward_args, samples)
-            with record_activations(places) as clean_acts:
-                _run_forward(model, _rows(clean, start, chunk_size), None, args)
-            with record_activations(places) as perturbed_acts:
-                _run_forward(model, _rows(perturbed, start, chunk_size), None, args)
-            values = deviation_from_records(clean_acts, perturbed_acts)
+            values = _deviation(
+                places,
+                lambda args=args, start=start: _run_forward(
+                    model, _rows(clean, start, chunk_size), None, args
+                ),
+                lambda args=args, start=start: _run_forward(
+                    model, _rows(perturbed, start, chunk_size), None, args
+                ),
+            )
             mse.append(values["mse"])
             cosine.append(values["cosine"])
     return {"mse": torch.cat(mse), "cosine": torch.cat(cosine)}
@@ -175,7 +194,8 @@ def insertion_activation_deviation(
                     Default: 100
         max_examples_per_batch (int, optional): curve images per forward pass;
                     the clean activations are recorded for the samples of one such
-                    chunk at a time.
+                    chunk at a time, and the curve images' activations are reduced
+                    inside the forward hooks (see :func:`activation_deviation`).
                     Default: None (the metrics' default chunk size)
 
     Returns:
@@ -200,7 +220,7 @@ def insertion_activation_deviation(
     additional_forward_args = format_additional_forward_args(additional_forward_args, n)
     with (
         preserve_model_state(model),
-        model_places(model, layers) as modules,
+        model_places(model, layers) as places,
         torch.no_grad(),
     ):
         ranks = rank_features(
@@ -216,25 +236,28 @@ def insertion_activation_deviation(
             rows = torch.arange(start, min(n * steps, start + setup.chunk_size))
             samples, points = rows // steps, rows % steps
             # rows are sample-major: the chunk's samples are a contiguous range,
-            # whose clean activations are recorded here (at most one chunk's worth)
+            # whose clean activations are recorded (at most one chunk's worth)
             first, last = int(samples[0]), int(samples[-1])
             chunk_samples = torch.arange(first, last + 1)
-            with record_activations(modules) as clean:
-                _run_forward(
-                    model,
-                    _rows(setup.inputs, first, last + 1 - first),
-                    None,
-                    select_rows(additional_forward_args, chunk_samples),
-                )
             take = ranks[samples.to(ranks.device)] < counts[points].unsqueeze(1)
-            with record_activations(modules) as records:
-                _run_forward(
+            values = _deviation(
+                places,
+                lambda first=first, last=last, chunk_samples=chunk_samples: (
+                    _run_forward(
+                        model,
+                        _rows(setup.inputs, first, last + 1 - first),
+                        None,
+                        select_rows(additional_forward_args, chunk_samples),
+                    )
+                ),
+                lambda samples=samples, take=take: _run_forward(
                     model,
                     build_perturbed_inputs(setup, samples, take),
                     None,
                     select_rows(additional_forward_args, samples),
-                )
-            values = deviation_from_records(clean, records, samples - first)
+                ),
+                clean_rows=samples - first,
+            )
             mse.append(values["mse"])
             cosine.append(values["cosine"])
     return {
@@ -243,26 +266,179 @@ def insertion_activation_deviation(
     }
 
 
-def deviation_from_records(
-    clean: list[list[Tensor]], perturbed: list[list[Tensor]], rows: Tensor | None = None
+def _deviation(
+    places: list[Place],
+    run_clean: Callable[[], Any],
+    run_perturbed: Callable[[], Any],
+    clean_rows: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """MSE and cosine per perturbed row, averaged over layers and calls.
+    """MSE and cosine of each perturbed row, averaged over the calls of the layers at
+    ``places``.
 
-    ``clean[l][c]`` is the output of call c of layer l on the clean inputs; perturbed
-    row r is compared with clean row ``rows[r]`` (row r when ``rows`` is None).
+    ``run_clean()`` forwards the clean rows, whose layer outputs are recorded (in
+    their dtype); ``run_perturbed()`` forwards the perturbed rows, and each of their
+    layer outputs is compared inside its forward hook (read at hook time: an
+    in-place activation may overwrite it afterwards) and reduced to per-row sums, so
+    that no perturbed activation outlives its hook. Perturbed row r is compared with
+    clean row ``clean_rows[r]`` (row r when ``clean_rows`` is None); the rows of one
+    clean row follow each other.
     """
-    mse, cosine, count = 0.0, 0.0, 0
-    for clean_calls, perturbed_calls in zip(clean, perturbed, strict=True):
-        if len(clean_calls) != len(perturbed_calls):
-            raise ValueError(
-                "a layer ran a different number of times on the clean and the "
-                "perturbed inputs"
-            )
-        for h, h_tilde in zip(clean_calls, perturbed_calls, strict=True):
-            if rows is not None:
-                h = h.index_select(0, rows.to(h.device))
-            h, h_tilde = h.flatten(1).double(), h_tilde.flatten(1).double()
-            mse = mse + ((h_tilde - h) ** 2).mean(dim=1)
-            cosine = cosine + cosine_similarity(h, h_tilde)
-            count += 1
-    return {"mse": (mse / count).float(), "cosine": (cosine / count).float()}
+    with record_activations(places) as clean:
+        run_clean()
+    if clean_rows is None:
+        segments = [_Segment(None, slice(None))]
+    else:
+        segments, start = [], 0
+        values, lengths = torch.unique_consecutive(clean_rows, return_counts=True)
+        for value, length in zip(values.tolist(), lengths.tolist(), strict=True):
+            segments.append(_Segment(value, slice(start, start + length)))
+            start += length
+    with _comparing_hooks(places, clean, segments) as state:
+        run_perturbed()
+    if state.calls != [len(calls) for calls in clean]:
+        raise ValueError(
+            "a layer ran a different number of times on the clean and the "
+            "perturbed inputs"
+        )
+    count = sum(state.calls)
+    if count == 0:
+        raise ValueError("none of the selected layers ran during the forward pass")
+    return {
+        "mse": (state.mse / count).float(),
+        "cosine": (state.cosine / count).float(),
+    }
+
+
+@dataclass
+class _Segment:
+    """Perturbed rows ``rows`` of a forward pass, compared with clean row ``clean``
+    (None: with the clean rows ``rows``)."""
+
+    clean: int | None
+    rows: slice
+
+
+@dataclass
+class _HookState:
+    calls: list[int]
+    mse: Tensor | None = None
+    cosine: Tensor | None = None
+
+
+@contextmanager
+def _comparing_hooks(
+    places: list[Place], clean: list[list[Tensor]], segments: list[_Segment]
+) -> Iterator[_HookState]:
+    """Forward hooks that add the MSE and cosine of each call's output against the
+    same call's ``clean[place][call]`` to the state's per-row sums (float64).
+    Removed on exit, also when the forward raises."""
+    state = _HookState(calls=[0] * len(places))
+
+    def make_hook(index: int, place: Place) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            out = place.select(module, output).detach()
+            call = state.calls[index]
+            state.calls[index] += 1
+            if call >= len(clean[index]):
+                raise ValueError(
+                    "a layer ran a different number of times on the clean and the "
+                    "perturbed inputs"
+                )
+            h = clean[index][call]
+            if state.mse is None:
+                state.mse = torch.zeros(
+                    out.shape[0], dtype=torch.float64, device=out.device
+                )
+                state.cosine = torch.zeros_like(state.mse)
+            for segment in segments:
+                reference = (
+                    h if segment.clean is None else h[segment.clean : segment.clean + 1]
+                )
+                mse, cosine = _compare(reference, out[segment.rows])
+                state.mse[segment.rows] += mse.to(state.mse.device)
+                state.cosine[segment.rows] += cosine.to(state.mse.device)
+
+        return hook
+
+    handles = []
+    try:
+        for index, place in enumerate(places):
+            handles.append(place.module.register_forward_hook(make_hook(index, place)))
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+#: Row sums of squares and products below this (in the dtype the comparison works
+#: in) may have lost precision to underflow; those rows are compared exactly.
+_SMALLEST_SAFE_SUM = {torch.float32: 2.0**-90, torch.float64: 2.0**-900}
+_BLOCK = 1024
+
+
+def _compare(clean: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    r"""MSE and cosine (float64) of each row of ``rows`` (m, ...) against ``clean``
+    ((1, ...) or (m, ...)).
+
+    The differences and products are taken elementwise in the activations' dtype
+    (float32 for lower precisions, whose products float32 holds exactly) and summed
+    per row in float64 (see :func:`_row_sums`); no float64 copy of an activation is
+    made. Rows whose sums leave the range where that is accurate (all values tiny
+    or huge, zero or non-finite activations) are recomputed exactly in float64,
+    with :func:`cosine_similarity`'s conventions for zero vectors.
+    """
+    work = (
+        torch.float32
+        if rows.is_floating_point() and rows.dtype != torch.float64
+        else torch.float64
+    )
+    h = clean.flatten(1).to(work)
+    h_tilde = rows.flatten(1).to(work)
+    difference = h_tilde - h
+    squared_error = _row_sums(difference.mul_(difference))
+    del difference
+    dot = _row_sums(h_tilde * h)
+    norm_tilde = _row_sums(h_tilde * h_tilde)
+    norm = _row_sums(h * h)
+    mse = squared_error / h_tilde.shape[1]
+    cosine = dot / (norm_tilde.sqrt() * norm.sqrt())
+    low = _SMALLEST_SAFE_SUM[work]
+
+    def safe(total: Tensor) -> Tensor:
+        return (total >= low) & (total < math.inf)
+
+    accurate = (
+        safe(norm_tilde)
+        & safe(norm)
+        & dot.isfinite()
+        & ((squared_error == 0) | safe(squared_error))
+    )
+    if not bool(accurate.all()):
+        redo = torch.nonzero(~accurate).flatten()
+        a = h.expand_as(h_tilde).index_select(0, redo).double()
+        b = h_tilde.index_select(0, redo).double()
+        mse[redo] = ((b - a) ** 2).mean(dim=1)
+        cosine[redo] = cosine_similarity(a, b)
+    return mse, cosine
+
+
+@functools.lru_cache(maxsize=256)
+def _block_length(length: int) -> int:
+    """The largest divisor of ``length`` that is at most ``_BLOCK``."""
+    return next(b for b in range(min(length, _BLOCK), 0, -1) if length % b == 0)
+
+
+def _row_sums(values: Tensor) -> Tensor:
+    """Row sums of a contiguous (m, D) tensor, accumulated in float64.
+
+    A float32 tensor is summed in blocks of at most 1024 consecutive elements in
+    float32 (pairwise: the error of a block stays within a few units of float32's
+    roundoff, whatever D), and the block sums are added in float64. This reads the
+    values once, where converting them to float64 first would write a copy twice
+    their size.
+    """
+    if values.dtype == torch.float64:
+        return values.sum(dim=1)
+    m, d = values.shape
+    block = _block_length(d)
+    return values.view(m, d // block, block).sum(dim=2).double().sum(dim=1)
