@@ -8,7 +8,12 @@
    ``IntegratedGradients(n_steps=50)`` on the same batch. Calls are interleaved
    round-robin (``--repeats`` rounds, one warm-up each), CPU time of this process
    (``time.process_time``), one thread; the table gives the minimum and the ratios of
-   the minima.
+   the minima. On Linux the allocator's thresholds are fixed first (glibc
+   ``mallopt``: blocks up to 32 MB from the heap, which is never trimmed): with its
+   default, adaptive thresholds a call's time depends on whether the calls before it
+   left its activations to be served by fresh ``mmap`` pages, and the page faults
+   moved the floor by up to 30% and the ratios by 0.1 between runs. ``--default-malloc``
+   keeps glibc's defaults.
 2. Variant table: per-pixel vs grouped (a Captum feature mask of 4x4 blocks) vs
    smooth (stride 4) maps; clip none / vm / ivm / avm / ibm; the demo CNN with
    ClipGrad on its convolutions, and the demo ViT with ClipGrad on the attention
@@ -63,6 +68,23 @@ from captum_faithful.metrics import (  # noqa: E402
 CLIPS = ("none", "vm", "ivm", "avm", "ibm")
 N_ITER = 100
 K = 5
+
+
+def fix_allocator() -> bool:
+    """Serve blocks up to 32 MB from glibc's heap and never trim it (``mallopt``),
+    so that no timed call pays page faults for memory an earlier call freed.
+    Returns False where that is not available (not glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(
+        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+        and libc.mallopt(m_trim_threshold, 2**30)
+    )
 
 
 def process_seconds(fn: Callable[[], object]) -> float:
@@ -282,7 +304,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the quick demo models")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's adaptive allocator thresholds (timings vary more)",
+    )
     args = parser.parse_args()
+    fixed = False if args.default_malloc else fix_allocator()
+    print(f"# allocator thresholds fixed: {fixed}")
     from captum_faithful.demo import load_demo
 
     demo = load_demo(quick=args.quick)
