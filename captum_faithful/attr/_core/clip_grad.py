@@ -120,7 +120,7 @@ class ClipGrad:
         self.layers = [place.module for place in self.places]
         self.rule = rule
         self.clean: list[list[Tensor]] = [[] for _ in layers]
-        self._inactive: list[list[Tensor]] = [[] for _ in layers]
+        self._ibm_bounds: list[list[Tensor]] = [[] for _ in layers]
         self._calls = [0] * len(layers)
         # per (layer, call): the state buffer of a finished backward, reused by the
         # next forward (an optimisation allocates no new layer-sized tensor for it)
@@ -147,7 +147,7 @@ class ClipGrad:
             handle.remove()
         self._handles = []
         self.clean = [[] for _ in self.layers]
-        self._inactive = [[] for _ in self.layers]
+        self._ibm_bounds = [[] for _ in self.layers]
         self._spare = {}
         self._capturing = False
 
@@ -191,8 +191,8 @@ class ClipGrad:
                 [h.index_select(0, index.to(h.device)) for h in calls]
                 for calls in self.clean
             ]
-        # ibm needs only where the clean activation is inactive: its bound
-        self._inactive = [
+        # ibm reads only the clean activation: its clamp bound, taken once
+        self._ibm_bounds = [
             [_lower_bound(torch.gt(h, 0, out=torch.empty_like(h))) for h in calls]
             for calls in self.clean
         ]
@@ -229,7 +229,7 @@ class ClipGrad:
             # into the buffer the last backward of this call handed back.
             head = output.detach()[:n]
             if self.rule == "ibm":
-                state = self._inactive[position][call]
+                state = self._ibm_bounds[position][call]
                 output.register_hook(self._make_grad_hook(n, state))
                 return
             slot = (position, call)
