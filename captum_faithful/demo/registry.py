@@ -331,7 +331,27 @@ METRIC_INFO: dict[str, tuple[str, bool]] = {
 }
 
 
-class EvidenceLocalisation:
+class _EvidenceMetric:
+    """A demo metric that knows the evidence mask of each of the demo's images
+    (``masks``: (N, 1, H, W), for ``images`` (N, C, H, W))."""
+
+    def __init__(self, images: Tensor, masks: Tensor) -> None:
+        self.images = images.flatten(1)
+        self.masks = masks
+
+    def evidence_masks(self, inputs: Tensor) -> Tensor:
+        """The evidence mask of every input, found by exact match among the
+        images (the metrics are called with the inputs only)."""
+        flat = inputs.flatten(1).to(self.images.device)
+        match = (flat.unsqueeze(1) == self.images.unsqueeze(0)).all(-1)
+        if not bool(match.any(1).all()):
+            raise ValueError(
+                "evidence metrics: an input is not one of the demo's images"
+            )
+        return self.masks[match.float().argmax(1)]
+
+
+class EvidenceLocalisation(_EvidenceMetric):
     """Share of the positive attribution that falls inside the evidence block.
 
     The attribution map is summed over channels; its positive part is compared with
@@ -340,10 +360,6 @@ class EvidenceLocalisation:
     when a map has no positive attribution.
     """
 
-    def __init__(self, images: Tensor, masks: Tensor) -> None:
-        self.images = images.flatten(1)
-        self.masks = masks
-
     def __call__(
         self,
         forward_func: Any,
@@ -351,14 +367,14 @@ class EvidenceLocalisation:
         attributions: Tensor,
         target: Any = None,
     ) -> Tensor:
-        masks = _evidence_masks(self.images, self.masks, inputs).to(attributions.device)
+        masks = self.evidence_masks(inputs).to(attributions.device)
         positive = attributions.sum(1, keepdim=True).clamp(min=0)
         total = positive.flatten(1).sum(1)
         inside = (positive * masks).flatten(1).sum(1)
         return torch.where(total > 0, inside / total.clamp(min=1e-30), torch.nan)
 
 
-class EvidencePrecision:
+class EvidencePrecision(_EvidenceMetric):
     """Share of the top-|block| pixels of the map that lie inside the evidence block.
 
     Pixels are ranked by the attribution summed over channels; ties are broken by
@@ -371,8 +387,7 @@ class EvidencePrecision:
     """
 
     def __init__(self, images: Tensor, masks: Tensor, seed: int = 0) -> None:
-        self.images = images.flatten(1)
-        self.masks = masks
+        super().__init__(images, masks)
         self.seed = seed
 
     def __call__(
@@ -382,7 +397,7 @@ class EvidencePrecision:
         attributions: Tensor,
         target: Any = None,
     ) -> Tensor:
-        masks = _evidence_masks(self.images, self.masks, inputs).to(attributions.device)
+        masks = self.evidence_masks(inputs).to(attributions.device)
         scores = attributions.detach().sum(1).flatten(1).double()
         inside = masks.flatten(1).bool()
         order = torch.randperm(
@@ -397,15 +412,6 @@ class EvidencePrecision:
         top = ranks < sizes  # in the shuffled order
         hits = (top & inside[:, order]).sum(1)
         return (hits / sizes.squeeze(1)).float()
-
-
-def _evidence_masks(images: Tensor, masks: Tensor, inputs: Tensor) -> Tensor:
-    """The evidence mask of every input, found by exact match among the images."""
-    flat = inputs.flatten(1).to(images.device)
-    match = (flat.unsqueeze(1) == images.unsqueeze(0)).all(-1)
-    if not bool(match.any(1).all()):
-        raise ValueError("evidence metrics: an input is not one of the demo's images")
-    return masks[match.float().argmax(1)]
 
 
 def metrics_for(
