@@ -1,6 +1,7 @@
-"""Shared test utilities: tiny models, a digits set and a bit-for-bit model snapshot.
+"""Shared test utilities: tiny models, a digits set, a forward that fails on cue and
+a bit-for-bit model snapshot.
 
-``benchmarks/bench_fei.py`` imports the digits set and the 4-conv CNN from here too."""
+``benchmarks/bench_metrics.py`` imports the small CNN from here too."""
 
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ def small_cnn(in_channels: int = 3, n_classes: int = 10, seed: int = 0) -> nn.Mo
         nn.Flatten(),
         nn.Linear(64, n_classes),
     ).eval()
+
+
+def fails_after(forward, calls: int):
+    """``forward`` that raises ``RuntimeError("boom")`` from its ``calls + 1``-th call
+    on (for checking what an exception in the middle of a method leaves behind)."""
+    count = [0]
+
+    def failing(*args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+
+    return failing
 
 
 def digit_images(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,13 @@ from fei_reference import (
     sinkhorn_entries,
     sorted_area,
 )
-from helpers import ModelSnapshot, digit_images, four_conv_cnn, small_cnn
+from helpers import (
+    ModelSnapshot,
+    digit_images,
+    fails_after,
+    four_conv_cnn,
+    small_cnn,
+)
 from pathway_models import AlternativePathway, blank_images, blob_images
 from torch import nn
 
@@ -446,16 +452,8 @@ def test_model_untouched_when_the_forward_raises():
     model(torch.rand(2, 3, 6, 6))
     model.train()  # BatchNorm statistics would move during the optimisation
     snapshot = ModelSnapshot.take(model)
-    calls = []
-
-    def forward(inp):
-        calls.append(1)
-        if len(calls) > 3:
-            raise RuntimeError("boom")
-        return model(inp)
-
     with pytest.raises(RuntimeError, match="boom"):
-        FaithfulnessEnsemble(forward, model=model, n_iter=10).attribute(
+        FaithfulnessEnsemble(fails_after(model, 3), model=model, n_iter=10).attribute(
             torch.rand(2, 3, 6, 6)
         )
     snapshot.assert_same(model)
@@ -758,16 +756,10 @@ def test_vit_attention_and_blocks_run_eager_and_restore_the_model():
         assert not torch.allclose(
             results[layers, "vm"], results[layers, "none"], atol=1e-4
         ), layers
-    calls = []
-
-    def failing(pixel_values):
-        calls.append(1)
-        if len(calls) > 2:
-            raise RuntimeError("boom")
-        return model(pixel_values)
-
     with pytest.raises(RuntimeError, match="boom"):
-        FaithfulnessEnsemble(failing, model=model, layers="attention").attribute(x)
+        FaithfulnessEnsemble(
+            fails_after(model, 2), model=model, layers="attention"
+        ).attribute(x)
     assert model.config._attn_implementation == before
     snapshot.assert_same(model)
 
