@@ -83,7 +83,8 @@ class ClipGrad:
     dtype, taken in the forward hook (before an in-place activation can overwrite the
     output): :math:`\mathrm{sign}(d)` for ``"vm"``; for the one-sided rules the bound
     that the gradient is clamped to, 0 where the rule may zero an entry and the
-    dtype's largest finite number (with the sign that never binds) elsewhere, so that
+    dtype's largest finite number elsewhere (with the sign that binds no finite
+    gradient; an infinite gradient entry there comes back as that number), so that
     the backward is a single ``clamp``: for ``"ibm"`` that bound depends on the clean
     activation only and is taken once, at capture. The tensor is written into a
     buffer per layer call that comes back when the graph holding it is freed, so an
