@@ -7,6 +7,7 @@ form; model-facing helpers never write to the user's model or tensors.
 from __future__ import annotations
 
 import importlib
+import inspect
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -69,6 +70,25 @@ def run_forward(
     """Forward ``inputs`` (a tuple) and the additional arguments, return logits."""
     additional_forward_args = _format_additional_forward_args(additional_forward_args)
     return as_logits(_run_forward(forward_func, inputs, None, additional_forward_args))
+
+
+def forward_runner(forward_func: Callable) -> Callable[..., Tensor]:
+    """:func:`run_forward` for loops: ``forward_func``'s signature (which decides
+    whether it takes the inputs at all) is read once, here, instead of at every call.
+
+    Returns a function ``(inputs, additional_forward_args=None) -> logits``.
+    """
+    if not inspect.signature(forward_func).parameters:
+        return lambda inputs, additional_forward_args=None: run_forward(
+            forward_func, inputs, additional_forward_args
+        )
+
+    def run(inputs: tuple[Tensor, ...], additional_forward_args: Any = None) -> Tensor:
+        extra = _format_additional_forward_args(additional_forward_args)
+        output = forward_func(*inputs, *extra) if extra else forward_func(*inputs)
+        return as_logits(output)
+
+    return run
 
 
 def check_finite(name: str, tensors: Tensor | Sequence[Tensor]) -> None:

@@ -84,6 +84,53 @@ def test_rows_after_the_clean_rows_pass_unclipped_and_index_pairs_rows():
     assert torch.equal(perturbed.grad, expected)
 
 
+@pytest.mark.parametrize("rule", CLIP_RULES)
+def test_repeats_pair_each_clean_row_with_consecutive_rows_like_the_index(rule):
+    """``repeats=3`` keeps one clean row per sample and broadcasts it: the gradients
+    equal the element-by-element rule applied with clean row r // 3, and those of
+    the equivalent ``index``; rows after the repeated ones pass unclipped."""
+    generator = torch.Generator().manual_seed(4)
+    combos = torch.tensor(COMBOS)  # every sign combination, in both samples
+    clean = torch.stack([combos[:, 0], -combos[:, 0]]).view(2, 1, -1)
+    d = combos[:, 1].view(1, 1, -1).repeat(7, 1, 1)
+    d[:, :, 0] = torch.randn(7, 1, generator=generator)
+    rows = torch.arange(2).repeat_interleave(3)
+    perturbed = torch.cat([clean[rows], clean[:1]]) + d  # 6 paired rows, 1 extra
+    g = combos[:, 2].view(1, 1, -1) * torch.randn(7, 1, 1, generator=generator).sign()
+    grads = {}
+    for pairing in ("repeats", "index"):
+        layer = Copy()
+        x = perturbed.clone().requires_grad_()
+        with ClipGrad([layer], rule) as clip:
+            if pairing == "repeats":
+                clip.capture(lambda layer=layer: layer(clean), repeats=3)
+            else:
+                clip.capture(lambda layer=layer: layer(clean), index=rows)
+            (layer(x) * g).sum().backward()
+        grads[pairing] = x.grad
+    expected = g.clone()
+    for r in range(6):
+        for i in range(len(COMBOS)):
+            h = float(clean[r // 3, 0, i])
+            if _zeroed_by_rule(rule, h, float(d[r, 0, i]), float(g[r, 0, i])):
+                expected[r, 0, i] = 0.0
+    assert torch.equal(grads["repeats"], expected)
+    assert torch.equal(grads["index"], expected)
+    if rule != "none":
+        assert not torch.equal(expected[:6], g[:6])
+
+
+def test_repeats_argument_is_checked():
+    layer = Copy()
+    with ClipGrad([layer], "vm") as clip:
+        with pytest.raises(ValueError, match="repeats"):
+            clip.capture(lambda: layer(torch.ones(1, 2)), repeats=0)
+        with pytest.raises(ValueError, match="`index` and `repeats`"):
+            clip.capture(
+                lambda: layer(torch.ones(1, 2)), index=torch.zeros(2).long(), repeats=2
+            )
+
+
 def test_inplace_relu_after_the_layer_does_not_change_the_clipping():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 6, 6)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from fei_reference import linear_interpolation, sinkhorn_entries
 
 from captum_faithful.attr._utils.retention_maps import (
@@ -109,6 +110,34 @@ def test_smooth_maps_are_bilinear_upsampling_with_pixel_share_weights():
     assert torch.allclose(
         (cells * smooth.weights).sum(-1), smooth.to_pixels(cells).mean((-2, -1))
     )
+
+
+@pytest.mark.parametrize(
+    "height, width, stride", [(32, 32, 4), (10, 7, 4), (9, 13, 3), (5, 6, 1), (7, 7, 8)]
+)
+def test_smooth_maps_match_pytorch_bilinear_upsampling_with_gradients(
+    height, width, stride
+):
+    """The separable matrix products give ``F.interpolate``'s values and gradients
+    (also for stride 1, a stride larger than the image, and odd sizes)."""
+    smooth = SmoothMaps(height, width, stride, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(height * width + stride)
+    cells = torch.rand(2, 3, 4, smooth.n_cells, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(2, 3, 4, height, width, generator=generator, dtype=torch.float64)
+    ours_in = cells.clone().requires_grad_()
+    ours = smooth.to_pixels(ours_in)
+    (ours * upstream).sum().backward()
+    theirs_in = cells.clone().requires_grad_()
+    theirs = F.interpolate(
+        theirs_in.view(-1, 1, *smooth.grid),
+        size=(height, width),
+        mode="bilinear",
+        align_corners=False,
+    ).view(2, 3, 4, height, width)
+    (theirs * upstream).sum().backward()
+    assert ours.shape == (2, 3, 4, height, width)
+    assert torch.allclose(ours, theirs, atol=1e-13, rtol=0)
+    assert torch.allclose(ours_in.grad, theirs_in.grad, atol=1e-12, rtol=0)
 
 
 def test_group_and_pixel_maps_spread_cell_values():

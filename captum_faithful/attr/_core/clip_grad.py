@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_faithful._layers import Place, as_places
-from captum_faithful._utils import check_choice
+from captum_faithful._utils import check_choice, check_int
 
 CLIP_RULES = ("vm", "ivm", "avm", "ibm", "none")
 
@@ -76,9 +76,9 @@ class ClipGrad:
     :func:`clip_mask`). Because the hooks sit on the layer outputs, the clipped
     gradient is what flows on to earlier layers and to the input.
 
-    Rows: the clean activations (optionally re-indexed by ``index``) cover the first
-    ``n`` rows of a perturbed batch; later rows (e.g. FEI's deletion game) pass
-    unclipped. A layer called several times per forward is paired call by call.
+    Rows: the clean activations (optionally re-indexed by ``index``, or each paired
+    with ``repeats`` consecutive rows) cover the first ``n`` rows of a perturbed
+    batch; later rows (e.g. FEI's deletion game) pass unclipped. A layer called several times per forward is paired call by call.
     Between forward and backward each rule keeps one tensor of the layer's size and
     dtype, taken in the forward hook (before an in-place activation can overwrite the
     output): :math:`\mathrm{sign}(d)` for ``"vm"``; for the one-sided rules the bound
@@ -123,6 +123,7 @@ class ClipGrad:
         self.clean: list[list[Tensor]] = [[] for _ in layers]
         self._ibm_bounds: list[list[Tensor]] = [[] for _ in layers]
         self._calls = [0] * len(layers)
+        self._repeats = 1
         # per (layer, call): the state buffer of a finished backward, reused by the
         # next forward (an optimisation allocates no new layer-sized tensor for it)
         self._spare: dict[tuple[int, int], Tensor] = {}
@@ -152,7 +153,12 @@ class ClipGrad:
         self._spare = {}
         self._capturing = False
 
-    def capture(self, forward: Callable[[], Any], index: Tensor | None = None) -> Any:
+    def capture(
+        self,
+        forward: Callable[[], Any],
+        index: Tensor | None = None,
+        repeats: int = 1,
+    ) -> Any:
         """Run ``forward()`` without gradients, keep the layer outputs as ``h``.
 
         Args:
@@ -163,12 +169,23 @@ class ClipGrad:
                         ``r`` with row ``r``. The clean activations are re-indexed
                         once, here, so they take one row per indexed row.
                         Default: None
+            repeats (int, optional): row ``r`` of later perturbed batches is
+                        compared with clean row ``r // repeats`` (e.g. FEI's K
+                        maps per sample). Unlike the equivalent ``index``, the
+                        clean activations are kept once and broadcast, so they
+                        take ``repeats`` times less memory and memory traffic.
+                        Not together with ``index``.
+                        Default: 1
 
         Returns:
             What ``forward()`` returns.
         """
         if not self._handles:
             raise RuntimeError("ClipGrad.capture() must be called inside `with`")
+        repeats = check_int("repeats", repeats, minimum=1)
+        if index is not None and repeats != 1:
+            raise ValueError("`index` and `repeats` cannot be used together")
+        self._repeats = repeats
         self.clean = [[] for _ in self.layers]
         self._capturing = True
         try:
@@ -218,7 +235,8 @@ class ClipGrad:
             call = self._calls[position] % len(calls)
             h = calls[call]
             self._calls[position] += 1
-            n = h.shape[0]
+            repeats = self._repeats
+            n = h.shape[0] * repeats
             if output.shape[0] < n or output.shape[1:] != h.shape[1:]:
                 raise ValueError(
                     f"ClipGrad: {type(module).__name__} output of shape "
@@ -231,7 +249,7 @@ class ClipGrad:
             head = output.detach()[:n]
             if self.rule == "ibm":
                 state = self._ibm_bounds[position][call]
-                output.register_hook(self._make_grad_hook(n, state))
+                output.register_hook(self._make_grad_hook(n, state, repeats))
                 return
             slot = (position, call)
             state = self._spare.pop(slot, None)
@@ -244,12 +262,17 @@ class ClipGrad:
                 state = torch.empty_like(head)
             # comparisons written as 0 / 1 in the activation dtype and scaled
             # (arithmetic passes: far cheaper on CPU than boolean masks)
+            perturbed, into = head, state
+            if repeats > 1:  # (n / repeats, repeats, ...) against h broadcast
+                perturbed = head.unflatten(0, (h.shape[0], repeats))
+                into = state.unflatten(0, (h.shape[0], repeats))
+                h = h.unsqueeze(1)
             if self.rule == "vm":
-                torch.sub(head, h, out=state).sign_()
+                torch.sub(perturbed, h, out=into).sign_()
             elif self.rule == "ivm":  # zero g < 0 where d >= 0: g >= bound
-                _lower_bound(torch.lt(head, h, out=state))
+                _lower_bound(torch.lt(perturbed, h, out=into))
             else:  # avm, zero g > 0 where d <= 0: g <= bound
-                _upper_bound(torch.gt(head, h, out=state))
+                _upper_bound(torch.gt(perturbed, h, out=into))
             grad_hook = self._make_grad_hook(n, state)
             output.register_hook(grad_hook)
             # The buffer goes back to this call's slot when the graph that holds the
@@ -260,12 +283,19 @@ class ClipGrad:
 
         return hook
 
-    def _make_grad_hook(self, n: int, state: Tensor) -> Callable:
+    def _make_grad_hook(self, n: int, state: Tensor, repeats: int = 1) -> Callable:
+        """The backward of one layer call; ``state`` has ``n`` rows, or ``n /
+        repeats`` (ibm's bound, broadcast over the repeats)."""
         rule = self.rule
 
         def grad_hook(grad: Tensor) -> Tensor:
             head = grad[:n]
-            if rule == "vm":
+            if state.shape[0] != n:  # ibm's bound, one row per clean row
+                head = torch.clamp(
+                    head.unflatten(0, (state.shape[0], repeats)),
+                    min=state.unsqueeze(1),
+                ).flatten(0, 1)
+            elif rule == "vm":
                 # state = sign(d): max(g s, 0) s is g where g d > 0 and 0 where
                 # g d < 0 or d = 0 (one buffer, no boolean mask)
                 head = (head * state).clamp_(min=0).mul_(state)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from captum._utils.gradient import compute_gradients
 from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
@@ -44,6 +45,7 @@ from captum_faithful._utils import (
     preserve_model_state,
     progress,
     resolve_model,
+    forward_runner,
     run_forward,
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES, ClipGrad
@@ -110,8 +112,9 @@ def area_loss(maps: Tensor, levels: Sequence[float]) -> Tensor:
     each pixel is pulled towards the mean target of its run of tied values. Only
     the run at the boundary between the :math:`n_k` largest values and the rest can
     mix targets, so no sort is needed: with :math:`z` the largest value outside the
-    :math:`n_k` largest and :math:`t` the smallest inside (one ``kthvalue`` call each
-    for all maps), a pixel above the boundary is pulled to 1 and one below it to 0;
+    :math:`n_k` largest (one ``kthvalue`` call for all maps) and :math:`t` the
+    smallest inside (:math:`z` itself when the tie at :math:`z` reaches into the
+    :math:`n_k` largest, else the smallest value above it), a pixel above the boundary is pulled to 1 and one below it to 0;
     when :math:`t - z` is at most :data:`TIE_TOLERANCE` (so that rounding does not
     decide), the m values within the tolerance of :math:`[z, t]` form the boundary
     run, holding j of the ones, and are pulled to :math:`j / m`. The term is then
@@ -119,51 +122,83 @@ def area_loss(maps: Tensor, levels: Sequence[float]) -> Tensor:
     second part being the sorted targets' spread about their run means, so that the
     value equals the sorted formula.
     """
-    flat = maps.flatten(-2)
-    with torch.no_grad():
-        tied, spread = _area_targets(flat.detach(), levels)
-    return ((flat - tied) ** 2).mean(dim=-1) + spread
+    return AreaLoss(levels, maps.shape[-2] * maps.shape[-1], maps.device)(maps)
 
 
-def _area_targets(values: Tensor, levels: Sequence[float]) -> tuple[Tensor, Tensor]:
-    """The run-averaged targets of :func:`area_loss` (shape of ``values``: (..., K,
-    S)) and the spread term (..., K), for all levels at once."""
-    size = values.shape[-1]
-    ones = torch.tensor([round(q * size) for q in levels], device=values.device)
-    # ascending 1-based rank of z, the largest value outside the ones, per level
-    # (kept within 1..size - 1; the levels of no or of all ones are set at the end)
-    rank = (size - ones).clamp(1, size - 1)
-    # One kthvalue for every level: level k's row gets max(rank) - rank_k copies of
-    # -inf in front (+inf fill the rest), so its rank_k-th value is the padded
-    # row's max(rank)-th.
-    top = int(rank.max())
-    pad = top - rank
-    width = int(pad.max())
-    padded = values
-    if width > 0:
-        fill = torch.full(
-            (*values.shape[:-1], width),
-            -torch.inf,
-            dtype=values.dtype,
-            device=values.device,
-        )
-        later = torch.arange(width, device=values.device) >= pad.view(-1, 1)
-        padded = torch.cat([fill.masked_fill(later, torch.inf), values], dim=-1)
-    low = padded.kthvalue(top, dim=-1, keepdim=True).values
-    high = padded.kthvalue(top + 1, dim=-1, keepdim=True).values
-    split = high - low <= TIE_TOLERANCE
-    above = values > high + TIE_TOLERANCE
-    run = split & (values >= low - TIE_TOLERANCE) & ~above
-    members = run.sum(-1, keepdim=True).to(values.dtype).clamp(min=1)
-    # the ones inside the run
-    inside = ones.view(-1, 1).to(values.dtype) - above.sum(-1, keepdim=True)
-    tied = torch.where(run, inside / members, (values >= high).to(values.dtype))
-    spread = torch.where(split, inside * (members - inside) / (members * size), 0.0)
-    spread = spread.squeeze(-1)
-    none, every = (ones == 0).view(-1, 1), (ones == size).view(-1, 1)
-    tied = torch.where(none, 0.0, torch.where(every, 1.0, tied))
-    spread = torch.where((none | every).squeeze(-1), 0.0, spread)
-    return tied, spread
+class AreaLoss:
+    """:func:`area_loss` for maps of ``size`` pixels at ``levels``, with everything
+    that depends only on them (ones per level, ranks, the padding of the joint
+    ``kthvalue``) built once: FEI evaluates it at every iteration."""
+
+    def __init__(
+        self, levels: Sequence[float], size: int, device: torch.device
+    ) -> None:
+        self.size = size
+        ones = [round(q * size) for q in levels]
+        self.ones = torch.tensor(ones, dtype=torch.float64, device=device).view(-1, 1)
+        # ascending 1-based rank of z, the largest value outside the ones, per level
+        # (kept within 1..size - 1; the levels of no or of all ones are set at the end)
+        rank = [min(max(size - n, 1), size - 1) for n in ones]
+        self.rank = torch.tensor(rank, device=device).view(-1, 1)
+        # One kthvalue for every level: level k's row gets max(rank) - rank_k copies
+        # of -inf in front (+inf fill the rest), so its rank_k-th value is the padded
+        # row's max(rank)-th.
+        self.top = max(rank)
+        width = self.top - min(rank)
+        self.prefix = torch.tensor(
+            [[-torch.inf] * (self.top - r) + [torch.inf] * (r - min(rank)) for r in rank],
+            dtype=torch.float64,
+            device=device,
+        ).view(len(rank), width)
+        none = [n == 0 for n in ones]
+        every = [n == size for n in ones]
+        self.fixed = None
+        if any(none) or any(every):
+            self.none = torch.tensor(none, device=device).view(-1, 1)
+            self.every = torch.tensor(every, device=device).view(-1, 1)
+            self.fixed = (self.none | self.every).squeeze(-1)
+
+    def __call__(self, maps: Tensor) -> Tensor:
+        """Area term per map, shape ``maps.shape[:-2]`` (maps: (..., K, H, W))."""
+        flat = maps.flatten(-2)
+        with torch.no_grad():
+            tied, spread = self.targets(flat.detach())
+        return ((flat - tied) ** 2).mean(dim=-1) + spread
+
+    def targets(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """The run-averaged targets (shape of ``values``: (..., K, S)) and the spread
+        term (..., K), for all levels at once."""
+        dtype, size = values.dtype, self.size
+        padded = values
+        if self.prefix.shape[-1] > 0:
+            prefix = self.prefix.to(dtype).expand(*values.shape[:-1], -1)
+            padded = torch.cat([prefix, values], dim=-1)
+        low = padded.kthvalue(self.top, dim=-1, keepdim=True).values
+        # the next value up: low itself when its tie reaches past rank_k, else the
+        # smallest value above it (one kthvalue less)
+        at_most_low = values <= low
+        next_up = values.masked_fill(at_most_low, torch.inf).amin(-1, keepdim=True)
+        high = torch.where(at_most_low.sum(-1, keepdim=True) > self.rank, low, next_up)
+        split = high - low <= TIE_TOLERANCE
+        if not bool(split.any()):
+            # no map has a tie run at its boundary: the plain 0/1 targets
+            tied = (values >= high).to(dtype)
+            spread = values.new_zeros(values.shape[:-1])
+            if self.fixed is not None:
+                tied = torch.where(self.none, 0.0, torch.where(self.every, 1.0, tied))
+            return tied, spread
+        above = values > high + TIE_TOLERANCE
+        run = split & (values >= low - TIE_TOLERANCE) & ~above
+        members = run.sum(-1, keepdim=True).to(dtype).clamp(min=1)
+        # the ones inside the run
+        inside = self.ones.to(dtype) - above.sum(-1, keepdim=True)
+        tied = torch.where(run, inside / members, (values >= high).to(dtype))
+        spread = torch.where(split, inside * (members - inside) / (members * size), 0.0)
+        spread = spread.squeeze(-1)
+        if self.fixed is not None:
+            tied = torch.where(self.none, 0.0, torch.where(self.every, 1.0, tied))
+            spread = torch.where(self.fixed, 0.0, spread)
+        return tied, spread
 
 
 def monochrome_reference(
@@ -218,6 +253,7 @@ class _InputMaps:
     parameterisation: MapParameterisation
     logits: Tensor
     weights: Tensor
+    area: AreaLoss
     potentials: Tensor | None = None
 
     def pixel_maps(
@@ -233,7 +269,8 @@ class _InputMaps:
             self.weights,
             masses,
             start=self.potentials,
-            # the differentiable Newton step squares this error
+            # coverage within 1e-7 while optimising (the implicit gradient's error
+            # is of the same order); the returned maps are balanced to 1e-11
             tolerance=1e-7 if differentiable else BALANCE_TOLERANCE,
         )
         if differentiable:
@@ -557,12 +594,16 @@ class FaithfulnessEnsemble(GradientAttribution):
                 parameterisation.weights.repeat(n_games, 1)
                 if parameterisation.weights.shape[0] == n
                 else parameterisation.weights,
+                AreaLoss(self.levels, x.shape[2] * x.shape[3], device),
             )
-            for parameterisation in cells
+            for parameterisation, x in zip(cells, xs, strict=True)
         ]
         params = tuple(m.logits for m in maps)
-        optimiser = torch.optim.Adam(params, lr=self.lr)
-        sign = torch.tensor(games, dtype=torch.float32, device=device).view(-1, 1, 1)
+        optimiser = torch.optim.Adam(params, lr=self.lr, fused=True)
+        # what the games compose the images from: R + keep * (x - R)
+        differences = tuple(
+            (x - r).unsqueeze(1) for x, r in zip(xs, references, strict=True)
+        )
         batch_args = select_rows(extra_args, batch_rows)
         with ExitStack() as stack:
             if self.model is not None:
@@ -578,8 +619,10 @@ class FaithfulnessEnsemble(GradientAttribution):
                 else None
             )
             if clip is not None:
+                # the insertion game's rows are sample-major: K per sample
                 clean = clip.capture(
-                    lambda: run_forward(self.forward_func, xs, extra_args), rows
+                    lambda: run_forward(self.forward_func, xs, extra_args),
+                    repeats=n_levels,
                 )
             else:
                 with torch.no_grad():
@@ -587,17 +630,19 @@ class FaithfulnessEnsemble(GradientAttribution):
             classes = resolve_target(clean, target)
             batch_classes = classes[batch_rows]
 
+            forward = forward_runner(self.forward_func)
+
             def loss(*logits: Tensor) -> Tensor:
                 return _game_loss(
                     *logits,
                     maps=maps,
                     masses=masses,
-                    forward_func=self.forward_func,
+                    forward_func=forward,
                     xs=xs,
                     references=references,
-                    sign=sign,
+                    differences=differences,
+                    games=games,
                     classes=batch_classes,
-                    levels=self.levels,
                     weight=self.area_weight,
                     additional_forward_args=batch_args,
                 )
@@ -605,7 +650,12 @@ class FaithfulnessEnsemble(GradientAttribution):
             for _ in progress(
                 range(self.n_iter), show_progress, desc="FEI", total=self.n_iter
             ):
-                grads = self.gradient_func(loss, params)
+                if self.gradient_func is compute_gradients:
+                    # Captum's default, without re-reading `loss`'s signature
+                    with torch.enable_grad():
+                        grads = torch.autograd.grad(loss(*params).view(()), params)
+                else:
+                    grads = self.gradient_func(loss, params)
                 for param, grad in zip(params, grads, strict=True):
                     param.grad = grad
                 optimiser.step()
@@ -719,36 +769,46 @@ def _game_loss(
     *logits: Tensor,
     maps: Sequence[_InputMaps],
     masses: Tensor,
-    forward_func: Callable,
+    forward_func: Callable[..., Tensor],
     xs: tuple[Tensor, ...],
     references: tuple[Tensor, ...],
-    sign: Tensor,
+    differences: tuple[Tensor, ...],
+    games: tuple[int, ...],
     classes: Tensor,
-    levels: Sequence[float],
     weight: float,
     additional_forward_args: Any,
 ) -> Tensor:
     """Total loss of the games, shape (1,); ``logits`` are the parameters u per input
     (the tensors held by ``maps``, passed again so that gradients flow to them).
 
-    ``sign`` (G, 1, 1) is +1 for the insertion game (keep ``maps`` of x) and -1 for
-    the deletion game (remove ``maps`` of x); rows are laid out game, sample, level.
+    ``games`` holds +1 for the insertion game (keep ``maps`` of x) and -1 for the
+    deletion game (remove ``maps`` of x); rows are laid out game, sample, level.
+    ``differences`` are ``x - R`` per input, shaped (N, 1, C, H, W).
     """
     n_games, n = logits[0].shape[:2]
-    n_levels = len(levels)
-    insertion = (sign > 0).view(-1, 1, 1, 1, 1)
     images, area = [], 0.0
-    for x, ref, input_maps, u in zip(xs, references, maps, logits, strict=True):
+    for x, ref, difference, input_maps, u in zip(
+        xs, references, differences, maps, logits, strict=True
+    ):
         retention = input_maps.pixel_maps(masses, u)
-        keep = torch.where(insertion, retention, 1 - retention).unsqueeze(3)
-        image = ref.unsqueeze(1) + keep.to(x.dtype) * (x - ref).unsqueeze(1)
+        if games == (1,):
+            keep = retention
+        elif games == (-1,):
+            keep = 1 - retention
+        else:
+            keep = torch.cat([retention[:1], 1 - retention[1:]])
+        keep = keep.to(x.dtype).unsqueeze(3)
+        image = torch.addcmul(ref.unsqueeze(1), keep, difference)
         images.append(image.flatten(0, 2))
-        area = area + area_loss(retention, levels)
-    out = run_forward(forward_func, tuple(images), additional_forward_args)
+        area = area + input_maps.area(retention)
+    out = forward_func(tuple(images), additional_forward_args)
     out = out.to(torch.promote_types(out.dtype, torch.float32))
     prob = out.softmax(dim=1).gather(1, classes.view(-1, 1))
-    prob = prob.view(n_games, n, n_levels).to(torch.float64)
+    prob = prob.view(n_games, -1).to(torch.float64)
     # one number: the gradient function then differentiates a single output,
     # whatever N (the samples' losses are independent, so their sum has the same
     # gradient per sample)
-    return (-sign.double() * prob + weight * area).sum().view(1)
+    total = weight * area.sum() if isinstance(area, Tensor) else 0.0
+    for game, game_prob in zip(games, prob, strict=True):
+        total = total - game_prob.sum() if game > 0 else total + game_prob.sum()
+    return total.view(1)

@@ -33,17 +33,20 @@ Two steps, each a pure function or a small class, unit-tested on its own:
    :math:`F(g) = \sum_c \omega_c \,\mathrm{logsumexp}(u_c + g) - \sum_e m_e g_e`;
    Newton's method with a line search finds it in a few steps, in float64, warm
    started from the previous iteration's solution. The gradient with respect to
-   :math:`u` is the implicit one: one differentiable Newton step taken at the solution
-   has exactly the derivative :math:`dg/du = -H^{-1} \partial S / \partial u`.
+   :math:`u` is the implicit one, :math:`dg/du = -H^{-1} \partial S / \partial u`,
+   written out as the backward of :func:`entry_distribution` (no Newton step is
+   differentiated through).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 #: Largest coverage error the solver leaves (on the level increments, float64).
 BALANCE_TOLERANCE = 1e-11
@@ -79,18 +82,21 @@ def _balance_state(
     return p, weighted, weighted.sum(1) - masses, value
 
 
-def _newton_direction(
-    p: Tensor, weighted: Tensor, residual: Tensor, value: Tensor | None = None
-) -> Tensor:
-    r"""Newton's step on the first E - 1 potentials (the last stays 0), from the
-    balance state: the Hessian of F is
-    :math:`\sum_c \omega_c (\mathrm{diag}\, p_c - p_c p_c^T)`."""
+def _hessian(p: Tensor, weighted: Tensor) -> Tensor:
+    r"""Hessian of F on the first E - 1 potentials (the last stays 0):
+    :math:`\sum_c \omega_c (\mathrm{diag}\, p_c - p_c p_c^T)`, plus a ridge of 1e-12."""
     head = p[..., :-1]
     hessian = torch.diag_embed(weighted[..., :-1].sum(1)) - torch.einsum(
         "bce,bcf->bef", weighted[..., :-1], head
     )
     ridge = 1e-12 * torch.eye(hessian.shape[-1], dtype=p.dtype, device=p.device)
-    step = torch.linalg.solve(hessian + ridge, residual[..., :-1].unsqueeze(-1))
+    return hessian + ridge
+
+
+def _newton_direction(p: Tensor, weighted: Tensor, residual: Tensor) -> Tensor:
+    """Newton's step on the first E - 1 potentials (the last stays 0), from the
+    balance state."""
+    step = torch.linalg.solve(_hessian(p, weighted), residual[..., :-1].unsqueeze(-1))
     return F.pad(step.squeeze(-1), (0, 1))
 
 
@@ -163,16 +169,52 @@ def entry_distribution(
     gradient with respect to ``logits``.
 
     ``potentials`` must solve the balance for ``logits`` (from
-    :func:`balance_potentials`). One Newton step is taken with autograd: its value is
-    the solution (the residual is zero there) and its derivative is the implicit
-    derivative of the solution. Computed in float64; shape (B, C, E).
+    :func:`balance_potentials`; ``masses`` are the ones it was solved for). Computed
+    in float64; shape (B, C, E). The backward is the implicit derivative, written
+    out: with :math:`\bar p` the incoming gradient, :math:`g` depends on :math:`u`
+    through :math:`S(g, u) = 0`, so :math:`dg/du = -H^{-1} \partial S / \partial u`
+    (:math:`H` the Hessian of F, on the first E - 1 potentials). With
+    :math:`\bar z_c = p_c \odot (\bar p_c - \langle \bar p_c, p_c \rangle)` (the
+    softmax's backward) and :math:`\lambda = H^{-1} \sum_c \bar z_c` (last entry 0),
+
+    .. math::
+        \bar u_c = p_c \odot \big(a_c - \langle a_c, p_c \rangle\big), \qquad
+        a_c = \bar p_c - \omega_c \lambda .
+
+    This equals autograd through one Newton step taken at the solution (whose
+    derivative is the implicit one), at a fraction of the cost.
     """
-    u = logits.double()
-    weights = weights.double()
-    masses = masses.to(device=u.device, dtype=torch.float64)
-    step = _newton_direction(*_balance_state(u, weights, masses, potentials.detach()))
-    g = potentials.detach() - step
-    return torch.softmax(u + g.unsqueeze(1), dim=-1)
+    del masses  # the balance they define is already in `potentials`
+    return _BalancedEntries.apply(logits, weights, potentials.detach())
+
+
+class _BalancedEntries(torch.autograd.Function):
+    """softmax(u + g(u)) with g the balanced potentials (see
+    :func:`entry_distribution`)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, weights: Tensor, potentials: Tensor) -> Tensor:
+        weights = weights.to(device=logits.device, dtype=torch.float64)
+        u = logits.detach().double()
+        p = torch.softmax(u + potentials.double().unsqueeze(1), dim=-1)
+        ctx.save_for_backward(p, weights)
+        ctx.logits_dtype = logits.dtype
+        return p
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        p, weights = ctx.saved_tensors
+        grad = grad.double()
+        z_grad = p * (grad - (grad * p).sum(-1, keepdim=True))
+        weighted = p * weights.unsqueeze(-1)
+        multiplier = torch.linalg.solve(
+            _hessian(p, weighted), z_grad.sum(1)[..., :-1].unsqueeze(-1)
+        )
+        multiplier = F.pad(multiplier.squeeze(-1), (0, 1))
+        adjusted = grad - weights.unsqueeze(-1) * multiplier.unsqueeze(1)
+        u_grad = p * (adjusted - (adjusted * p).sum(-1, keepdim=True))
+        return u_grad.to(ctx.logits_dtype), None, None
 
 
 def nested_cell_maps(entries: Tensor) -> Tensor:
@@ -248,9 +290,14 @@ class SmoothMaps(MapParameterisation):
     to the image (``align_corners=False``: a tent of half-width ``stride`` around each
     cell centre, replicated at the border).
 
-    Bilinear weights are non-negative and sum to one at every pixel, so the upsampled
-    maps stay nested and in [0, 1]; a cell's weight is its share of the upsampled
-    pixels, computed once by differentiating the upsampling of a constant grid.
+    Bilinear upsampling is separable: with :math:`R` (H x h) and :math:`C` (W x w) the
+    one-dimensional linear interpolation matrices, a grid map :math:`c` becomes
+    :math:`R\,c\,C^T`. Two small matrix products (taken once, from
+    ``F.interpolate`` of the identity, so the weights are PyTorch's) are much cheaper
+    to run and to differentiate than ``upsample_bilinear2d`` on many small maps.
+    Bilinear weights are non-negative and sum to one at every pixel, so the
+    upsampled maps stay nested and in [0, 1]; a cell's weight is its share of the
+    upsampled pixels, :math:`(\sum_i R_{i a})(\sum_j C_{j b}) / (HW)`.
     """
 
     def __init__(
@@ -259,22 +306,25 @@ class SmoothMaps(MapParameterisation):
         super().__init__(height, width)
         self.grid = (-(-height // stride), -(-width // stride))
         self.n_cells = self.grid[0] * self.grid[1]
-        ones = torch.ones(
-            1, 1, *self.grid, dtype=torch.float64, device=device, requires_grad=True
-        )
-        with torch.enable_grad():
-            (share,) = torch.autograd.grad(self._upsample(ones).sum(), ones)
+        self.rows = _linear_interpolation(self.grid[0], height, device)
+        self.columns = _linear_interpolation(self.grid[1], width, device)
+        share = torch.outer(self.rows.sum(0), self.columns.sum(0))
         self.weights = share.reshape(1, -1) / (height * width)
 
-    def _upsample(self, grid_maps: Tensor) -> Tensor:
-        return F.interpolate(
-            grid_maps,
-            size=(self.height, self.width),
-            mode="bilinear",
-            align_corners=False,
-        )
-
     def to_pixels(self, cell_maps: Tensor) -> Tensor:
+        rows, columns = self.rows, self.columns
+        if rows.dtype != cell_maps.dtype:
+            rows, columns = rows.to(cell_maps.dtype), columns.to(cell_maps.dtype)
         leading = cell_maps.shape[:-1]
-        grid_maps = cell_maps.reshape(-1, 1, *self.grid)
-        return self._upsample(grid_maps).reshape(*leading, self.height, self.width)
+        # along the width as one matrix product over all grid rows, then the height
+        across = cell_maps.reshape(-1, self.grid[1]) @ columns.T
+        pixels = rows @ across.view(-1, self.grid[0], self.width)
+        return pixels.view(*leading, self.height, self.width)
+
+
+def _linear_interpolation(cells: int, size: int, device: torch.device) -> Tensor:
+    """(size, cells) float64 weights of 1-D linear upsampling, ``align_corners=False``
+    (column c is cell c's one-hot vector upsampled by ``F.interpolate``)."""
+    identity = torch.eye(cells, dtype=torch.float64, device=device).unsqueeze(0)
+    upsampled = F.interpolate(identity, size=size, mode="linear", align_corners=False)
+    return upsampled[0].T.contiguous()
