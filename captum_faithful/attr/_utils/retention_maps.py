@@ -85,12 +85,10 @@ def _balance_state(
 def _hessian(p: Tensor, weighted: Tensor) -> Tensor:
     r"""Hessian of F on the first E - 1 potentials (the last stays 0):
     :math:`\sum_c \omega_c (\mathrm{diag}\, p_c - p_c p_c^T)`, plus a ridge of 1e-12."""
-    head = p[..., :-1]
-    hessian = torch.diag_embed(weighted[..., :-1].sum(1)) - torch.einsum(
-        "bce,bcf->bef", weighted[..., :-1], head
-    )
-    ridge = 1e-12 * torch.eye(hessian.shape[-1], dtype=p.dtype, device=p.device)
-    return hessian + ridge
+    head, weighted = p[..., :-1], weighted[..., :-1]
+    hessian = torch.bmm(weighted.transpose(1, 2), head).neg_()
+    hessian.diagonal(dim1=-2, dim2=-1).add_(weighted.sum(1)).add_(1e-12)
+    return hessian
 
 
 def _newton_direction(p: Tensor, weighted: Tensor, residual: Tensor) -> Tensor:
