@@ -6,9 +6,11 @@
    target probability's gradient to the input), FEI (vm) against the same quantiles
    optimised one after another, and everything against Captum's
    ``IntegratedGradients(n_steps=50)`` on the same batch. Calls are interleaved
-   round-robin (``--repeats`` rounds, one warm-up each), CPU time of this process
-   (``time.process_time``), one thread; the table gives the minimum and the ratios of
-   the minima. On Linux the allocator's thresholds are fixed first (glibc
+   round-robin (``--repeats`` rounds, default 5, one warm-up each), CPU time of this
+   process (``time.process_time``), one thread; the table gives the minimum and the
+   ratios of the minima. On a shared 2-core machine one call's CPU time (the floor's
+   too) varied by up to 6% from round to round, and a rule's ratio moved by up to
+   0.08 between runs, with 3 rounds as with 5: compare several runs, not one number. On Linux the allocator's thresholds are fixed first (glibc
    ``mallopt``: blocks up to 32 MB from the heap, which is never trimmed): with its
    default, adaptive thresholds a call's time depends on whether the calls before it
    left its activations to be served by fresh ``mmap`` pages, and the page faults
@@ -34,7 +36,7 @@
 
 Run (trains and caches the demo models on first use):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_fei.py [--images 16] [--repeats 3]
+    OMP_NUM_THREADS=1 python benchmarks/bench_fei.py [--images 16] [--repeats 5]
     OMP_NUM_THREADS=1 python benchmarks/bench_fei.py --quick --skip-table
 """
 
@@ -300,7 +302,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--blank-images", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="the quick demo models")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
