@@ -122,8 +122,12 @@ def test_smooth_maps_match_pytorch_bilinear_upsampling_with_gradients(
     (also for stride 1, a stride larger than the image, and odd sizes)."""
     smooth = SmoothMaps(height, width, stride, torch.device("cpu"))
     generator = torch.Generator().manual_seed(height * width + stride)
-    cells = torch.rand(2, 3, 4, smooth.n_cells, generator=generator, dtype=torch.float64)
-    upstream = torch.randn(2, 3, 4, height, width, generator=generator, dtype=torch.float64)
+    cells = torch.rand(
+        2, 3, 4, smooth.n_cells, generator=generator, dtype=torch.float64
+    )
+    upstream = torch.randn(
+        2, 3, 4, height, width, generator=generator, dtype=torch.float64
+    )
     ours_in = cells.clone().requires_grad_()
     ours = smooth.to_pixels(ours_in)
     (ours * upstream).sum().backward()

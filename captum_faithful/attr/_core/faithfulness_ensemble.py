@@ -42,10 +42,10 @@ from captum_faithful._utils import (
     check_choice,
     check_float,
     check_int,
+    forward_runner,
     preserve_model_state,
     progress,
     resolve_model,
-    forward_runner,
     run_forward,
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES, ClipGrad
@@ -146,7 +146,10 @@ class AreaLoss:
         self.top = max(rank)
         width = self.top - min(rank)
         self.prefix = torch.tensor(
-            [[-torch.inf] * (self.top - r) + [torch.inf] * (r - min(rank)) for r in rank],
+            [
+                [-torch.inf] * (self.top - r) + [torch.inf] * (r - min(rank))
+                for r in rank
+            ],
             dtype=torch.float64,
             device=device,
         ).view(len(rank), width)

@@ -191,7 +191,9 @@ class _BalancedEntries(torch.autograd.Function):
     :func:`entry_distribution`)."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, weights: Tensor, potentials: Tensor) -> Tensor:
+    def forward(
+        ctx: Any, logits: Tensor, weights: Tensor, potentials: Tensor
+    ) -> Tensor:
         weights = weights.to(device=logits.device, dtype=torch.float64)
         u = logits.detach().double()
         p = torch.softmax(u + potentials.double().unsqueeze(1), dim=-1)
@@ -284,7 +286,7 @@ class GroupMaps(MapParameterisation):
 
 
 class SmoothMaps(MapParameterisation):
-    """Cells on a grid of ``ceil(H / stride) x ceil(W / stride)``, upsampled bilinearly
+    r"""Cells on a grid of ``ceil(H / stride) x ceil(W / stride)``, upsampled bilinearly
     to the image (``align_corners=False``: a tent of half-width ``stride`` around each
     cell centre, replicated at the border).
 
