@@ -8,13 +8,19 @@
    ``IntegratedGradients(n_steps=50)`` on the same batch. Calls are interleaved
    round-robin (``--repeats`` rounds, default 5, one warm-up each), CPU time of this
    process (``time.process_time``), one thread; the table gives the minimum and the
-   ratios of the minima. On a shared 2-core machine one call's CPU time (the floor's
-   too) varied by up to 6% from round to round, and a rule's ratio moved by up to
-   0.08 between runs, with 3 rounds as with 5: compare several runs, not one number. On Linux the allocator's thresholds are fixed first (glibc
-   ``mallopt``: blocks up to 32 MB from the heap, which is never trimmed): with its
-   default, adaptive thresholds a call's time depends on whether the calls before it
-   left its activations to be served by fresh ``mmap`` pages, and the page faults
-   moved the floor by up to 30% and the ratios by 0.1 between runs. ``--default-malloc``
+   ratios of the minima, and the median over the rounds of each round's ratio to the
+   floor (timed in the same round, so a drift of the machine's speed between rounds
+   cancels; the ratio of the minima can pair a fast round of the floor with a slow
+   one of the call). On a shared 2-core machine one call's CPU time (the floor's too)
+   varied by up to 6% from round to round, and a rule's ratio of the minima moved by
+   up to 0.13 between runs (by 0.28 in a run whose floor had one unusually fast
+   round, 8% below its minimum in six other runs); the median of the rounds' ratios
+   does not depend on one round. Compare several runs, not one number. On Linux the
+   allocator's thresholds are fixed first (glibc ``mallopt``: blocks up to 32 MB from
+   the heap, which is never trimmed): with its default, adaptive thresholds a call's
+   time depends on whether the calls before it left its activations to be served by
+   fresh ``mmap`` pages, and the page faults moved the floor by up to 30% and the
+   ratios by 0.1 between runs. ``--default-malloc``
    keeps glibc's defaults.
 2. Variant table: per-pixel vs grouped (a Captum feature mask of 4x4 blocks) vs
    smooth (stride 4) maps; clip none / vm / ivm / avm / ibm; the demo CNN with
@@ -43,6 +49,7 @@ Run (trains and caches the demo models on first use):
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -98,13 +105,21 @@ def process_seconds(fn: Callable[[], object]) -> float:
 def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict:
     """Minimum CPU seconds of each call over ``repeats`` round-robin rounds (after
     one warm-up round)."""
+    rounds = interleaved_rounds(calls, repeats)
+    return {name: min(times[name] for times in rounds) for name in calls}
+
+
+def interleaved_rounds(
+    calls: dict[str, Callable[[], object]], repeats: int
+) -> list[dict[str, float]]:
+    """CPU seconds of every call in each of ``repeats`` round-robin rounds (after
+    one warm-up round)."""
     for fn in calls.values():
         fn()
-    best = {name: float("inf") for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            best[name] = min(best[name], process_seconds(fn))
-    return best
+    return [
+        {name: process_seconds(fn) for name, fn in calls.items()}
+        for _ in range(repeats)
+    ]
 
 
 def logits_of(model):
@@ -151,7 +166,7 @@ def speed(demo, images, targets, repeats):
         for q in quantile_levels(K):
             fei("vm", [q])()
 
-    times = interleaved(
+    rounds = interleaved_rounds(
         {
             "floor": floor(model, images, targets),
             **{f"FEI ({clip})": fei(clip) for clip in CLIPS},
@@ -160,17 +175,28 @@ def speed(demo, images, targets, repeats):
         },
         repeats,
     )
+    times = {name: min(r[name] for r in rounds) for name in rounds[0]}
+    # the ratio within each round, where the floor ran next to the call: robust to
+    # the machine's speed drifting between rounds (which the ratio of the minima,
+    # taken from different rounds, is not)
+    paired = {
+        name: statistics.median(r[name] / r["floor"] for r in rounds)
+        for name in rounds[0]
+    }
     print(
         f"\n## Speed: demo CNN, {n} images, K={K}, {N_ITER} iterations "
-        f"(CPU seconds, min of {repeats} interleaved rounds, "
+        f"(CPU seconds, {repeats} interleaved rounds, "
         f"{torch.get_num_threads()} thread(s))\n"
     )
-    print("| call | seconds | per image | / floor | / Captum IG |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| call | seconds (min) | per image | / floor (ratio of minima) "
+        "| / floor (median of the rounds' ratios) | / Captum IG |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for name, seconds in times.items():
         print(
             f"| {name} | {seconds:.2f} | {seconds / n:.3f} | "
-            f"{seconds / times['floor']:.2f} | "
+            f"{seconds / times['floor']:.2f} | {paired[name]:.2f} | "
             f"{seconds / times['Captum IG (n_steps=50)']:.1f} |"
         )
     print(
