@@ -20,8 +20,7 @@
    the heap, which is never trimmed): with its default, adaptive thresholds a call's
    time depends on whether the calls before it left its activations to be served by
    fresh ``mmap`` pages, and the page faults moved the floor by up to 30% and the
-   ratios by 0.1 between runs. ``--default-malloc``
-   keeps glibc's defaults.
+   ratios by 0.1 between runs. ``--default-malloc`` keeps glibc's defaults.
 2. Variant table: per-pixel vs grouped (a Captum feature mask of 4x4 blocks) vs
    smooth (stride 4) maps; clip none / vm / ivm / avm / ibm; the demo CNN with
    ClipGrad on its convolutions, and the demo ViT with ClipGrad on the attention

@@ -30,9 +30,7 @@ def test_balance_gives_exact_coverage_and_matchessinkhorn_entries(scale):
     assert torch.allclose(
         masses, torch.tensor([0.2, 0.3, 0.4, 0.1], dtype=torch.float64)
     )
-    p = entry_distribution(
-        logits, weights, masses, balance_potentials(logits, weights, masses)
-    )
+    p = entry_distribution(logits, weights, balance_potentials(logits, weights, masses))
     maps = nested_cell_maps(p)  # (4, K, 9)
     coverage = (maps * weights.unsqueeze(1)).sum(-1)
     assert torch.allclose(
@@ -49,7 +47,7 @@ def test_constant_logits_give_uniform_maps_at_their_levels():
     logits = torch.zeros(2, 5, 4, dtype=torch.float64)
     weights = torch.full((1, 5), 0.2, dtype=torch.float64)
     g = balance_potentials(logits, weights, masses)
-    maps = nested_cell_maps(entry_distribution(logits, weights, masses, g))
+    maps = nested_cell_maps(entry_distribution(logits, weights, g))
     expected = torch.tensor(LEVELS, dtype=torch.float64).view(1, 3, 1).expand(2, 3, 5)
     assert torch.allclose(maps, expected, atol=1e-12)
 
@@ -66,7 +64,7 @@ def test_gradient_is_the_derivative_of_the_balanced_solution():
 
     def ours(u):
         g = balance_potentials(u, weights, masses, tolerance=1e-14)
-        return entry_distribution(u, weights, masses, g)
+        return entry_distribution(u, weights, g)
 
     u = logits.clone().requires_grad_()
     (ours(u) * probe).sum().backward()

@@ -78,7 +78,8 @@ class ClipGrad:
 
     Rows: the clean activations (optionally re-indexed by ``index``, or each paired
     with ``repeats`` consecutive rows) cover the first ``n`` rows of a perturbed
-    batch; later rows (e.g. FEI's deletion game) pass unclipped. A layer called several times per forward is paired call by call.
+    batch; later rows (e.g. FEI's deletion game) pass unclipped. A layer called
+    several times per forward is paired call by call.
     Between forward and backward each rule keeps one tensor of the layer's size and
     dtype, taken in the forward hook (before an in-place activation can overwrite the
     output): :math:`\mathrm{sign}(d)` for ``"vm"``; for the one-sided rules the bound
@@ -284,13 +285,14 @@ class ClipGrad:
         return hook
 
     def _make_grad_hook(self, n: int, state: Tensor, repeats: int = 1) -> Callable:
-        """The backward of one layer call; ``state`` has ``n`` rows, or ``n /
-        repeats`` (ibm's bound, broadcast over the repeats)."""
+        """The backward of one layer call; ``state`` has ``n`` rows, or, with
+        ``repeats`` > 1 (ibm's bound only), ``n / repeats`` rows broadcast over the
+        repeats."""
         rule = self.rule
 
         def grad_hook(grad: Tensor) -> Tensor:
             head = grad[:n]
-            if state.shape[0] != n:  # ibm's bound, one row per clean row
+            if repeats > 1:  # ibm's bound, one row per clean row
                 head = torch.clamp(
                     head.unflatten(0, (state.shape[0], repeats)),
                     min=state.unsqueeze(1),

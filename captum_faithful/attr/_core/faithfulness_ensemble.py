@@ -114,9 +114,9 @@ def area_loss(maps: Tensor, levels: Sequence[float]) -> Tensor:
     mix targets, so no sort is needed: with :math:`z` the largest value outside the
     :math:`n_k` largest (one ``kthvalue`` call for all maps) and :math:`t` the
     smallest inside (:math:`z` itself when the tie at :math:`z` reaches into the
-    :math:`n_k` largest, else the smallest value above it), a pixel above the boundary is pulled to 1 and one below it to 0;
-    when :math:`t - z` is at most :data:`TIE_TOLERANCE` (so that rounding does not
-    decide), the m values within the tolerance of :math:`[z, t]` form the boundary
+    :math:`n_k` largest, else the smallest value above it), a pixel above the
+    boundary is pulled to 1 and one below it to 0; when :math:`t - z` is at most
+    :data:`TIE_TOLERANCE` (so that rounding does not decide), the m values within the tolerance of :math:`[z, t]` form the boundary
     run, holding j of the ones, and are pulled to :math:`j / m`. The term is then
     :math:`\mathrm{mean}((\alpha_k - \tilde r_k)^2) + j (m - j) / (m H W)`, the
     second part being the sorted targets' spread about their run means, so that the
@@ -187,17 +187,16 @@ class AreaLoss:
             # no map has a tie run at its boundary: the plain 0/1 targets
             tied = (values >= high).to(dtype)
             spread = values.new_zeros(values.shape[:-1])
-            if self.fixed is not None:
-                tied = torch.where(self.none, 0.0, torch.where(self.every, 1.0, tied))
-            return tied, spread
-        above = values > high + TIE_TOLERANCE
-        run = split & (values >= low - TIE_TOLERANCE) & ~above
-        members = run.sum(-1, keepdim=True).to(dtype).clamp(min=1)
-        # the ones inside the run
-        inside = self.ones.to(dtype) - above.sum(-1, keepdim=True)
-        tied = torch.where(run, inside / members, (values >= high).to(dtype))
-        spread = torch.where(split, inside * (members - inside) / (members * size), 0.0)
-        spread = spread.squeeze(-1)
+        else:
+            above = values > high + TIE_TOLERANCE
+            run = split & (values >= low - TIE_TOLERANCE) & ~above
+            members = run.sum(-1, keepdim=True).to(dtype).clamp(min=1)
+            # the ones inside the run
+            inside = self.ones.to(dtype) - above.sum(-1, keepdim=True)
+            tied = torch.where(run, inside / members, (values >= high).to(dtype))
+            spread = torch.where(
+                split, inside * (members - inside) / (members * size), 0.0
+            ).squeeze(-1)
         if self.fixed is not None:
             tied = torch.where(self.none, 0.0, torch.where(self.every, 1.0, tied))
             spread = torch.where(self.fixed, 0.0, spread)
@@ -277,7 +276,7 @@ class _InputMaps:
             tolerance=1e-7 if differentiable else BALANCE_TOLERANCE,
         )
         if differentiable:
-            p = entry_distribution(flat, self.weights, masses, self.potentials)
+            p = entry_distribution(flat, self.weights, self.potentials)
         else:
             p = torch.softmax(flat.double() + self.potentials.unsqueeze(1), dim=-1)
         cell_maps = nested_cell_maps(p).view(games, n, entries - 1, cells)
@@ -788,7 +787,7 @@ def _game_loss(
     deletion game (remove ``maps`` of x); rows are laid out game, sample, level.
     ``differences`` are ``x - R`` per input, shaped (N, 1, C, H, W).
     """
-    n_games, n = logits[0].shape[:2]
+    n_games = logits[0].shape[0]
     images, area = [], 0.0
     for x, ref, difference, input_maps, u in zip(
         xs, references, differences, maps, logits, strict=True
@@ -811,7 +810,5 @@ def _game_loss(
     # one number: the gradient function then differentiates a single output,
     # whatever N (the samples' losses are independent, so their sum has the same
     # gradient per sample)
-    total = weight * area.sum() if isinstance(area, Tensor) else 0.0
-    for game, game_prob in zip(games, prob, strict=True):
-        total = total - game_prob.sum() if game > 0 else total + game_prob.sum()
-    return total.view(1)
+    played = sum(game * p.sum() for game, p in zip(games, prob, strict=True))
+    return (weight * area.sum() - played).view(1)

@@ -160,15 +160,12 @@ def balance_potentials(
     return g
 
 
-def entry_distribution(
-    logits: Tensor, weights: Tensor, masses: Tensor, potentials: Tensor
-) -> Tensor:
+def entry_distribution(logits: Tensor, weights: Tensor, potentials: Tensor) -> Tensor:
     r""":math:`p = \mathrm{softmax}(u + g)` at the balanced potentials, with the implicit
     gradient with respect to ``logits``.
 
     ``potentials`` must solve the balance for ``logits`` (from
-    :func:`balance_potentials`; ``masses`` are the ones it was solved for). Computed
-    in float64; shape (B, C, E). The backward is the implicit derivative, written
+    :func:`balance_potentials`, which holds the level masses). Computed in float64; shape (B, C, E). The backward is the implicit derivative, written
     out: with :math:`\bar p` the incoming gradient, :math:`g` depends on :math:`u`
     through :math:`S(g, u) = 0`, so :math:`dg/du = -H^{-1} \partial S / \partial u`
     (:math:`H` the Hessian of F, on the first E - 1 potentials). With
@@ -182,7 +179,6 @@ def entry_distribution(
     This equals autograd through one Newton step taken at the solution (whose
     derivative is the implicit one), at a fraction of the cost.
     """
-    del masses  # the balance they define is already in `potentials`
     return _BalancedEntries.apply(logits, weights, potentials.detach())
 
 
