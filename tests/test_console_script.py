@@ -62,12 +62,50 @@ def test_every_subcommand_takes_debug():
         assert parser.parse_args([command, *required, "--debug"]).debug
 
 
-def test_unknown_subcommand_option_at_the_top_is_one_line(capsys):
+def _usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--frobnicate"])
+        main(argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return captured.err.splitlines()
+
+
+def test_an_option_without_a_subcommand_is_a_usage_error(capsys, monkeypatch):
+    """``captum-faithful --methods uni`` (the subcommand forgotten) must not start
+    the demo: options belong to a subcommand."""
+    ran = []
+    monkeypatch.setattr("captum_faithful.demo.cli.main", lambda args: ran.append(1))
+    err = _usage_error(["--methods", "uni"], capsys)
+    assert ran == []
     assert err == [
-        "captum-faithful: error: unrecognized arguments: --frobnicate "
-        "(see captum-faithful --help)"
+        "captum-faithful: error: --methods needs a subcommand: options belong to "
+        "one of demo, evaluate (e.g. captum-faithful demo --methods); with no "
+        "arguments at all captum-faithful runs demo (see captum-faithful --help)"
     ]
+
+
+@pytest.mark.parametrize(
+    "word, hint",
+    [
+        ("evalute", "; did you mean 'evaluate'?"),
+        ("dmeo", "; did you mean 'demo'?"),
+        ("xyzzy", ""),
+    ],
+)
+def test_a_mistyped_subcommand_names_the_choices_and_the_closest(word, hint, capsys):
+    err = _usage_error([word, "cfg.py"], capsys)
+    assert err == [
+        f"captum-faithful: error: argument COMMAND: invalid choice: {word!r} "
+        f"(choose from demo, evaluate){hint} (see captum-faithful --help)"
+    ]
+
+
+def test_no_arguments_run_the_default_job(monkeypatch):
+    seen = []
+    monkeypatch.setattr(
+        "captum_faithful.cli.run_command",
+        lambda func, args, prog: seen.append((args.command, prog)) or 0,
+    )
+    assert main([]) == 0
+    assert seen == [("demo", "captum-faithful demo")]
