@@ -3,8 +3,11 @@
 Models, all with random weights (nothing is downloaded; timings and memory do not
 depend on the weights): torchvision ResNet-50 and VGG16, a ViT-B/16 from Hugging Face
 (``ViTForImageClassification`` built from a ``ViTConfig``) and from timm
-(``vit_base_patch16_224``, ``pretrained=False``), all on 3x224x224 images, and a
-BERT-base-sized ``BertForSequenceClassification`` (sequences of ``--seq-len`` tokens).
+(``vit_base_patch16_224``, ``pretrained=False``), all on 3x224x224 images, a
+BERT-base-sized ``BertForSequenceClassification`` (sequences of ``--seq-len`` tokens),
+and two decoder-only language models, GPT-2 small (``GPT2LMHeadModel`` from a default
+``GPT2Config``) and a Pythia-160m-shaped ``GPTNeoXForCausalLM`` (12 blocks, width 768,
+rotary on a quarter of each head), on prompts of ``--seq-len`` random tokens.
 
 Parts (``--parts``):
 
@@ -15,6 +18,16 @@ Parts (``--parts``):
     sae-lens SAEs on blocks 3, 6 and 9 (built from configs, saved to a temporary
     folder and loaded with ``load_sae``); on BERT, LayerUNI on
     ``bert.embeddings`` next to Captum ``LayerIntegratedGradients(n_steps=50)``.
+    On the language models: attribution patching (``AttributionPatching``, n_steps=1,
+    every residual-stream site) from UNI's learned baseline and from a corrupted
+    prompt (other random tokens), exact activation patching from the same corrupted
+    prompt (one patched forward per site and token, ``--patch-chunk`` rows per
+    forward), and Captum's ``LLMGradientAttribution`` for one target token with
+    ``LayerIntegratedGradients(n_steps=50)`` and with
+    ``LayerUnlearnedIntegratedGradients`` (defaults) on the token embeddings. The
+    column ``x_activation_patching`` is each time over exact activation patching's:
+    attribution patching exists because activation patching needs one forward per
+    site and token (``(blocks + 1) x seq_len`` of them).
     Floors: UNI = ``pgd_steps`` forward+backward passes of the batch + ``n_steps`` x
     batch path points forward+backward in chunks of ``--ibs`` + the per-sample
     unlearning written as a plain loop (forward, parameter gradient, forward, batch
@@ -85,7 +98,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 IMAGE_MODELS = ("resnet50", "vgg16", "vit_hf", "vit_timm")
-MODELS = (*IMAGE_MODELS, "bert")
+LM_MODELS = ("gpt2", "pythia160m")
+MODELS = (*IMAGE_MODELS, "bert", *LM_MODELS)
 PARTS = ("methods", "metrics", "memory")
 METHOD_GROUPS = ("uni", "fei", "transmm")
 METRICS = (
@@ -159,7 +173,14 @@ class Bench:
         self.name = name
         self.model = build_model(name)
         generator = torch.Generator().manual_seed(0)
-        if name == "bert":
+        if name in LM_MODELS:
+            vocab = self.model.config.vocab_size
+            self.inputs = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+            self.corrupted = torch.randint(
+                0, vocab, (batch, seq_len), generator=generator
+            )
+            self.args = None
+        elif name == "bert":
             vocab = self.model.config.vocab_size
             self.inputs = torch.randint(1, vocab, (batch, seq_len), generator=generator)
             self.mask = torch.ones(batch, seq_len, dtype=torch.long)
@@ -172,6 +193,8 @@ class Bench:
             self.target = self.forward(self.inputs, *(self.args or ())).argmax(1)
 
     def forward(self, x: Tensor, *args: Tensor) -> Tensor:
+        if self.name in LM_MODELS:  # next-token logits at the last position
+            return self.model(x).logits[:, -1]
         if self.name == "bert":
             return self.model(input_ids=x, attention_mask=args[0]).logits
         out = self.model(x)
@@ -204,6 +227,23 @@ def build_model(name: str) -> nn.Module:
         from transformers import BertConfig, BertForSequenceClassification
 
         return BertForSequenceClassification(BertConfig(num_labels=2)).eval()
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config()).eval()
+    if name == "pythia160m":
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        config = GPTNeoXConfig(
+            vocab_size=50304,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            rotary_pct=0.25,
+            max_position_embeddings=2048,
+        )
+        return GPTNeoXForCausalLM(config).eval()
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -275,6 +315,8 @@ def bert_embedding_forward(bench: Bench) -> Callable:
 def methods_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
     if bench.name == "bert":
         return bert_rows(bench, args)
+    if bench.name in LM_MODELS:
+        return language_model_rows(bench, args)
     from captum.attr import IntegratedGradients
 
     from captum_faithful import (
@@ -476,6 +518,94 @@ def bert_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
             bench, "Captum LayerIG", f"n_steps=50, {settings}", t["lig50"], n, ig50=1.0
         ),
     ]
+
+
+def numbered_tokenizer(vocab_size: int) -> Any:
+    """A word-level fast tokenizer whose word ``t{i}`` is token ``i``, for Captum's
+    ``TextTokenInput`` on a model with random weights (nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0")
+
+
+def language_model_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
+    from captum.attr import (
+        LayerIntegratedGradients,
+        LLMGradientAttribution,
+        TextTokenInput,
+    )
+
+    from captum_faithful import (
+        AttributionPatching,
+        LayerUnlearnedIntegratedGradients,
+        activation_patching,
+    )
+
+    model, ids, corrupted = bench.model, bench.inputs, bench.corrupted
+    n, seq_len = ids.shape
+    patching = AttributionPatching(model)
+    n_sites = len(patching.site_names)
+    embeddings = model.get_input_embeddings()
+    tokenizer = numbered_tokenizer(model.config.vocab_size)
+    prompts = [" ".join(f"t{i}" for i in row.tolist()) for row in ids]
+    llm_lig = LLMGradientAttribution(
+        LayerIntegratedGradients(model, embeddings), tokenizer
+    )
+    llm_uni = LLMGradientAttribution(
+        LayerUnlearnedIntegratedGradients(model, embeddings), tokenizer
+    )
+
+    def llm(attribution: Any, **kwargs: Any) -> Callable[[], None]:
+        def run() -> None:
+            for prompt, token in zip(prompts, bench.target.tolist(), strict=True):
+                attribution.attribute(
+                    TextTokenInput(prompt, tokenizer),
+                    target=torch.tensor([token]),
+                    **kwargs,
+                )
+
+        return run
+
+    fns: dict[str, Callable] = {
+        "ap_unlearned": lambda: patching.attribute(ids, baselines="unlearned"),
+        "ap_corrupted": lambda: patching.attribute(ids, baselines=corrupted),
+        "llm_lig": llm(llm_lig, n_steps=IG_N_STEPS, internal_batch_size=args.ibs),
+        "llm_uni": llm(llm_uni, internal_batch_size=args.ibs),
+    }
+    t = round_robin(fns, args.repeats)
+    # exact activation patching is (blocks + 1) x seq_len forwards per prompt: timed
+    # once, after the others (a second round would only confirm a linear cost)
+    t.update(
+        round_robin(
+            {
+                "act": lambda: activation_patching(
+                    model, ids, corrupted, chunk_size=args.patch_chunk
+                )
+            },
+            1,
+        )
+    )
+    act = t["act"]["cpu"]
+    sites = f"{n_sites} residual sites x {seq_len} tokens"
+    one_target = f"1 target token, internal_batch_size={args.ibs}"
+    return [
+        row(bench, "AttributionPatching", f"unlearned baseline, {sites}",
+            t["ap_unlearned"], n, note=f"x_act {t['ap_unlearned']['cpu'] / act:.4f}"),
+        row(bench, "AttributionPatching", f"corrupted prompt, {sites}",
+            t["ap_corrupted"], n, note=f"x_act {t['ap_corrupted']['cpu'] / act:.4f}"),
+        row(bench, "activation_patching", f"corrupted prompt, {sites}, "
+            f"chunk_size={args.patch_chunk}", t["act"], n,
+            note=f"{n_sites * seq_len} patched forwards per prompt"),
+        row(bench, "LLMGradientAttribution + LayerIG", f"n_steps=50, {one_target}",
+            t["llm_lig"], n, note=f"x_act {t['llm_lig']['cpu'] / act:.4f}"),
+        row(bench, "LLMGradientAttribution + LayerUNI", f"defaults, {one_target}",
+            t["llm_uni"], n, ig50=t["llm_uni"]["cpu"] / t["llm_lig"]["cpu"],
+            note=f"x_act {t['llm_uni']['cpu'] / act:.4f}"),
+    ]  # fmt: skip
 
 
 def row(
@@ -862,6 +992,12 @@ def main() -> None:
         f"part's metric sweeps): {','.join(METRICS)}",
     )
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument(
+        "--patch-chunk",
+        type=int,
+        default=32,
+        help="rows per forward of exact activation patching (language models)",
+    )
     parser.add_argument("--floor-chunks", default="16,64")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write every row to this file")
@@ -921,6 +1057,8 @@ def main() -> None:
         str(args.fei_iters),
         "--seq-len",
         str(args.seq_len),
+        "--patch-chunk",
+        str(args.patch_chunk),
         "--threads",
         str(args.threads),
         "--floor-chunks",
@@ -947,7 +1085,7 @@ def main() -> None:
             continue
         rows = []
         for model in models:
-            if part == "metrics" and model == "bert":
+            if part == "metrics" and model in ("bert", *LM_MODELS):
                 continue
             rows += _child(["--child", model, part, *common])
             print(f"  ({part}: {model} done)", file=sys.stderr, flush=True)
