@@ -241,6 +241,13 @@ def test_targets_token_ids_top_token_and_a_callable(family_model):
         torch.testing.assert_close(
             method(difference), method(good) - method(bad), rtol=1e-5, atol=1e-6
         )
+        # a callable of the logits alone: the same F for every prompt
+        torch.testing.assert_close(
+            method(lambda logits: logits[:, -1, 4] - logits[:, -1, 11]),
+            method(4) - method(11),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_named_sites_in_any_order_and_module_outputs():

@@ -13,6 +13,7 @@ any model call), the clean run, the baselines in embedding space and the score F
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,8 +77,13 @@ def check_prompts(
 def check_target(
     adapter: LMAdapter, target: Any, n_prompts: int
 ) -> Tensor | TargetFunction | None:
-    """None, token ids as a LongTensor (N,), or a callable."""
-    if target is None or (callable(target) and not isinstance(target, Tensor)):
+    """None, token ids as a LongTensor (N,), or a callable ``(logits, prompts)``
+    (a callable of one positional argument takes the logits alone)."""
+    if target is None:
+        return None
+    if callable(target) and not isinstance(target, Tensor):
+        if _takes_logits_only(target):
+            return lambda logits, prompts: target(logits)
         return target
     if isinstance(target, bool) or (
         isinstance(target, Tensor)
@@ -111,6 +117,22 @@ def check_target(
             f"{tokens.tolist()}"
         )
     return tokens
+
+
+def _takes_logits_only(function: Callable) -> bool:
+    """Whether ``function`` takes one positional argument (no second, no ``*args``)."""
+    try:
+        kinds = [p.kind for p in inspect.signature(function).parameters.values()]
+    except (TypeError, ValueError):
+        return False
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+    return (
+        inspect.Parameter.VAR_POSITIONAL not in kinds
+        and sum(kind in positional for kind in kinds) == 1
+    )
 
 
 def check_baselines(
@@ -243,7 +265,7 @@ class Score:
 
     Each row belongs to one prompt (``prompts[r]`` its index in ``input_ids``).
     With token ids (N,): the logit of prompt ``i``'s token at the last position.
-    With a callable: ``target(logits, prompts)`` (M,).
+    With a callable: ``target(logits, prompts)`` (M,) (see :func:`check_target`).
     """
 
     def __init__(self, target: Tensor | TargetFunction) -> None:
