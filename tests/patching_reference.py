@@ -249,15 +249,33 @@ class LinearBlock(nn.Module):
         )
 
 
+class TokenTable(nn.Module):
+    """Token embeddings read from a table that is neither ``weight`` nor ``W_E``."""
+
+    def __init__(self, vocab: int, width: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab, width))
+
+    def forward(self, input_ids):
+        return self.table[input_ids]
+
+
 class LinearLM(nn.Module):
     """A language model whose logits are affine in every residual activation:
     token + positional embeddings, linear blocks called with the keyword
     ``hidden_states``, a linear unembedding."""
 
-    def __init__(self, vocab: int = 12, width: int = 8, layers: int = 2, seed: int = 0):
+    def __init__(
+        self,
+        vocab: int = 12,
+        width: int = 8,
+        layers: int = 2,
+        seed: int = 0,
+        table: bool = False,
+    ):
         super().__init__()
         torch.manual_seed(seed)
-        self.tok = nn.Embedding(vocab, width)
+        self.tok = TokenTable(vocab, width) if table else nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.randn(16, width))
         self.layers = nn.ModuleList(LinearBlock(width) for _ in range(layers))
         self.unembed = nn.Linear(width, vocab)

@@ -139,6 +139,31 @@ def test_linear_model_attribution_equals_activation_patching(linear_lm, n_steps)
     )
 
 
+def test_embedding_module_without_a_matrix(linear_lm):
+    model = ref.LinearLM(table=True)
+    ids = prompts(vocab=12)
+    patching = AttributionPatching(model)
+    for baselines in ("zero", prompts(seed=3, vocab=12), torch.randn(N, T, 8)):
+        torch.testing.assert_close(
+            patching.attribute(ids, baselines),
+            activation_patching(model, ids, baselines),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(TypeError, match="W_E"):
+        patching.compute_baselines(ids, "random")
+    assert calls == []
+    handle.remove()
+    with pytest.raises(ValueError, match=r"\(N, T, d\)"):
+        patching.attribute(ids, torch.zeros(N, T))
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, V\)"):
+        patching.attribute(ids - 12)
+    with pytest.raises(RuntimeError, match="embedding module returned shape"):
+        patching.attribute(ids, torch.zeros(N, T, 3))
+
+
 def test_unlearned_baseline_equals_algorithm_1_loop(family_model):
     family, model = family_model
     ids = prompts()

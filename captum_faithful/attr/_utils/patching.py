@@ -37,6 +37,20 @@ BASELINE_NAMES = ("unlearned", "random", "zero")
 TargetFunction = Callable[[Tensor, Tensor], Tensor]
 
 
+def _embedding_matrix(adapter: LMAdapter) -> Tensor | None:
+    """The token-embedding matrix, or None when the embedding module has none (the
+    vocabulary and the embedding width are then checked by the model itself)."""
+    try:
+        return adapter.embedding_matrix
+    except TypeError:
+        return None
+
+
+def _vocab_size(adapter: LMAdapter) -> int | None:
+    matrix = _embedding_matrix(adapter)
+    return None if matrix is None else matrix.shape[0]
+
+
 def check_prompts(
     adapter: LMAdapter, input_ids: Any, name: str = "input_ids"
 ) -> Tensor:
@@ -64,11 +78,11 @@ def check_prompts(
             f"`{name}` must hold at least one prompt of at least one token, got "
             f"shape {tuple(input_ids.shape)}"
         )
-    vocab = adapter.vocab_size
+    vocab = _vocab_size(adapter)
     low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
+    if low < 0 or (vocab is not None and high >= vocab):
         raise ValueError(
-            f"`{name}` holds token ids outside the vocabulary [0, {vocab}): "
+            f"`{name}` holds token ids outside the vocabulary [0, {vocab or 'V'}): "
             f"min {low}, max {high}"
         )
     return input_ids.long()
@@ -110,10 +124,10 @@ def check_target(
             "`target` must be None, token ids (an int or an integer tensor of "
             f"shape (N,)) or a callable, got {type(target).__name__}"
         )
-    vocab = adapter.vocab_size
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+    vocab = _vocab_size(adapter)
+    if int(tokens.min()) < 0 or (vocab is not None and int(tokens.max()) >= vocab):
         raise ValueError(
-            f"`target` holds token ids outside the vocabulary [0, {vocab}): "
+            f"`target` holds token ids outside the vocabulary [0, {vocab or 'V'}): "
             f"{tokens.tolist()}"
         )
     return tokens
@@ -153,6 +167,13 @@ def check_baselines(
                 "input_ids) and pass that tensor, so that both methods start from "
                 "the same baseline"
             )
+        if baselines == "random" and _embedding_matrix(adapter) is None:
+            raise TypeError(
+                "`baselines='random'` draws from the statistics of the "
+                "token-embedding matrix, but the embedding module "
+                f"{type(adapter.embedding).__name__} has no 2-D `weight` or `W_E`; "
+                "pass baseline embeddings (N, T, d) instead"
+            )
         return baselines
     if not isinstance(baselines, Tensor):
         raise TypeError(
@@ -168,9 +189,14 @@ def check_baselines(
                 f"{tuple(baselines.shape)}"
             )
         return check_prompts(adapter, baselines, name="baselines")
-    width = adapter.embedding_matrix.shape[1]
+    matrix = _embedding_matrix(adapter)
+    width = "d" if matrix is None else matrix.shape[1]
     expected = (*input_ids.shape, width)
-    if tuple(baselines.shape) != expected:
+    if (
+        baselines.dim() != 3
+        or baselines.shape[:2] != input_ids.shape
+        or (matrix is not None and baselines.shape[2] != width)
+    ):
         raise ValueError(
             f"`baselines` as embeddings must have shape (N, T, d) = {expected}, got "
             f"{tuple(baselines.shape)}"
