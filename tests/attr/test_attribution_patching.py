@@ -291,6 +291,18 @@ def test_named_sites_in_any_order_and_module_outputs():
         rtol=0,
         atol=0,
     )
+    # the token embeddings as a site: before the positional embeddings are added,
+    # so e(x) - e(x') and the gradient are those of the residual stream before
+    # block 0
+    first = ["transformer.wte", "blocks.0.hook_resid_pre"]
+    torch.testing.assert_close(
+        AttributionPatching(model, sites=first).attribute(ids, corrupted),
+        AttributionPatching(model).attribute(ids, corrupted)[:, [0, 0]],
+    )
+    torch.testing.assert_close(
+        activation_patching(model, ids, corrupted, sites=first),
+        residual[:, [0, 0]],
+    )
     single = activation_patching(model, ids, corrupted, sites="transformer.h.1")
     torch.testing.assert_close(single, residual[:, [2]], rtol=0, atol=0)
     # a site with heads: the trailing dimensions are summed

@@ -80,8 +80,9 @@ class AttributionPatching:
     Baselines replace the output of the token-embedding module (positional
     embeddings, if the model has them, are still added by the model). Prompts in
     one call share one length; there is no padding or attention mask. The model
-    runs in the mode the user left it in and comes back unchanged (parameters,
-    ``requires_grad``, mode, hooks, attention implementation).
+    runs in the mode the user left it in (use ``model.eval()``: dropout would make
+    the runs differ) and comes back unchanged (parameters, ``requires_grad``,
+    mode, hooks, attention implementation).
 
     Args:
 

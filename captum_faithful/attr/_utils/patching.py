@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import numbers
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,13 +250,15 @@ def embedded_run(
         store.append(value)
 
     embedding_site = Site("embedding", adapter.embedding, "output")
-    with torch.no_grad(), capture_sites(sites) as activations:
-        with transform_site(embedding_site, keep):
-            if embeddings is None:
-                logits = adapter.logits(input_ids)
-            else:
-                with replace_embeddings(adapter, embeddings):
-                    logits = adapter.logits(input_ids)
+    # hooks run in registration order: the embeddings are read, then replaced, and
+    # only then seen by the sites (the embedding module may be a site itself)
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(transform_site(embedding_site, keep))
+        if embeddings is not None:
+            stack.enter_context(replace_embeddings(adapter, embeddings))
+        activations = stack.enter_context(capture_sites(sites))
+        logits = adapter.logits(input_ids)
     n_prompts, n_tokens = input_ids.shape
     if len(store) != 1:
         raise RuntimeError(
