@@ -21,7 +21,7 @@ from captum_faithful.attr._core.layer.layer_unlearned_integrated_gradients impor
     LayerUnlearnedIntegratedGradients,
 )
 from captum_faithful.attr._utils.patching import (
-    CleanRun,
+    Run,
     Score,
     TargetFunction,
     baseline_embeddings,
@@ -341,7 +341,7 @@ class AttributionPatching:
         baselines: str | Tensor,
         target: Tensor | TargetFunction | None,
         generator: torch.Generator | None,
-    ) -> tuple[CleanRun, Tensor, Score]:
+    ) -> tuple[Run, Tensor, Score]:
         """The clean run, the baseline embeddings and F."""
         clean = embedded_run(self.adapter, input_ids, self.sites)
         tokens = explained_tokens(target, clean)

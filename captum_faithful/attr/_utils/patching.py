@@ -4,8 +4,9 @@ any model call), the clean run, the baselines in embedding space and the score F
 - :func:`check_prompts`, :func:`check_target`, :func:`check_baselines` and
   :func:`resolve_sites` turn the user's arguments into canonical forms or raise a
   ValueError / TypeError that names the argument.
-- :func:`clean_run` runs the prompts once and records the token embeddings, the
-  activation of every site and the logits.
+- :func:`embedded_run` runs the prompts once (with the token embeddings replaced
+  by a baseline, or not) and records the token embeddings, the activation of
+  every site and the logits.
 - :class:`Score` is F: the logit of a token at the last position, or the user's
   callable on the logits.
 - :func:`baseline_embeddings` turns a checked baseline into embeddings (N, T, d).
@@ -64,7 +65,7 @@ def check_prompts(
     if (
         input_ids.dtype == torch.bool
         or input_ids.is_floating_point()
-        or (input_ids.is_complex())
+        or input_ids.is_complex()
     ):
         raise TypeError(
             f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}"
@@ -227,8 +228,8 @@ def resolve_sites(adapter: LMAdapter, sites: Any) -> list[Site]:
 
 
 @dataclass(frozen=True)
-class CleanRun:
-    """The prompts' run: token embeddings (N, T, d), activations by site name and
+class Run:
+    """One run of the prompts: token embeddings (N, T, d), activations by site name and
     logits (N, T, V), all detached."""
 
     embeddings: Tensor
@@ -241,7 +242,7 @@ def embedded_run(
     input_ids: Tensor,
     sites: Sequence[Site],
     embeddings: Tensor | None = None,
-) -> CleanRun:
+) -> Run:
     """One forward without gradients; ``embeddings`` (when given) replace the token
     embeddings. Site activations must be (N, T, ...)."""
     store: list[Tensor] = []
@@ -274,7 +275,7 @@ def embedded_run(
                 f"{None if value is None else tuple(value.shape)}"
             )
     check_logits(logits, n_prompts, n_tokens)
-    return CleanRun(
+    return Run(
         store[-1].detach() if embeddings is None else embeddings,
         {name: value.detach() for name, value in activations.items()},
         logits.detach(),
@@ -314,7 +315,7 @@ class Score:
         return scores
 
 
-def explained_tokens(target: Tensor | TargetFunction | None, clean: CleanRun) -> Tensor:
+def explained_tokens(target: Tensor | TargetFunction | None, clean: Run) -> Tensor:
     """The token each prompt explains: ``target``'s ids, else the clean run's top
     token at the last position."""
     if isinstance(target, Tensor):
@@ -338,7 +339,7 @@ def baseline_embeddings(
     adapter: LMAdapter,
     baselines: str | Tensor,
     input_ids: Tensor,
-    clean: CleanRun,
+    clean: Run,
     generator: torch.Generator | None,
     unlearned: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
