@@ -98,17 +98,19 @@ class CallContext:
             ``grad_kwargs`` to :func:`torch.autograd.grad`.
         layer_input (bool): For a layer method, whether the path lives on the
             layer's input instead of its output.
-        share_unbatched (bool): Whether tensors of ``additional_forward_args``
-            whose first dimension is not the batch size are shared by all samples
-            (Captum's LLM wrapper, whose target tokens have their own length)
-            instead of refused.
+        captum_llm (bool): Whether ``forward_func`` is the wrapper of Captum's
+            ``LLMGradientAttribution`` (the log-probability of one target token):
+            its ``additional_forward_args`` are ``(inp, target_tokens,
+            cur_target_idx)``, the target tokens of their own length (shared by
+            all samples instead of refused), and the ``cur_target_idx`` previous
+            target tokens appended after the prompt.
     """
 
     wrapper: ParametrizedForward
     model: nn.Module | None
     gradient_func: Callable
     layer_input: bool = False
-    share_unbatched: bool = False
+    captum_llm: bool = False
 
 
 class UnlearnedIntegratedGradients(GradientAttribution):
@@ -157,6 +159,24 @@ class UnlearnedIntegratedGradients(GradientAttribution):
     falls back to a per-sample loop for models vmap cannot run; both compute the
     same function.
 
+    **One log-probability per sample.** A ``forward_func`` returning one score per
+    sample, shape (N,) or (N, 1), is read as a log-probability
+    :math:`s = \log p \le 0` (e.g. of the next token of a language model, as
+    Captum's ``LLMGradientAttribution`` returns), and UNI unlearns the binary
+    distribution :math:`(p, 1 - p)`:
+
+    .. math::
+        g = \nabla_\theta (-s(x;\theta)), \qquad
+        \hat p = e^{s(x;\hat\theta)}, \qquad
+        \mathrm{KL}\big((\hat p, 1 - \hat p) \,\Vert\, (p_\delta, 1 - p_\delta)\big)
+        = \hat p \log \frac{\hat p}{p_\delta}
+        + (1 - \hat p) \log \frac{1 - \hat p}{1 - p_\delta}
+
+    with :math:`p_\delta = e^{s(x + \delta;\theta)}`: :math:`-s` is the
+    full-softmax cross-entropy of the token, so the step on :math:`\theta` is
+    exactly UNI's, and the attributions sum to :math:`s(x) - s(x')`. A positive
+    score is no log-probability and is refused when the baselines are learned.
+
     With explicit ``baselines`` UNI is Captum's IntegratedGradients (no unlearning,
     no parameters needed): a drop-in for it, with UNI's defaults for ``n_steps``
     and ``method``.
@@ -172,13 +192,19 @@ class UnlearnedIntegratedGradients(GradientAttribution):
 
         forward_func (Callable): The forward function of the model or any
                     modification of it. It returns class scores of shape
-                    (N, n_classes), one score per sample (N,), or a Hugging Face
-                    ``ModelOutput`` / dict with a ``logits`` field.
+                    (N, n_classes), one score per sample (N,) (a log-probability
+                    when the baselines are learned), or a Hugging Face
+                    ``ModelOutput`` / dict with a ``logits`` field. It is read at
+                    each call: a shallow copy whose ``forward_func`` is replaced
+                    (as Captum's ``LLMGradientAttribution`` does) uses the new
+                    one, and the original keeps its own.
         model (nn.Module, optional): The module whose parameters are unlearned
                     and whose buffers are protected; ``forward_func`` must use it.
-                    Only learning the baselines needs it.
+                    Only learning the baselines needs it. Resolved here, and kept
+                    when ``forward_func`` is replaced later.
                     Default: ``forward_func`` when it is an ``nn.Module`` (or a
-                    bound method of one), else None
+                    bound method of one), else the module the ``forward_func`` of
+                    the call is, if any
         multiply_by_inputs (bool, optional): Whether to multiply the integrated
                     gradients by ``(inputs - baselines)`` (global attribution), as
                     Captum's IntegratedGradients does.
@@ -388,7 +414,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             n_steps, method, internal_batch_size
         )
         inputs, is_tuple, target, args = self._front_door(
-            inputs, target, additional_forward_args, context.share_unbatched
+            inputs, target, additional_forward_args, context.captum_llm
         )
         given = None if baselines is None else format_baselines(baselines, inputs)
         n_examples = inputs[0].shape[0]
@@ -501,7 +527,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
     ) -> Any:
         """``compute_baselines`` with the call's context."""
         inputs, is_tuple, target, args = self._front_door(
-            inputs, target, additional_forward_args, context.share_unbatched
+            inputs, target, additional_forward_args, context.captum_llm
         )
         with torch.enable_grad():
             forward = protected_forward(context.wrapper, buffer_copies(context.model))
@@ -585,6 +611,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         then move ``space.points`` until the original model's output matches the
         unlearned distribution."""
         self._check_unlearnable(context.model, space.logits)
+        free = self._free_values(context, space, args)
         params = unlearned_parameters(context.model)
         log_target = unlearned_log_probs(
             context.wrapper,
@@ -607,7 +634,16 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             self.pgd_steps,
             self.epsilon,
             self.pgd_step_size,
+            free,
         )
+
+    def _free_values(
+        self, context: CallContext, space: PathSpace, args: tuple | None
+    ) -> tuple[Tensor | None, ...] | None:
+        """Masks (broadcastable 0/1) of the path values the learned baseline may
+        move, one per point (None: all). All values here; the layer variant
+        holds the target tokens Captum's LLM wrapper appends after the prompt."""
+        return None
 
     @staticmethod
     def _check_unlearnable(model: nn.Module | None, logits: Tensor) -> None:

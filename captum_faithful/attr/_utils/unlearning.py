@@ -377,6 +377,7 @@ def match_baselines(
     pgd_steps: int,
     epsilon: float,
     pgd_step_size: float,
+    free: Sequence[Tensor | None] | None = None,
 ) -> tuple[Tensor, ...]:
     """Algorithm 1, lines 5-7: the baselines ``x' = x + δ^T``.
 
@@ -385,6 +386,9 @@ def match_baselines(
     ``δ⁰ = 0``; for ``t < T``: ``δ ← δ − μ ∇_δ KL(p̂ ‖ softmax f(x + δ))`` followed by
     :func:`project_to_sphere`. The KL of every sample only depends on its own ``δ``,
     so one batched gradient of the summed KL gives all per-sample gradients.
+    ``free`` holds, per start, None or a 0/1 mask broadcastable to it: the step
+    is masked, so ``δ`` stays 0 where the mask is 0 (and the sphere is the one of
+    the free values).
     """
     starts = tuple(s.detach() for s in starts)
     n_inputs = len(starts)
@@ -403,6 +407,10 @@ def match_baselines(
             target_ind=None,
             additional_forward_args=additional_forward_args,
         )
+        if free is not None:
+            grads = tuple(
+                g if m is None else g * m for g, m in zip(grads, free, strict=True)
+            )
         deltas = project_to_sphere(
             tuple(
                 (d - pgd_step_size * g).detach()

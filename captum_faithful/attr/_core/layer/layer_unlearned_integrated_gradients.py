@@ -188,7 +188,11 @@ class LayerUnlearnedIntegratedGradients(
     with :math:`\hat p = e^{s(x;\hat\theta)}` and :math:`p_\delta = e^{s(h +
     \delta;\theta)}`; the attributions integrate :math:`s` itself, so they sum to
     :math:`s(h) - s(h')`. A positive score per sample is no log-probability and is
-    refused (learning the baselines needs class scores or a log-probability).
+    refused (learning the baselines needs class scores or a log-probability). In
+    Captum's pipeline the embedding layer sees the prompt followed by the target
+    tokens before the current one; the learned baseline moves the prompt's
+    positions only (those tokens stay as they are, as with Captum's input-space
+    baselines), so each row of ``token_attr`` sums to :math:`s(h) - s(h')`.
 
     **A list of layers** (``layer=[l1, l2]``) is attributed in one call, as in
     Captum: the path runs on all the layers' values jointly,
@@ -457,6 +461,27 @@ class LayerUnlearnedIntegratedGradients(
     ) -> tuple[Tensor, ...]:
         """An input-space baseline starts the path at the layers' values on it."""
         return self._layer_eval(context, forward, given, args)[0]
+
+    def _free_values(
+        self, context: CallContext, space: PathSpace, args: tuple | None
+    ) -> tuple[Tensor | None, ...] | None:
+        """In Captum's LLM pipeline the layer sees the prompt followed by the
+        ``cur_target_idx`` previous target tokens; the learned baseline moves the
+        prompt's positions only (dim 1 of each layer value), as Captum's
+        LayerIntegratedGradients with an input-space baseline leaves the appended
+        tokens at their values, and Captum drops their attributions."""
+        appended = args[2] if context.captum_llm and args and len(args) > 2 else 0
+        if not isinstance(appended, int) or isinstance(appended, bool) or appended < 1:
+            return None
+        masks = []
+        for value in space.points:
+            if value.dim() < 2 or value.shape[1] <= appended:
+                masks.append(None)
+                continue
+            mask = torch.ones(value.shape[1], dtype=value.dtype, device=value.device)
+            mask[-appended:] = 0
+            masks.append(mask.reshape(1, -1, *([1] * (value.dim() - 2))))
+        return tuple(masks)
 
     def _layer_eval(
         self,
