@@ -90,7 +90,10 @@ def reference_token_attr(
         params = [p for p in unlearned.parameters() if p.requires_grad]
         loss = -F.log_softmax(unlearned(ids).logits[:, -1], dim=-1)[0, token]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        grads = [
+            torch.zeros_like(p) if g is None else g
+            for p, g in zip(params, grads, strict=True)
+        ]
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
