@@ -392,6 +392,11 @@ def test_positive_single_score_is_refused_with_what_to_return():
     uni = UnlearnedIntegratedGradients(score, model=net)
     with pytest.raises(ValueError, match=r"log-probability \(<= 0\).*log_softmax"):
         uni.attribute(images)
+    minus_inf = UnlearnedIntegratedGradients(
+        lambda inputs: torch.full((inputs.shape[0],), -torch.inf), model=net
+    )
+    with pytest.raises(ValueError, match="finite log-probability"):
+        minus_inf.attribute(images)
     # explicit baselines: any score, as Captum's IG
     torch.testing.assert_close(
         uni.attribute(images, baselines=0.0),

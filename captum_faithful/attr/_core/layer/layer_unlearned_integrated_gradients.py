@@ -320,10 +320,11 @@ class LayerUnlearnedIntegratedGradients(
                         predicted class, or the one score per sample.
                         Default: None
             additional_forward_args (Any, optional): Passed to ``forward_func``
-                        after the inputs (e.g. the attention mask). Tensors with
-                        the batch size on dim 0 follow their samples; any other
-                        value, and a tensor whose first dimension is not the batch
-                        size, is passed to every forward as it is.
+                        after the inputs (e.g. the attention mask); tensors must
+                        have the batch size on dim 0 (they follow their samples),
+                        other values are passed to every forward as they are.
+                        Captum's LLM wrapper is the exception: its target tokens,
+                        of their own length, are passed as they are.
                         Default: None
             n_steps (int, optional): Points of the path integral (>= 1).
                         Default: 15
