@@ -1,5 +1,7 @@
 """Attribution methods, mirroring ``captum.attr``."""
 
+from captum_faithful.attr._core.activation_patching import activation_patching
+from captum_faithful.attr._core.attribution_patching import AttributionPatching
 from captum_faithful.attr._core.blank_image_diagnostic import blank_image_diagnostic
 from captum_faithful.attr._core.clip_grad import ClipGrad
 from captum_faithful.attr._core.faithfulness_ensemble import FaithfulnessEnsemble
@@ -13,11 +15,13 @@ from captum_faithful.attr._core.unlearned_integrated_gradients import (
 )
 
 __all__: list[str] = [
+    "AttributionPatching",
     "ClipGrad",
     "FaithfulnessEnsemble",
     "FeatureGatedTransMM",
     "LayerUnlearnedIntegratedGradients",
     "TransMM",
     "UnlearnedIntegratedGradients",
+    "activation_patching",
     "blank_image_diagnostic",
 ]

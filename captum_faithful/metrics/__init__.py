@@ -19,6 +19,10 @@ from captum_faithful.metrics._core.parameter_randomization import (
     parameter_randomization,
 )
 from captum_faithful.metrics._core.patch_mask import patch_mask
+from captum_faithful.metrics._core.patching import (
+    patching_distance,
+    patching_rank_correlation,
+)
 from captum_faithful.metrics._core.path_monotonicity import path_monotonicity
 from captum_faithful.metrics._core.saco import saco
 
@@ -32,6 +36,8 @@ __all__ = [
     "mean_baseline",
     "parameter_randomization",
     "patch_mask",
+    "patching_distance",
+    "patching_rank_correlation",
     "path_monotonicity",
     "saco",
     "zero_baseline",
