@@ -128,7 +128,10 @@ def recall_accuracy(
     device = next(model.parameters()).device
     ids = encode(tokenizer, prompts).to(device)
     lengths = torch.tensor([len(tokenizer(p)["input_ids"]) for p in prompts])
-    logits = models._logits(model, ids).cpu()
+    # right padding: the mask changes no logit before a prompt's end, it only
+    # tells the model there is padding
+    mask = (ids != tokenizer.pad_token_id).long()
+    logits = model(input_ids=ids, attention_mask=mask).logits.cpu()
     predicted = logits[torch.arange(len(ids)), lengths - 1].argmax(-1)
     expected = torch.tensor(tokenizer.convert_tokens_to_ids(list(answers)))
     return float((predicted == expected).float().mean())
