@@ -367,3 +367,27 @@ def test_load_language_demo_validates_arguments():
         language.load_language_demo(quick=1)
     with pytest.raises(ValueError, match="seed"):
         language.load_language_demo(seed=-1)
+
+
+@pytest.mark.slow  # trains (or loads) the quick language model, measures 100 prompts
+def test_job_language_step(demo_cache, tmp_path):
+    from captum_faithful.demo import job
+    from captum_faithful.demo.registry import Settings
+
+    timings = {}
+    settings = Settings(out=tmp_path, quick=True, show_progress=False)
+    lm, measured = job.run_language_model(settings, timings, job._Stopwatch())
+    assert list(timings) == ["language model", "language patching"]
+    assert all(lap["wall"] > 0 for lap in timings.values())
+    assert measured.n_prompts == 100 and measured.n_steps == job.LANGUAGE_N_STEPS
+    assert measured.baselines == BASELINES
+    torch.testing.assert_close(
+        measured.exact["corrupted"],
+        activation_patching(lm.model, lm.input_ids, lm.corrupted_ids),
+    )
+    header, rows = report.language_table(measured)
+    assert len(rows) == len(BASELINES) * len(job.LANGUAGE_N_STEPS)
+    assert [row[:2] for row in rows[:2]] == [
+        ["UNI (learned)", "1"],
+        ["UNI (learned)", "16"],
+    ]
