@@ -14,6 +14,7 @@ from captum._utils.common import (
     _run_forward,
 )
 from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr._core.llm_attr import GradientForwardFunc
 from captum.attr._utils.approximation_methods import (
     SUPPORTED_METHODS,
     approximation_parameters,
@@ -24,6 +25,7 @@ from captum.attr._utils.common import _reshape_and_sum
 __all__ = [
     "SUPPORTED_METHODS",
     "BaselineType",
+    "GradientForwardFunc",
     "TargetType",
     "TensorOrTupleOfTensorsGeneric",
     "_batch_attribution",

@@ -744,9 +744,12 @@ def test_parameters_are_needed_only_to_learn_baselines(cnn, images):
         UnlearnedIntegratedGradients(cnn, model="cnn")
 
 
-def test_learned_baselines_need_several_classes(images):
+def test_learned_baselines_need_a_log_probability_when_one_score_per_sample(images):
+    """One score per sample is unlearned as a log-probability; a positive score
+    is none, so learning the baselines refuses it and says what to return."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1), nn.Flatten(0))
-    with pytest.raises(ValueError, match="1 score per sample"):
+    assert (model(images) > 0).any()
+    with pytest.raises(ValueError, match="one score per sample as a log-prob.*log_"):
         UnlearnedIntegratedGradients(model).attribute(images)
     # explicit baselines: one score per sample is what Captum's IG explains
     uni = UnlearnedIntegratedGradients(model).attribute(images, baselines=0.0)

@@ -21,19 +21,29 @@ from captum_faithful._arguments import (
 )
 from captum_faithful._compat import (
     SUPPORTED_METHODS,
+    BaselineType,
+    GradientForwardFunc,
     TargetType,
     TensorOrTupleOfTensorsGeneric,
     _batch_attribution,
     _format_output,
 )
-from captum_faithful._utils import check_choice, check_float, check_int, resolve_model
+from captum_faithful._utils import (
+    check_choice,
+    check_float,
+    check_int,
+    module_of,
+    resolve_model,
+)
 from captum_faithful.attr._utils.unlearning import (
     ParametrizedForward,
     buffer_copies,
     completeness_gap,
+    gradient_function,
     integrated_gradients,
     match_baselines,
     protected_forward,
+    share_unbatched_args,
     unlearned_log_probs,
     unlearned_parameters,
     unlearning_chunk_size,
@@ -50,15 +60,57 @@ class PathSpace:
         forward (Callable): The class scores as a function of ``points`` (and of
             ``args``), with the original parameters.
         args (tuple or None): What ``forward`` takes after the points.
-        is_tuple (bool): Whether the attributions are returned as a tuple.
+        groups (tuple of (int, bool)): How the points are returned: one group per
+            input tuple or per layer, each the number of its tensors and whether
+            they are returned as a tuple.
         logits (Tensor): The class scores (N, n_classes) on the inputs.
+        is_list (bool): Whether the groups are returned as a list (a list of
+            layers) or the single group alone.
     """
 
     points: tuple[Tensor, ...]
     forward: Callable[..., Tensor]
     args: tuple | None
-    is_tuple: bool
+    groups: tuple[tuple[int, bool], ...]
     logits: Tensor
+    is_list: bool = False
+
+    def format(self, tensors: tuple[Tensor, ...]) -> Any:
+        """``tensors`` (one per point) in the form the user gets them."""
+        formatted, start = [], 0
+        for count, is_tuple in self.groups:
+            formatted.append(_format_output(is_tuple, tensors[start : start + count]))
+            start += count
+        return formatted if self.is_list else formatted[0]
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What one call of ``attribute`` or ``compute_baselines`` runs with, read
+    from the instance at call time (Captum's ``LLMGradientAttribution`` replaces
+    ``forward_func`` on a shallow copy after construction).
+
+    Attributes:
+        wrapper (ParametrizedForward): ``forward_func`` with ``model``'s
+            parameters and buffers substitutable.
+        model (nn.Module or None): The module whose parameters are unlearned.
+        gradient_func (Callable): Captum's gradient function, or one passing
+            ``grad_kwargs`` to :func:`torch.autograd.grad`.
+        layer_input (bool): For a layer method, whether the path lives on the
+            layer's input instead of its output.
+        captum_llm (bool): Whether ``forward_func`` is the wrapper of Captum's
+            ``LLMGradientAttribution`` (the log-probability of one target token):
+            its ``additional_forward_args`` are ``(inp, target_tokens,
+            cur_target_idx)``, the target tokens of their own length (shared by
+            all samples instead of refused), and the ``cur_target_idx`` previous
+            target tokens appended after the prompt.
+    """
+
+    wrapper: ParametrizedForward
+    model: nn.Module | None
+    gradient_func: Callable
+    layer_input: bool = False
+    captum_llm: bool = False
 
 
 class UnlearnedIntegratedGradients(GradientAttribution):
@@ -107,6 +159,24 @@ class UnlearnedIntegratedGradients(GradientAttribution):
     falls back to a per-sample loop for models vmap cannot run; both compute the
     same function.
 
+    **One log-probability per sample.** A ``forward_func`` returning one score per
+    sample, shape (N,) or (N, 1), is read as a log-probability
+    :math:`s = \log p \le 0` (e.g. of the next token of a language model, as
+    Captum's ``LLMGradientAttribution`` returns), and UNI unlearns the binary
+    distribution :math:`(p, 1 - p)`:
+
+    .. math::
+        g = \nabla_\theta (-s(x;\theta)), \qquad
+        \hat p = e^{s(x;\hat\theta)}, \qquad
+        \mathrm{KL}\big((\hat p, 1 - \hat p) \,\Vert\, (p_\delta, 1 - p_\delta)\big)
+        = \hat p \log \frac{\hat p}{p_\delta}
+        + (1 - \hat p) \log \frac{1 - \hat p}{1 - p_\delta}
+
+    with :math:`p_\delta = e^{s(x + \delta;\theta)}`: :math:`-s` is the
+    full-softmax cross-entropy of the token, so the step on :math:`\theta` is
+    exactly UNI's, and the attributions sum to :math:`s(x) - s(x')`. A positive
+    score is no log-probability and is refused when the baselines are learned.
+
     With explicit ``baselines`` UNI is Captum's IntegratedGradients (no unlearning,
     no parameters needed): a drop-in for it, with UNI's defaults for ``n_steps``
     and ``method``.
@@ -122,13 +192,19 @@ class UnlearnedIntegratedGradients(GradientAttribution):
 
         forward_func (Callable): The forward function of the model or any
                     modification of it. It returns class scores of shape
-                    (N, n_classes), one score per sample (N,), or a Hugging Face
-                    ``ModelOutput`` / dict with a ``logits`` field.
+                    (N, n_classes), one score per sample (N,) (a log-probability
+                    when the baselines are learned), or a Hugging Face
+                    ``ModelOutput`` / dict with a ``logits`` field. It is read at
+                    each call: a shallow copy whose ``forward_func`` is replaced
+                    (as Captum's ``LLMGradientAttribution`` does) uses the new
+                    one, and the original keeps its own.
         model (nn.Module, optional): The module whose parameters are unlearned
                     and whose buffers are protected; ``forward_func`` must use it.
-                    Only learning the baselines needs it.
+                    Only learning the baselines needs it. Resolved here, and kept
+                    when ``forward_func`` is replaced later.
                     Default: ``forward_func`` when it is an ``nn.Module`` (or a
-                    bound method of one), else None
+                    bound method of one), else the module the ``forward_func`` of
+                    the call is, if any
         multiply_by_inputs (bool, optional): Whether to multiply the integrated
                     gradients by ``(inputs - baselines)`` (global attribution), as
                     Captum's IntegratedGradients does.
@@ -202,13 +278,36 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             if unlearning_batch_size is None
             else check_int("unlearning_batch_size", unlearning_batch_size, minimum=1)
         )
-        self._wrapper = ParametrizedForward(forward_func, self.model)
+
+    def _context(
+        self, grad_kwargs: dict[str, Any] | None = None, layer_input: bool = False
+    ) -> CallContext:
+        """The forward function, model and gradient function of one call, read
+        from the instance now: ``forward_func`` may have been replaced since
+        construction (as Captum's ``LLMGradientAttribution`` does on a shallow
+        copy). ``model`` is the module resolved at construction; without one, the
+        module the current ``forward_func`` is (or is a method of)."""
+        model = self.model if self.model is not None else module_of(self.forward_func)
+        gradient_func = (
+            self.gradient_func
+            if grad_kwargs is None
+            else gradient_function(grad_kwargs)
+        )
+        return CallContext(
+            ParametrizedForward(self.forward_func, model),
+            model,
+            gradient_func,
+            layer_input,
+            # Captum's LLMGradientAttribution passes the target tokens (their own
+            # length, shared by all samples) in additional_forward_args
+            isinstance(self.forward_func, GradientForwardFunc),
+        )
 
     @log_usage()
     def attribute(
         self,
         inputs: TensorOrTupleOfTensorsGeneric,
-        baselines: Any = None,
+        baselines: BaselineType | str | Callable = None,
         target: TargetType = None,
         additional_forward_args: Any = None,
         n_steps: int = 15,
@@ -286,11 +385,36 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             >>> # The learned baselines, to plot them.
             >>> baselines = uni.compute_baselines(input)
         """
+        return self._attribute_call(
+            self._context(),
+            inputs,
+            baselines,
+            target,
+            additional_forward_args,
+            n_steps,
+            method,
+            internal_batch_size,
+            return_convergence_delta,
+        )
+
+    def _attribute_call(
+        self,
+        context: CallContext,
+        inputs: Any,
+        baselines: Any,
+        target: Any,
+        additional_forward_args: Any,
+        n_steps: Any,
+        method: Any,
+        internal_batch_size: Any,
+        return_convergence_delta: bool,
+    ) -> Any:
+        """``attribute`` with the call's context (shared with the layer method)."""
         n_steps, method, internal_batch_size = _check_call_arguments(
             n_steps, method, internal_batch_size
         )
         inputs, is_tuple, target, args = self._front_door(
-            inputs, target, additional_forward_args
+            inputs, target, additional_forward_args, context.captum_llm
         )
         given = None if baselines is None else format_baselines(baselines, inputs)
         n_examples = inputs[0].shape[0]
@@ -303,6 +427,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             stop = min(n_examples, start + samples_per_chunk)
             chunks.append(
                 self._attribute_samples(
+                    context,
                     tuple(x[start:stop] for x in inputs),
                     is_tuple,
                     None if target is None else target[start:stop],
@@ -314,12 +439,10 @@ class UnlearnedIntegratedGradients(GradientAttribution):
                     return_convergence_delta,
                 )
             )
-        output_is_tuple = chunks[0][0]
-        output = _format_output(
-            output_is_tuple,
+        output = chunks[0][0].format(
             tuple(
                 torch.cat(parts) for parts in zip(*(c[1] for c in chunks), strict=True)
-            ),
+            )
         )
         if not return_convergence_delta:
             return output
@@ -327,6 +450,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
 
     def _attribute_samples(
         self,
+        context: CallContext,
         inputs: tuple[Tensor, ...],
         is_tuple: bool,
         target: Tensor | None,
@@ -336,20 +460,20 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         method: str,
         internal_batch_size: int | None,
         return_convergence_delta: bool,
-    ) -> tuple[bool, tuple[Tensor, ...], Tensor | None]:
-        """``attribute`` on one chunk of samples, formatted: whether the
-        attributions form a tuple, the attributions, and the completeness gap
-        (None unless asked for)."""
+    ) -> tuple[PathSpace, tuple[Tensor, ...], Tensor | None]:
+        """``attribute`` on one chunk of samples: the path space (which formats
+        the attributions), the attributions, and the completeness gap (None
+        unless asked for)."""
         with torch.enable_grad():
-            forward = protected_forward(self._wrapper, buffer_copies(self.model))
-            space = self._path_space(forward, inputs, is_tuple, args)
+            forward = protected_forward(context.wrapper, buffer_copies(context.model))
+            space = self._path_space(context, forward, inputs, is_tuple, args)
             classes = resolve_target(space.logits, target)
             if given is None:
-                starts = self._learned_starts(space, inputs, classes, args)
+                starts = self._learned_starts(context, space, inputs, classes, args)
             else:
-                starts = self._given_starts(forward, space, given, args)
+                starts = self._given_starts(context, forward, space, given, args)
             attributions = self._integrate(
-                space, starts, classes, n_steps, method, internal_batch_size
+                context, space, starts, classes, n_steps, method, internal_batch_size
             )
             delta = None
             if return_convergence_delta:
@@ -361,7 +485,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
                     classes,
                     space.args,
                 )
-        return space.is_tuple, attributions, delta
+        return space, attributions, delta
 
     def compute_baselines(
         self,
@@ -390,15 +514,27 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             >>> uni = UnlearnedIntegratedGradients(net)
             >>> baselines = uni.compute_baselines(images, target=labels)
         """
+        return self._baselines_call(
+            self._context(), inputs, target, additional_forward_args
+        )
+
+    def _baselines_call(
+        self,
+        context: CallContext,
+        inputs: Any,
+        target: Any,
+        additional_forward_args: Any,
+    ) -> Any:
+        """``compute_baselines`` with the call's context."""
         inputs, is_tuple, target, args = self._front_door(
-            inputs, target, additional_forward_args
+            inputs, target, additional_forward_args, context.captum_llm
         )
         with torch.enable_grad():
-            forward = protected_forward(self._wrapper, buffer_copies(self.model))
-            space = self._path_space(forward, inputs, is_tuple, args)
+            forward = protected_forward(context.wrapper, buffer_copies(context.model))
+            space = self._path_space(context, forward, inputs, is_tuple, args)
             classes = resolve_target(space.logits, target)
-            baselines = self._learned_starts(space, inputs, classes, args)
-        return _format_output(space.is_tuple, tuple(b.detach() for b in baselines))
+            baselines = self._learned_starts(context, space, inputs, classes, args)
+        return space.format(tuple(b.detach() for b in baselines))
 
     def has_convergence_delta(self) -> bool:
         return True
@@ -414,11 +550,24 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         )
 
     def _front_door(
-        self, inputs: Any, target: Any, additional_forward_args: Any
+        self,
+        inputs: Any,
+        target: Any,
+        additional_forward_args: Any,
+        share_unbatched: bool = False,
     ) -> tuple[tuple[Tensor, ...], bool, Tensor | None, tuple | None]:
-        """Captum's arguments in their canonical forms (inputs detached)."""
+        """Captum's arguments in their canonical forms (inputs detached).
+
+        With ``share_unbatched``, a tensor of ``additional_forward_args`` whose
+        first dimension is not the batch size is shared by all samples (see
+        :class:`~captum_faithful.attr._utils.unlearning.SharedArgument`) instead of
+        refused."""
         formatted, is_tuple = format_inputs(inputs, floating=self._floating_inputs)
         n_examples = formatted[0].shape[0]
+        if share_unbatched:
+            additional_forward_args = share_unbatched_args(
+                additional_forward_args, n_examples
+            )
         return (
             tuple(x.detach() for x in formatted),
             is_tuple,
@@ -428,6 +577,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
 
     def _path_space(
         self,
+        context: CallContext,
         forward: Callable[..., Tensor],
         inputs: tuple[Tensor, ...],
         is_tuple: bool,
@@ -436,10 +586,11 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         """The path lives on the inputs (the hook the layer variant overrides)."""
         with torch.no_grad():
             logits = forward(*inputs, *(args or ()))
-        return PathSpace(inputs, forward, args, is_tuple, logits)
+        return PathSpace(inputs, forward, args, ((len(inputs), is_tuple),), logits)
 
     def _given_starts(
         self,
+        context: CallContext,
         forward: Callable[..., Tensor],
         space: PathSpace,
         given: tuple[Tensor, ...],
@@ -450,6 +601,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
 
     def _learned_starts(
         self,
+        context: CallContext,
         space: PathSpace,
         inputs: tuple[Tensor, ...],
         classes: Tensor,
@@ -458,12 +610,13 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         """Algorithm 1, lines 1-7: unlearn the prediction of ``inputs`` per sample,
         then move ``space.points`` until the original model's output matches the
         unlearned distribution."""
-        self._check_unlearnable(space.logits)
-        params = unlearned_parameters(self.model)
+        self._check_unlearnable(context.model, space.logits)
+        free = self._free_values(context, space, args)
+        params = unlearned_parameters(context.model)
         log_target = unlearned_log_probs(
-            self._wrapper,
+            context.wrapper,
             params,
-            buffer_copies(self.model),
+            buffer_copies(context.model),
             inputs,
             classes,
             args,
@@ -473,7 +626,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             ),
         )
         return match_baselines(
-            self.gradient_func,
+            context.gradient_func,
             space.forward,
             space.points,
             log_target,
@@ -481,28 +634,46 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             self.pgd_steps,
             self.epsilon,
             self.pgd_step_size,
+            free,
         )
 
-    def _check_unlearnable(self, logits: Tensor) -> None:
-        """Learning baselines needs parameters to unlearn and a class to unlearn
-        among several (explicit ``baselines`` need neither)."""
-        if self.model is None:
+    def _free_values(
+        self, context: CallContext, space: PathSpace, args: tuple | None
+    ) -> tuple[Tensor | None, ...] | None:
+        """Masks (broadcastable 0/1) of the path values the learned baseline may
+        move, one per point (None: all). All values here; the layer variant
+        holds the target tokens Captum's LLM wrapper appends after the prompt."""
+        return None
+
+    @staticmethod
+    def _check_unlearnable(model: nn.Module | None, logits: Tensor) -> None:
+        """Learning baselines needs parameters to unlearn, and class scores or one
+        log-probability per sample (explicit ``baselines`` need neither)."""
+        if model is None:
             reason = "`forward_func` is no nn.Module"
-        elif not any(p.is_floating_point() for p in self.model.parameters()):
+        elif not any(p.is_floating_point() for p in model.parameters()):
             reason = "the model has no floating-point parameters"
-        elif logits.shape[1] < 2:
-            reason = f"forward_func returns {logits.shape[1]} score per sample"
         else:
+            if logits.shape[1] == 1 and not bool((logits <= 0).all()):
+                raise ValueError(
+                    "UNI reads one score per sample as a log-probability (<= 0) "
+                    "and unlearns the distribution (p, 1 - p), but forward_func "
+                    f"returned {logits.flatten()[:4].tolist()}; return the "
+                    "log-probability of the explained class (e.g. "
+                    "`torch.log_softmax(logits, dim=-1)[:, c]`), or class scores "
+                    "of shape (N, n_classes), or pass explicit `baselines`"
+                )
             return
         raise ValueError(
             "UNI learns the baselines by unlearning the model's parameters on the "
-            f"explained class among several, but {reason}; pass the module that "
-            "holds the parameters as `model=`, or explicit `baselines` (used as "
-            "given, as in Captum)"
+            f"explained class, but {reason}; pass the module that holds the "
+            "parameters as `model=`, or explicit `baselines` (used as given, as in "
+            "Captum)"
         )
 
     def _integrate(
         self,
+        context: CallContext,
         space: PathSpace,
         starts: tuple[Tensor, ...],
         classes: Tensor,
@@ -525,11 +696,12 @@ class UnlearnedIntegratedGradients(GradientAttribution):
                 additional_forward_args=space.args,
                 method=method,
                 forward_fn=space.forward,
+                gradient_func=context.gradient_func,
             )
         else:
             attributions = self._attribute(
                 space.points, starts, classes, space.args, n_steps, method,
-                forward_fn=space.forward,
+                forward_fn=space.forward, gradient_func=context.gradient_func,
             )  # fmt: skip
         return tuple(a.detach() for a in attributions)
 
@@ -543,10 +715,13 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         method: str = "riemann_right",
         step_sizes_and_alphas: tuple[list[float], list[float]] | None = None,
         forward_fn: Callable[..., Tensor] | None = None,
+        gradient_func: Callable | None = None,
     ) -> tuple[Tensor, ...]:
+        if forward_fn is None:
+            forward_fn = self._context().wrapper
         return integrated_gradients(
-            self.gradient_func,
-            forward_fn if forward_fn is not None else self._wrapper,
+            gradient_func if gradient_func is not None else self.gradient_func,
+            forward_fn,
             inputs,
             baselines,
             target,

@@ -12,12 +12,20 @@
 3. :func:`integrated_gradients` — the Riemann / Gauss-Legendre path integral from the
    baseline to the input with the original parameters.
 
+A forward that returns one score per sample which is a log-probability
+``s = log p`` (as Captum's ``LLMGradientAttribution`` wrapper returns, the
+log-probability of the target token) is read as the binary distribution
+``(p, 1 − p)`` by :func:`distribution_logits`: the unlearning direction is
+``∇_θ (−s)`` (:func:`unlearning_loss`) and the baselines match the KL divergence
+between binary distributions.
+
 The user's model is never written to: unlearned parameters and copies of the buffers
 are substituted with :func:`torch.func.functional_call` for the duration of a call.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +36,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from captum_faithful._arguments import class_scores, is_batched, repeat_rows
-from captum_faithful._compat import _reshape_and_sum, approximation_parameters
+from captum_faithful._compat import (
+    _reshape_and_sum,
+    _run_forward,
+    approximation_parameters,
+)
 from captum_faithful._utils import as_logits
 
 #: With ``unlearning_batch_size=None`` a chunk holds at most this many parameter
@@ -40,6 +52,36 @@ DEFAULT_UNLEARNING_BUDGET = 2**26
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented"
 
 
+class SharedArgument:
+    """An additional forward argument shared by all samples (not split by row).
+
+    UNI passes a tensor of ``additional_forward_args`` whose first dimension is not
+    the batch size to every forward call as it is (e.g. the target tokens that
+    Captum's ``LLMGradientAttribution`` passes); it travels wrapped in this class so
+    that the row selection, which splits batched tensors by sample, leaves it
+    alone, and :class:`ParametrizedForward` unwraps it.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def share_unbatched_args(additional_forward_args: Any, n_examples: int) -> Any:
+    """``additional_forward_args`` with every tensor whose first dimension is not
+    ``n_examples`` wrapped in :class:`SharedArgument` (other values unchanged)."""
+
+    def wrap(arg: Any) -> Any:
+        if is_batched(arg) and arg.shape[0] != n_examples:
+            return SharedArgument(arg)
+        return arg
+
+    if isinstance(additional_forward_args, tuple):
+        return tuple(wrap(arg) for arg in additional_forward_args)
+    return wrap(additional_forward_args)
+
+
 class ParametrizedForward(nn.Module):
     """``forward_func`` as a module that owns ``model``'s parameters and buffers.
 
@@ -49,6 +91,7 @@ class ParametrizedForward(nn.Module):
     evaluated with unlearned parameters. The output is reduced to class scores
     (N, n_classes); an output of one score per sample is one class.
     ``model=None`` (a forward function without a module) substitutes nothing.
+    Arguments wrapped in :class:`SharedArgument` are unwrapped.
     """
 
     def __init__(self, forward_func: Callable, model: nn.Module | None) -> None:
@@ -58,6 +101,7 @@ class ParametrizedForward(nn.Module):
         object.__setattr__(self, "_forward_func", forward_func)
 
     def forward(self, *args: Any) -> Tensor:
+        args = tuple(a.value if isinstance(a, SharedArgument) else a for a in args)
         return class_scores(as_logits(self._forward_func(*args)))
 
 
@@ -124,6 +168,56 @@ def log_odds_against(logits: Tensor, target: Tensor) -> Tensor:
     return torch.logsumexp(margins.masked_fill(classes == target, -torch.inf), dim=1)
 
 
+def log1mexp(log_p: Tensor) -> Tensor:
+    r"""``log(1 − exp(s))`` elementwise for log-probabilities ``s <= 0``.
+
+    .. math::
+        \log(1 - e^s) = \begin{cases} \log(-\mathrm{expm1}(s)) & s > -\log 2 \\
+        \mathrm{log1p}(-e^s) & s \le -\log 2 \end{cases}
+
+    (Mächler's split: neither branch cancels). ``s`` is clamped to at most the
+    negative of the smallest normal number of its dtype, so ``s = 0`` (``p = 1``
+    in floating point) gives a finite value (about -87 in float32) and every
+    gradient is finite; each branch is evaluated on values where it is finite.
+    """
+    log_p = log_p.clamp(max=-torch.finfo(log_p.dtype).tiny)
+    near_zero = log_p > -math.log(2.0)
+    small = torch.log(-torch.expm1(torch.where(near_zero, log_p, -1.0)))
+    large = torch.log1p(-torch.exp(torch.where(near_zero, -1.0, log_p)))
+    return torch.where(near_zero, small, large)
+
+
+def binary_log_probs(log_p: Tensor) -> Tensor:
+    r"""The binary distribution :math:`(p, 1 - p)` of log-probabilities
+    :math:`s = \log p` of shape (N,), as log-probabilities of shape (N, 2):
+    ``[s, log(1 − e^s)]`` (see :func:`log1mexp`)."""
+    return torch.stack([log_p, log1mexp(log_p)], dim=-1)
+
+
+def distribution_logits(scores: Tensor) -> Tensor:
+    """The logits of the distribution UNI unlearns and matches, from class scores
+    (N, C): the scores themselves for C >= 2; for one score per sample (a
+    log-probability) the binary log-probabilities :func:`binary_log_probs`, whose
+    log-softmax is themselves."""
+    if scores.shape[-1] == 1:
+        return binary_log_probs(scores[..., 0])
+    return scores
+
+
+def unlearning_loss(scores: Tensor, target: Tensor) -> Tensor:
+    r"""The loss whose gradient gives the unlearning direction, per row.
+
+    For C >= 2 classes the log-odds against the target (:func:`log_odds_against`,
+    the direction of the cross-entropy's gradient). For one score per sample,
+    :math:`s = \log p`, it is :math:`-s`: the cross-entropy of the binary
+    distribution :math:`(p, 1 - p)` on its first class, which is the full-softmax
+    cross-entropy of the token whose log-probability ``s`` is.
+    """
+    if scores.shape[-1] == 1:
+        return -scores[:, 0]
+    return log_odds_against(scores, target)
+
+
 def split_per_sample(
     additional_forward_args: tuple | None,
 ) -> tuple[list[int], tuple[Tensor, ...], tuple]:
@@ -170,10 +264,10 @@ def _unlearn_one(
     args = _sample_args(sample, extra, positions, template)
 
     def loss(theta: dict[str, Tensor]) -> Tensor:
-        # the direction of the cross-entropy's gradient (see log_odds_against)
+        # the direction of the cross-entropy's gradient (see unlearning_loss)
         copies = {name: b.clone() for name, b in buffers.items()}
         logits = functional_call(wrapper, {**theta, **copies}, args)
-        return log_odds_against(logits, target.reshape(1)).sum()
+        return unlearning_loss(logits, target.reshape(1)).sum()
 
     direction = grad(loss)(params)
     norm = torch.sqrt(sum(g.pow(2).sum() for g in direction.values()))
@@ -184,7 +278,7 @@ def _unlearn_one(
     theta_hat = {name: params[name] + scale * direction[name] for name in params}
     copies = {name: b.clone() for name, b in buffers.items()}
     logits = functional_call(wrapper, {**theta_hat, **copies}, args)
-    return torch.log_softmax(logits, dim=1)[0]
+    return torch.log_softmax(distribution_logits(logits), dim=1)[0]
 
 
 def unlearning_chunk_size(
@@ -208,7 +302,9 @@ def unlearned_log_probs(
     chunk_size: int,
     mode: str = "auto",
 ) -> Tensor:
-    """``log softmax f(x_i; θ̂_i)`` for every sample, shape (N, C), detached.
+    """``log softmax f(x_i; θ̂_i)`` for every sample, shape (N, C), detached (for
+    one score per sample the binary log-probabilities, shape (N, 2), see
+    :func:`distribution_logits`).
 
     ``θ̂_i = θ + η ∇_θ CE(f(x_i; θ), c_i) / ‖∇_θ CE(f(x_i; θ), c_i)‖`` with one L2
     norm over all tensors in ``params``. Every sample is run alone (batch of one).
@@ -281,19 +377,26 @@ def match_baselines(
     pgd_steps: int,
     epsilon: float,
     pgd_step_size: float,
+    free: Sequence[Tensor | None] | None = None,
 ) -> tuple[Tensor, ...]:
     """Algorithm 1, lines 5-7: the baselines ``x' = x + δ^T``.
 
+    ``log_target`` holds ``log p̂`` per sample, of the distribution
+    :func:`distribution_logits` gives for ``forward_fn``'s scores.
     ``δ⁰ = 0``; for ``t < T``: ``δ ← δ − μ ∇_δ KL(p̂ ‖ softmax f(x + δ))`` followed by
     :func:`project_to_sphere`. The KL of every sample only depends on its own ``δ``,
     so one batched gradient of the summed KL gives all per-sample gradients.
+    ``free`` holds, per start, None or a 0/1 mask broadcastable to it: the step
+    is masked, so ``δ`` stays 0 where the mask is 0 (and the sphere is the one of
+    the free values).
     """
     starts = tuple(s.detach() for s in starts)
     n_inputs = len(starts)
 
     def objective(*args: Any) -> Tensor:
         moved = tuple(s + d for s, d in zip(starts, args[:n_inputs], strict=True))
-        return kl_divergence(log_target, forward_fn(*moved, *args[n_inputs:]))
+        scores = forward_fn(*moved, *args[n_inputs:])
+        return kl_divergence(log_target, distribution_logits(scores))
 
     deltas = tuple(torch.zeros_like(s) for s in starts)
     for _ in range(pgd_steps):
@@ -304,6 +407,10 @@ def match_baselines(
             target_ind=None,
             additional_forward_args=additional_forward_args,
         )
+        if free is not None:
+            grads = tuple(
+                g if m is None else g * m for g, m in zip(grads, free, strict=True)
+            )
         deltas = project_to_sphere(
             tuple(
                 (d - pgd_step_size * g).detach()
@@ -409,3 +516,24 @@ def completeness_gap(
         start = forward_fn(*baselines, *args)[rows, target]
         total = sum(a.reshape(a.shape[0], -1).sum(dim=1) for a in attributions)
     return total - (end - start)
+
+
+def gradient_function(grad_kwargs: dict[str, Any] | None) -> Callable:
+    """A gradient function with Captum's ``compute_gradients`` signature that
+    passes ``grad_kwargs`` to :func:`torch.autograd.grad` (e.g.
+    ``{"materialize_grads": True}`` for a layer the output does not depend on)."""
+    kwargs = dict(grad_kwargs)
+
+    def gradients(
+        forward_fn: Callable[..., Tensor],
+        inputs: tuple[Tensor, ...],
+        target_ind: Any = None,
+        additional_forward_args: Any = None,
+    ) -> tuple[Tensor, ...]:
+        with torch.enable_grad():
+            outputs = _run_forward(
+                forward_fn, inputs, target_ind, additional_forward_args
+            )
+            return torch.autograd.grad(torch.unbind(outputs), inputs, **kwargs)
+
+    return gradients
