@@ -84,6 +84,11 @@ class LanguageDemo:
 def build_language_model(recipe: LanguageRecipe, vocab_size: int, seed: int = 0):
     """A ``GPT2LMHeadModel`` from a config: ``recipe.layers`` blocks of width
     ``recipe.width``, no dropout, context of 16 tokens, random weights."""
+    if not isinstance(recipe, LanguageRecipe):
+        raise TypeError(
+            f"`recipe` must be a LanguageRecipe, got {type(recipe).__name__}"
+        )
+    check_int("vocab_size", vocab_size, minimum=1)
     transformers = optional_import("transformers", "vit")
     config = transformers.GPT2Config(
         vocab_size=vocab_size,
@@ -106,6 +111,8 @@ def build_language_model(recipe: LanguageRecipe, vocab_size: int, seed: int = 0)
 def encode(tokenizer: Any, texts: list[str]) -> Tensor:
     """Token ids of ``texts``, ``(len(texts), longest)``, right-padded with
     ``[PAD]``."""
+    if isinstance(texts, str) or not texts:
+        raise ValueError(f"`texts` must be a non-empty list of strings, got {texts!r}")
     encoded = [tokenizer(text)["input_ids"] for text in texts]
     longest = max(len(ids) for ids in encoded)
     ids = torch.full((len(encoded), longest), tokenizer.pad_token_id)

@@ -150,6 +150,8 @@ def fact_tokenizer(data: FactData):
     ``tokenizers`` trainer (by frequency, ties by the word), so the same data give
     the same token ids.
     """
+    if not isinstance(data, FactData):
+        raise TypeError(f"`data` must be a FactData, got {type(data).__name__}")
     tokenizers = optional_import("tokenizers", "vit")
     transformers = optional_import("transformers", "vit")
     tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_faithful._utils import check_choice, check_float, check_int
+from captum_faithful.lm._adapter import first_tensor
 
 #: The baselines measured, in the report's order.
 BASELINES = ("unlearned", "random", "zero", "corrupted")
@@ -202,9 +203,8 @@ def measure_patching(
         epsilon=epsilon,
         pgd_step_size=pgd_step_size,
     )
-    embedding = model.get_input_embeddings()
     with torch.no_grad():
-        clean = embedding(input_ids)
+        clean = first_tensor(patching.adapter.embedding(input_ids))
     exact, approx = {}, {}
     distance, relative, rank, baseline_distance = {}, {}, {}, {}
     seconds = {}

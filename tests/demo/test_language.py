@@ -391,3 +391,45 @@ def test_job_language_step(demo_cache, tmp_path):
         ["UNI (learned)", "1"],
         ["UNI (learned)", "16"],
     ]
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "hooked_transformer"])
+def test_measurement_on_other_families(family):
+    """The measurement reads the embeddings through the family's adapter."""
+    pytest.importorskip("transformer_lens")
+    import tiny_lms
+
+    model = tiny_lms.BUILDERS[family]()
+    ids = torch.randint(
+        3, tiny_lms.VOCAB, (2, 5), generator=torch.Generator().manual_seed(0)
+    )
+    corrupted = ids.clone()
+    corrupted[:, 1] = (ids[:, 1] - 2) % (tiny_lms.VOCAB - 3) + 3
+    measured = measure_patching(model, ids, corrupted, n_steps=(1,))
+    patching = AttributionPatching(model)
+    x_prime = patching.compute_baselines(ids, baselines=corrupted)
+    exact = activation_patching(model, ids, x_prime)
+    approx = patching.attribute(ids, baselines=x_prime)
+    torch.testing.assert_close(
+        measured.distance["corrupted", 1],
+        (approx - exact).double().flatten(1).norm(dim=1),
+    )
+    torch.testing.assert_close(
+        measured.baseline_distance["unlearned"],
+        torch.full((2,), 0.25, dtype=torch.float64),
+        rtol=1e-4,
+        atol=0,
+    )
+
+
+def test_helpers_validate_arguments(data):
+    with pytest.raises(TypeError, match="recipe"):
+        language.build_language_model({"layers": 2}, 10)
+    with pytest.raises(ValueError, match="vocab_size"):
+        language.build_language_model(TINY, 0)
+    with pytest.raises(ValueError, match="texts"):
+        language.encode(None, [])
+    with pytest.raises(TypeError, match="data"):
+        lm_data.fact_tokenizer(data.text)
+    with pytest.raises(ValueError, match="seed"):
+        lm_data.make_facts(-1)
