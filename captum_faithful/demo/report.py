@@ -698,7 +698,7 @@ def language_section(outcome: Any) -> list[str]:
         "The UNI paper's Table 8 in miniature. A tiny GPT-2 "
         f"({recipe.get('layers')} blocks, width {recipe.get('width')}, "
         f"{recipe.get('heads')} heads) is trained on invented facts "
-        '("Zapouk lives in the town of Fagrour ."; every name made up, nothing '
+        f'("{language.facts.facts[0].sentence}"; every name made up, nothing '
         f"downloaded). It completes {_number(language.recall)} of all "
         f"{len(language.facts.facts)} fact prompts with their attribute and "
         f"{_number(language.pair_recall)} of the {2 * measurement.n_prompts} prompts "

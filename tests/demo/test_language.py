@@ -321,6 +321,7 @@ def test_language_section_renders_the_table_and_a_computed_verdict(data):
     assert "**held**" in text and "did not hold" not in text
     assert "0.975 of all 136 fact prompts" in text and "2 blocks, width 64" in text
     assert data.pairs[0][0].prompt in text and "ε = 0.25" in text
+    assert f'("{data.facts[0].sentence}";' in text
     # the verdict follows the numbers
     reversed_outcome = SimpleNamespace(
         language=_language(data), patching=_measurement(6, 2)
