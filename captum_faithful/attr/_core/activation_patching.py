@@ -72,7 +72,7 @@ def activation_patching(
                     :meth:`AttributionPatching.attribute`: None (the logit at the
                     last position of the clean run's top token), token ids (int or
                     (N,)), or a callable ``target(logits (M, T, V), prompts (M,))
-                    -> (M,)``.
+                    -> (M,)`` (or ``target(logits)``).
                     Default: None
         sites (str or list[str], optional): As in
                     :class:`~captum_faithful.AttributionPatching`.

@@ -21,7 +21,7 @@ from captum_faithful.attr._core.layer.layer_unlearned_integrated_gradients impor
     LayerUnlearnedIntegratedGradients,
 )
 from captum_faithful.attr._utils.patching import (
-    CleanRun,
+    Run,
     Score,
     TargetFunction,
     baseline_embeddings,
@@ -80,8 +80,9 @@ class AttributionPatching:
     Baselines replace the output of the token-embedding module (positional
     embeddings, if the model has them, are still added by the model). Prompts in
     one call share one length; there is no padding or attention mask. The model
-    runs in the mode the user left it in and comes back unchanged (parameters,
-    ``requires_grad``, mode, hooks, attention implementation).
+    runs in the mode the user left it in (use ``model.eval()``: dropout would make
+    the runs differ) and comes back unchanged (parameters, ``requires_grad``,
+    mode, hooks, attention implementation).
 
     Args:
 
@@ -109,13 +110,14 @@ class AttributionPatching:
                     distance between the learned baseline and :math:`E(x)`, one
                     radius over all tokens and embedding coordinates of a prompt.
                     0.25 is the value the paper used unchanged on its language
-                    models (chosen for 3x224x224 images); per coordinate it moves
-                    the embeddings by :math:`\varepsilon / \sqrt{T d}` (root mean
-                    square), e.g. 0.0028 for 8 tokens of GPT-2 small (d = 768),
-                    against a typical embedding entry of 0.1. For a perturbation of
-                    a given size per coordinate, scale it with
-                    :math:`\sqrt{T d}` and the embeddings' scale (the standard
-                    deviation of the embedding matrix).
+                    models (chosen for 3x224x224 images, not tuned for
+                    language models), kept here so that results compare with
+                    the paper's. Per coordinate it moves the embeddings by
+                    :math:`\varepsilon / \sqrt{T d}` (root mean square), e.g.
+                    0.0032 for 8 tokens of GPT-2 small (d = 768); compare it
+                    with the spread of the embeddings (the standard deviation of
+                    the embedding matrix). For a given size per coordinate,
+                    scale :math:`\varepsilon` with :math:`\sqrt{T d}`.
                     Default: 0.25
         pgd_step_size (float, optional): UNI's :math:`\mu` (> 0).
                     Default: 0.1
@@ -187,8 +189,12 @@ class AttributionPatching:
                         (M,), e.g. a logit difference between per-prompt tokens
                         ``good`` and ``bad``: ``lambda logits, prompts:
                         logits[:, -1].gather(1, good[prompts, None])[:, 0] -
-                        logits[:, -1].gather(1, bad[prompts, None])[:, 0]``. For
-                        the unlearned baseline the unlearned class is the target
+                        logits[:, -1].gather(1, bad[prompts, None])[:, 0]``; a
+                        callable of one argument, ``target(logits)``, is called
+                        with the logits alone (right when F is the same function
+                        for every prompt, e.g. the difference of two fixed
+                        tokens). Rows must be scored independently. For the
+                        unlearned baseline the unlearned class is the target
                         token (None or token ids) or the clean top token
                         (callable).
                         Default: None
@@ -216,6 +222,7 @@ class AttributionPatching:
 
             >>> from transformers import AutoModelForCausalLM, AutoTokenizer
             >>> model = AutoModelForCausalLM.from_pretrained("EleutherAI/pythia-70m")
+            >>> tokenizer = AutoTokenizer.from_pretrained("EleutherAI/pythia-70m")
             >>> ids = tokenizer(["The capital of France is"], return_tensors="pt")
             >>> patching = AttributionPatching(model)
             >>> scores = patching.attribute(ids.input_ids)  # (1, 7, T)
@@ -334,7 +341,7 @@ class AttributionPatching:
         baselines: str | Tensor,
         target: Tensor | TargetFunction | None,
         generator: torch.Generator | None,
-    ) -> tuple[CleanRun, Tensor, Score]:
+    ) -> tuple[Run, Tensor, Score]:
         """The clean run, the baseline embeddings and F."""
         clean = embedded_run(self.adapter, input_ids, self.sites)
         tokens = explained_tokens(target, clean)

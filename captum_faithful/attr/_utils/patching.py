@@ -4,8 +4,9 @@ any model call), the clean run, the baselines in embedding space and the score F
 - :func:`check_prompts`, :func:`check_target`, :func:`check_baselines` and
   :func:`resolve_sites` turn the user's arguments into canonical forms or raise a
   ValueError / TypeError that names the argument.
-- :func:`clean_run` runs the prompts once and records the token embeddings, the
-  activation of every site and the logits.
+- :func:`embedded_run` runs the prompts once (with the token embeddings replaced
+  by a baseline, or not) and records the token embeddings, the activation of
+  every site and the logits.
 - :class:`Score` is F: the logit of a token at the last position, or the user's
   callable on the logits.
 - :func:`baseline_embeddings` turns a checked baseline into embeddings (N, T, d).
@@ -13,8 +14,10 @@ any model call), the clean run, the baselines in embedding space and the score F
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +39,20 @@ BASELINE_NAMES = ("unlearned", "random", "zero")
 TargetFunction = Callable[[Tensor, Tensor], Tensor]
 
 
+def _embedding_matrix(adapter: LMAdapter) -> Tensor | None:
+    """The token-embedding matrix, or None when the embedding module has none (the
+    vocabulary and the embedding width are then checked by the model itself)."""
+    try:
+        return adapter.embedding_matrix
+    except TypeError:
+        return None
+
+
+def _vocab_size(adapter: LMAdapter) -> int | None:
+    matrix = _embedding_matrix(adapter)
+    return None if matrix is None else matrix.shape[0]
+
+
 def check_prompts(
     adapter: LMAdapter, input_ids: Any, name: str = "input_ids"
 ) -> Tensor:
@@ -48,7 +65,7 @@ def check_prompts(
     if (
         input_ids.dtype == torch.bool
         or input_ids.is_floating_point()
-        or (input_ids.is_complex())
+        or input_ids.is_complex()
     ):
         raise TypeError(
             f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}"
@@ -63,11 +80,11 @@ def check_prompts(
             f"`{name}` must hold at least one prompt of at least one token, got "
             f"shape {tuple(input_ids.shape)}"
         )
-    vocab = adapter.vocab_size
+    vocab = _vocab_size(adapter)
     low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
+    if low < 0 or (vocab is not None and high >= vocab):
         raise ValueError(
-            f"`{name}` holds token ids outside the vocabulary [0, {vocab}): "
+            f"`{name}` holds token ids outside the vocabulary [0, {vocab or 'V'}): "
             f"min {low}, max {high}"
         )
     return input_ids.long()
@@ -76,8 +93,13 @@ def check_prompts(
 def check_target(
     adapter: LMAdapter, target: Any, n_prompts: int
 ) -> Tensor | TargetFunction | None:
-    """None, token ids as a LongTensor (N,), or a callable."""
-    if target is None or (callable(target) and not isinstance(target, Tensor)):
+    """None, token ids as a LongTensor (N,), or a callable ``(logits, prompts)``
+    (a callable of one positional argument takes the logits alone)."""
+    if target is None:
+        return None
+    if callable(target) and not isinstance(target, Tensor):
+        if _takes_logits_only(target):
+            return lambda logits, prompts: target(logits)
         return target
     if isinstance(target, bool) or (
         isinstance(target, Tensor)
@@ -104,13 +126,29 @@ def check_target(
             "`target` must be None, token ids (an int or an integer tensor of "
             f"shape (N,)) or a callable, got {type(target).__name__}"
         )
-    vocab = adapter.vocab_size
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+    vocab = _vocab_size(adapter)
+    if int(tokens.min()) < 0 or (vocab is not None and int(tokens.max()) >= vocab):
         raise ValueError(
-            f"`target` holds token ids outside the vocabulary [0, {vocab}): "
+            f"`target` holds token ids outside the vocabulary [0, {vocab or 'V'}): "
             f"{tokens.tolist()}"
         )
     return tokens
+
+
+def _takes_logits_only(function: Callable) -> bool:
+    """Whether ``function`` takes one positional argument (no second, no ``*args``)."""
+    try:
+        kinds = [p.kind for p in inspect.signature(function).parameters.values()]
+    except (TypeError, ValueError):
+        return False
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+    return (
+        inspect.Parameter.VAR_POSITIONAL not in kinds
+        and sum(kind in positional for kind in kinds) == 1
+    )
 
 
 def check_baselines(
@@ -131,6 +169,13 @@ def check_baselines(
                 "input_ids) and pass that tensor, so that both methods start from "
                 "the same baseline"
             )
+        if baselines == "random" and _embedding_matrix(adapter) is None:
+            raise TypeError(
+                "`baselines='random'` draws from the statistics of the "
+                "token-embedding matrix, but the embedding module "
+                f"{type(adapter.embedding).__name__} has no 2-D `weight` or `W_E`; "
+                "pass baseline embeddings (N, T, d) instead"
+            )
         return baselines
     if not isinstance(baselines, Tensor):
         raise TypeError(
@@ -146,9 +191,14 @@ def check_baselines(
                 f"{tuple(baselines.shape)}"
             )
         return check_prompts(adapter, baselines, name="baselines")
-    width = adapter.embedding_matrix.shape[1]
+    matrix = _embedding_matrix(adapter)
+    width = "d" if matrix is None else matrix.shape[1]
     expected = (*input_ids.shape, width)
-    if tuple(baselines.shape) != expected:
+    if (
+        baselines.dim() != 3
+        or baselines.shape[:2] != input_ids.shape
+        or (matrix is not None and baselines.shape[2] != width)
+    ):
         raise ValueError(
             f"`baselines` as embeddings must have shape (N, T, d) = {expected}, got "
             f"{tuple(baselines.shape)}"
@@ -178,8 +228,8 @@ def resolve_sites(adapter: LMAdapter, sites: Any) -> list[Site]:
 
 
 @dataclass(frozen=True)
-class CleanRun:
-    """The prompts' run: token embeddings (N, T, d), activations by site name and
+class Run:
+    """One run of the prompts: token embeddings (N, T, d), activations by site name and
     logits (N, T, V), all detached."""
 
     embeddings: Tensor
@@ -192,7 +242,7 @@ def embedded_run(
     input_ids: Tensor,
     sites: Sequence[Site],
     embeddings: Tensor | None = None,
-) -> CleanRun:
+) -> Run:
     """One forward without gradients; ``embeddings`` (when given) replace the token
     embeddings. Site activations must be (N, T, ...)."""
     store: list[Tensor] = []
@@ -201,13 +251,15 @@ def embedded_run(
         store.append(value)
 
     embedding_site = Site("embedding", adapter.embedding, "output")
-    with torch.no_grad(), capture_sites(sites) as activations:
-        with transform_site(embedding_site, keep):
-            if embeddings is None:
-                logits = adapter.logits(input_ids)
-            else:
-                with replace_embeddings(adapter, embeddings):
-                    logits = adapter.logits(input_ids)
+    # hooks run in registration order: the embeddings are read, then replaced, and
+    # only then seen by the sites (the embedding module may be a site itself)
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(transform_site(embedding_site, keep))
+        if embeddings is not None:
+            stack.enter_context(replace_embeddings(adapter, embeddings))
+        activations = stack.enter_context(capture_sites(sites))
+        logits = adapter.logits(input_ids)
     n_prompts, n_tokens = input_ids.shape
     if len(store) != 1:
         raise RuntimeError(
@@ -223,7 +275,7 @@ def embedded_run(
                 f"{None if value is None else tuple(value.shape)}"
             )
     check_logits(logits, n_prompts, n_tokens)
-    return CleanRun(
+    return Run(
         store[-1].detach() if embeddings is None else embeddings,
         {name: value.detach() for name, value in activations.items()},
         logits.detach(),
@@ -243,7 +295,7 @@ class Score:
 
     Each row belongs to one prompt (``prompts[r]`` its index in ``input_ids``).
     With token ids (N,): the logit of prompt ``i``'s token at the last position.
-    With a callable: ``target(logits, prompts)`` (M,).
+    With a callable: ``target(logits, prompts)`` (M,) (see :func:`check_target`).
     """
 
     def __init__(self, target: Tensor | TargetFunction) -> None:
@@ -263,7 +315,7 @@ class Score:
         return scores
 
 
-def explained_tokens(target: Tensor | TargetFunction | None, clean: CleanRun) -> Tensor:
+def explained_tokens(target: Tensor | TargetFunction | None, clean: Run) -> Tensor:
     """The token each prompt explains: ``target``'s ids, else the clean run's top
     token at the last position."""
     if isinstance(target, Tensor):
@@ -287,7 +339,7 @@ def baseline_embeddings(
     adapter: LMAdapter,
     baselines: str | Tensor,
     input_ids: Tensor,
-    clean: CleanRun,
+    clean: Run,
     generator: torch.Generator | None,
     unlearned: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
