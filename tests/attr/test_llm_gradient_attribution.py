@@ -147,6 +147,24 @@ def test_captum_pipeline_returns_its_result_and_plots(gpt2, tokenizer):
     assert method.forward_func is gpt2
 
 
+def test_skipped_prompt_tokens_drop_their_columns_only(gpt2, tokenizer):
+    """With ``skip_tokens`` Captum attributes a shorter interpretable tensor; the
+    model input, the learned baseline and the path are the same, so the other
+    tokens keep their attributions."""
+    llm_attr = LLMGradientAttribution(
+        LayerUnlearnedIntegratedGradients(gpt2, gpt2.transformer.wte), tokenizer
+    )
+    full = llm_attr.attribute(TextTokenInput(PROMPT, tokenizer), target=TARGET)
+    skipped = llm_attr.attribute(
+        TextTokenInput(PROMPT, tokenizer, skip_tokens=["cat"]), target=TARGET
+    )
+    assert skipped.token_attr.shape == (2, 3)
+    assert skipped.input_tokens == ["the", "sat", "on"]
+    torch.testing.assert_close(
+        skipped.token_attr, full.token_attr[:, [0, 2, 3]], atol=1e-6, rtol=1e-5
+    )
+
+
 def test_explicit_zero_baselines_equal_captum_layer_ig(gpt2, tokenizer):
     """Baselines 0 (Captum's default), n_steps=50, Gauss-Legendre: LayerUNI is
     Captum's LayerIntegratedGradients through the whole pipeline."""
@@ -374,6 +392,11 @@ def test_positive_single_score_is_refused_with_what_to_return():
     uni = UnlearnedIntegratedGradients(score, model=net)
     with pytest.raises(ValueError, match=r"log-probability \(<= 0\).*log_softmax"):
         uni.attribute(images)
+    minus_inf = UnlearnedIntegratedGradients(
+        lambda inputs: torch.full((inputs.shape[0],), -torch.inf), model=net
+    )
+    with pytest.raises(ValueError, match="finite log-probability"):
+        minus_inf.attribute(images)
     # explicit baselines: any score, as Captum's IG
     torch.testing.assert_close(
         uni.attribute(images, baselines=0.0),

@@ -749,7 +749,9 @@ def test_learned_baselines_need_a_log_probability_when_one_score_per_sample(imag
     is none, so learning the baselines refuses it and says what to return."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1), nn.Flatten(0))
     assert (model(images) > 0).any()
-    with pytest.raises(ValueError, match="one score per sample as a log-prob.*log_"):
+    with pytest.raises(
+        ValueError, match="one score per sample as a finite log-prob.*log_"
+    ):
         UnlearnedIntegratedGradients(model).attribute(images)
     # explicit baselines: one score per sample is what Captum's IG explains
     uni = UnlearnedIntegratedGradients(model).attribute(images, baselines=0.0)

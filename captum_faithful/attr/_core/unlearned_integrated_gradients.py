@@ -654,9 +654,12 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         elif not any(p.is_floating_point() for p in model.parameters()):
             reason = "the model has no floating-point parameters"
         else:
-            if logits.shape[1] == 1 and not bool((logits <= 0).all()):
+            if logits.shape[1] == 1 and not bool(
+                (torch.isfinite(logits) & (logits <= 0)).all()
+            ):
                 raise ValueError(
-                    "UNI reads one score per sample as a log-probability (<= 0) "
+                    "UNI reads one score per sample as a finite log-probability "
+                    "(<= 0) "
                     "and unlearns the distribution (p, 1 - p), but forward_func "
                     f"returned {logits.flatten()[:4].tolist()}; return the "
                     "log-probability of the explained class (e.g. "

@@ -8,9 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from captum.attr import LayerIntegratedGradients
-from helpers import ModelSnapshot, small_cnn
+from helpers import ModelSnapshot, fails_after, small_cnn
+from torch import nn
 
-from captum_faithful import LayerUnlearnedIntegratedGradients
+from captum_faithful import (
+    LayerUnlearnedIntegratedGradients,
+    UnlearnedIntegratedGradients,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -368,3 +372,265 @@ def test_single_step_is_one_layer_gradient_at_the_rule_point(method, alpha):
     got = uni.attribute(images, target=7, n_steps=1, method=method)
     expected = gradient_at(alpha) * (h - base)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------- lists of layers, layer inputs, Captum
+
+
+class _TwoBranches(nn.Module):
+    """Two independent layers ``a`` and ``b`` combined multiplicatively."""
+
+    def __init__(self, additive: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.additive = additive
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def combine(self, ha, hb):
+        if self.additive:
+            return self.head(torch.tanh(ha)) + self.head(torch.tanh(hb))
+        return self.head(torch.tanh(ha) * torch.tanh(hb))
+
+    def forward(self, x1, x2):
+        return self.combine(self.a(x1), self.b(x2))
+
+
+def _joint_ig(model, ha, hb, base_a, base_b, target, n_steps):
+    """Right-Riemann IG of ``model.combine`` on the joint path, by hand."""
+    total_a, total_b = torch.zeros_like(ha), torch.zeros_like(hb)
+    rows = torch.arange(ha.shape[0])
+    for k in range(1, n_steps + 1):
+        pa = (base_a + k / n_steps * (ha - base_a)).requires_grad_(True)
+        pb = (base_b + k / n_steps * (hb - base_b)).requires_grad_(True)
+        out = model.combine(pa, pb)[rows, target].sum()
+        ga, gb = torch.autograd.grad(out, (pa, pb))
+        total_a += ga / n_steps
+        total_b += gb / n_steps
+    return total_a * (ha - base_a), total_b * (hb - base_b)
+
+
+@pytest.mark.filterwarnings("ignore:Multiple layers provided")
+def test_list_of_layers_is_one_joint_path_as_in_captum():
+    model = _TwoBranches()
+    x1, x2 = torch.randn(4, 3), torch.randn(4, 3)
+    b1, b2 = torch.randn(1, 3), torch.randn(1, 3)
+    target = torch.tensor([0, 2, 1, 2])
+    uni = LayerUnlearnedIntegratedGradients(model, [model.a, model.b])
+    got = uni.attribute((x1, x2), baselines=(b1, b2), target=target, n_steps=20)
+    assert isinstance(got, list) and len(got) == 2
+    with torch.no_grad():
+        ha, hb, base_a, base_b = model.a(x1), model.b(x2), model.a(b1), model.b(b2)
+    expected = _joint_ig(model, ha, hb, base_a, base_b, target, 20)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    # Captum's LayerIntegratedGradients agrees on the same rule
+    captum = LayerIntegratedGradients(model, [model.a, model.b]).attribute(
+        (x1, x2), (b1, b2), target=target, n_steps=20, method="riemann_right"
+    )
+    for g, c in zip(got, captum, strict=True):
+        torch.testing.assert_close(g, c, atol=1e-6, rtol=1e-5)
+
+
+def test_list_of_independent_additive_layers_equals_single_layer_calls():
+    model = _TwoBranches(additive=True)
+    x1, x2 = torch.randn(3, 3), torch.randn(3, 3)
+    baselines = (torch.zeros(1, 3), torch.ones(1, 3))
+    both = LayerUnlearnedIntegratedGradients(model, [model.a, model.b]).attribute(
+        (x1, x2), baselines, target=1
+    )
+    for layer, got in zip((model.a, model.b), both, strict=True):
+        alone = LayerUnlearnedIntegratedGradients(model, layer).attribute(
+            (x1, x2), baselines, target=1
+        )
+        torch.testing.assert_close(got, alone, atol=1e-6, rtol=1e-5)
+
+
+def test_learned_baselines_of_a_list_share_one_ball_and_are_complete():
+    model = _TwoBranches()
+    x1, x2 = torch.randn(4, 3), torch.randn(4, 3)
+    snapshot = ModelSnapshot.take(model)
+    uni = LayerUnlearnedIntegratedGradients(model, [model.a, model.b], epsilon=0.4)
+    base_a, base_b = uni.compute_baselines((x1, x2))
+    with torch.no_grad():
+        ha, hb = model.a(x1), model.b(x2)
+        targets = model(x1, x2).argmax(1)
+        rows = torch.arange(4)
+        gap = (
+            model.combine(ha, hb)[rows, targets]
+            - model.combine(base_a, base_b)[rows, targets]
+        )
+    distance = torch.sqrt((base_a - ha).pow(2).sum(1) + (base_b - hb).pow(2).sum(1))
+    torch.testing.assert_close(distance, torch.full((4,), 0.4), atol=1e-6, rtol=0)
+    # both layers moved: one joint delta, not one layer only
+    assert ((base_a - ha).norm(dim=1) > 1e-3).all()
+    assert ((base_b - hb).norm(dim=1) > 1e-3).all()
+    (att_a, att_b), delta = uni.attribute(
+        (x1, x2), n_steps=64, method="gausslegendre", return_convergence_delta=True
+    )
+    total = att_a.sum(1) + att_b.sum(1)
+    torch.testing.assert_close(total, gap, atol=1e-5, rtol=1e-4)
+    assert delta.abs().max() < 1e-5
+    # with the learned baselines given in layer space, by hand
+    expected = _joint_ig(model, ha, hb, base_a, base_b, targets, 15)
+    got = uni.attribute((x1, x2))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    snapshot.assert_same(model)
+
+
+def _chain():
+    torch.manual_seed(6)
+    return nn.Sequential(
+        nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)
+    )
+
+
+def test_attribute_to_layer_input_equals_the_previous_module_output():
+    model = _chain()
+    x = torch.randn(4, 5)
+    on_input = LayerUnlearnedIntegratedGradients(model, model[2])
+    on_output = LayerUnlearnedIntegratedGradients(model, model[1])
+    kwargs = {"attribute_to_layer_input": True}
+    torch.testing.assert_close(
+        on_input.compute_baselines(x, **kwargs), on_output.compute_baselines(x)
+    )
+    torch.testing.assert_close(on_input.attribute(x, **kwargs), on_output.attribute(x))
+    explicit = on_input.attribute(x, baselines=0.5, target=2, **kwargs)
+    torch.testing.assert_close(
+        explicit, on_output.attribute(x, baselines=0.5, target=2)
+    )
+    # and the output is what Captum's LayerIntegratedGradients gives there
+    captum = LayerIntegratedGradients(model, model[2]).attribute(
+        x, 0.5, target=2, n_steps=15, method="riemann_right", **kwargs
+    )
+    torch.testing.assert_close(explicit, captum, atol=1e-6, rtol=1e-5)
+    listed = LayerUnlearnedIntegratedGradients(model, [model[2]])
+    got = listed.attribute(x, baselines=0.5, target=2, **kwargs)
+    assert isinstance(got, list) and len(got) == 1
+    torch.testing.assert_close(got[0], explicit)
+
+
+class _TwoInputLayer(nn.Module):
+    def forward(self, u, v):
+        return torch.tanh(u) * v
+
+
+class _UsesTwoInputLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.u = nn.Linear(4, 5)
+        self.v = nn.Linear(4, 5)
+        self.mix = _TwoInputLayer()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.mix(self.u(x), self.v(x)))
+
+
+def test_layer_with_several_inputs_gives_a_tuple():
+    model = _UsesTwoInputLayer()
+    x = torch.randn(3, 4)
+    uni = LayerUnlearnedIntegratedGradients(model, model.mix, epsilon=0.3)
+    (att_u, att_v), delta = uni.attribute(
+        x, attribute_to_layer_input=True, n_steps=64, method="gausslegendre",
+        return_convergence_delta=True,
+    )  # fmt: skip
+    assert att_u.shape == att_v.shape == (3, 5)
+    assert delta.abs().max() < 1e-5
+    base_u, base_v = uni.compute_baselines(x, attribute_to_layer_input=True)
+    with torch.no_grad():
+        u, v = model.u(x), model.v(x)
+        targets = model(x).argmax(1)
+        rows = torch.arange(3)
+        gap = (
+            model.head(model.mix(u, v))[rows, targets]
+            - model.head(model.mix(base_u, base_v))[rows, targets]
+        )
+    distance = torch.sqrt((base_u - u).pow(2).sum(1) + (base_v - v).pow(2).sum(1))
+    torch.testing.assert_close(distance, torch.full((3,), 0.3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(att_u.sum(1) + att_v.sum(1), gap, atol=1e-5, rtol=1e-4)
+
+
+class _UnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.lin0 = nn.Linear(3, 4)
+        self.side = nn.ReLU()
+        self.lin1 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin0(x)
+        self.side(h)  # runs, but the output does not depend on it
+        return self.lin1(torch.tanh(h))
+
+
+def test_grad_kwargs_materialize_the_gradient_of_an_unused_layer():
+    model = _UnusedLayer()
+    x = torch.randn(2, 3)
+    uni = LayerUnlearnedIntegratedGradients(model, [model.lin0, model.side])
+    with pytest.raises(RuntimeError, match="not have been used"):
+        uni.attribute(x, baselines=0.0, target=0)
+    kwargs = {"grad_kwargs": {"materialize_grads": True}}
+    lin0, side = uni.attribute(x, baselines=0.0, target=0, **kwargs)
+    assert torch.equal(side, torch.zeros(2, 4))
+    alone = LayerUnlearnedIntegratedGradients(model, model.lin0)
+    torch.testing.assert_close(lin0, alone.attribute(x, baselines=0.0, target=0))
+    # learned: the unused layer does not move the KL, the used one takes the ball
+    lin0, side = uni.attribute(x, **kwargs)
+    assert torch.isfinite(lin0).all() and torch.equal(side, torch.zeros(2, 4))
+
+
+def test_layer_list_and_layer_input_arguments_are_checked():
+    model = _chain()
+    x = torch.randn(2, 5)
+    with pytest.raises(TypeError, match="non-empty list of nn.Modules"):
+        LayerUnlearnedIntegratedGradients(model, [])
+    with pytest.raises(TypeError, match="non-empty list of nn.Modules"):
+        LayerUnlearnedIntegratedGradients(model, [model[0], "head"])
+    uni = LayerUnlearnedIntegratedGradients(model, model[2])
+    with pytest.raises(TypeError, match="attribute_to_layer_input"):
+        uni.attribute(x, attribute_to_layer_input="yes")
+    with pytest.raises(TypeError, match="grad_kwargs"):
+        uni.attribute(x, grad_kwargs=[("materialize_grads", True)])
+    embedding = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    on_ids = LayerUnlearnedIntegratedGradients(embedding, embedding[0])
+    with pytest.raises(TypeError, match=r"`layer` takes.*floating point"):
+        on_ids.attribute(torch.tensor([[1, 2, 3]]), attribute_to_layer_input=True)
+    model_twice = nn.Sequential(model[0], model[1], model[1], nn.Linear(6, 2))
+    twice = LayerUnlearnedIntegratedGradients(model_twice, [model[0], model[1]])
+    with pytest.raises(ValueError, match=r"`layer\[1\]` must run exactly once"):
+        twice.attribute(x)
+
+
+def test_model_untouched_with_layer_lists_and_inputs_also_after_exception():
+    model = _TwoBranches()
+    x1, x2 = torch.randn(3, 3), torch.randn(3, 3)
+    model.a.train()
+    model.b.requires_grad_(False)
+    snapshot = ModelSnapshot.take(model)
+    uni = LayerUnlearnedIntegratedGradients(model, [model.a, model.b])
+    uni.attribute((x1, x2))
+    uni.attribute((x1, x2), attribute_to_layer_input=True)
+    snapshot.assert_same(model)
+    failing = LayerUnlearnedIntegratedGradients(
+        fails_after(model, 4), [model.a, model.b], model=model
+    )
+    for layer_input in (False, True):
+        with pytest.raises(RuntimeError, match="boom"):
+            failing.attribute((x1, x2), attribute_to_layer_input=layer_input)
+        snapshot.assert_same(model)
+
+
+def test_is_captum_layer_integrated_gradients_without_its_internals():
+    model = _chain()
+    uni = LayerUnlearnedIntegratedGradients(model, model[2], multiply_by_inputs=False)
+    assert isinstance(uni, LayerIntegratedGradients)
+    assert type(uni).__mro__[1] is UnlearnedIntegratedGradients
+    assert not hasattr(uni, "ig")
+    assert uni.multiplies_by_inputs is False
+    assert uni.has_convergence_delta()
+    assert uni.layer is model[2]

@@ -297,7 +297,11 @@ class LayerUnlearnedIntegratedGradients(
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
         grad_kwargs: dict[str, Any] | None = None,
-    ) -> Any:
+    ) -> (
+        TensorOrTupleOfTensorsGeneric
+        | list[Tensor | tuple[Tensor, ...]]
+        | tuple[Any, Tensor]
+    ):
         r"""
         Args:
 
@@ -316,10 +320,11 @@ class LayerUnlearnedIntegratedGradients(
                         predicted class, or the one score per sample.
                         Default: None
             additional_forward_args (Any, optional): Passed to ``forward_func``
-                        after the inputs (e.g. the attention mask). Tensors with
-                        the batch size on dim 0 follow their samples; any other
-                        value, and a tensor whose first dimension is not the batch
-                        size, is passed to every forward as it is.
+                        after the inputs (e.g. the attention mask); tensors must
+                        have the batch size on dim 0 (they follow their samples),
+                        other values are passed to every forward as they are.
+                        Captum's LLM wrapper is the exception: its target tokens,
+                        of their own length, are passed as they are.
                         Default: None
             n_steps (int, optional): Points of the path integral (>= 1).
                         Default: 15
@@ -393,7 +398,7 @@ class LayerUnlearnedIntegratedGradients(
         target: TargetType = None,
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
-    ) -> Any:
+    ) -> TensorOrTupleOfTensorsGeneric | list[Tensor | tuple[Tensor, ...]]:
         r"""
         The learned layer baselines :math:`h' = e(x) + \delta^T`.
 
@@ -467,18 +472,25 @@ class LayerUnlearnedIntegratedGradients(
     ) -> tuple[Tensor | None, ...] | None:
         """In Captum's LLM pipeline the layer sees the prompt followed by the
         ``cur_target_idx`` previous target tokens; the learned baseline moves the
-        prompt's positions only (dim 1 of each layer value), as Captum's
-        LayerIntegratedGradients with an input-space baseline leaves the appended
-        tokens at their values, and Captum drops their attributions."""
+        prompt's positions only (dim 1 of each layer value whose dim 1 is the
+        whole sequence), as Captum's LayerIntegratedGradients with an input-space
+        baseline leaves the appended tokens at their values, and Captum drops
+        their attributions."""
         appended = args[2] if context.captum_llm and args and len(args) > 2 else 0
         if not isinstance(appended, int) or isinstance(appended, bool) or appended < 1:
             return None
+        prompt = (
+            args[0].to_model_input() if hasattr(args[0], "to_model_input") else None
+        )
+        if not isinstance(prompt, Tensor):
+            return None
+        length = prompt.shape[-1] + appended
         masks = []
         for value in space.points:
-            if value.dim() < 2 or value.shape[1] <= appended:
+            if value.dim() < 2 or value.shape[1] != length:
                 masks.append(None)
                 continue
-            mask = torch.ones(value.shape[1], dtype=value.dtype, device=value.device)
+            mask = torch.ones(length, dtype=value.dtype, device=value.device)
             mask[-appended:] = 0
             masks.append(mask.reshape(1, -1, *([1] * (value.dim() - 2))))
         return tuple(masks)
