@@ -37,9 +37,13 @@ NOTEBOOKS = (
     "3_feature_gated_transmm.ipynb",
     "4_evaluating_faithfulness.ipynb",
     "5_text_layer_uni.ipynb",
+    "6_language_model_patching.ipynb",
 )
 # The notebooks that load the demo's models (the others train their own).
 USES_DEMO = set(NOTEBOOKS[:4])
+# The notebooks that load the demo's language model (trained on first use into the
+# session's cache).
+USES_LANGUAGE_DEMO = {"6_language_model_patching.ipynb"}
 PROBE_MARKER = "TUTORIAL_PROBE "
 # Executes argv[1] (outputs cleared first) with a `python3` kernel of this
 # interpreter, then the probe argv[3] in the same kernel; writes the executed
@@ -91,6 +95,21 @@ def _validation_saco(method):
                 target=_predicted,
                 feature_mask=patch_mask(validation, vit.config.patch_size)
                 ).nanmean().item()
+""",
+    # The demo's measurement of the same table (an independent code path: the
+    # notebook computes it with the public API), and the largest |effect| of the
+    # counterfactual baseline at a token before the subject.
+    "6_language_model_patching.ipynb": """
+from captum_faithful.demo.patching import measure_patching as _measure
+_demo = _measure(model, ids, corrupted, n_steps=N_STEPS, seed=0)
+_DEMO_NAMES = {"UNI (learned)": "unlearned", "random": "random",
+               "zero embeddings": "zero", "counterfactual prompt": "corrupted"}
+_subject_at = (ids != corrupted).int().argmax(1).tolist()
+_before_subject = max(
+    float(t[i, :, :at].abs().max()) if at else 0.0
+    for t in (exact["counterfactual prompt"], approx["counterfactual prompt", 1],
+              approx["counterfactual prompt", 16])
+    for i, at in enumerate(_subject_at))
 """,
 }
 PROBES = {
@@ -181,6 +200,31 @@ PROBES = {
         "positive_tokens": positive_tokens,
         "monotonicity": {k: v.tolist() for k, v in monotonicity.items()},
         "deletion": {k: v.mean().item() for k, v in deletion.items()},
+    }""",
+    "6_language_model_patching.ipynb": """{
+        "quick": QUICK,
+        "recall": lm.recall,
+        "n_layers": model.config.n_layer,
+        "site_names": patching.site_names,
+        "unk_token": tokenizer.convert_ids_to_tokens(0),
+        "same_as_unk": bool(same_as_unk),
+        "token_argmax": {name: {place: places.count(place) / len(places)
+                                for place in ("subject", "last word", "other")}
+                         for name, places in token_argmax.items()},
+        "n_token_prompts": len(token_argmax["Layer UNI"]),
+        "epsilon": patching.epsilon,
+        "baseline_distance": {k: v.tolist() for k, v in baseline_distance.items()},
+        "subject_only": bool(((ids != corrupted).sum(1) == 1).all()),
+        "before_subject": _before_subject,
+        "n_prompts": len(ids),
+        "distance": {f"{k}|{n}": v.mean().item() for (k, n), v in distance.items()},
+        "relative": {f"{k}|{n}": v.mean().item() for (k, n), v in relative.items()},
+        "rank": {f"{k}|{n}": v.nanmean().item() for (k, n), v in rank.items()},
+        "pvalue": {f"{k}|{n}": float(p) for (k, n), p in pvalue.items()},
+        "demo_distance": {f"{k}|{n}": _demo.distance[_DEMO_NAMES[k], n].mean().item()
+                          for (k, n) in distance},
+        "demo_rank": {f"{k}|{n}": _demo.rank_correlation[_DEMO_NAMES[k], n]
+                      .nanmean().item() for (k, n) in rank},
     }""",
 }
 
@@ -509,10 +553,95 @@ def _check_text(values: dict) -> None:
         assert values["deletion"][name] < values["deletion"]["random order"] - 0.015
 
 
+def _check_language_patching(values: dict) -> None:
+    """Tutorial 6 (the demo's quick language model). Measured with the notebook's
+    computations (the same calls as ``measure_patching``) on the quick model of
+    seeds 0-3 (trained on one thread whatever the process's count, so 1 and 2
+    threads give the same model): recall 1.000; largest Layer UNI token score on the
+    subject in >= 0.725 of 40 prompts, largest Layer IG score on the last word in
+    >= 0.925 (chance 1/6); ||x' - E(x)|| 0.250 (UNI), >= 2.07 (zero, random);
+    counterfactual effects before the subject exactly 0; with 1 point the distance
+    UNI / random <= 0.507, Welch p <= 1.6e-16, relative distance random - UNI >=
+    0.127, rank correlation UNI >= 0.974, UNI - random >= 0.224; with 16 points
+    UNI(16) / UNI(1) <= 0.498 and random(16) / random(1) - that >= 0.24, relative
+    distance random - UNI >= 0.26, rank correlation UNI - random >= 0.106; zero /
+    the largest other distance >= 1.08 (16 points, seed 3); counterfactual(16) /
+    random(16) <= 0.27 and counterfactual(16) / counterfactual(1) <= 0.27."""
+    assert values["quick"] is True
+    # "it recalls them"
+    assert values["recall"] > 0.95
+    # "L + 1 sites for L blocks: 3 here"
+    assert len(values["site_names"]) == values["n_layers"] + 1 == 3
+    # Layer IG's default baseline in the pipeline is the prompt of token id 0, [UNK]
+    assert values["unk_token"] == "[UNK]" and values["same_as_unk"]
+    chance = 1 / 6
+    shares = values["token_argmax"]
+    assert values["n_token_prompts"] == 40
+    # "Layer UNI gives its largest score to the subject on most prompts, Layer IG
+    # ... to the last word on all but a few"
+    assert shares["Layer UNI"]["subject"] > 0.5
+    assert shares["Layer UNI"]["subject"] > shares["Layer IG"]["subject"] + 0.3
+    assert shares["Layer IG"]["last word"] > chance + 0.38
+    # "on the sphere of radius eps ...; the random and zero baselines are several
+    # times further away; the counterfactual differs at the subject token only"
+    eps = values["epsilon"]
+    for d in values["baseline_distance"]["UNI (learned)"]:
+        assert math.isclose(d, eps, rel_tol=1e-3)
+    for name in ("random", "zero embeddings"):
+        assert min(values["baseline_distance"][name]) > 3 * eps, name
+    assert values["subject_only"]
+    # "zero (up to rounding) at every token before the subject"
+    assert values["before_subject"] < 1e-6
+    d, rel, rank, p = (values[k] for k in ("distance", "relative", "rank", "pvalue"))
+    uni, rnd, zero, cf = (
+        "UNI (learned)",
+        "random",
+        "zero embeddings",
+        "counterfactual prompt",
+    )
+    # the notebook's table is the demo's (same numbers by another code path)
+    for key, value in d.items():
+        assert math.isclose(value, values["demo_distance"][key], rel_tol=1e-6), key
+        assert math.isclose(
+            rank[key], values["demo_rank"][key], rel_tol=1e-6, abs_tol=1e-9
+        ), key
+    # "UNI's distance is well below the random baseline's ... p far below 1e-6"
+    assert d[f"{uni}|1"] < 0.76 * d[f"{rnd}|1"]
+    assert p[f"{uni}|1"] < 1e-6
+    # "the relative distance and the rank correlation ... UNI is better on both",
+    # "(rank correlation above 0.9 with one point)"
+    for n, margin in ((1, 0.06), (16, 0.13)):
+        assert rel[f"{uni}|{n}"] < rel[f"{rnd}|{n}"] - margin, n
+    assert rank[f"{uni}|1"] > rank[f"{rnd}|1"] + 0.11
+    assert rank[f"{uni}|16"] > rank[f"{rnd}|16"] + 0.05
+    assert rank[f"{uni}|1"] > 0.9
+    # "With 16 points UNI's distance falls to less than 60 % of its one-point
+    # value, while the random baseline's changes much less"
+    uni_ratio = d[f"{uni}|16"] / d[f"{uni}|1"]
+    assert uni_ratio < 0.6
+    assert d[f"{rnd}|16"] / d[f"{rnd}|1"] > uni_ratio + 0.12
+    # "Zero embeddings are the worst of the four baselines, with 1 and with 16"
+    for n in (1, 16):
+        others = max(d[f"{name}|{n}"] for name in (uni, rnd, cf))
+        assert d[f"{zero}|{n}"] > 1.04 * others, n
+    # "the counterfactual ... with 16, under half the random baseline's distance and
+    # under half its own one-point distance"
+    assert d[f"{cf}|16"] < 0.5 * d[f"{rnd}|16"]
+    assert d[f"{cf}|16"] < 0.5 * d[f"{cf}|1"]
+    assert values["n_prompts"] == 100
+
+
 CHECKS = dict(
     zip(
         NOTEBOOKS,
-        (_check_uni, _check_fei, _check_transmm, _check_evaluation, _check_text),
+        (
+            _check_uni,
+            _check_fei,
+            _check_transmm,
+            _check_evaluation,
+            _check_text,
+            _check_language_patching,
+        ),
         strict=True,
     )
 )
@@ -549,6 +678,8 @@ def test_tutorials_are_listed(name):
 def test_tutorial_executes(name, request, tmp_path):
     if name in USES_DEMO:
         assert request.getfixturevalue("quick_demo").cache_dir is not None
+    if name in USES_LANGUAGE_DEMO:
+        request.getfixturevalue("demo_cache")  # train into the session's cache
     notebook, values = _execute(name, tmp_path)
     # The kernel ran this interpreter (the package under test, not another install).
     assert Path(values["python"]).resolve() == Path(sys.executable).resolve()

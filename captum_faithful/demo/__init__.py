@@ -1,8 +1,9 @@
 """The embedded default: BlockMNIST-style data, small trained models, the demo job.
 
 ``load_demo()`` gives the trained models and the held-out images, for tutorials and
-for anyone who wants to evaluate a new method on them; ``captum-faithful demo`` runs
-every method and metric on them and writes a report.
+for anyone who wants to evaluate a new method on them; ``load_language_demo()`` a
+tiny GPT-2 that recalls invented facts, with counterfactual prompt pairs;
+``captum-faithful demo`` runs every method and metric on them and writes a report.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from captum_faithful._utils import check_int
 from captum_faithful.demo.data import DigitBlocks, make_blocks
+from captum_faithful.demo.language import LanguageDemo, load_language_demo
 from captum_faithful.demo.models import (
     FULL_RECIPE,
     QUICK_RECIPE,
@@ -22,7 +24,14 @@ from captum_faithful.demo.models import (
     load_models,
 )
 
-__all__ = ["Demo", "load_demo", "make_blocks", "DigitBlocks"]
+__all__ = [
+    "Demo",
+    "load_demo",
+    "make_blocks",
+    "DigitBlocks",
+    "LanguageDemo",
+    "load_language_demo",
+]
 
 
 @dataclass

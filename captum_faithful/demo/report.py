@@ -19,6 +19,7 @@ from torch import Tensor
 from captum_faithful._files import atomic_write
 from captum_faithful._utils import optional_import
 from captum_faithful.demo.gating import C_MAXS, KAPPAS, STAGE_ONE_C_MAX, STAGE_ONE_KAPPA
+from captum_faithful.demo.patching import BASELINE_LABELS
 from captum_faithful.demo.registry import (
     FIGURE_IMAGES,
     METHODS,
@@ -146,6 +147,7 @@ def render_report(outcome: Any) -> str:
         lines.append("None of the compared pairs ran (see `--methods`).")
     lines += reading_guide(outcome)
     lines += gating_section(outcome)
+    lines += language_section(outcome)
     lines += [
         "",
         "## Models",
@@ -241,7 +243,11 @@ def _threads(count: int) -> str:
 def _step_label(step: str) -> str:
     if step in METHODS:
         return f"{METHODS[step].label}: explain and score"
-    return {"models": "load (or train) the models"}.get(step, step)
+    return {
+        "models": "load (or train) the models",
+        "language model": "load (or train) the language model",
+        "language patching": "language model: activation and attribution patching",
+    }.get(step, step)
 
 
 #: How to read each metric of :data:`METRIC_INFO`: what it measures, the
@@ -598,8 +604,135 @@ def write_outputs(outcome: Any) -> dict[str, Path]:
     atomic_write(files["report"], report)
     header, rows = summary_table(outcome)
     print(plain_table(header, rows), file=sys.stdout, flush=True)
+    if getattr(outcome, "patching", None) is not None:
+        header, rows = language_table(outcome.patching)
+        print("\n" + plain_table(header, rows), file=sys.stdout, flush=True)
     return files
 
 
 def outcome_label(key: str) -> str:
     return METHODS[key].label
+
+
+def language_table(measurement: Any) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the language-model table: per baseline and number of
+    path points, mean ± standard error over the prompts."""
+    header = [
+        "baseline x'",
+        "path points",
+        "L2 distance ↓",
+        "relative distance ↓",
+        "rank correlation ↑",
+        "‖x' − E(x)‖",
+        "t vs random",
+        "p vs random",
+    ]
+    rows = []
+    for row in measurement.summary():
+        rows.append(
+            [
+                BASELINE_LABELS[row["baseline"]],
+                str(row["n_steps"]),
+                f"{_number(row['distance'])} ± {_number(row['distance_sem'])}",
+                f"{_number(row['relative_distance'])} ± "
+                f"{_number(row['relative_distance_sem'])}",
+                f"{_number(row['rank_correlation'])} ± "
+                f"{_number(row['rank_correlation_sem'])}",
+                _number(row["baseline_distance"], 2),
+                _number(row["t_vs_random"], 2),
+                _pvalue(row["p_vs_random"]),
+            ]
+        )
+    return header, rows
+
+
+def language_verdict(measurement: Any) -> list[str]:
+    """Sentences stating, from the numbers, whether the paper's claim held: the
+    mean distance from UNI's baseline below the random baseline's, with Welch's
+    p, at every number of path points; and the same for the scale-free measures."""
+    rows = {(r["baseline"], r["n_steps"]): r for r in measurement.summary()}
+    sentences = []
+    for n in measurement.n_steps:
+        uni, random = rows.get(("unlearned", n)), rows.get(("random", n))
+        if uni is None or random is None:
+            continue
+        below = measurement.unlearned_below_random(n)
+        points = f"{n} path point{'s' if n != 1 else ''}"
+        significant = not math.isnan(uni["p_vs_random"]) and uni["p_vs_random"] < 0.05
+        if below:
+            verdict = "**held**" if significant else "held, but not significantly"
+        else:
+            verdict = "**did not hold**"
+        sentences.append(
+            f"- With {points}: the paper's claim (UNI's baseline closer than a random "
+            f"one) {verdict}: mean distance {_number(uni['distance'])} against "
+            f"{_number(random['distance'])} (Welch p = {_pvalue(uni['p_vs_random'])}); "
+            f"relative distance {_number(uni['relative_distance'])} against "
+            f"{_number(random['relative_distance'])} "
+            f"({'lower' if uni['relative_distance'] < random['relative_distance'] else 'not lower'}), "
+            f"rank correlation {_number(uni['rank_correlation'])} against "
+            f"{_number(random['rank_correlation'])} "
+            f"({'higher' if uni['rank_correlation'] > random['rank_correlation'] else 'not higher'})."
+        )
+    return sentences
+
+
+def language_section(outcome: Any) -> list[str]:
+    """The language-model section: the UNI paper's Table 8 in miniature, the
+    model's recall, the settings and a verdict computed from the table."""
+    measurement = getattr(outcome, "patching", None)
+    language = getattr(outcome, "language", None)
+    if measurement is None or language is None:
+        return []
+    recipe = language.meta.get("recipe", {})
+    settings = measurement.settings
+    n_sites = len(measurement.site_names)
+    n_tokens = int(next(iter(measurement.exact.values())).shape[-1])
+    header, rows = language_table(measurement)
+    training = language.meta.get("training_seconds", math.nan)
+    threads = language.meta.get("training_threads", 1)
+    lines = [
+        "",
+        "## Language model: attribution patching against activation patching",
+        "",
+        "The UNI paper's Table 8 in miniature. A tiny GPT-2 "
+        f"({recipe.get('layers')} blocks, width {recipe.get('width')}, "
+        f"{recipe.get('heads')} heads) is trained on invented facts "
+        f'("{language.facts.facts[0].sentence}"; every name made up, nothing '
+        f"downloaded). It completes {_number(language.recall)} of all "
+        f"{len(language.facts.facts)} fact prompts with their attribute and "
+        f"{_number(language.pair_recall)} of the {2 * measurement.n_prompts} prompts "
+        "of the counterfactual pairs (greedy, at the last token); training took "
+        f"{training:.0f} s on {_threads(threads)} when it ran.",
+        "",
+        f'For each of the {measurement.n_prompts} prompts x ("{language.prompts[0]}"; '
+        f'counterfactual "{language.counterfactual_prompts[0]}"), exact activation '
+        "patching F(x' | e ← e(x)) − F(x') is computed at every residual-stream site "
+        f"e ({n_sites} layers: before each block and after the last, × {n_tokens} "
+        "tokens; one patched forward each) and "
+        "compared with attribution patching (e(x) − e(x'))ᵀ ∇F, averaged along the "
+        "straight path from x' to E(x) when there is more than one path point, "
+        "from the same baseline x' in token-embedding space. F is the logit, at the "
+        "last token, of the token the model ranks first on x. The L2 distance "
+        "between the two (layer × token) matrices is the paper's measure; the "
+        "relative distance divides it by the norm of the exact matrix and the rank "
+        "correlation (Spearman) compares their orders, both independent of the "
+        "effects' scale. Mean ± standard error over the prompts; Welch's t-test "
+        "(two-sided) of each baseline's distances against the random baseline's.",
+        "",
+        markdown_table(header, rows),
+        "",
+        *language_verdict(measurement),
+        "",
+        f"Baselines: UNI's learned one (Algorithm 1 on the token embeddings, "
+        f"unlearning the explained token: η = {settings['unlearning_step']:g}, "
+        f"{settings['pgd_steps']} PGD steps of size {settings['pgd_step_size']:g}, "
+        f"ε = {settings['epsilon']:g}, the paper's values); random (i.i.d. Gaussian "
+        "embeddings with the mean and standard deviation of the embedding matrix, "
+        f"seed {settings['seed']}); zero embeddings; the counterfactual prompt's "
+        "embeddings (the usual activation-patching baseline). The column "
+        "‖x' − E(x)‖ shows how far each baseline is from the prompt: a nearer "
+        "baseline makes both matrices smaller, which is why the scale-free "
+        "columns are shown too.",
+    ]
+    return lines

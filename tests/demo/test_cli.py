@@ -1,5 +1,6 @@
 import csv
 import os
+import re
 
 import pytest
 import torch
@@ -141,6 +142,24 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
     assert shares and all(0.0 <= v <= 1.0 for v in shares)
     precisions = [float(r["value"]) for r in rows if r["metric"] == "precision"]
     assert precisions and all(0.0 <= v <= 1.0 for v in precisions)
+    # the language-model section: Table 8 in miniature, with a verdict computed
+    # from the table and the time its steps took
+    assert "## Language model: attribution patching against activation patching" in (
+        report
+    )
+    for label in (
+        "UNI (learned)",
+        "random",
+        "zero embeddings",
+        "counterfactual prompt",
+    ):
+        for n_steps in (1, 16):
+            assert f"| {label} | {n_steps} |" in report, (label, n_steps)
+            # the terminal gets the table too
+            assert re.search(rf"{re.escape(label)}\s+{n_steps}\s", printed)
+    assert report.count("the paper's claim (UNI's baseline closer than a random") == 2
+    assert "load (or train) the language model" in report
+    assert "language model: activation and attribution patching" in report
     # nothing but the three outputs is left in the folder
     assert sorted(os.listdir(out)) == ["attributions.png", "per_image.csv", "report.md"]
 
