@@ -37,11 +37,12 @@ from torch import Tensor
 
 from captum_faithful._baselines import BASELINE_PRESETS
 from captum_faithful._compat import (
+    SUPPORTED_METHODS,
     _format_additional_forward_args,
     _format_tensor_into_tuples,
     _is_tuple,
 )
-from captum_faithful._utils import check_finite
+from captum_faithful._utils import check_choice, check_finite, check_int
 
 
 def format_inputs(
@@ -363,3 +364,20 @@ def repeat_rows(
     return select_rows(
         additional_forward_args, torch.arange(n_examples).repeat(n_copies)
     )
+
+
+def check_integration_arguments(
+    n_steps: Any, method: Any, internal_batch_size: Any
+) -> tuple[int, str, int | None]:
+    """Captum's path-integral arguments, validated: ``n_steps`` >= 1 (>= 2 for the
+    trapezoid rule), ``method`` one of Captum's approximation methods, and
+    ``internal_batch_size`` None or >= 1."""
+    n_steps = check_int("n_steps", n_steps, minimum=1)
+    method = check_choice("method", method, SUPPORTED_METHODS)
+    if method == "riemann_trapezoid" and n_steps < 2:
+        raise ValueError("`n_steps` must be >= 2 with method='riemann_trapezoid'")
+    if internal_batch_size is not None:
+        internal_batch_size = check_int(
+            "internal_batch_size", internal_batch_size, minimum=1
+        )
+    return n_steps, method, internal_batch_size

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -216,8 +214,9 @@ def _train_into(
 @contextmanager
 def one_thread() -> Iterator[None]:
     """One thread inside the block (restored afterwards), for training and
-    measuring the language model: it is too small to gain from more. Measured on 2 quiet cores (seed 0): the full recipe trains in
-    24 s on one thread and 64 s on two, the quick one in 7 s and 11 s."""
+    measuring the language model: it is too small to gain from more. Measured on 2
+    cores (seed 0): the full recipe trains in 24 s on one thread and 64 s on two,
+    the quick one in 7 s and 11 s."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -229,26 +228,16 @@ def one_thread() -> Iterator[None]:
 def ensure_language_trained(
     recipe: LanguageRecipe, seed: int, show_progress: bool = False
 ) -> Path:
-    """The cache folder of ``(recipe, seed)``, training into it first if needed (in
-    a temporary sibling folder renamed at the end, as
-    :func:`captum_faithful.demo.models.ensure_trained`)."""
-    folder = models.cache_root() / f"language-{recipe.key(seed)}"
-    if (folder / "meta.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    """The cache folder of ``(recipe, seed)``, training into it first if needed
+    (see :func:`captum_faithful.demo.models.cached_training`)."""
+
+    def train(staging: Path) -> None:
         with one_thread():
             _train_into(recipe, seed, staging, show_progress)
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not (folder / "meta.json").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
+
+    return models.cached_training(
+        models.cache_root() / f"language-{recipe.key(seed)}", train
+    )
 
 
 def load_language_demo(

@@ -603,19 +603,28 @@ def train_all(
 
 
 def ensure_trained(recipe: Recipe, seed: int, show_progress: bool = False) -> Path:
-    """The cache folder of ``(recipe, seed)``, training into it first if needed.
+    """The cache folder of ``(recipe, seed)``, training into it first if needed."""
+
+    def train(staging: Path) -> None:
+        with _training_threads():
+            train_all(recipe, seed, staging, show_progress=show_progress)
+
+    return cached_training(cache_root() / f"demo-{recipe.key(seed)}", train)
+
+
+def cached_training(folder: Path, train: Callable[[Path], None]) -> Path:
+    """``folder``, after ``train(staging)`` has filled it, unless it holds a
+    ``meta.json`` already (a finished training).
 
     Training writes into a temporary sibling folder that is renamed at the end, so an
     interrupted run never leaves a half-written cache and concurrent runs do not mix.
     """
-    folder = cache_root() / f"demo-{recipe.key(seed)}"
     if (folder / "meta.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        with _training_threads():
-            train_all(recipe, seed, staging, show_progress=show_progress)
+        train(staging)
         try:
             staging.rename(folder)
         except OSError:

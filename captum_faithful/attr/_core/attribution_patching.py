@@ -10,9 +10,8 @@ import torch
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_faithful._compat import SUPPORTED_METHODS
+from captum_faithful._arguments import check_integration_arguments
 from captum_faithful._utils import (
-    check_choice,
     check_float,
     check_int,
     preserve_model_state,
@@ -230,14 +229,9 @@ class AttributionPatching:
             >>> x_prime = patching.compute_baselines(ids.input_ids)
             >>> exact = activation_patching(model, ids.input_ids, x_prime)
         """
-        n_steps = check_int("n_steps", n_steps, minimum=1)
-        method = check_choice("method", method, SUPPORTED_METHODS)
-        if method == "riemann_trapezoid" and n_steps < 2:
-            raise ValueError("`n_steps` must be >= 2 with method='riemann_trapezoid'")
-        if internal_batch_size is not None:
-            internal_batch_size = check_int(
-                "internal_batch_size", internal_batch_size, minimum=1
-            )
+        n_steps, method, internal_batch_size = check_integration_arguments(
+            n_steps, method, internal_batch_size
+        )
         input_ids, checked_baselines, checked_target = self._check(
             input_ids, baselines, target, generator
         )

@@ -12,6 +12,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_faithful._arguments import (
+    check_integration_arguments,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
@@ -20,7 +21,6 @@ from captum_faithful._arguments import (
     select_rows,
 )
 from captum_faithful._compat import (
-    SUPPORTED_METHODS,
     BaselineType,
     GradientForwardFunc,
     TargetType,
@@ -29,7 +29,6 @@ from captum_faithful._compat import (
     _format_output,
 )
 from captum_faithful._utils import (
-    check_choice,
     check_float,
     check_int,
     module_of,
@@ -410,7 +409,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         return_convergence_delta: bool,
     ) -> Any:
         """``attribute`` with the call's context (shared with the layer method)."""
-        n_steps, method, internal_batch_size = _check_call_arguments(
+        n_steps, method, internal_batch_size = check_integration_arguments(
             n_steps, method, internal_batch_size
         )
         inputs, is_tuple, target, args = self._front_door(
@@ -741,18 +740,3 @@ def _positive_finite(name: str, value: Any) -> float:
     if value == float("inf"):
         raise ValueError(f"`{name}` must be finite, got inf")
     return value
-
-
-def _check_call_arguments(
-    n_steps: Any, method: Any, internal_batch_size: Any
-) -> tuple[int, str, int | None]:
-    """Validate the integration arguments of ``attribute``."""
-    n_steps = check_int("n_steps", n_steps, minimum=1)
-    method = check_choice("method", method, SUPPORTED_METHODS)
-    if method == "riemann_trapezoid" and n_steps < 2:
-        raise ValueError("`n_steps` must be >= 2 with method='riemann_trapezoid'")
-    if internal_batch_size is not None:
-        internal_batch_size = check_int(
-            "internal_batch_size", internal_batch_size, minimum=1
-        )
-    return n_steps, method, internal_batch_size
