@@ -91,6 +91,19 @@ def forward_runner(forward_func: Callable) -> Callable[..., Tensor]:
     return run
 
 
+def first_tensor(output: Any) -> Tensor:
+    """The hidden states in a module's output: the tensor itself or the first element
+    of a tuple or list (transformer blocks return ``(hidden_states, ...)``)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        "expected a module to return a tensor or a tuple of tensors, got "
+        f"{type(output).__name__}"
+    )
+
+
 def check_finite(name: str, tensors: Tensor | Sequence[Tensor]) -> None:
     """Raise ValueError if any tensor in ``tensors`` holds NaN or Inf."""
     if isinstance(tensors, Tensor):

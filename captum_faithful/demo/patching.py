@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from captum_faithful._utils import check_choice, check_float, check_int
-from captum_faithful.lm._adapter import first_tensor
+from captum_faithful._utils import check_choice, check_float, check_int, first_tensor
 
 #: The baselines measured, in the report's order.
 BASELINES = ("unlearned", "random", "zero", "corrupted")

@@ -21,24 +21,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from captum_faithful._utils import as_logits
+from captum_faithful._utils import as_logits, first_tensor
 
 #: Site name of the residual stream before block ``l`` (the output of block l - 1).
 RESID_PRE = "blocks.{}.hook_resid_pre"
 #: Site name of the residual stream after block ``l``.
 RESID_POST = "blocks.{}.hook_resid_post"
-
-
-def first_tensor(output: Any) -> Tensor:
-    """The hidden states in a block's output: the tensor itself or its first element."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"expected a module to return a tensor or a tuple of tensors, got "
-        f"{type(output).__name__}"
-    )
 
 
 def _with_first(output: Any, value: Tensor) -> Any:

@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from captum_faithful._utils import first_tensor
+
 SUPPORTED_FAMILIES = (
     "Hugging Face ViT (ViTModel, ViTForImageClassification)",
     "Hugging Face DeiT (incl. the distillation token)",
@@ -39,17 +41,6 @@ def first_attention_probabilities(output: Any) -> Tensor | None:
         ):
             return item
     return None
-
-
-def first_tensor(output: Any) -> Tensor:
-    """The hidden states in a block's output: the tensor itself or its first element."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"expected a transformer block to return a tensor, got {type(output).__name__}"
-    )
 
 
 class ViTAdapter:
