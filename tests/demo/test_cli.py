@@ -37,6 +37,7 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
     out = tmp_path / "report"
     code = main(
         [
+            "demo",
             "--quick",
             "--out",
             str(out),

@@ -85,7 +85,7 @@ def activation_patching(
                     Default: None (the global generator)
 
     Returns:
-        *Tensor* (N, n_sites, T): :math:`A^{\mathrm{ACT}}_e` per prompt, site and
+        *Tensor* of shape (N, n_sites, T), :math:`A^{\mathrm{ACT}}_e` per prompt, site and
         token.
 
     Examples::

@@ -214,7 +214,7 @@ class AttributionPatching:
                         Default: None (the global generator)
 
         Returns:
-            *Tensor* (N, n_sites, T): :math:`A_e` per prompt, site (in the order
+            *Tensor* of shape (N, n_sites, T), :math:`A_e` per prompt, site (in the order
             of :attr:`site_names`) and token.
 
         Examples::
@@ -296,7 +296,7 @@ class AttributionPatching:
                         Default: None
 
         Returns:
-            *Tensor* (N, T, d): the baseline token embeddings.
+            *Tensor* of shape (N, T, d), the baseline token embeddings.
 
         Examples::
 
