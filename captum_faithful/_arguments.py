@@ -192,8 +192,9 @@ def format_target(target: Any, n_examples: int) -> Tensor | None:
     Captum's forms, checked before any forward pass: an int (every sample); a
     tuple indexing the output dimensions after the batch, which for class scores
     (N, n_classes) is ``(c,)``; a list with one int or one ``(c,)`` per sample; a
-    tensor with one integer (every sample) or a 1-D tensor of N. Integer-valued
-    floating-point tensors are accepted too. Class indices must be >= 0; the
+    tensor with one integer (every sample) or a 1-D tensor of N, of an integer
+    dtype (a floating-point tensor is refused, as by Captum, even of whole
+    numbers: ``target.long()`` converts it). Class indices must be >= 0; the
     upper bound is checked by :func:`resolve_target` against the output.
     """
     if target is None:
@@ -216,11 +217,12 @@ def format_target(target: Any, n_examples: int) -> Tensor | None:
             [_class_of_entry(entry) for entry in target], dtype=torch.int64
         )
     elif isinstance(target, Tensor):
-        if target.is_complex() or (
-            target.is_floating_point() and not bool((target == target.round()).all())
-        ):
-            raise ValueError(
-                f"`target` must hold integer class indices, got {target.tolist()}"
+        if target.is_floating_point() or target.is_complex():
+            # Captum indexes the output with `target`, which a float tensor cannot
+            raise TypeError(
+                "`target` must hold integer class indices (an int64 tensor, as in "
+                f"Captum), got a tensor of dtype {target.dtype}; convert whole "
+                "numbers with `target.long()`"
             )
         if target.numel() != 1 and (target.dim() != 1 or len(target) != n_examples):
             raise ValueError(

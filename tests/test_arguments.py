@@ -34,7 +34,6 @@ def test_resolve_target_forms():
     assert resolve_target(out, [(0,), (2,)]).tolist() == [0, 2]
     assert resolve_target(out, torch.tensor([2, 1])).tolist() == [2, 1]
     assert resolve_target(out, torch.tensor(1)).tolist() == [1, 1]
-    assert resolve_target(out, torch.tensor([1.0, 2.0])).tolist() == [1, 2]
     with pytest.raises(ValueError, match="target"):
         resolve_target(out, 3)
     with pytest.raises(ValueError, match="target"):
@@ -43,8 +42,10 @@ def test_resolve_target_forms():
         resolve_target(out, [0, 1, 2])
     with pytest.raises(ValueError, match="target"):
         resolve_target(out, (0, 1))
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(TypeError, match="target"):
         resolve_target(out, torch.tensor([0.5, 1.0]))
+    with pytest.raises(TypeError, match="target"):
+        resolve_target(out, torch.tensor([1.0, 2.0]))
     with pytest.raises(TypeError, match="target"):
         resolve_target(out, "cat")
     with pytest.raises(TypeError, match="target"):
@@ -199,3 +200,70 @@ def test_uni_and_transmm_read_captum_targets_alike():
     assert torch.equal(
         transmm.attribute(images, target=(1,)), transmm.attribute(images, target=1)
     )
+
+
+def _float_target_calls():
+    """Every method and metric that takes Captum's ``target``, called on a batch of
+    two with ``target`` given as a floating-point tensor of whole class indices."""
+    from sae_factory import make_sae
+    from tiny_vits import hf_vit, images
+
+    from captum_faithful import (
+        FaithfulnessEnsemble,
+        FeatureGatedTransMM,
+        LayerUnlearnedIntegratedGradients,
+        parameter_randomization,
+    )
+
+    cnn = small_cnn()
+    x = torch.rand(2, 3, 8, 8)
+    attributions = torch.rand(2, 1, 8, 8)
+    vit = hf_vit().model
+    pictures = images(2)
+    metrics = {
+        name: (lambda target, call=call: call(target=target))
+        for name, call in _metric_calls(cnn, x, attributions).items()
+    }
+    return {
+        "UnlearnedIntegratedGradients": lambda target: UnlearnedIntegratedGradients(
+            cnn, pgd_steps=1
+        ).attribute(x, target=target, n_steps=2),
+        "LayerUnlearnedIntegratedGradients": lambda target: (
+            LayerUnlearnedIntegratedGradients(cnn, cnn[0], pgd_steps=1).attribute(
+                x, target=target, n_steps=2
+            )
+        ),
+        "FaithfulnessEnsemble": lambda target: FaithfulnessEnsemble(
+            cnn, n_iter=1
+        ).attribute(x, target=target),
+        "TransMM": lambda target: TransMM(vit).attribute(pictures, target=target),
+        "FeatureGatedTransMM": lambda target: FeatureGatedTransMM(
+            vit, {0: make_sae("standard")}
+        ).attribute(pictures, target=target),
+        "parameter_randomization": lambda target: parameter_randomization(
+            lambda m, inputs, t: m(inputs), cnn, x, target=target
+        ),
+        **metrics,
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["UnlearnedIntegratedGradients", "LayerUnlearnedIntegratedGradients",
+     "FaithfulnessEnsemble", "TransMM", "FeatureGatedTransMM",
+     "parameter_randomization", "insertion_auc", "deletion_auc", "saco",
+     "faithfulness_correlation", "path_monotonicity"],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "target", [torch.tensor([1.0, 2.0]), torch.tensor(1.0)], ids=["rows", "scalar"]
+)
+def test_a_floating_point_target_is_refused_everywhere(name, target):
+    """Captum indexes the output with ``target``, so a float tensor (even of whole
+    numbers, which Captum's own methods refuse) is no class index: every method
+    and metric refuses it, naming ``target`` and its dtype, before any forward."""
+    call = _float_target_calls()[name]
+    with pytest.raises(
+        TypeError, match=r"`target`.*integer.*torch\.float32.*target\.long\(\)"
+    ):
+        call(target)
+    assert call(target.long()) is not None

@@ -432,6 +432,11 @@ def bad_calls(model):
             TypeError,
             "`target`",
         ),
+        "whole-number float tensor target": (
+            lambda: patching.attribute(ids, "zero", target=torch.tensor([1.0, 2.0])),
+            TypeError,
+            "`target`",
+        ),
         "target out of vocabulary": (
             lambda: activation_patching(model, ids, "zero", target=vocab),
             ValueError,
@@ -474,6 +479,7 @@ BAD_CASES = (
     "NaN embeddings",
     "float target",
     "float tensor target",
+    "whole-number float tensor target",
     "target out of vocabulary",
     "target of another length",
     "chunk_size 0",
