@@ -307,6 +307,35 @@ def resolve_target(output: Tensor, target: Any) -> Tensor:
     return classes
 
 
+def non_finite_rows(values: Tensor) -> Tensor:
+    """Per row of ``values`` (N, ...), whether it holds NaN or Inf: bool (N,).
+
+    Integer and boolean tensors have none; a tensor on the meta device holds no
+    values, so none are reported (nothing is read from it)."""
+    if values.is_meta or not (values.is_floating_point() or values.is_complex()):
+        return torch.zeros(values.shape[:1], dtype=torch.bool, device="cpu")
+    return ~torch.isfinite(values.detach().reshape(values.shape[0], -1)).all(dim=1)
+
+
+def check_model_output(output: Tensor, method: str) -> Tensor:
+    """``output`` (the forward output on the unperturbed inputs, batch first) when
+    it is finite; a ValueError naming ``method`` and the samples otherwise.
+
+    An attribution computed from NaN or Inf scores is NaN or meaningless, and the
+    cause (NaN weights, NaN ``additional_forward_args``, an overflow) lies in the
+    model, so the method stops at the first forward instead of returning it."""
+    bad = non_finite_rows(output)
+    if bool(bad.any()):
+        samples = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{method}: the model returned non-finite values (NaN or Inf) on the "
+            f"unperturbed `inputs` for samples {samples}, so nothing can be "
+            "attributed; check the model's parameters and `additional_forward_args` "
+            "for NaN/Inf, and the forward for overflow"
+        )
+    return output
+
+
 def format_additional_forward_args(
     additional_forward_args: Any, n_examples: int | None
 ) -> tuple | None:

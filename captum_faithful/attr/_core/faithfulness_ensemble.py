@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from captum_faithful._arguments import (
     check_integer_mask,
+    check_model_output,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
@@ -629,7 +630,9 @@ class FaithfulnessEnsemble(GradientAttribution):
             else:
                 with torch.no_grad():
                     clean = run_forward(self.forward_func, xs, extra_args)
-            classes = resolve_target(clean, target)
+            classes = resolve_target(
+                check_model_output(clean, type(self).__name__), target
+            )
             batch_classes = classes[batch_rows]
 
             forward = forward_runner(self.forward_func)

@@ -13,10 +13,12 @@ from torch import Tensor, nn
 
 from captum_faithful._arguments import (
     check_integration_arguments,
+    check_model_output,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
     format_target,
+    non_finite_rows,
     resolve_target,
     select_rows,
 )
@@ -466,7 +468,9 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         with torch.enable_grad():
             forward = protected_forward(context.wrapper, buffer_copies(context.model))
             space = self._path_space(context, forward, inputs, is_tuple, args)
-            classes = resolve_target(space.logits, target)
+            classes = resolve_target(
+                check_model_output(space.logits, type(self).__name__), target
+            )
             if given is None:
                 starts = self._learned_starts(context, space, inputs, classes, args)
             else:
@@ -531,7 +535,9 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         with torch.enable_grad():
             forward = protected_forward(context.wrapper, buffer_copies(context.model))
             space = self._path_space(context, forward, inputs, is_tuple, args)
-            classes = resolve_target(space.logits, target)
+            classes = resolve_target(
+                check_model_output(space.logits, type(self).__name__), target
+            )
             baselines = self._learned_starts(context, space, inputs, classes, args)
         return space.format(tuple(b.detach() for b in baselines))
 
@@ -624,6 +630,16 @@ class UnlearnedIntegratedGradients(GradientAttribution):
                 self.unlearning_batch_size, params, inputs[0].shape[0]
             ),
         )
+        unlearned_to_nan = non_finite_rows(log_target)
+        if bool(unlearned_to_nan.any()):
+            raise ValueError(
+                f"{type(self).__name__}: the model unlearned with "
+                f"`unlearning_step`={self.unlearning_step:g} returned non-finite "
+                "values (NaN or Inf) for samples "
+                f"{unlearned_to_nan.nonzero().flatten().tolist()} (the step moved "
+                "the parameters too far); pass a smaller `unlearning_step` (default "
+                "1.0)"
+            )
         return match_baselines(
             context.gradient_func,
             space.forward,
