@@ -20,6 +20,7 @@ from captum_faithful._utils import check_bool, check_int
 from captum_faithful.metrics._utils import (
     chunked_outputs,
     chunked_target_scores,
+    nan_where_non_finite,
     resolve_chunk_size,
     restores_model_state,
     spearman_correlation,
@@ -127,4 +128,8 @@ def path_monotonicity(
             device,
         )
     positions = torch.arange(n_steps + 1, dtype=torch.float64, device=scores.device)
-    return spearman_correlation(positions.expand(n_examples, -1), scores)
+    return nan_where_non_finite(
+        "path_monotonicity",
+        spearman_correlation(positions.expand(n_examples, -1), scores),
+        scores,
+    )
