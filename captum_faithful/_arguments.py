@@ -30,10 +30,12 @@ canonical form here, by one function, before any model call:
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from captum_faithful._baselines import BASELINE_PRESETS
 from captum_faithful._compat import (
@@ -334,6 +336,47 @@ def check_model_output(output: Tensor, method: str) -> Tensor:
             "for NaN/Inf, and the forward for overflow"
         )
     return output
+
+
+def parameter_dtype(model: Any) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter (None without a
+    module or such a parameter)."""
+    if not isinstance(model, nn.Module):
+        return None
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+@contextmanager
+def explained_dtype_errors(inputs: tuple[Tensor, ...], model: Any) -> Iterator[None]:
+    """Turn the RuntimeError of a forward on floating-point ``inputs`` of another
+    dtype than ``model``'s parameters into a TypeError naming both dtypes.
+
+    The forward's own error (a bias or matrix dtype) does not say which argument
+    to convert. Inputs are not refused before the forward: a model that casts
+    them itself (Hugging Face image models cast the pixel values to their
+    weights' dtype) runs on any floating dtype, so only a forward that fails is
+    explained; any other error passes through unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        expected = parameter_dtype(model)
+        other = next(
+            (
+                x.dtype
+                for x in inputs
+                if x.is_floating_point()
+                and expected is not None
+                and x.dtype != expected
+            ),
+            None,
+        )
+        if other is None:
+            raise
+        raise TypeError(
+            f"`inputs` have dtype {other}, the model's parameters {expected}, and "
+            f"the forward failed on the mismatch ({err}); convert the inputs with "
+            f"`inputs.to({expected})` or the model with `model.to({other})`"
+        ) from err
 
 
 def format_additional_forward_args(

@@ -267,3 +267,103 @@ def test_a_floating_point_target_is_refused_everywhere(name, target):
     ):
         call(target)
     assert call(target.long()) is not None
+
+
+def _dtype_calls():
+    """Every method and metric with a known model, on inputs of any dtype."""
+    from tiny_vits import timm_vit
+
+    from captum_faithful import (
+        FaithfulnessEnsemble,
+        LayerUnlearnedIntegratedGradients,
+        activation_deviation,
+        parameter_randomization,
+    )
+
+    cnn = small_cnn()
+    vit = timm_vit().model
+
+    def metric(name):
+        def call(x):
+            a = torch.rand(x.shape[0], 1, *x.shape[2:])
+            return _metric_calls(cnn, x, a.to(x.dtype))[name](target=1)
+
+        return call
+
+    return cnn, vit, {
+        "UnlearnedIntegratedGradients": lambda x: UnlearnedIntegratedGradients(
+            cnn, pgd_steps=1).attribute(x, target=1, n_steps=2),
+        "LayerUnlearnedIntegratedGradients": lambda x: (
+            LayerUnlearnedIntegratedGradients(cnn, cnn[3], pgd_steps=1).attribute(
+                x, target=1, n_steps=2)),
+        "FaithfulnessEnsemble": lambda x: FaithfulnessEnsemble(cnn, n_iter=1).attribute(
+            x, target=1),
+        "TransMM": lambda x: TransMM(vit).attribute(
+            torch.nn.functional.interpolate(x, size=24).to(x.dtype)),
+        "activation_deviation": lambda x: activation_deviation(cnn, "conv", x, x / 2),
+        "parameter_randomization": lambda x: parameter_randomization(
+            lambda m, inputs, t: m(inputs), cnn, x),
+        **{name: metric(name) for name in ("insertion_auc", "deletion_auc", "saco",
+                                           "faithfulness_correlation",
+                                           "path_monotonicity")},
+    }  # fmt: skip
+
+
+DTYPE_CALLS = (
+    "UnlearnedIntegratedGradients", "LayerUnlearnedIntegratedGradients",
+    "FaithfulnessEnsemble", "TransMM", "activation_deviation",
+    "parameter_randomization", "insertion_auc", "deletion_auc", "saco",
+    "faithfulness_correlation", "path_monotonicity",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DTYPE_CALLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_inputs_of_another_dtype_than_the_model_are_named(name, dtype):
+    """A float32 model fed float64/float16/bfloat16 inputs fails in its first
+    forward with torch's RuntimeError about a bias; every method and metric
+    turns it into a TypeError naming `inputs`, both dtypes and the fix, and the
+    model comes back untouched."""
+    from helpers import ModelSnapshot
+
+    cnn, vit, calls = _dtype_calls()
+    snapshots = [(m, ModelSnapshot.take(m)) for m in (cnn, vit)]
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(
+        TypeError,
+        match=rf"`inputs` have dtype {dtype}, the model's parameters "
+        rf"torch\.float32.*inputs\.to\(torch\.float32\)",
+    ) as error:
+        calls[name](x.to(dtype))
+    assert isinstance(error.value.__cause__, RuntimeError)
+    for model, snapshot in snapshots:
+        snapshot.assert_same(model)
+    assert calls[name](x) is not None
+
+
+def test_a_model_that_casts_its_inputs_is_not_refused():
+    """Only a forward that fails is explained: a Hugging Face ViT casts the pixel
+    values to its weights' dtype itself, so float64 images run as before."""
+    from tiny_vits import hf_vit, images
+
+    model = hf_vit().model
+    pictures = images(2)
+    attributions = TransMM(model).attribute(pictures.double())
+    assert attributions.dtype == torch.float64
+    torch.testing.assert_close(
+        attributions.float(), TransMM(model).attribute(pictures), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_meta_tensors_are_refused_by_name():
+    """A tensor on the meta device has a shape but no values: the front door
+    refuses it by name before anything reads a value from it."""
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"`inputs` are on the meta device.*\.to\("):
+        format_inputs(x.to("meta"))
+    with pytest.raises(ValueError, match=r"`baselines` are on the meta device"):
+        format_baselines(torch.zeros(1, 3, 1, 1, device="meta"), (x,))
+    with pytest.raises(ValueError, match=r"`inputs` are on the meta device"):
+        UnlearnedIntegratedGradients(small_cnn()).attribute(x.to("meta"), target=0)
+    with pytest.raises(ValueError, match=r"`inputs` are on the meta device"):
+        saco(small_cnn(), x.to("meta"), x, n_groups=4)

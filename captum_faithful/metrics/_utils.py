@@ -47,6 +47,7 @@ from torch import Tensor
 from captum_faithful._arguments import (
     broadcasts_to,
     check_integer_mask,
+    explained_dtype_errors,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
@@ -383,9 +384,10 @@ def clean_target_scores(
     each of shape (N,): ``classes`` is the target or, for ``target=None``, the
     predicted class; ``scores`` the target-class score. Raises ValueError if a
     target class is out of range."""
-    output = chunked_outputs(
-        forward_func, setup.inputs, setup.additional_forward_args, setup.chunk_size
-    )
+    with explained_dtype_errors(setup.inputs, module_of(forward_func)):
+        output = chunked_outputs(
+            forward_func, setup.inputs, setup.additional_forward_args, setup.chunk_size
+        )
     classes = resolve_target(output, setup.target)
     scores = torch.softmax(output, dim=1) if apply_softmax else output
     return scores.gather(1, classes.view(-1, 1)).squeeze(1), classes

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from captum_faithful._arguments import (
     check_model_output,
+    explained_dtype_errors,
     format_additional_forward_args,
     format_inputs,
     format_target,
@@ -239,6 +240,7 @@ class TransMM(GradientAttribution):
             torch.enable_grad(),
             eager_attention(self.model),
             capture(adapter, layers, gated) as captured,
+            explained_dtype_errors(inputs, self.model),
         ):
             logits = run_forward(self.forward_func, tuple(forward_inputs), args)
         targets = resolve_target(

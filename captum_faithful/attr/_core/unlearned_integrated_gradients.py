@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from captum_faithful._arguments import (
     check_integration_arguments,
     check_model_output,
+    explained_dtype_errors,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
@@ -467,7 +468,8 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         unless asked for)."""
         with torch.enable_grad():
             forward = protected_forward(context.wrapper, buffer_copies(context.model))
-            space = self._path_space(context, forward, inputs, is_tuple, args)
+            with explained_dtype_errors(inputs, context.model):
+                space = self._path_space(context, forward, inputs, is_tuple, args)
             classes = resolve_target(
                 check_model_output(space.logits, type(self).__name__), target
             )
@@ -534,7 +536,8 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         )
         with torch.enable_grad():
             forward = protected_forward(context.wrapper, buffer_copies(context.model))
-            space = self._path_space(context, forward, inputs, is_tuple, args)
+            with explained_dtype_errors(inputs, context.model):
+                space = self._path_space(context, forward, inputs, is_tuple, args)
             classes = resolve_target(
                 check_model_output(space.logits, type(self).__name__), target
             )

@@ -14,6 +14,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_faithful._arguments import (
+    explained_dtype_errors,
     format_additional_forward_args,
     format_inputs,
     select_rows,
@@ -128,6 +129,7 @@ def activation_deviation(
         preserve_model_state(model),
         model_places(model, layers) as places,
         torch.no_grad(),
+        explained_dtype_errors(clean, model),
     ):
         for start in range(0, n, chunk_size):
             samples = torch.arange(start, min(n, start + chunk_size))
@@ -225,6 +227,7 @@ def insertion_activation_deviation(
         preserve_model_state(model),
         model_places(model, layers) as places,
         torch.no_grad(),
+        explained_dtype_errors(setup.inputs, model),
     ):
         ranks = rank_features(
             feature_scores(

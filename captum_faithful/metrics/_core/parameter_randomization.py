@@ -10,7 +10,12 @@ import torch
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_faithful._arguments import format_inputs, format_target, non_finite_rows
+from captum_faithful._arguments import (
+    explained_dtype_errors,
+    format_inputs,
+    format_target,
+    non_finite_rows,
+)
 from captum_faithful._compat import TargetType, TensorOrTupleOfTensorsGeneric
 from captum_faithful._utils import check_choice
 from captum_faithful.metrics._utils import (
@@ -148,7 +153,8 @@ def parameter_randomization(
     if order == "top_down":
         layers.reverse()
     compare = SIMILARITIES[similarity]
-    original = _flatten_attributions(explain(model_copy, inputs, target), n)
+    with explained_dtype_errors(items, model_copy):
+        original = _flatten_attributions(explain(model_copy, inputs, target), n)
     broken_original = non_finite_rows(original)
     broken = torch.zeros_like(broken_original)
     result = {}

@@ -10,13 +10,14 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._arguments import (
+    explained_dtype_errors,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
     format_target,
     resolve_target,
 )
-from captum_faithful._utils import check_bool, check_int
+from captum_faithful._utils import check_bool, check_int, module_of
 from captum_faithful.metrics._utils import (
     chunked_outputs,
     chunked_target_scores,
@@ -104,7 +105,8 @@ def path_monotonicity(
     args = format_additional_forward_args(additional_forward_args, n_examples)
     starts = format_baselines(baselines, formatted)
     with torch.no_grad():
-        output = chunked_outputs(forward_func, formatted, args, chunk_size)
+        with explained_dtype_errors(formatted, module_of(forward_func)):
+            output = chunked_outputs(forward_func, formatted, args, chunk_size)
         classes = resolve_target(output, target)
         device = formatted[0].device
 
