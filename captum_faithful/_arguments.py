@@ -25,6 +25,14 @@ canonical form here, by one function, before any model call:
   Captum repeats such tensors with their samples; :func:`select_rows` gives the
   arguments of any rows built from the samples (path points, perturbed copies,
   chunks, one sample alone).
+
+The model's side of the first forward is read here too: :func:`check_model_output`
+stops an attribution method whose model returns NaN or Inf on the unperturbed
+inputs (the metrics give such a sample NaN and warn instead), and
+:func:`explained_dtype_errors` turns the forward's error on inputs of another
+dtype than the model's parameters into a TypeError naming both. Tensors on the
+meta device hold no values and are refused by name with the other argument
+checks (no value is ever read from them).
 """
 
 from __future__ import annotations
