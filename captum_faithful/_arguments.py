@@ -334,6 +334,8 @@ def check_model_output(output: Tensor, method: str) -> Tensor:
     An attribution computed from NaN or Inf scores is NaN or meaningless, and the
     cause (NaN weights, NaN ``additional_forward_args``, an overflow) lies in the
     model, so the method stops at the first forward instead of returning it."""
+    if output.dim() == 0:
+        return output  # no batch: resolve_target names the expected shape
     bad = non_finite_rows(output)
     if bool(bad.any()):
         samples = bad.nonzero().flatten().tolist()

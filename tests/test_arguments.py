@@ -367,3 +367,22 @@ def test_meta_tensors_are_refused_by_name():
         UnlearnedIntegratedGradients(small_cnn()).attribute(x.to("meta"), target=0)
     with pytest.raises(ValueError, match=r"`inputs` are on the meta device"):
         saco(small_cnn(), x.to("meta"), x, n_groups=4)
+
+
+@pytest.mark.parametrize("value", [1.0, float("nan")])
+def test_an_output_without_a_batch_is_named_by_its_shape(value):
+    """A forward that returns a 0-d tensor (finite or NaN) has no samples to
+    check: the methods name the expected output shape, not a NaN."""
+    from captum_faithful import FaithfulnessEnsemble
+
+    cnn = small_cnn()
+
+    def forward(x):
+        return cnn(x).sum() * value
+
+    for explainer in (
+        UnlearnedIntegratedGradients(forward, model=cnn),
+        FaithfulnessEnsemble(forward, model=cnn, n_iter=1),
+    ):
+        with pytest.raises(ValueError, match=r"class scores of shape .*got shape \(\)"):
+            explainer.attribute(torch.rand(2, 3, 8, 8))
