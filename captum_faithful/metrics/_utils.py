@@ -19,6 +19,9 @@ Every perturbation metric follows the same steps, and each step has one function
    time, and returns the target-class score of each copy. Its forward loop,
    :func:`chunked_target_scores` (one pass per chunk: :func:`target_scores`), takes
    any row builder, e.g. points on an interpolation path.
+5. :func:`nan_where_non_finite` gives NaN to every sample whose scores the model
+   returned as NaN or Inf, with one warning per call (:func:`warn_non_finite`):
+   a metric never reports a finite value computed from them.
 
 Also here: :func:`average_ranks`, :func:`pearson_correlation` and
 :func:`spearman_correlation` and :func:`cosine_similarity` (batched, along the

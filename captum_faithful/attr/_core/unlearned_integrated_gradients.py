@@ -672,9 +672,8 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         elif not any(p.is_floating_point() for p in model.parameters()):
             reason = "the model has no floating-point parameters"
         else:
-            if logits.shape[1] == 1 and not bool(
-                (torch.isfinite(logits) & (logits <= 0)).all()
-            ):
+            # finite: check_model_output read these logits first
+            if logits.shape[1] == 1 and not bool((logits <= 0).all()):
                 raise ValueError(
                     "UNI reads one score per sample as a finite log-probability "
                     "(<= 0) "
