@@ -25,15 +25,25 @@ canonical form here, by one function, before any model call:
   Captum repeats such tensors with their samples; :func:`select_rows` gives the
   arguments of any rows built from the samples (path points, perturbed copies,
   chunks, one sample alone).
+
+The model's side of the first forward is read here too: :func:`check_model_output`
+stops an attribution method whose model returns NaN or Inf on the unperturbed
+inputs (the metrics give such a sample NaN and warn instead), and
+:func:`explained_dtype_errors` turns the forward's error on inputs of another
+dtype than the model's parameters into a TypeError naming both. Tensors on the
+meta device hold no values and are refused by name with the other argument
+checks (no value is ever read from them).
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from captum_faithful._baselines import BASELINE_PRESETS
 from captum_faithful._compat import (
@@ -192,8 +202,9 @@ def format_target(target: Any, n_examples: int) -> Tensor | None:
     Captum's forms, checked before any forward pass: an int (every sample); a
     tuple indexing the output dimensions after the batch, which for class scores
     (N, n_classes) is ``(c,)``; a list with one int or one ``(c,)`` per sample; a
-    tensor with one integer (every sample) or a 1-D tensor of N. Integer-valued
-    floating-point tensors are accepted too. Class indices must be >= 0; the
+    tensor with one integer (every sample) or a 1-D tensor of N, of an integer
+    dtype (a floating-point tensor is refused, as by Captum, even of whole
+    numbers: ``target.long()`` converts it). Class indices must be >= 0; the
     upper bound is checked by :func:`resolve_target` against the output.
     """
     if target is None:
@@ -216,11 +227,12 @@ def format_target(target: Any, n_examples: int) -> Tensor | None:
             [_class_of_entry(entry) for entry in target], dtype=torch.int64
         )
     elif isinstance(target, Tensor):
-        if target.is_complex() or (
-            target.is_floating_point() and not bool((target == target.round()).all())
-        ):
-            raise ValueError(
-                f"`target` must hold integer class indices, got {target.tolist()}"
+        if target.is_floating_point() or target.is_complex():
+            # Captum indexes the output with `target`, which a float tensor cannot
+            raise TypeError(
+                "`target` must hold integer class indices (an int64 tensor, as in "
+                f"Captum), got a tensor of dtype {target.dtype}; convert whole "
+                "numbers with `target.long()`"
             )
         if target.numel() != 1 and (target.dim() != 1 or len(target) != n_examples):
             raise ValueError(
@@ -303,6 +315,78 @@ def resolve_target(output: Tensor, target: Any) -> Tensor:
             f"{int(classes.max())}"
         )
     return classes
+
+
+def non_finite_rows(values: Tensor) -> Tensor:
+    """Per row of ``values`` (N, ...), whether it holds NaN or Inf: bool (N,).
+
+    Integer and boolean tensors have none; a tensor on the meta device holds no
+    values, so none are reported (nothing is read from it)."""
+    if values.is_meta or not (values.is_floating_point() or values.is_complex()):
+        return torch.zeros(values.shape[:1], dtype=torch.bool, device="cpu")
+    return ~torch.isfinite(values.detach().reshape(values.shape[0], -1)).all(dim=1)
+
+
+def check_model_output(output: Tensor, method: str) -> Tensor:
+    """``output`` (the forward output on the unperturbed inputs, batch first) when
+    it is finite; a ValueError naming ``method`` and the samples otherwise.
+
+    An attribution computed from NaN or Inf scores is NaN or meaningless, and the
+    cause (NaN weights, NaN ``additional_forward_args``, an overflow) lies in the
+    model, so the method stops at the first forward instead of returning it."""
+    if output.dim() == 0:
+        return output  # no batch: resolve_target names the expected shape
+    bad = non_finite_rows(output)
+    if bool(bad.any()):
+        samples = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{method}: the model returned non-finite values (NaN or Inf) on the "
+            f"unperturbed `inputs` for samples {samples}, so nothing can be "
+            "attributed; check the model's parameters and `additional_forward_args` "
+            "for NaN/Inf, and the forward for overflow"
+        )
+    return output
+
+
+def parameter_dtype(model: Any) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter (None without a
+    module or such a parameter)."""
+    if not isinstance(model, nn.Module):
+        return None
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+@contextmanager
+def explained_dtype_errors(inputs: tuple[Tensor, ...], model: Any) -> Iterator[None]:
+    """Turn the RuntimeError of a forward on floating-point ``inputs`` of another
+    dtype than ``model``'s parameters into a TypeError naming both dtypes.
+
+    The forward's own error (a bias or matrix dtype) does not say which argument
+    to convert. Inputs are not refused before the forward: a model that casts
+    them itself (Hugging Face image models cast the pixel values to their
+    weights' dtype) runs on any floating dtype, so only a forward that fails is
+    explained; any other error passes through unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        expected = parameter_dtype(model)
+        other = next(
+            (
+                x.dtype
+                for x in inputs
+                if x.is_floating_point()
+                and expected is not None
+                and x.dtype != expected
+            ),
+            None,
+        )
+        if other is None:
+            raise
+        raise TypeError(
+            f"`inputs` have dtype {other}, the model's parameters {expected}, and "
+            f"the forward failed on the mismatch ({err}); convert the inputs with "
+            f"`inputs.to({expected})` or the model with `model.to({other})`"
+        ) from err
 
 
 def format_additional_forward_args(

@@ -105,7 +105,8 @@ def first_tensor(output: Any) -> Tensor:
 
 
 def check_finite(name: str, tensors: Tensor | Sequence[Tensor]) -> None:
-    """Raise ValueError if any tensor in ``tensors`` holds NaN or Inf."""
+    """Raise ValueError if any tensor in ``tensors`` holds NaN or Inf, or is on
+    the meta device (no values: refused by name here, before anything reads one)."""
     if isinstance(tensors, Tensor):
         tensors = (tensors,)
     for tensor in tensors:
@@ -113,6 +114,12 @@ def check_finite(name: str, tensors: Tensor | Sequence[Tensor]) -> None:
             raise TypeError(
                 f"`{name}` must be a tensor or a tuple of tensors, "
                 f"got {type(tensor).__name__}"
+            )
+        if tensor.is_meta:
+            raise ValueError(
+                f"`{name}` are on the meta device, which holds shapes but no values "
+                "to attribute or score; create them on a real device, e.g. "
+                "`.to('cpu')` of a tensor with values"
             )
         if tensor.is_floating_point() or tensor.is_complex():
             if not bool(torch.isfinite(tensor).all()):

@@ -34,7 +34,6 @@ def test_resolve_target_forms():
     assert resolve_target(out, [(0,), (2,)]).tolist() == [0, 2]
     assert resolve_target(out, torch.tensor([2, 1])).tolist() == [2, 1]
     assert resolve_target(out, torch.tensor(1)).tolist() == [1, 1]
-    assert resolve_target(out, torch.tensor([1.0, 2.0])).tolist() == [1, 2]
     with pytest.raises(ValueError, match="target"):
         resolve_target(out, 3)
     with pytest.raises(ValueError, match="target"):
@@ -43,8 +42,10 @@ def test_resolve_target_forms():
         resolve_target(out, [0, 1, 2])
     with pytest.raises(ValueError, match="target"):
         resolve_target(out, (0, 1))
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(TypeError, match="target"):
         resolve_target(out, torch.tensor([0.5, 1.0]))
+    with pytest.raises(TypeError, match="target"):
+        resolve_target(out, torch.tensor([1.0, 2.0]))
     with pytest.raises(TypeError, match="target"):
         resolve_target(out, "cat")
     with pytest.raises(TypeError, match="target"):
@@ -199,3 +200,189 @@ def test_uni_and_transmm_read_captum_targets_alike():
     assert torch.equal(
         transmm.attribute(images, target=(1,)), transmm.attribute(images, target=1)
     )
+
+
+def _float_target_calls():
+    """Every method and metric that takes Captum's ``target``, called on a batch of
+    two with ``target`` given as a floating-point tensor of whole class indices."""
+    from sae_factory import make_sae
+    from tiny_vits import hf_vit, images
+
+    from captum_faithful import (
+        FaithfulnessEnsemble,
+        FeatureGatedTransMM,
+        LayerUnlearnedIntegratedGradients,
+        parameter_randomization,
+    )
+
+    cnn = small_cnn()
+    x = torch.rand(2, 3, 8, 8)
+    attributions = torch.rand(2, 1, 8, 8)
+    vit = hf_vit().model
+    pictures = images(2)
+    metrics = {
+        name: (lambda target, call=call: call(target=target))
+        for name, call in _metric_calls(cnn, x, attributions).items()
+    }
+    return {
+        "UnlearnedIntegratedGradients": lambda target: UnlearnedIntegratedGradients(
+            cnn, pgd_steps=1
+        ).attribute(x, target=target, n_steps=2),
+        "LayerUnlearnedIntegratedGradients": lambda target: (
+            LayerUnlearnedIntegratedGradients(cnn, cnn[0], pgd_steps=1).attribute(
+                x, target=target, n_steps=2
+            )
+        ),
+        "FaithfulnessEnsemble": lambda target: FaithfulnessEnsemble(
+            cnn, n_iter=1
+        ).attribute(x, target=target),
+        "TransMM": lambda target: TransMM(vit).attribute(pictures, target=target),
+        "FeatureGatedTransMM": lambda target: FeatureGatedTransMM(
+            vit, {0: make_sae("standard")}
+        ).attribute(pictures, target=target),
+        "parameter_randomization": lambda target: parameter_randomization(
+            lambda m, inputs, t: m(inputs), cnn, x, target=target
+        ),
+        **metrics,
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["UnlearnedIntegratedGradients", "LayerUnlearnedIntegratedGradients",
+     "FaithfulnessEnsemble", "TransMM", "FeatureGatedTransMM",
+     "parameter_randomization", "insertion_auc", "deletion_auc", "saco",
+     "faithfulness_correlation", "path_monotonicity"],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "target", [torch.tensor([1.0, 2.0]), torch.tensor(1.0)], ids=["rows", "scalar"]
+)
+def test_a_floating_point_target_is_refused_everywhere(name, target):
+    """Captum indexes the output with ``target``, so a float tensor (even of whole
+    numbers, which Captum's own methods refuse) is no class index: every method
+    and metric refuses it, naming ``target`` and its dtype, before any forward."""
+    call = _float_target_calls()[name]
+    with pytest.raises(
+        TypeError, match=r"`target`.*integer.*torch\.float32.*target\.long\(\)"
+    ):
+        call(target)
+    assert call(target.long()) is not None
+
+
+def _dtype_calls():
+    """Every method and metric with a known model, on inputs of any dtype."""
+    from tiny_vits import timm_vit
+
+    from captum_faithful import (
+        FaithfulnessEnsemble,
+        LayerUnlearnedIntegratedGradients,
+        activation_deviation,
+        parameter_randomization,
+    )
+
+    cnn = small_cnn()
+    vit = timm_vit().model
+
+    def metric(name):
+        def call(x):
+            a = torch.rand(x.shape[0], 1, *x.shape[2:])
+            return _metric_calls(cnn, x, a.to(x.dtype))[name](target=1)
+
+        return call
+
+    return cnn, vit, {
+        "UnlearnedIntegratedGradients": lambda x: UnlearnedIntegratedGradients(
+            cnn, pgd_steps=1).attribute(x, target=1, n_steps=2),
+        "LayerUnlearnedIntegratedGradients": lambda x: (
+            LayerUnlearnedIntegratedGradients(cnn, cnn[3], pgd_steps=1).attribute(
+                x, target=1, n_steps=2)),
+        "FaithfulnessEnsemble": lambda x: FaithfulnessEnsemble(cnn, n_iter=1).attribute(
+            x, target=1),
+        "TransMM": lambda x: TransMM(vit).attribute(
+            torch.nn.functional.interpolate(x, size=24).to(x.dtype)),
+        "activation_deviation": lambda x: activation_deviation(cnn, "conv", x, x / 2),
+        "parameter_randomization": lambda x: parameter_randomization(
+            lambda m, inputs, t: m(inputs), cnn, x),
+        **{name: metric(name) for name in ("insertion_auc", "deletion_auc", "saco",
+                                           "faithfulness_correlation",
+                                           "path_monotonicity")},
+    }  # fmt: skip
+
+
+DTYPE_CALLS = (
+    "UnlearnedIntegratedGradients", "LayerUnlearnedIntegratedGradients",
+    "FaithfulnessEnsemble", "TransMM", "activation_deviation",
+    "parameter_randomization", "insertion_auc", "deletion_auc", "saco",
+    "faithfulness_correlation", "path_monotonicity",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DTYPE_CALLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_inputs_of_another_dtype_than_the_model_are_named(name, dtype):
+    """A float32 model fed float64/float16/bfloat16 inputs fails in its first
+    forward with torch's RuntimeError about a bias; every method and metric
+    turns it into a TypeError naming `inputs`, both dtypes and the fix, and the
+    model comes back untouched."""
+    from helpers import ModelSnapshot
+
+    cnn, vit, calls = _dtype_calls()
+    snapshots = [(m, ModelSnapshot.take(m)) for m in (cnn, vit)]
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(
+        TypeError,
+        match=rf"`inputs` have dtype {dtype}, the model's parameters "
+        rf"torch\.float32.*inputs\.to\(torch\.float32\)",
+    ) as error:
+        calls[name](x.to(dtype))
+    assert isinstance(error.value.__cause__, RuntimeError)
+    for model, snapshot in snapshots:
+        snapshot.assert_same(model)
+    assert calls[name](x) is not None
+
+
+def test_a_model_that_casts_its_inputs_is_not_refused():
+    """Only a forward that fails is explained: a Hugging Face ViT casts the pixel
+    values to its weights' dtype itself, so float64 images run as before."""
+    from tiny_vits import hf_vit, images
+
+    model = hf_vit().model
+    pictures = images(2)
+    attributions = TransMM(model).attribute(pictures.double())
+    assert attributions.dtype == torch.float64
+    torch.testing.assert_close(
+        attributions.float(), TransMM(model).attribute(pictures), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_meta_tensors_are_refused_by_name():
+    """A tensor on the meta device has a shape but no values: the front door
+    refuses it by name before anything reads a value from it."""
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"`inputs` are on the meta device.*\.to\("):
+        format_inputs(x.to("meta"))
+    with pytest.raises(ValueError, match=r"`baselines` are on the meta device"):
+        format_baselines(torch.zeros(1, 3, 1, 1, device="meta"), (x,))
+    with pytest.raises(ValueError, match=r"`inputs` are on the meta device"):
+        UnlearnedIntegratedGradients(small_cnn()).attribute(x.to("meta"), target=0)
+    with pytest.raises(ValueError, match=r"`inputs` are on the meta device"):
+        saco(small_cnn(), x.to("meta"), x, n_groups=4)
+
+
+@pytest.mark.parametrize("value", [1.0, float("nan")])
+def test_an_output_without_a_batch_is_named_by_its_shape(value):
+    """A forward that returns a 0-d tensor (finite or NaN) has no samples to
+    check: the methods name the expected output shape, not a NaN."""
+    from captum_faithful import FaithfulnessEnsemble
+
+    cnn = small_cnn()
+
+    def forward(x):
+        return cnn(x).sum() * value
+
+    for explainer in (
+        UnlearnedIntegratedGradients(forward, model=cnn),
+        FaithfulnessEnsemble(forward, model=cnn, n_iter=1),
+    ):
+        with pytest.raises(ValueError, match=r"class scores of shape .*got shape \(\)"):
+            explainer.attribute(torch.rand(2, 3, 8, 8))

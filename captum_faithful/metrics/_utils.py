@@ -19,6 +19,9 @@ Every perturbation metric follows the same steps, and each step has one function
    time, and returns the target-class score of each copy. Its forward loop,
    :func:`chunked_target_scores` (one pass per chunk: :func:`target_scores`), takes
    any row builder, e.g. points on an interpolation path.
+5. :func:`nan_where_non_finite` gives NaN to every sample whose scores the model
+   returned as NaN or Inf, with one warning per call (:func:`warn_non_finite`):
+   a metric never reports a finite value computed from them.
 
 Also here: :func:`average_ranks`, :func:`pearson_correlation` and
 :func:`spearman_correlation` and :func:`cosine_similarity` (batched, along the
@@ -35,6 +38,7 @@ copies are built chunk by chunk, so the result does not depend on the chunk size
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,10 +50,12 @@ from torch import Tensor
 from captum_faithful._arguments import (
     broadcasts_to,
     check_integer_mask,
+    explained_dtype_errors,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
     format_target,
+    non_finite_rows,
     per_input,
     resolve_target,
     select_rows,
@@ -381,12 +387,47 @@ def clean_target_scores(
     each of shape (N,): ``classes`` is the target or, for ``target=None``, the
     predicted class; ``scores`` the target-class score. Raises ValueError if a
     target class is out of range."""
-    output = chunked_outputs(
-        forward_func, setup.inputs, setup.additional_forward_args, setup.chunk_size
-    )
+    with explained_dtype_errors(setup.inputs, module_of(forward_func)):
+        output = chunked_outputs(
+            forward_func, setup.inputs, setup.additional_forward_args, setup.chunk_size
+        )
     classes = resolve_target(output, setup.target)
     scores = torch.softmax(output, dim=1) if apply_softmax else output
     return scores.gather(1, classes.view(-1, 1)).squeeze(1), classes
+
+
+def warn_non_finite(metric: str, bad: Tensor, source: str = "the model") -> bool:
+    """Warn once that ``source`` returned NaN or Inf for the samples ``bad``
+    (bool (N,)), whose results of ``metric`` are NaN; whether any is."""
+    if not bool(bad.any()):
+        return False
+    warnings.warn(
+        f"{metric}: {source} returned non-finite values (NaN or Inf) for samples "
+        f"{bad.nonzero().flatten().tolist()}, so their results are NaN; check the "
+        "model's parameters and `additional_forward_args` for NaN/Inf, and the "
+        "forward for overflow",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def nan_where_non_finite(
+    metric: str, values: Tensor, *scores: Tensor, source: str = "the model"
+) -> Tensor:
+    """``values`` (N, ...) with NaN for every sample whose ``scores`` (each
+    (N, ...), what the metric read from the model) hold NaN or Inf, and one
+    warning per call naming ``metric`` and the samples.
+
+    A score computed from NaN can look finite (comparisons with NaN are False, and
+    ranks sort NaN last), so the metric states it has no value for such a sample
+    instead of returning one."""
+    bad = torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
+    for rows in scores:
+        bad |= non_finite_rows(rows).to(bad.device)
+    if not warn_non_finite(metric, bad, source):
+        return values
+    return values.masked_fill(bad.view(-1, *([1] * (values.dim() - 1))), torch.nan)
 
 
 def build_perturbed_inputs(

@@ -432,6 +432,11 @@ def bad_calls(model):
             TypeError,
             "`target`",
         ),
+        "whole-number float tensor target": (
+            lambda: patching.attribute(ids, "zero", target=torch.tensor([1.0, 2.0])),
+            TypeError,
+            "`target`",
+        ),
         "target out of vocabulary": (
             lambda: activation_patching(model, ids, "zero", target=vocab),
             ValueError,
@@ -474,6 +479,7 @@ BAD_CASES = (
     "NaN embeddings",
     "float target",
     "float tensor target",
+    "whole-number float tensor target",
     "target out of vocabulary",
     "target of another length",
     "chunk_size 0",
@@ -568,3 +574,30 @@ def test_exception_inside_a_forward_leaves_the_model_unchanged(family):
             call()
         snapshot.assert_same(model)
         assert attention_implementations(model) == attention
+
+
+def test_nan_from_the_model_is_refused_at_the_clean_run():
+    """A model whose logits are NaN for one prompt (here a hook on the final layer
+    norm) stops both patching methods at the clean run with a ValueError naming
+    the method and the prompt, instead of NaN effects; the model comes back as it
+    was."""
+    model = tiny_lms.BUILDERS["gpt2"]()
+    handle = model.transformer.ln_f.register_forward_hook(
+        lambda module, args, output: output.index_fill(0, torch.tensor([1]), torch.nan)
+    )
+    snapshot = ModelSnapshot.take(model)
+    ids = prompts()
+    calls = {
+        "AttributionPatching": lambda: AttributionPatching(model).attribute(
+            ids, "zero"
+        ),
+        "activation_patching": lambda: activation_patching(model, ids, "zero"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(
+            ValueError, match=rf"^{name}: the model returned non-finite .*\[1\]"
+        ):
+            call()
+        snapshot.assert_same(model)
+    handle.remove()
+    assert AttributionPatching(model).attribute(ids, "zero").isfinite().all()

@@ -833,3 +833,27 @@ def test_fei_none_beats_random_and_integrated_gradients_on_insertion(trained):
     }
     assert scores["fei"] > scores["random"] + 0.05, scores
     assert scores["fei"] > scores["ig"] + 0.08, scores
+
+
+@pytest.mark.parametrize("clip", ["vm", "none"])
+def test_nan_from_the_model_is_refused_at_the_first_forward(cnn, clip):
+    """A forward that returns NaN for one sample (a NaN ``additional_forward_args``
+    row) stops FEI at its clean forward with a ValueError naming the method and
+    the sample, instead of optimising NaN maps; the model comes back untouched."""
+
+    def forward(x, scale):
+        return cnn(x) * scale
+
+    snapshot = ModelSnapshot.take(cnn)
+    x = torch.rand(3, 3, 8, 8)
+    scale = torch.tensor([[1.0], [1.0], [float("nan")]])
+    fei = FaithfulnessEnsemble(forward, model=cnn, clip=clip, n_iter=2)
+    with pytest.raises(
+        ValueError,
+        match=r"^FaithfulnessEnsemble: the model returned non-finite .*\[2\]",
+    ):
+        fei.attribute(x, additional_forward_args=(scale,))
+    snapshot.assert_same(cnn)
+    assert (
+        fei.attribute(x, additional_forward_args=(torch.ones(3, 1),)).isfinite().all()
+    )

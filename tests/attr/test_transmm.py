@@ -222,3 +222,51 @@ def test_integer_images_and_empty_batches_are_named_before_the_model_runs():
     with pytest.raises(ValueError, match="`inputs`.*empty batch"):
         explainer.attribute(images(2)[:0])
     snapshot.assert_same(tiny.model)
+
+
+def test_nan_from_the_model_is_refused_at_the_first_forward():
+    """A forward that returns NaN for one image (a NaN ``additional_forward_args``
+    row) stops TransMM and FeatureGatedTransMM with a ValueError naming the method
+    and the sample, instead of NaN attributions; the model comes back untouched."""
+    from sae_factory import make_sae
+
+    from captum_faithful import FeatureGatedTransMM
+
+    vit = hf_vit().model
+    x = images(3)
+    scale = torch.tensor([[1.0], [float("nan")], [1.0]])
+
+    def forward(pixels, factor):
+        return vit(pixels).logits * factor
+
+    snapshot = ModelSnapshot.take(vit)
+    explainers = {
+        "TransMM": TransMM(forward, model=vit),
+        "FeatureGatedTransMM": FeatureGatedTransMM(
+            forward, {1: make_sae("standard")}, model=vit
+        ),
+    }
+    for name, explainer in explainers.items():
+        with pytest.raises(
+            ValueError, match=rf"^{name}: the model returned non-finite .*\[1\]"
+        ):
+            explainer.attribute(x, additional_forward_args=(scale,))
+        snapshot.assert_same(vit)
+        finite = explainer.attribute(x, additional_forward_args=(torch.ones(3, 1),))
+        assert finite.isfinite().all()
+
+
+@pytest.mark.parametrize("weight", ["W_enc", "b_enc", "W_dec"])
+def test_an_sae_with_nan_weights_is_refused(weight):
+    """An SAE whose weights hold NaN would make every gate, hence every
+    attribution, NaN: FeatureGatedTransMM refuses it when built, naming
+    ``saes[block]`` and the tensor."""
+    from sae_factory import make_sae
+
+    from captum_faithful import FeatureGatedTransMM
+
+    sae = make_sae("standard")
+    with torch.no_grad():
+        getattr(sae, weight)[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"`saes\[1\]`.*NaN or Inf in \['?.*{weight}"):
+        FeatureGatedTransMM(hf_vit().model, {1: sae})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import matplotlib
 import pytest
 import torch
@@ -12,7 +14,10 @@ from helpers import ModelSnapshot, small_cnn
 from torch import nn
 from uni_reference import reference_baselines, reference_unlearned_probs
 
-from captum_faithful import UnlearnedIntegratedGradients
+from captum_faithful import (
+    LayerUnlearnedIntegratedGradients,
+    UnlearnedIntegratedGradients,
+)
 from captum_faithful.attr._utils.unlearning import (
     ParametrizedForward,
     buffer_copies,
@@ -770,3 +775,83 @@ def test_captum_attribution_interface(cnn):
     assert (uni.unlearning_step, uni.pgd_steps, uni.epsilon) == (1.0, 10, 0.25)
     assert (uni.pgd_step_size, uni.unlearning_batch_size) == (0.1, None)
     assert hasattr(uni.attribute, "__wrapped__")  # @log_usage, used by NoiseTunnel
+
+
+# ------------------------------------------------------ non-finite model outputs
+
+
+class ScaledNet(nn.Module):
+    """``small_cnn(x) * scale``: a NaN in ``scale`` (an additional forward
+    argument, one row per sample) makes the output of that sample NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = small_cnn(seed=5)
+
+    def forward(self, x, scale):
+        return self.body(x) * scale
+
+
+NAN_CALLS = {
+    "attribute": lambda net, x, scale: UnlearnedIntegratedGradients(net).attribute(
+        x, additional_forward_args=(scale,)
+    ),
+    "compute_baselines": lambda net, x, scale: UnlearnedIntegratedGradients(
+        net
+    ).compute_baselines(x, additional_forward_args=(scale,)),
+    "explicit baselines": lambda net, x, scale: UnlearnedIntegratedGradients(
+        net
+    ).attribute(x, baselines=0.0, additional_forward_args=(scale,)),
+    "layer": lambda net, x, scale: LayerUnlearnedIntegratedGradients(
+        net, net.body[3]
+    ).attribute(x, additional_forward_args=(scale,)),
+}
+
+
+@pytest.mark.parametrize("call", list(NAN_CALLS))
+def test_nan_from_the_model_is_refused_at_the_first_forward(call, images):
+    """A forward that returns NaN for one sample (here through a NaN
+    ``additional_forward_args``) stops the method with a ValueError naming it and
+    the sample, where it would have returned NaN attributions; the model comes
+    back untouched."""
+    net = ScaledNet()
+    scale = torch.ones(4, 1)
+    scale[2] = float("nan")
+    snapshot = ModelSnapshot.take(net)
+    name = "Layer" * (call == "layer") + "UnlearnedIntegratedGradients"
+    with pytest.raises(
+        ValueError, match=rf"^{name}: the model returned non-finite .*samples \[2\]"
+    ):
+        NAN_CALLS[call](net, images, scale)
+    snapshot.assert_same(net)
+    # the same call on finite arguments runs
+    assert NAN_CALLS[call](net, images, torch.ones(4, 1)).isfinite().all()
+
+
+def test_nan_weights_are_refused_at_the_first_forward(cnn, images):
+    broken = copy.deepcopy(cnn)
+    with torch.no_grad():
+        broken[-1].bias[3] = float("nan")
+    with pytest.raises(ValueError, match=r"returned non-finite .*\[0, 1, 2, 3\]"):
+        UnlearnedIntegratedGradients(broken).attribute(images, target=0)
+
+
+def test_a_huge_unlearning_step_is_named(cnn, images):
+    """``unlearning_step=1e30`` moves the parameters so far that the unlearned
+    model returns NaN: the error names ``unlearning_step`` and its value instead
+    of NaN attributions, and the model is untouched."""
+    snapshot = ModelSnapshot.take(cnn)
+    uni = UnlearnedIntegratedGradients(cnn, unlearning_step=1e30)
+    with pytest.raises(ValueError, match=r"`unlearning_step`=1e\+30 .*smaller"):
+        uni.attribute(images, target=0)
+    snapshot.assert_same(cnn)
+    # what the message says: the unlearned forward itself is non-finite
+    params = unlearned_parameters(cnn)
+    log_probs = unlearned_log_probs(
+        ParametrizedForward(cnn, cnn), params, {}, (images,), torch.zeros(4).long(),
+        None, 1e30, 4,
+    )  # fmt: skip
+    assert not log_probs.isfinite().all()
+    assert (
+        UnlearnedIntegratedGradients(cnn).attribute(images, target=0).isfinite().all()
+    )

@@ -170,7 +170,7 @@ class CountingModel(torch.nn.Module):
         (dict(generator=0), TypeError, "generator"),
         (dict(baselines=torch.zeros(2, 2, 8, 8)), ValueError, "baselines"),
         (dict(inputs=torch.full((2, 3, 8, 8), float("inf"))), ValueError, "inputs"),
-        (dict(target=torch.tensor([0.5, 1.0])), ValueError, "target"),
+        (dict(target=torch.tensor([0.5, 1.0])), TypeError, "target"),
     ],
 )
 def test_bad_input_raises_before_any_forward(kwargs, error, name):

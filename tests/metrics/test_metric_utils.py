@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -182,3 +184,93 @@ def test_build_perturbed_inputs_equals_where(dtype, baseline, per_sample_mask):
         torch.testing.assert_close(
             rows[r][~keep], reference[n][~keep], atol=1e-6, rtol=0
         )
+
+
+# ------------------------------------------------------ non-finite model outputs
+
+
+class _Scaled(torch.nn.Module):
+    """``small_cnn(x * scale) * scale`` with ``scale`` (N, 1) an additional forward
+    argument: a NaN row makes that sample's activations and output NaN."""
+
+    def __init__(self):
+        super().__init__()
+        from helpers import small_cnn
+
+        self.body = small_cnn()
+
+    def forward(self, x, scale):
+        return self.body(x * scale.view(-1, 1, 1, 1)) * scale
+
+
+def _nan_metric_calls():
+    from captum_faithful.metrics import (
+        activation_deviation,
+        deletion_auc,
+        faithfulness_correlation,
+        insertion_activation_deviation,
+        insertion_auc,
+        parameter_randomization,
+        path_monotonicity,
+        saco,
+    )
+
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def kw(scale):
+        return dict(additional_forward_args=(scale,), target=1)
+
+    return {
+        "insertion_auc": lambda m, s: insertion_auc(m, x, a, n_steps=4, **kw(s)),
+        "deletion_auc": lambda m, s: deletion_auc(m, x, a, n_steps=4, **kw(s)),
+        "saco": lambda m, s: saco(m, x, a, n_groups=4, **kw(s)),
+        "faithfulness_correlation": lambda m, s: faithfulness_correlation(
+            m, x, a, n_samples=8, generator=torch.Generator().manual_seed(0),
+            correlation="spearman", **kw(s)),
+        "path_monotonicity": lambda m, s: path_monotonicity(
+            m, x, 0.0, n_steps=4, **kw(s)),
+        "activation_deviation": lambda m, s: activation_deviation(
+            m, "conv", x, x * 0.5, additional_forward_args=(s,)),
+        "insertion_activation_deviation": lambda m, s: insertion_activation_deviation(
+            m, "conv", x, a, n_steps=3, additional_forward_args=(s,)),
+        "parameter_randomization": lambda m, s: parameter_randomization(
+            lambda model, inputs, t: model.body(inputs) * s, m, x,
+            generator=torch.Generator().manual_seed(0)),
+    }  # fmt: skip
+
+
+NAN_METRICS = (
+    "insertion_auc", "deletion_auc", "saco", "faithfulness_correlation",
+    "path_monotonicity", "activation_deviation", "insertion_activation_deviation",
+    "parameter_randomization",
+)  # fmt: skip
+
+
+def _values(result):
+    """The metric's per-sample results as one (N, k) tensor."""
+    if isinstance(result, dict):
+        return torch.stack([v.double() for v in result.values()], dim=1)
+    return result.double().view(-1, 1)
+
+
+@pytest.mark.parametrize("name", NAN_METRICS)
+def test_nan_from_the_model_gives_nan_for_that_sample_and_one_warning(name):
+    """When the model returns NaN for one sample (a NaN row of
+    ``additional_forward_args``), the metric's result for that sample is NaN —
+    never a finite score computed from NaN (SaCo's comparisons, ranks that sort
+    NaN last) — with exactly one warning naming the metric and the sample; the
+    other samples get what they get when every sample is finite."""
+    call = _nan_metric_calls()[name]
+    model = _Scaled()
+    finite = _values(call(model, torch.ones(3, 1)))
+    assert finite.isfinite().all()
+    scale = torch.tensor([[1.0], [float("nan")], [1.0]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _values(call(model, scale))
+    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"{name}: ") and "samples [1]" in messages[0]
+    assert result[1].isnan().all()
+    torch.testing.assert_close(result[[0, 2]], finite[[0, 2]])

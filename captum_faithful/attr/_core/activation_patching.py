@@ -9,6 +9,7 @@ import torch
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_faithful._arguments import check_model_output
 from captum_faithful._utils import check_int, preserve_model_state
 from captum_faithful.attr._utils.patching import (
     Score,
@@ -109,6 +110,7 @@ def activation_patching(
     n_prompts, n_tokens = input_ids.shape
     with preserve_model_state(model), torch.no_grad():
         clean = embedded_run(adapter, input_ids, site_list)
+        check_model_output(clean.logits, "activation_patching")
         tokens = explained_tokens(checked_target, clean)
         score = Score(checked_target if callable(checked_target) else tokens)
         baseline = baseline_embeddings(

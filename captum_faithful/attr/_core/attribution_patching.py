@@ -10,7 +10,10 @@ import torch
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_faithful._arguments import check_integration_arguments
+from captum_faithful._arguments import (
+    check_integration_arguments,
+    check_model_output,
+)
 from captum_faithful._utils import (
     check_float,
     check_int,
@@ -338,6 +341,7 @@ class AttributionPatching:
     ) -> tuple[Run, Tensor, Score]:
         """The clean run, the baseline embeddings and F."""
         clean = embedded_run(self.adapter, input_ids, self.sites)
+        check_model_output(clean.logits, type(self).__name__)
         tokens = explained_tokens(target, clean)
         baseline = baseline_embeddings(
             self.adapter,

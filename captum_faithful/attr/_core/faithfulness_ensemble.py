@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from captum_faithful._arguments import (
     check_integer_mask,
+    check_model_output,
+    explained_dtype_errors,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
@@ -620,16 +622,19 @@ class FaithfulnessEnsemble(GradientAttribution):
                 if self._clipped
                 else None
             )
-            if clip is not None:
-                # the insertion game's rows are sample-major: K per sample
-                clean = clip.capture(
-                    lambda: run_forward(self.forward_func, xs, extra_args),
-                    repeats=n_levels,
-                )
-            else:
-                with torch.no_grad():
-                    clean = run_forward(self.forward_func, xs, extra_args)
-            classes = resolve_target(clean, target)
+            with explained_dtype_errors(xs, self.model):
+                if clip is not None:
+                    # the insertion game's rows are sample-major: K per sample
+                    clean = clip.capture(
+                        lambda: run_forward(self.forward_func, xs, extra_args),
+                        repeats=n_levels,
+                    )
+                else:
+                    with torch.no_grad():
+                        clean = run_forward(self.forward_func, xs, extra_args)
+            classes = resolve_target(
+                check_model_output(clean, type(self).__name__), target
+            )
             batch_classes = classes[batch_rows]
 
             forward = forward_runner(self.forward_func)

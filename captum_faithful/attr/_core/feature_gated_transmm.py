@@ -12,6 +12,7 @@ import torch
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_faithful._arguments import non_finite_rows
 from captum_faithful._compat import TargetType, TensorOrTupleOfTensorsGeneric
 from captum_faithful._utils import check_choice, check_float, check_int
 from captum_faithful.attr._core.transmm import TransMM
@@ -253,6 +254,26 @@ class FeatureGatedTransMM(TransMM):
             raise ValueError(
                 f"the SAE for block {layer} has d_in={d_in}, but the model's residual "
                 f"stream has width {hidden}"
+            )
+        tensors = (
+            dict(sae.named_parameters())
+            if isinstance(sae, nn.Module)
+            else {
+                name: getattr(sae, name)
+                for name in ("W_enc", "b_enc", "W_dec", "b_dec")
+                if isinstance(getattr(sae, name, None), Tensor)
+            }
+        )
+        broken = [
+            name
+            for name, tensor in tensors.items()
+            if tensor.numel() and bool(non_finite_rows(tensor.reshape(1, -1)).any())
+        ]
+        if broken:
+            raise ValueError(
+                f"`saes[{layer}]`: the SAE for block {layer} holds NaN or Inf in "
+                f"{broken}, which would make every gate and attribution NaN; load "
+                "a trained SAE (its weights are finite)"
             )
         hook_name = sae_hook_name(sae)
         if hook_name is not None:

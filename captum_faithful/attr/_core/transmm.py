@@ -12,6 +12,8 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_faithful._arguments import (
+    check_model_output,
+    explained_dtype_errors,
     format_additional_forward_args,
     format_inputs,
     format_target,
@@ -238,9 +240,12 @@ class TransMM(GradientAttribution):
             torch.enable_grad(),
             eager_attention(self.model),
             capture(adapter, layers, gated) as captured,
+            explained_dtype_errors(inputs, self.model),
         ):
             logits = run_forward(self.forward_func, tuple(forward_inputs), args)
-        targets = resolve_target(logits, target)
+        targets = resolve_target(
+            check_model_output(logits, type(self).__name__), target
+        )
         missing = [layer for layer in layers if layer not in captured.attention]
         if missing:
             raise RuntimeError(

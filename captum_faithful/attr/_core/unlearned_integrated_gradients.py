@@ -13,10 +13,13 @@ from torch import Tensor, nn
 
 from captum_faithful._arguments import (
     check_integration_arguments,
+    check_model_output,
+    explained_dtype_errors,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
     format_target,
+    non_finite_rows,
     resolve_target,
     select_rows,
 )
@@ -465,8 +468,11 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         unless asked for)."""
         with torch.enable_grad():
             forward = protected_forward(context.wrapper, buffer_copies(context.model))
-            space = self._path_space(context, forward, inputs, is_tuple, args)
-            classes = resolve_target(space.logits, target)
+            with explained_dtype_errors(inputs, context.model):
+                space = self._path_space(context, forward, inputs, is_tuple, args)
+            classes = resolve_target(
+                check_model_output(space.logits, type(self).__name__), target
+            )
             if given is None:
                 starts = self._learned_starts(context, space, inputs, classes, args)
             else:
@@ -530,8 +536,11 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         )
         with torch.enable_grad():
             forward = protected_forward(context.wrapper, buffer_copies(context.model))
-            space = self._path_space(context, forward, inputs, is_tuple, args)
-            classes = resolve_target(space.logits, target)
+            with explained_dtype_errors(inputs, context.model):
+                space = self._path_space(context, forward, inputs, is_tuple, args)
+            classes = resolve_target(
+                check_model_output(space.logits, type(self).__name__), target
+            )
             baselines = self._learned_starts(context, space, inputs, classes, args)
         return space.format(tuple(b.detach() for b in baselines))
 
@@ -624,6 +633,16 @@ class UnlearnedIntegratedGradients(GradientAttribution):
                 self.unlearning_batch_size, params, inputs[0].shape[0]
             ),
         )
+        unlearned_to_nan = non_finite_rows(log_target)
+        if bool(unlearned_to_nan.any()):
+            raise ValueError(
+                f"{type(self).__name__}: the model unlearned with "
+                f"`unlearning_step`={self.unlearning_step:g} returned non-finite "
+                "values (NaN or Inf) for samples "
+                f"{unlearned_to_nan.nonzero().flatten().tolist()} (the step moved "
+                "the parameters too far); pass a smaller `unlearning_step` (default "
+                "1.0)"
+            )
         return match_baselines(
             context.gradient_func,
             space.forward,
@@ -653,9 +672,8 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         elif not any(p.is_floating_point() for p in model.parameters()):
             reason = "the model has no floating-point parameters"
         else:
-            if logits.shape[1] == 1 and not bool(
-                (torch.isfinite(logits) & (logits <= 0)).all()
-            ):
+            # finite: check_model_output read these logits first
+            if logits.shape[1] == 1 and not bool((logits <= 0).all()):
                 raise ValueError(
                     "UNI reads one score per sample as a finite log-probability "
                     "(<= 0) "

@@ -14,6 +14,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_faithful._arguments import (
+    explained_dtype_errors,
     format_additional_forward_args,
     format_inputs,
     select_rows,
@@ -34,6 +35,7 @@ from captum_faithful.metrics._utils import (
     prepare_metric_inputs,
     rank_features,
     resolve_chunk_size,
+    warn_non_finite,
 )
 
 
@@ -127,6 +129,7 @@ def activation_deviation(
         preserve_model_state(model),
         model_places(model, layers) as places,
         torch.no_grad(),
+        explained_dtype_errors(clean, model),
     ):
         for start in range(0, n, chunk_size):
             samples = torch.arange(start, min(n, start + chunk_size))
@@ -142,7 +145,9 @@ def activation_deviation(
             )
             mse.append(values["mse"])
             cosine.append(values["cosine"])
-    return {"mse": torch.cat(mse), "cosine": torch.cat(cosine)}
+    return _nan_for_non_finite(
+        "activation_deviation", torch.cat(mse), torch.cat(cosine)
+    )
 
 
 def _rows(inputs: tuple[Tensor, ...], start: int, count: int) -> tuple[Tensor, ...]:
@@ -222,6 +227,7 @@ def insertion_activation_deviation(
         preserve_model_state(model),
         model_places(model, layers) as places,
         torch.no_grad(),
+        explained_dtype_errors(setup.inputs, model),
     ):
         ranks = rank_features(
             feature_scores(
@@ -260,10 +266,20 @@ def insertion_activation_deviation(
             )
             mse.append(values["mse"])
             cosine.append(values["cosine"])
-    return {
-        "mse": torch.cat(mse).view(n, steps).mean(1),
-        "cosine": torch.cat(cosine).view(n, steps).mean(1),
-    }
+    return _nan_for_non_finite(
+        "insertion_activation_deviation",
+        torch.cat(mse).view(n, steps).mean(1),
+        torch.cat(cosine).view(n, steps).mean(1),
+    )
+
+
+def _nan_for_non_finite(metric: str, mse: Tensor, cosine: Tensor) -> dict[str, Tensor]:
+    """The result, with one warning when samples met NaN or Inf activations
+    (:func:`_compare` gives them NaN, which finite activations never give: a
+    finite deviation computed from them would be meaningless). An infinite MSE
+    of finite activations (an overflow of the result's float32) stays."""
+    warn_non_finite(metric, mse.isnan() | cosine.isnan(), "the selected layers")
+    return {"mse": mse, "cosine": cosine}
 
 
 def _deviation(
@@ -419,6 +435,10 @@ def _compare(clean: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         b = h_tilde.index_select(0, redo).double()
         mse[redo] = ((b - a) ** 2).mean(dim=1)
         cosine[redo] = cosine_similarity(a, b)
+        # NaN or Inf activations: no deviation (see _nan_for_non_finite)
+        broken = redo[~(torch.isfinite(a).all(dim=1) & torch.isfinite(b).all(dim=1))]
+        mse[broken] = torch.nan
+        cosine[broken] = torch.nan
     return mse, cosine
 
 

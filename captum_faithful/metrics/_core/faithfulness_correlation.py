@@ -22,6 +22,7 @@ from captum_faithful.metrics._utils import (
     MetricInputs,
     clean_target_scores,
     feature_scores,
+    nan_where_non_finite,
     perturbed_target_scores,
     prepare_metric_inputs,
     restores_model_state,
@@ -129,7 +130,12 @@ def faithfulness_correlation_for_subsets(
             ]
         )
         drops = clean.double().unsqueeze(1) - perturbed.double()
-        return CORRELATIONS[correlation](attribution_sums, drops)
+        return nan_where_non_finite(
+            "faithfulness_correlation",
+            CORRELATIONS[correlation](attribution_sums, drops),
+            clean,
+            perturbed,
+        )
 
 
 @log_usage()

@@ -20,6 +20,7 @@ from captum_faithful.metrics._utils import (
     clean_target_scores,
     compact_indices,
     feature_scores,
+    nan_where_non_finite,
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
@@ -100,7 +101,11 @@ def _curve(
         columns = {count: scores[:, i] for i, count in enumerate(distinct)}
         columns[clean_count] = clean.to(scores.dtype)
         curves = torch.stack([columns[count] for count in counts], dim=1)
-        auc = trapezoid_auc(curves)
+        auc = nan_where_non_finite(
+            "insertion_auc" if insertion else "deletion_auc",
+            trapezoid_auc(curves),
+            curves,
+        )
     if return_curves:
         return auc, curves
     return auc

@@ -10,10 +10,19 @@ import torch
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_faithful._arguments import format_inputs, format_target
+from captum_faithful._arguments import (
+    explained_dtype_errors,
+    format_inputs,
+    format_target,
+    non_finite_rows,
+)
 from captum_faithful._compat import TargetType, TensorOrTupleOfTensorsGeneric
 from captum_faithful._utils import check_choice
-from captum_faithful.metrics._utils import CORRELATIONS, cosine_similarity
+from captum_faithful.metrics._utils import (
+    CORRELATIONS,
+    cosine_similarity,
+    warn_non_finite,
+)
 
 SIMILARITIES = {**CORRELATIONS, "cosine": cosine_similarity}
 
@@ -144,7 +153,10 @@ def parameter_randomization(
     if order == "top_down":
         layers.reverse()
     compare = SIMILARITIES[similarity]
-    original = _flatten_attributions(explain(model_copy, inputs, target), n)
+    with explained_dtype_errors(items, model_copy):
+        original = _flatten_attributions(explain(model_copy, inputs, target), n)
+    broken_original = non_finite_rows(original)
+    broken = torch.zeros_like(broken_original)
     result = {}
     for name, layer in layers:
         randomize_layer_(layer, generator)
@@ -154,5 +166,11 @@ def parameter_randomization(
                 "`explain` returned attributions of a different shape after "
                 f"randomising {name!r}"
             )
-        result[name] = compare(original, randomized)
+        # a similarity of NaN explanations is meaningless (their ranks tie: 1.0)
+        layer_broken = broken_original | non_finite_rows(randomized)
+        broken |= layer_broken
+        result[name] = compare(original, randomized).masked_fill(
+            layer_broken.to(original.device), torch.nan
+        )
+    warn_non_finite("parameter_randomization", broken, "`explain`")
     return result

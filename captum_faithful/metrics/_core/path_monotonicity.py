@@ -10,16 +10,18 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._arguments import (
+    explained_dtype_errors,
     format_additional_forward_args,
     format_baselines,
     format_inputs,
     format_target,
     resolve_target,
 )
-from captum_faithful._utils import check_bool, check_int
+from captum_faithful._utils import check_bool, check_int, module_of
 from captum_faithful.metrics._utils import (
     chunked_outputs,
     chunked_target_scores,
+    nan_where_non_finite,
     resolve_chunk_size,
     restores_model_state,
     spearman_correlation,
@@ -103,7 +105,8 @@ def path_monotonicity(
     args = format_additional_forward_args(additional_forward_args, n_examples)
     starts = format_baselines(baselines, formatted)
     with torch.no_grad():
-        output = chunked_outputs(forward_func, formatted, args, chunk_size)
+        with explained_dtype_errors(formatted, module_of(forward_func)):
+            output = chunked_outputs(forward_func, formatted, args, chunk_size)
         classes = resolve_target(output, target)
         device = formatted[0].device
 
@@ -127,4 +130,8 @@ def path_monotonicity(
             device,
         )
     positions = torch.arange(n_steps + 1, dtype=torch.float64, device=scores.device)
-    return spearman_correlation(positions.expand(n_examples, -1), scores)
+    return nan_where_non_finite(
+        "path_monotonicity",
+        spearman_correlation(positions.expand(n_examples, -1), scores),
+        scores,
+    )

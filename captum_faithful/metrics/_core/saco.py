@@ -19,6 +19,7 @@ from captum_faithful.metrics._utils import (
     clean_target_scores,
     compact_indices,
     feature_scores,
+    nan_where_non_finite,
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
@@ -170,4 +171,6 @@ def saco(
             setup.n_examples, n_groups, dtype=torch.float64, device=scores.device
         ).scatter_add_(1, feature_group, scores)
         deltas = clean.unsqueeze(1).double() - removed.double()
-        return saco_from_groups(group_scores, deltas)
+        return nan_where_non_finite(
+            "saco", saco_from_groups(group_scores, deltas), clean, removed
+        )
