@@ -29,11 +29,15 @@ from captum_faithful._utils import (
 )
 from captum_faithful.evaluation import _settings
 from captum_faithful.evaluation._distributed import ProcessGroup, process_group
-from captum_faithful.evaluation._storage import Rows, RunStorage, empty_rows
+from captum_faithful.evaluation._storage import (
+    SETTINGS_VERSION,
+    Rows,
+    RunStorage,
+    empty_rows,
+)
 from captum_faithful.evaluation.results import Results
 
 TARGETS = ("predicted", "label")
-_SETTINGS_VERSION = 1
 
 
 def evaluate(
@@ -392,7 +396,7 @@ def _prepare_out(
         if recorded is None:
             storage.write_settings(
                 {
-                    "version": _SETTINGS_VERSION,
+                    "version": SETTINGS_VERSION,
                     "fingerprint": fingerprint,
                     "file_format": storage.file_format,
                     "created": datetime.now(timezone.utc).isoformat(),
@@ -404,6 +408,7 @@ def _prepare_out(
         return storage.file_format
 
     storage.file_format = group.broadcast(prepare)
+    storage.run = fingerprint
     storage.batch_dir.mkdir(parents=True, exist_ok=True)
 
 

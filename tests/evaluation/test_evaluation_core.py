@@ -142,12 +142,14 @@ def test_csv_without_pyarrow_round_trips_exactly(tmp_path, monkeypatch):
         "value": [math.nan, 0.1 + 0.2],
         "seconds": [1e-7, 2.5],
     }
-    path = tmp_path / "t.csv"
-    path.write_bytes(_storage.encode(table, "csv"))
-    back = _storage.decode(path)
-    assert math.isnan(back["value"][0]) and back["value"][1] == 0.1 + 0.2
-    assert back["method"].tolist() == ["a", "b,c"]
-    assert back["seconds"].tolist() == [1e-7, 2.5]
+    for run in (None, "0f" * 32):
+        path = tmp_path / "t.csv"
+        path.write_bytes(_storage.encode(table, "csv", run))
+        back, carried = _storage.decode(path)
+        assert carried == run
+        assert math.isnan(back["value"][0]) and back["value"][1] == 0.1 + 0.2
+        assert back["method"].tolist() == ["a", "b,c"]
+        assert back["seconds"].tolist() == [1e-7, 2.5]
 
 
 @pytest.mark.parametrize("how", ["raise", "interrupt"])
@@ -387,6 +389,7 @@ def test_metric_with_the_wrong_shape_is_refused(tmp_path):
         ("target", "target 'predicted' -> 'label'"),
         ("weights", "model changed"),
         ("partial", r"metrics\['drop'\] changed"),
+        ("seed", "seed 0 -> 1"),
     ],
 )
 def test_other_settings_in_the_same_out_are_refused(tmp_path, change, named):
@@ -400,7 +403,7 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path, change, named):
         out=tmp_path,
         show_progress=False,
     )
-    metrics, loader, target = fx.metrics(), fx.loader(), "predicted"
+    metrics, loader, target, seed = fx.metrics(), fx.loader(), "predicted", 0
     if change == "metric":
         del metrics["noisy"]
     elif change == "batch_size":
@@ -413,6 +416,8 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path, change, named):
             model[0].bias.add_(1.0)
     elif change == "partial":
         metrics["drop"] = functools.partial(fx.top_feature_drop, fraction=0.5)
+    elif change == "seed":
+        seed = 1
     with pytest.raises(ValueError, match="holds a run with other settings") as err:
         evaluate(
             model,
@@ -422,6 +427,7 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path, change, named):
             out=tmp_path,
             target=target,
             show_progress=False,
+            seed=seed,
         )
     assert re.search(named, str(err.value)), str(err.value)
     assert log == []  # refused before any work
