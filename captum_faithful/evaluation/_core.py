@@ -65,7 +65,8 @@ def evaluate(
     flight; ``resume=True`` (the default) skips every batch already recorded and
     never duplicates a row. The settings (see below) are written to
     ``out/settings.json`` once; calling ``evaluate`` again with the same ``out`` but
-    other settings is refused instead of mixing results.
+    other settings is refused instead of mixing results, and so is a batch file of
+    another run copied under ``out`` (every file carries its run's fingerprint).
 
     **Distributed.** When ``torch.distributed`` is initialised, or the environment
     of a launcher such as ``torchrun`` is set (``WORLD_SIZE`` > 1, ``RANK``,
