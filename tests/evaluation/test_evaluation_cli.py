@@ -215,6 +215,53 @@ USAGE_ERRORS = {
         ],
         ["argument CONFIG", "metrics['drop']", "fractoin"],
     ),
+    "unknown key in an explainer spec": (
+        lambda tmp: [
+            "evaluate",
+            str(
+                _config_with(
+                    tmp,
+                    "saliency: captum.attr.Saliency",
+                    "saliency: {class: captum.attr.Saliency, bogus: 1}",
+                )
+            ),
+        ],
+        ["argument CONFIG", "explainers['saliency']", "'bogus'", "'init'"],
+    ),
+    "class and function in one explainer spec": (
+        lambda tmp: [
+            "evaluate",
+            str(
+                _config_with(
+                    tmp,
+                    "saliency: captum.attr.Saliency",
+                    "saliency: {class: captum.attr.Saliency, function: x:y}",
+                )
+            ),
+        ],
+        ["argument CONFIG", "explainers['saliency']", "'function'"],
+    ),
+    "unknown key in a metric spec": (
+        lambda tmp: [
+            "evaluate",
+            str(_config_with(tmp, "kwargs: {fraction: 0.5}", "kwarg: {fraction: 0.5}")),
+        ],
+        ["argument CONFIG", "metrics['drop']", "'kwarg'", "'kwargs'"],
+    ),
+    "unknown key in a factory spec": (
+        lambda tmp: [
+            "evaluate",
+            str(_config_with(tmp, "kwargs: {n: 18}", "kwargs: {n: 18}, n: 3")),
+        ],
+        ["argument CONFIG", "'dataset'", "'n'"],
+    ),
+    "keywords of a spec that are not a mapping": (
+        lambda tmp: [
+            "evaluate",
+            str(_config_with(tmp, "attribute: {n_steps: 8}", "attribute: 8")),
+        ],
+        ["argument CONFIG", "explainers['ig']", "'attribute'", "8"],
+    ),
     "unparsable YAML": (
         lambda tmp: [
             "evaluate",
