@@ -22,6 +22,7 @@ from captum_faithful.metrics._utils import (
     chunked_target_scores,
     resolve_chunk_size,
     restores_model_state,
+    scores_of_classes,
     spearman_correlation,
 )
 
@@ -59,7 +60,8 @@ def path_monotonicity(
     Args:
 
         forward_func (Callable): The model's forward function, returning
-                (N, n_classes) scores or a ``ModelOutput`` with ``logits``.
+                (N, n_classes) scores or a ``ModelOutput`` with ``logits``, or
+                one score per sample (N,) (with ``apply_softmax=False``).
         inputs (Tensor or tuple[Tensor, ...]): The explained inputs
                 (the end of the path), batch on dim 0.
         baselines (scalar, Tensor, str, Callable, or tuple): The start of the
@@ -104,6 +106,7 @@ def path_monotonicity(
     starts = format_baselines(baselines, formatted)
     with torch.no_grad():
         output = chunked_outputs(forward_func, formatted, args, chunk_size)
+        scores_of_classes(output, apply_softmax)  # refuses a softmax over (N,)
         classes = resolve_target(output, target)
         device = formatted[0].device
 
