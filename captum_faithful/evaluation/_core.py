@@ -21,6 +21,7 @@ from captum_faithful._arguments import resolve_target
 from captum_faithful._utils import (
     check_bool,
     check_choice,
+    check_device_available,
     module_of,
     optional_import,
     preserve_model_state,
@@ -144,7 +145,9 @@ def evaluate(
         device (str or torch.device, optional): Where the inputs go. ``None``
                     means the device of the model's first parameter (CPU for a
                     model without parameters). Under a launcher, ``"cuda"``
-                    without an index means ``cuda:LOCAL_RANK``.
+                    without an index means ``cuda:LOCAL_RANK``. A CUDA device
+                    this machine does not have is refused (ValueError) before any
+                    work.
                     Default: None
         seed (int, optional): Base seed of the per-batch generators; ``None``
                     leaves the random generators alone.
@@ -370,7 +373,7 @@ def resolve_device(model: Any, device: Any) -> torch.device:
         raise ValueError(f"`device` must name a torch device, got {device!r}") from err
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
+    return check_device_available("device", device)
 
 
 def _prepare_out(

@@ -24,7 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from captum_faithful._cli import UsageError, device, positive_int
-from captum_faithful._utils import check_choice, check_int, optional_import
+from captum_faithful._utils import (
+    check_choice,
+    check_device_available,
+    check_int,
+    optional_import,
+)
 from captum_faithful.evaluation._core import TARGETS
 
 REQUIRED = ("model", "dataset", "explainers", "metrics")
@@ -306,11 +311,12 @@ def _check_option(key: str, value: Any) -> Any:
         return check_choice("target", value, TARGETS)
     if key == "device" and value is not None:
         try:
-            return torch.device(value)
+            device = torch.device(value)
         except (TypeError, RuntimeError, ValueError) as err:
             raise ValueError(
                 f"`device` must name a torch device, got {value!r}"
             ) from err
+        return check_device_available("device", device)
     if key == "out" and value is not None and not isinstance(value, (str, Path)):
         raise TypeError(f"`out` must be a folder path, got {value!r}")
     return value

@@ -467,3 +467,44 @@ def test_uni_and_the_package_metrics_equal_a_hand_written_loop(tmp_path):
     assert [row[3] for row in got] == pytest.approx(
         [row[3] for row in expected], rel=1e-6, abs=1e-9, nan_ok=True
     )
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 3)])
+def test_a_cuda_device_without_a_gpu_is_refused_before_any_work(
+    tmp_path, monkeypatch, device
+):
+    """As the command line's --device does: a ValueError naming `device`, before
+    `out` is created or the model is called."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    model = fx.model()
+    log = []
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"`device`.*cuda.*CUDA is not available"):
+        evaluate(
+            model,
+            fx.loader(),
+            fx.run_explainers(model, log=log),
+            fx.metrics(),
+            out=out,
+            device=device,
+            show_progress=False,
+        )
+    assert log == [] and not out.exists()
+
+
+def test_a_cuda_index_beyond_the_gpus_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    model = fx.model()
+    with pytest.raises(ValueError, match=r"`device`.*'cuda:2'.*2 CUDA devices"):
+        evaluate(
+            model,
+            fx.loader(),
+            fx.run_explainers(model),
+            fx.metrics(),
+            out=tmp_path / "run",
+            device="cuda:2",
+            show_progress=False,
+        )
+    assert not (tmp_path / "run").exists()
