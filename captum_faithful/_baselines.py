@@ -40,7 +40,9 @@ def mean_baseline(inputs: Tensor) -> Tensor:
 
     For inputs with three or more dimensions (N, C, ...) each channel of each sample is
     replaced by its mean over the remaining dimensions; a 2-D input (N, D) is replaced
-    by the per-sample mean over its D elements.
+    by the per-sample mean over its D elements. Integer inputs (e.g. uint8 pixels)
+    get the mean rounded to the nearest integer, in their dtype, so that the copies
+    that mix inputs and baseline stay valid inputs.
 
     .. math::
         b_{n,c,\dots} = \frac{1}{|\Omega|} \sum_{\omega \in \Omega} x_{n,c,\omega}
@@ -50,7 +52,7 @@ def mean_baseline(inputs: Tensor) -> Tensor:
         inputs (Tensor): Input batch of at least two dimensions.
 
     Returns:
-        Tensor: Baseline of the shape of ``inputs``.
+        Tensor: Baseline of the shape and dtype of ``inputs``.
 
     Examples::
 
@@ -63,7 +65,12 @@ def mean_baseline(inputs: Tensor) -> Tensor:
             f"dimensions, got shape {tuple(inputs.shape)}"
         )
     dims = tuple(range(2, inputs.dim())) if inputs.dim() >= 3 else (1,)
-    return inputs.mean(dim=dims, keepdim=True).expand_as(inputs).clone()
+    if inputs.is_floating_point() or inputs.is_complex():
+        mean = inputs.mean(dim=dims, keepdim=True)
+    else:
+        exact = inputs.to(torch.float64).mean(dim=dims, keepdim=True)
+        mean = exact.round().to(inputs.dtype)
+    return mean.expand_as(inputs).clone()
 
 
 def gaussian_kernel1d(

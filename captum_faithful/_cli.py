@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from captum_faithful._utils import check_device_available
+
 #: Exit status of a usage error (as argparse uses) and of a failure while running.
 USAGE_ERROR = 2
 RUN_FAILURE = 1
@@ -123,8 +125,8 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unsupported device {text!r}; use 'cpu' or 'cuda[:i]'"
         )
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(
-            f"device {text!r} asked for, but CUDA is not available"
-        )
+    try:
+        check_device_available("device", parsed)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return str(parsed)

@@ -177,6 +177,29 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
+def check_device_available(name: str, device: torch.device) -> torch.device:
+    """Return ``device``, raising ValueError naming ``name`` when it is a CUDA (or
+    MPS) device this machine does not have: no CUDA at all, or an index beyond the
+    GPUs. Checked before any work, instead of torch's error at the first copy."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"`{name}` is {str(device)!r}, but CUDA is not available here (no "
+                "GPU, or a torch build without CUDA); pass 'cpu'"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"`{name}` is {str(device)!r}, but this machine has {count} CUDA "
+                f"devices (cuda:0 .. cuda:{count - 1})"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"`{name}` is 'mps', but MPS is not available here; pass 'cpu'"
+        )
+    return device
+
+
 def resolve_model(
     forward_func: Callable, model: nn.Module | None, required: bool = True
 ) -> nn.Module | None:

@@ -1,7 +1,7 @@
 """Sparse autoencoders for FeatureGatedTransMM, loaded through sae-lens.
 
-:func:`load_sae` accepts an SAE object, a local sae-lens folder or a pretrained
-``(release, sae_id)``. Any sae-lens architecture with ``encode`` and ``W_dec``
+:func:`load_sae` accepts an SAE object, a local sae-lens folder (or a folder of
+them, one per ``sae_id``) or a pretrained ``(release, sae_id)``. Any sae-lens architecture with ``encode`` and ``W_dec``
 (``d_sae × d_in``) works: standard, topk, jumprelu, gated, and the others.
 
 Converting a Prisma-style vision SAE (ViT-Prisma: weights ``W_enc`` ``(d_in, d_sae)``,
@@ -76,9 +76,13 @@ def load_sae(
                     ``sae_weights.safetensors``, loaded with ``SAE.load_from_disk``);
                     or a pretrained ``(release, sae_id)`` pair, loaded with
                     ``SAE.from_pretrained`` — the only call in captum-faithful that
-                    uses the network.
+                    uses the network. A ``Path``, or a string naming an existing
+                    folder, is always local, never a release name.
         sae_id (str, optional): With a release name as ``source``, the SAE inside
-                    that release. Default: None
+                    that release; with a local folder, the subfolder
+                    ``source/sae_id`` holding that SAE (a folder of saved SAEs,
+                    one per id; an id may be nested, e.g. ``"layer_6/width_16k"``).
+                    Default: None
         device (str or torch.device, optional): Where to load the SAE.
                     Default: None (``"cpu"``)
 
@@ -88,6 +92,7 @@ def load_sae(
     Examples::
 
         >>> sae = load_sae("runs/sae_layer6")                       # local folder
+        >>> sae = load_sae("runs/saes", "blocks.6.hook_resid_post")  # its subfolder
         >>> sae = load_sae(("my-release", "blocks.6.hook_resid_post"))  # pretrained
     """
     if _is_sae(source):
@@ -111,6 +116,10 @@ def load_sae(
         raise TypeError(f"`sae_id` must be a string, got {type(sae_id).__name__}")
     device = "cpu" if device is None else str(torch.device(device))
     sae_lens = optional_import("sae_lens", "sae")
+    local = not isinstance(source, str) or Path(source).is_dir()
+    if sae_id is not None and local:
+        source = _subfolder(Path(source), sae_id)
+        sae_id = None
     if sae_id is None:
         path = Path(source)
         if not path.is_dir():
@@ -124,6 +133,33 @@ def load_sae(
     if not _is_sae(sae):
         raise TypeError(f"the loaded {type(sae).__name__} has no `encode` and `W_dec`")
     return sae
+
+
+def _subfolder(folder: Path, sae_id: str) -> Path:
+    """``folder / sae_id``, the saved SAE of that id inside a local folder."""
+    if not folder.is_dir():
+        raise ValueError(
+            f"`source` {str(folder)!r} is not a folder; pass a folder of saved SAEs "
+            "with `sae_id` its subfolder, or a pretrained SAE as (release, sae_id) "
+            "strings"
+        )
+    relative = Path(sae_id)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(
+            f"`sae_id` {sae_id!r} must name a subfolder inside `source` "
+            f"({folder}), e.g. 'blocks.6.hook_resid_post'"
+        )
+    path = folder / relative
+    if not (path / "cfg.json").is_file():
+        found = sorted(
+            config.parent.relative_to(folder).as_posix()
+            for config in folder.rglob("cfg.json")
+        )
+        raise ValueError(
+            f"`sae_id` {sae_id!r}: the local folder {folder} holds no saved SAE "
+            f"{relative.as_posix()}/ (cfg.json); it holds {found[:20] or 'none'}"
+        )
+    return path
 
 
 def _load_folder(sae_lens: Any, path: Path, device: str) -> Any:

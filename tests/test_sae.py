@@ -61,6 +61,43 @@ def test_bad_sources(tmp_path):
         load_sae("release", sae_id=3)
 
 
+def test_a_local_folder_with_an_sae_id_loads_its_subfolder_never_the_hub(
+    tmp_path, monkeypatch
+):
+    """``load_sae(folder, sae_id)`` with a local folder loads ``folder/sae_id`` (a
+    folder of saved SAEs, one per id; ids may be nested, as gemma-scope's are); it
+    used to take the folder for a release name and go to the hub."""
+    import sae_lens
+
+    calls = []
+    monkeypatch.setattr(
+        sae_lens.SAE, "from_pretrained", lambda *a, **k: calls.append(a)
+    )
+    root = tmp_path / "saes"
+    saes = {}
+    for seed, sae_id in enumerate(["blocks.1.hook_resid_post", "layer_6/width_64"]):
+        saes[sae_id] = make_sae(seed=seed)
+        saes[sae_id].save_model(root / sae_id)
+    for source in (root, str(root)):
+        for sae_id, sae in saes.items():
+            loaded = load_sae(source, sae_id)
+            for name, value in sae.state_dict().items():
+                assert torch.equal(loaded.state_dict()[name], value), name
+    with pytest.raises(
+        ValueError,
+        match=r"`sae_id` 'blocks.2.hook_resid_post'.*\['blocks.1.hook_resid_post', "
+        r"'layer_6/width_64'\]",
+    ):
+        load_sae(root, "blocks.2.hook_resid_post")
+    for escaping in ("../saes/layer_6/width_64", str(root / "layer_6" / "width_64")):
+        with pytest.raises(ValueError, match="`sae_id`.*inside"):
+            load_sae(root, escaping)
+    # a Path is never a release name, even when it does not exist
+    with pytest.raises(ValueError, match="not a folder"):
+        load_sae(tmp_path / "missing", "blocks.1.hook_resid_post")
+    assert calls == []
+
+
 def test_broken_folders_raise_errors_that_name_the_path(tmp_path):
     """An empty folder, a corrupt cfg.json and a truncated weights file each give a
     ValueError naming the folder or file (sae-lens raised FileNotFoundError,

@@ -21,6 +21,7 @@ from captum_faithful._arguments import resolve_target
 from captum_faithful._utils import (
     check_bool,
     check_choice,
+    check_device_available,
     module_of,
     optional_import,
     preserve_model_state,
@@ -29,11 +30,15 @@ from captum_faithful._utils import (
 )
 from captum_faithful.evaluation import _settings
 from captum_faithful.evaluation._distributed import ProcessGroup, process_group
-from captum_faithful.evaluation._storage import Rows, RunStorage, empty_rows
+from captum_faithful.evaluation._storage import (
+    SETTINGS_VERSION,
+    Rows,
+    RunStorage,
+    empty_rows,
+)
 from captum_faithful.evaluation.results import Results
 
 TARGETS = ("predicted", "label")
-_SETTINGS_VERSION = 1
 
 
 def evaluate(
@@ -61,7 +66,8 @@ def evaluate(
     flight; ``resume=True`` (the default) skips every batch already recorded and
     never duplicates a row. The settings (see below) are written to
     ``out/settings.json`` once; calling ``evaluate`` again with the same ``out`` but
-    other settings is refused instead of mixing results.
+    other settings is refused instead of mixing results, and so is a batch file of
+    another run copied under ``out`` (every file carries its run's fingerprint).
 
     **Distributed.** When ``torch.distributed`` is initialised, or the environment
     of a launcher such as ``torchrun`` is set (``WORLD_SIZE`` > 1, ``RANK``,
@@ -139,7 +145,9 @@ def evaluate(
         device (str or torch.device, optional): Where the inputs go. ``None``
                     means the device of the model's first parameter (CPU for a
                     model without parameters). Under a launcher, ``"cuda"``
-                    without an index means ``cuda:LOCAL_RANK``.
+                    without an index means ``cuda:LOCAL_RANK``. A CUDA device
+                    this machine does not have is refused (ValueError) before any
+                    work.
                     Default: None
         seed (int, optional): Base seed of the per-batch generators; ``None``
                     leaves the random generators alone.
@@ -365,7 +373,7 @@ def resolve_device(model: Any, device: Any) -> torch.device:
         raise ValueError(f"`device` must name a torch device, got {device!r}") from err
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
+    return check_device_available("device", device)
 
 
 def _prepare_out(
@@ -392,7 +400,7 @@ def _prepare_out(
         if recorded is None:
             storage.write_settings(
                 {
-                    "version": _SETTINGS_VERSION,
+                    "version": SETTINGS_VERSION,
                     "fingerprint": fingerprint,
                     "file_format": storage.file_format,
                     "created": datetime.now(timezone.utc).isoformat(),
@@ -404,6 +412,7 @@ def _prepare_out(
         return storage.file_format
 
     storage.file_format = group.broadcast(prepare)
+    storage.run = fingerprint
     storage.batch_dir.mkdir(parents=True, exist_ok=True)
 
 

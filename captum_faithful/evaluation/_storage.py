@@ -11,12 +11,20 @@ killed at any moment leaves either the complete file or no file under the final
 name, never half a row that a resumed run would trust. The tables are encoded,
 decoded and concatenated by pandas.
 
+Every table file carries the fingerprint of the run that wrote it (the SHA-256 of
+its settings, also in ``settings.json``): in the Parquet schema's metadata under
+``captum_faithful.run``, or as a first line ``# captum_faithful.evaluate run
+<fingerprint>`` of a CSV file.
+
 A batch file is trusted only if it holds exactly the rows of its batch: the run's
-file format, and one row per (sample of the batch, method, metric) of the recorded
-settings. A file that cannot be read (zero bytes, truncated by something else than
-this package) is named in a warning and its batch recomputed; a readable file with
-other rows (another run's, a hand-made one) is refused with an error naming it, so
-nothing foreign is ever merged.
+file format, the run's fingerprint, and one row per (sample of the batch, method,
+metric) of the recorded settings. A file that cannot be read (zero bytes, truncated
+by something else than this package) is named in a warning and its batch
+recomputed; a readable file of another run (other rows, or the same rows computed
+with other settings, such as other model weights: another fingerprint) or a
+hand-made one is refused with an error naming it, and left in place, so nothing
+foreign is ever merged and nobody's results are deleted. Runs recorded before the
+fingerprint was written (``settings.json`` version 1) accept files without one.
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ DTYPES = {"index": "int64", "value": "float64", "seconds": "float64"}
 SETTINGS_FILE = "settings.json"
 BATCH_DIR = "batches"
 RESULTS_STEM = "results"
+#: The version ``settings.json`` records; from 2 on, every table file carries the
+#: run's fingerprint.
+SETTINGS_VERSION = 2
+_RUN_KEY = b"captum_faithful.run"
+_CSV_RUN_LINE = b"# captum_faithful.evaluate run "
 _BATCH_NAME = re.compile(r"^batch-(\d{8})\.(parquet|csv)$")
 
 Rows = dict[str, list]
@@ -67,20 +80,36 @@ def as_table(rows: Any) -> Any:
     return pd.DataFrame(rows, columns=list(COLUMNS)).astype(DTYPES)
 
 
-def encode(rows: Any, file_format: str) -> bytes:
+def encode(rows: Any, file_format: str, run: str | None = None) -> bytes:
     """The bytes of a table with the columns of :data:`COLUMNS`: Parquet, or CSV
     with floats written exactly (shortest round-trip form) and NaN as an empty
-    field."""
+    field; carrying the fingerprint ``run`` of the run that writes it, if given
+    (see the module docstring)."""
     table = as_table(rows)
     if file_format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
+        if run is not None:
+            metadata = dict(arrow.schema.metadata or {})
+            metadata[_RUN_KEY] = run.encode("ascii")
+            arrow = arrow.replace_schema_metadata(metadata)
         buffer = io.BytesIO()
-        table.to_parquet(buffer, index=False)
+        pq.write_table(arrow, buffer)
         return buffer.getvalue()
-    return table.to_csv(index=False, lineterminator="\n").encode("utf-8")
+    data = table.to_csv(index=False, lineterminator="\n").encode("utf-8")
+    if run is not None:
+        data = _CSV_RUN_LINE + run.encode("ascii") + b"\n" + data
+    return data
 
 
-def decode(path: Path) -> Any:
+def decode(path: Path) -> tuple[Any, str | None]:
     """Read a table written by :func:`encode` back into a DataFrame.
+
+    Returns:
+        (DataFrame, str or None): the table, and the fingerprint of the run that
+        wrote it (``None`` for a file without one).
 
     Raises:
         UnreadableFileError: naming ``path``, when it is not a complete table.
@@ -90,14 +119,24 @@ def decode(path: Path) -> Any:
         raise ImportError(
             f"{path} is a Parquet file; reading it needs pyarrow (`pip install pyarrow`)"
         )
+    run = None
     try:
         if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
             table = pd.read_parquet(path)
+            metadata = pq.read_schema(path).metadata or {}
+            if _RUN_KEY in metadata:
+                run = metadata[_RUN_KEY].decode("ascii")
         else:
-            if not path.read_bytes().endswith(b"\n"):
+            data = path.read_bytes()
+            if not data.endswith(b"\n"):
                 raise ValueError("the file does not end with a complete line")
+            if data.startswith(_CSV_RUN_LINE):
+                first, data = data.split(b"\n", 1)
+                run = first[len(_CSV_RUN_LINE) :].decode("ascii").strip()
             table = pd.read_csv(
-                path,
+                io.BytesIO(data),
                 dtype={"method": str, "metric": str},
                 keep_default_na=False,
                 na_values={"value": [""], "seconds": [""]},
@@ -111,7 +150,7 @@ def decode(path: Path) -> Any:
             f"{path} is not a results table of captum_faithful.evaluate: columns "
             f"{list(table.columns)}, expected {list(COLUMNS)}"
         )
-    return table.astype(DTYPES)
+    return table.astype(DTYPES), run
 
 
 def concat(tables: list) -> Any:
@@ -130,6 +169,8 @@ class RunLayout:
     methods: tuple[str, ...]
     metrics: tuple[str, ...]
     file_format: str
+    run: str | None = None
+    files_carry_run: bool = False
 
     @classmethod
     def from_settings(cls, recorded: dict[str, Any]) -> RunLayout:
@@ -140,7 +181,23 @@ class RunLayout:
             methods=tuple(settings["methods"]),
             metrics=tuple(settings["metrics"]),
             file_format=recorded.get("file_format", default_format()),
+            run=recorded.get("fingerprint"),
+            files_carry_run=int(recorded.get("version", 1)) >= SETTINGS_VERSION,
         )
+
+    def check_run(self, path: Path, run: str | None) -> None:
+        """Raise :class:`ForeignFileError` unless the file at ``path``, carrying
+        the fingerprint ``run``, was written by this run."""
+        if run is None and not self.files_carry_run:
+            return
+        if run != self.run:
+            found = "no run fingerprint" if run is None else f"run fingerprint {run}"
+            raise ForeignFileError(
+                f"{path} is not a batch of this run: it carries {found}, where this "
+                f"run's is {self.run} (a file of another run, computed with other "
+                "settings, e.g. other model weights); remove it, or choose another "
+                "`out`"
+            )
 
     @property
     def n_batches(self) -> int:
@@ -150,10 +207,11 @@ class RunLayout:
         start = batch_id * self.batch_size
         return range(start, min(start + self.batch_size, self.n_samples))
 
-    def check(self, batch_id: int, path: Path, table: Any) -> None:
+    def check(self, batch_id: int, path: Path, table: Any, run: str | None) -> None:
         """Raise :class:`ForeignFileError` (or :class:`UnreadableFileError` for
-        a table missing some of its rows) unless ``table`` holds exactly one row
-        per (sample, method, metric) of batch ``batch_id``."""
+        a table of this run missing some of its rows) unless ``table``, carrying
+        the fingerprint ``run``, holds exactly one row per (sample, method, metric)
+        of batch ``batch_id`` of this run."""
         samples = self.samples(batch_id)
         if batch_id >= self.n_batches or not set(table["index"]) <= set(samples):
             found = sorted(set(table["index"].tolist()))
@@ -174,6 +232,8 @@ class RunLayout:
                 f"{list(self.methods)} and {list(self.metrics)}; remove it, or "
                 "choose another `out`"
             )
+        # before the row count: a file of another run is refused, never deleted
+        self.check_run(path, run)
         keys = table[["index", "method", "metric"]]
         expected = len(samples) * len(self.methods) * len(self.metrics)
         if keys.duplicated().any() or len(keys) != expected:
@@ -199,6 +259,8 @@ class RunStorage:
         self.batch_dir = self.out / BATCH_DIR
         self.settings_path = self.out / SETTINGS_FILE
         self.file_format = file_format or default_format()
+        #: The fingerprint written into every table file (see the module docstring).
+        self.run: str | None = None
 
     def results_path(self, file_format: str | None = None) -> Path:
         return self.out / f"{RESULTS_STEM}.{file_format or self.file_format}"
@@ -258,8 +320,8 @@ class RunStorage:
                 f"{path} is not a batch of this run: the run writes "
                 f"{layout.file_format} files; remove it, or choose another `out`"
             )
-        table = decode(path)
-        layout.check(batch_id, path, table)
+        table, run = decode(path)
+        layout.check(batch_id, path, table, run)
         return table
 
     def recorded_batches(self) -> list[int]:
@@ -283,7 +345,7 @@ class RunStorage:
 
     def write_batch(self, batch_id: int, rows: Rows) -> None:
         path = self.batch_dir / f"batch-{batch_id:08d}.{self.file_format}"
-        atomic_write(path, encode(rows, self.file_format))
+        atomic_write(path, encode(rows, self.file_format, self.run))
 
     def read_batches(self) -> Any:
         """The rows of every recorded batch, in batch order, each file checked;
@@ -303,7 +365,7 @@ class RunStorage:
 
     def write_results(self, table: Any) -> Path:
         path = self.results_path()
-        atomic_write(path, encode(table, self.file_format))
+        atomic_write(path, encode(table, self.file_format, self.run))
         return path
 
     def read_results(self) -> Any:
@@ -311,5 +373,7 @@ class RunStorage:
         for suffix in ("parquet", "csv"):
             path = self.results_path(suffix)
             if path.exists():
-                return decode(path)
+                table, run = decode(path)
+                self.layout().check_run(path, run)
+                return table
         return self.read_batches()

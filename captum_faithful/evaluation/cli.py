@@ -24,7 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from captum_faithful._cli import UsageError, device, positive_int
-from captum_faithful._utils import check_choice, check_int, optional_import
+from captum_faithful._utils import (
+    check_choice,
+    check_device_available,
+    check_int,
+    optional_import,
+)
 from captum_faithful.evaluation._core import TARGETS
 
 REQUIRED = ("model", "dataset", "explainers", "metrics")
@@ -198,11 +203,39 @@ def import_object(path: str) -> Any:
         raise ValueError(f"cannot import {path!r}: {err}") from err
 
 
+def _check_spec_keys(label: str, spec: Mapping, known: tuple[str, ...]) -> None:
+    """A mapping spec holds only the keys of its form: a misspelt keyword key
+    (``kwarg:``) would otherwise be ignored without a word."""
+    unknown = sorted(str(key) for key in spec if key not in known)
+    if unknown:
+        raise ValueError(
+            f"{label} in the config has unknown keys {unknown}; a {{{known[0]}: ...}} "
+            f"spec takes only {list(known)}"
+        )
+
+
+def _spec_keywords(label: str, spec: Mapping, key: str) -> dict[str, Any]:
+    """The keyword arguments under ``spec[key]`` (a mapping, or absent)."""
+    keywords = spec.get(key)
+    if keywords is None:
+        return {}
+    if not isinstance(keywords, Mapping) or not all(
+        isinstance(name, str) for name in keywords
+    ):
+        raise ValueError(
+            f"{label} in the config: {key!r} must be a mapping of keyword "
+            f"arguments, e.g. {{n_steps: 16}}, got {keywords!r}"
+        )
+    return dict(keywords)
+
+
 def _yaml_factory(spec: Any, key: str) -> Any:
     if isinstance(spec, str):
         return import_object(spec)()
     if isinstance(spec, Mapping) and "factory" in spec:
-        return import_object(spec["factory"])(**dict(spec.get("kwargs") or {}))
+        label = f"config key {key!r}"
+        _check_spec_keys(label, spec, ("factory", "kwargs"))
+        return import_object(spec["factory"])(**_spec_keywords(label, spec, "kwargs"))
     raise ValueError(
         f"config key {key!r} must be an import path or {{factory: path, kwargs: {{...}}}}, "
         f"got {spec!r}"
@@ -213,31 +246,38 @@ def _yaml_explainer(name: str, spec: Any, model: nn.Module) -> Any:
     if isinstance(spec, str):
         obj = import_object(spec)
         return obj(model) if inspect.isclass(obj) else obj
+    label = f"explainers[{name!r}]"
     if isinstance(spec, Mapping) and "class" in spec:
-        explainer = import_object(spec["class"])(model, **dict(spec.get("init") or {}))
-        keywords = dict(spec.get("attribute") or {})
+        _check_spec_keys(label, spec, ("class", "init", "attribute"))
+        init = _spec_keywords(label, spec, "init")
+        keywords = _spec_keywords(label, spec, "attribute")
+        explainer = import_object(spec["class"])(model, **init)
         return (
             functools.partial(explainer.attribute, **keywords)
             if keywords
             else explainer
         )
     if isinstance(spec, Mapping) and "function" in spec:
-        function = import_object(spec["function"])
-        keywords = dict(spec.get("kwargs") or {})
-        return functools.partial(function, **keywords) if keywords else function
+        return _yaml_function(label, spec)
     raise ValueError(
-        f"explainers[{name!r}] in the config must be an import path, {{class: ..., "
+        f"{label} in the config must be an import path, {{class: ..., "
         f"init: ..., attribute: ...}} or {{function: ..., kwargs: ...}}, got {spec!r}"
     )
+
+
+def _yaml_function(label: str, spec: Mapping) -> Any:
+    """A ``{function: path, kwargs: {...}}`` spec: the function, keywords bound."""
+    _check_spec_keys(label, spec, ("function", "kwargs"))
+    keywords = _spec_keywords(label, spec, "kwargs")
+    function = import_object(spec["function"])
+    return functools.partial(function, **keywords) if keywords else function
 
 
 def _yaml_metric(name: str, spec: Any) -> Any:
     if isinstance(spec, str):
         return import_object(spec)
     if isinstance(spec, Mapping) and "function" in spec:
-        function = import_object(spec["function"])
-        keywords = dict(spec.get("kwargs") or {})
-        return functools.partial(function, **keywords) if keywords else function
+        return _yaml_function(f"metrics[{name!r}]", spec)
     raise ValueError(
         f"metrics[{name!r}] in the config must be an import path or {{function: ..., "
         f"kwargs: ...}}, got {spec!r}"
@@ -271,11 +311,12 @@ def _check_option(key: str, value: Any) -> Any:
         return check_choice("target", value, TARGETS)
     if key == "device" and value is not None:
         try:
-            return torch.device(value)
+            device = torch.device(value)
         except (TypeError, RuntimeError, ValueError) as err:
             raise ValueError(
                 f"`device` must name a torch device, got {value!r}"
             ) from err
+        return check_device_available("device", device)
     if key == "out" and value is not None and not isinstance(value, (str, Path)):
         raise TypeError(f"`out` must be a folder path, got {value!r}")
     return value

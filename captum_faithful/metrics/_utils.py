@@ -50,6 +50,7 @@ from torch import Tensor
 from captum_faithful._arguments import (
     broadcasts_to,
     check_integer_mask,
+    class_scores,
     explained_dtype_errors,
     format_additional_forward_args,
     format_baselines,
@@ -348,16 +349,26 @@ def target_scores(
     apply_softmax: bool,
 ) -> Tensor:
     """One forward pass; the score of class ``classes[r]`` for every row r: the
-    softmax probability when ``apply_softmax``, else the raw output."""
+    softmax probability when ``apply_softmax``, else the raw output (an output
+    (N,) is one class: :func:`scores_of_classes`)."""
     output = run_forward(forward_func, inputs, additional_forward_args)
-    if output.dim() != 2:
-        raise ValueError(
-            "expected forward_func to return shape (N, n_classes), got "
-            f"{tuple(output.shape)}"
-        )
-    if apply_softmax:
-        output = torch.softmax(output, dim=1)
+    output = scores_of_classes(output, apply_softmax)
     return output.gather(1, classes.view(-1, 1).to(output.device)).squeeze(1)
+
+
+def scores_of_classes(output: Tensor, apply_softmax: bool) -> Tensor:
+    """The forward output as (N, n_classes) scores, softmax probabilities when
+    ``apply_softmax``. One score per sample, shape (N,), is one class (that score);
+    its softmax would be 1 whatever the input, so ``apply_softmax=True`` is refused
+    for it."""
+    if output.dim() == 1 and apply_softmax:
+        raise ValueError(
+            "`apply_softmax`: forward_func returns one score per sample, shape "
+            f"{tuple(output.shape)}, whose softmax is always 1; pass "
+            "apply_softmax=False to score the output itself"
+        )
+    output = class_scores(output)
+    return torch.softmax(output, dim=1) if apply_softmax else output
 
 
 def chunked_outputs(
@@ -391,8 +402,8 @@ def clean_target_scores(
         output = chunked_outputs(
             forward_func, setup.inputs, setup.additional_forward_args, setup.chunk_size
         )
+    scores = scores_of_classes(output, apply_softmax)
     classes = resolve_target(output, setup.target)
-    scores = torch.softmax(output, dim=1) if apply_softmax else output
     return scores.gather(1, classes.view(-1, 1)).squeeze(1), classes
 
 

@@ -151,6 +151,23 @@ def test_blank_image_diagnostic_bad_input(cnn):
         blank_image_diagnostic(cnn, blank, deviation_layers="blocks")
 
 
+def test_blank_image_diagnostic_refuses_an_empty_batch_before_any_model_call(cnn):
+    calls = []
+
+    def forward(inp):
+        calls.append(1)
+        return cnn(inp)
+
+    for empty in (
+        torch.zeros(0, 3, 8, 8),
+        torch.zeros(2, 3, 0, 8),
+        torch.zeros(2, 3, 1, 1),
+    ):
+        with pytest.raises(ValueError, match=r"`blank_inputs`.*at least one.*shape"):
+            blank_image_diagnostic(forward, empty, model=cnn, n_iter=1)
+    assert not calls
+
+
 def test_blank_image_diagnostic_on_a_vision_transformer():
     """The ViT layer sets: ClipGrad on the attention probabilities, deviation on the
     block outputs, with the hard-curve deviation rebuilt from the model's own

@@ -321,3 +321,57 @@ def test_state_buffers_are_reused_across_iterations_but_never_under_a_live_graph
         (second,) = torch.autograd.grad(kept_loss, kept)
         assert torch.equal(first, expected(first_input))
         assert torch.equal(second, first)
+
+
+def test_a_single_module_is_one_layer_as_in_captum():
+    """``ClipGrad(module)`` = ``ClipGrad([module])`` (Captum's layer arguments take a
+    module or a list); an ``nn.Sequential`` passed alone is one layer, its output,
+    not its children."""
+    torch.manual_seed(3)
+    clean, x = torch.randn(2, 4), torch.randn(2, 4)
+    g = torch.randn(2, 4)
+    grads = []
+    for layers in ("list", "single"):
+        layer = Copy()
+        x_req = x.clone().requires_grad_()
+        with ClipGrad([layer] if layers == "list" else layer, "vm") as clip:
+            clip.capture(lambda layer=layer: layer(clean))
+            (layer(x_req) * g).sum().backward()
+        grads.append(x_req.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert not torch.equal(grads[0], g)  # vm zeroed something
+    block = nn.Sequential(Copy(), Copy())
+    with ClipGrad(block, "vm") as clip:
+        assert clip.layers == [block]
+        assert len(block._forward_hooks) == 1
+        assert all(not m._forward_hooks for m in block)
+    assert not block._forward_hooks
+    for bad in (3, [], [3], "conv1"):
+        with pytest.raises(TypeError, match="`layers`"):
+            ClipGrad(bad)
+
+
+def test_capture_index_is_checked_and_names_the_rows():
+    layer = Copy()
+    calls = []
+
+    def forward():
+        calls.append(1)
+        return layer(torch.ones(2, 3))
+
+    with ClipGrad([layer], "vm") as clip:
+        for bad, error, match in (
+            (torch.tensor([0.0, 1.0]), TypeError, r"`index`.*integer.*float32"),
+            ([0, 1], TypeError, r"`index`.*tensor.*list"),
+            (torch.tensor([[0, 1]]), ValueError, r"`index`.*1-D.*\(1, 2\)"),
+            (torch.tensor([0, -1]), ValueError, r"`index`.*-1"),
+        ):
+            with pytest.raises(error, match=match):
+                clip.capture(forward, index=bad)
+        assert not calls  # refused before the forward
+        with pytest.raises(ValueError, match=r"`index`.*2.*2 clean rows"):
+            clip.capture(forward, index=torch.tensor([0, 2]))
+        # the failed capture left nothing behind; a good one still works
+        assert all(not c for c in clip.clean)
+        clip.capture(forward, index=torch.tensor([1, 0, 1]))
+        assert clip.clean[0][0].shape == (3, 3)

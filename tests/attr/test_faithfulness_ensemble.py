@@ -667,6 +667,34 @@ def test_bad_input_raises_clear_errors(cnn):
         fei.attribute(x, target=10)  # the class count is known after the forward
 
 
+@pytest.mark.parametrize("maps", ["smooth", "pixel"])
+def test_a_one_pixel_image_is_refused_before_any_model_call(maps):
+    """A 1x1 image has no pixels to rank against each other (FEI's quantile maps
+    would all be fixed by their coverage alone): refused with a ValueError naming
+    `inputs`, where kthvalue used to fail after the first forward pass."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    calls = []
+
+    def forward(inp):
+        calls.append(1)
+        return model(inp)
+
+    fei = FaithfulnessEnsemble(forward, model=model, n_iter=1, maps=maps)
+    x = torch.rand(2, 3, 1, 1)
+    before = x.clone()
+    with pytest.raises(ValueError, match=r"`inputs`.*at least two pixels.*1x1"):
+        fei.attribute(x, target=0)
+    assert not calls and torch.equal(x, before)
+    # two pixels are enough
+    fei.attribute(torch.rand(2, 3, 1, 2), target=0)
+
+
 # ---------------------------------------------------------------- internal faithfulness
 
 

@@ -726,6 +726,19 @@ def test_bad_hyperparameters_raise(cnn, kwargs, name):
         UnlearnedIntegratedGradients(cnn, **kwargs)
 
 
+@pytest.mark.parametrize("bad", [None, 3, "cnn"])
+def test_a_forward_func_that_is_not_callable_is_refused_at_construction(cnn, bad):
+    from captum_faithful.attr import LayerUnlearnedIntegratedGradients
+
+    name = type(bad).__name__
+    with pytest.raises(TypeError, match=rf"`forward_func`.*callable.*{name}"):
+        UnlearnedIntegratedGradients(bad)
+    with pytest.raises(TypeError, match=rf"`forward_func`.*callable.*{name}"):
+        UnlearnedIntegratedGradients(bad, model=cnn)
+    with pytest.raises(TypeError, match=rf"`forward_func`.*callable.*{name}"):
+        LayerUnlearnedIntegratedGradients(bad, cnn[0], model=cnn)
+
+
 def test_parameters_are_needed_only_to_learn_baselines(cnn, images):
     """Explicit baselines are used as given, so a forward function without
     parameters works, as with Captum's IntegratedGradients; learning baselines

@@ -215,6 +215,53 @@ USAGE_ERRORS = {
         ],
         ["argument CONFIG", "metrics['drop']", "fractoin"],
     ),
+    "unknown key in an explainer spec": (
+        lambda tmp: [
+            "evaluate",
+            str(
+                _config_with(
+                    tmp,
+                    "saliency: captum.attr.Saliency",
+                    "saliency: {class: captum.attr.Saliency, bogus: 1}",
+                )
+            ),
+        ],
+        ["argument CONFIG", "explainers['saliency']", "'bogus'", "'init'"],
+    ),
+    "class and function in one explainer spec": (
+        lambda tmp: [
+            "evaluate",
+            str(
+                _config_with(
+                    tmp,
+                    "saliency: captum.attr.Saliency",
+                    "saliency: {class: captum.attr.Saliency, function: x:y}",
+                )
+            ),
+        ],
+        ["argument CONFIG", "explainers['saliency']", "'function'"],
+    ),
+    "unknown key in a metric spec": (
+        lambda tmp: [
+            "evaluate",
+            str(_config_with(tmp, "kwargs: {fraction: 0.5}", "kwarg: {fraction: 0.5}")),
+        ],
+        ["argument CONFIG", "metrics['drop']", "'kwarg'", "'kwargs'"],
+    ),
+    "unknown key in a factory spec": (
+        lambda tmp: [
+            "evaluate",
+            str(_config_with(tmp, "kwargs: {n: 18}", "kwargs: {n: 18}, n: 3")),
+        ],
+        ["argument CONFIG", "'dataset'", "'n'"],
+    ),
+    "keywords of a spec that are not a mapping": (
+        lambda tmp: [
+            "evaluate",
+            str(_config_with(tmp, "attribute: {n_steps: 8}", "attribute: 8")),
+        ],
+        ["argument CONFIG", "explainers['ig']", "'attribute'", "8"],
+    ),
     "unparsable YAML": (
         lambda tmp: [
             "evaluate",
@@ -352,3 +399,25 @@ def test_import_paths_resolve_both_forms_and_errors_name_the_path():
     for path in ("no_such_module_x:f", "captum.attr:NoSuchClass", ""):
         with pytest.raises(ValueError, match="import path|cannot import"):
             import_object(path)
+
+
+def test_a_config_device_without_cuda_exits_2_naming_the_key(
+    tmp_path, capsys, monkeypatch
+):
+    """The config's `device` gets the check of --device (it used to pass, and the
+    run failed with torch's error, exit 1)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.chdir(tmp_path)
+    config = _config_with(
+        tmp_path, "target: predicted", "target: predicted\ndevice: cuda"
+    )
+    code, printed, err = _run_cli(["evaluate", str(config)], capsys)
+    assert code == 2 and printed == "" and len(err) == 1, err
+    assert "argument CONFIG" in err[0] and "`device`" in err[0], err[0]
+    assert "CUDA is not available" in err[0], err[0]
+    assert not (tmp_path / "runs").exists()
+    code, _, err = _run_cli(["evaluate", str(config), "--device", "cuda"], capsys)
+    assert code == 2 and "argument --device" in err[0], err

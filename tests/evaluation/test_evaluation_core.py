@@ -142,12 +142,14 @@ def test_csv_without_pyarrow_round_trips_exactly(tmp_path, monkeypatch):
         "value": [math.nan, 0.1 + 0.2],
         "seconds": [1e-7, 2.5],
     }
-    path = tmp_path / "t.csv"
-    path.write_bytes(_storage.encode(table, "csv"))
-    back = _storage.decode(path)
-    assert math.isnan(back["value"][0]) and back["value"][1] == 0.1 + 0.2
-    assert back["method"].tolist() == ["a", "b,c"]
-    assert back["seconds"].tolist() == [1e-7, 2.5]
+    for run in (None, "0f" * 32):
+        path = tmp_path / "t.csv"
+        path.write_bytes(_storage.encode(table, "csv", run))
+        back, carried = _storage.decode(path)
+        assert carried == run
+        assert math.isnan(back["value"][0]) and back["value"][1] == 0.1 + 0.2
+        assert back["method"].tolist() == ["a", "b,c"]
+        assert back["seconds"].tolist() == [1e-7, 2.5]
 
 
 @pytest.mark.parametrize("how", ["raise", "interrupt"])
@@ -387,6 +389,7 @@ def test_metric_with_the_wrong_shape_is_refused(tmp_path):
         ("target", "target 'predicted' -> 'label'"),
         ("weights", "model changed"),
         ("partial", r"metrics\['drop'\] changed"),
+        ("seed", "seed 0 -> 1"),
     ],
 )
 def test_other_settings_in_the_same_out_are_refused(tmp_path, change, named):
@@ -400,7 +403,7 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path, change, named):
         out=tmp_path,
         show_progress=False,
     )
-    metrics, loader, target = fx.metrics(), fx.loader(), "predicted"
+    metrics, loader, target, seed = fx.metrics(), fx.loader(), "predicted", 0
     if change == "metric":
         del metrics["noisy"]
     elif change == "batch_size":
@@ -413,6 +416,8 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path, change, named):
             model[0].bias.add_(1.0)
     elif change == "partial":
         metrics["drop"] = functools.partial(fx.top_feature_drop, fraction=0.5)
+    elif change == "seed":
+        seed = 1
     with pytest.raises(ValueError, match="holds a run with other settings") as err:
         evaluate(
             model,
@@ -422,6 +427,7 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path, change, named):
             out=tmp_path,
             target=target,
             show_progress=False,
+            seed=seed,
         )
     assert re.search(named, str(err.value)), str(err.value)
     assert log == []  # refused before any work
@@ -461,3 +467,44 @@ def test_uni_and_the_package_metrics_equal_a_hand_written_loop(tmp_path):
     assert [row[3] for row in got] == pytest.approx(
         [row[3] for row in expected], rel=1e-6, abs=1e-9, nan_ok=True
     )
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 3)])
+def test_a_cuda_device_without_a_gpu_is_refused_before_any_work(
+    tmp_path, monkeypatch, device
+):
+    """As the command line's --device does: a ValueError naming `device`, before
+    `out` is created or the model is called."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    model = fx.model()
+    log = []
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"`device`.*cuda.*CUDA is not available"):
+        evaluate(
+            model,
+            fx.loader(),
+            fx.run_explainers(model, log=log),
+            fx.metrics(),
+            out=out,
+            device=device,
+            show_progress=False,
+        )
+    assert log == [] and not out.exists()
+
+
+def test_a_cuda_index_beyond_the_gpus_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    model = fx.model()
+    with pytest.raises(ValueError, match=r"`device`.*'cuda:2'.*2 CUDA devices"):
+        evaluate(
+            model,
+            fx.loader(),
+            fx.run_explainers(model),
+            fx.metrics(),
+            out=tmp_path / "run",
+            device="cuda:2",
+            show_progress=False,
+        )
+    assert not (tmp_path / "run").exists()

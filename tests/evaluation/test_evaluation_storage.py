@@ -115,3 +115,59 @@ def test_another_process_in_flight_temporary_file_is_left_alone(tmp_path):
         _run(out)
         assert in_flight.exists()
     assert not stale.exists()
+
+
+def test_a_batch_file_of_another_run_with_the_same_layout_is_refused(
+    tmp_path, file_format
+):
+    """Another finished run with other model weights but the same names, dataset
+    and batch size writes files that hold exactly the rows batch 1 should hold:
+    only the run fingerprint each file carries tells them apart."""
+    import torch
+
+    out = tmp_path / "run"
+    _run(out)
+    (out / f"results.{file_format}").unlink()
+    other_model = fx.model()
+    with torch.no_grad():
+        other_model[0].bias.add_(1.0)
+    other = tmp_path / "other"
+    evaluate(
+        other_model,
+        fx.loader(),
+        {"saliency": Saliency(other_model)},
+        {"mass": fx.attribution_mass, "drop": fx.top_feature_drop},
+        out=other,
+        show_progress=False,
+    )
+    name = f"batch-00000001.{file_format}"
+    copied = out / "batches" / name
+    assert copied.read_bytes() != (other / "batches" / name).read_bytes()
+    shutil.copy(other / "batches" / name, copied)
+    for call in (lambda: _run(out), lambda: Results.load(out)):
+        with pytest.raises(ValueError, match=rf"{name} is not a batch of this run.*"):
+            call()
+    assert copied.exists()  # refused, not deleted: it is another run's result
+
+
+def test_a_run_recorded_before_files_carried_the_fingerprint_still_resumes(
+    tmp_path, file_format
+):
+    """settings.json version 1: batch files without a fingerprint are this run's
+    (they were written before files carried one), so they are kept and merged."""
+    import json
+
+    reference = _rows(_run(tmp_path / "reference"))
+    out = tmp_path / "run"
+    _run(out)
+    (out / f"results.{file_format}").unlink()
+    settings = json.loads((out / "settings.json").read_text())
+    settings["version"] = 1
+    (out / "settings.json").write_text(json.dumps(settings))
+    for path in (out / "batches").iterdir():
+        table, run = _storage.decode(path)
+        assert run == settings["fingerprint"]
+        path.write_bytes(_storage.encode(table, file_format))
+    (out / "batches" / f"batch-00000004.{file_format}").unlink()
+    assert _rows(Results.load(out)) != reference  # batch 4 is missing
+    assert _rows(_run(out)) == reference

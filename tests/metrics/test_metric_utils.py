@@ -274,3 +274,92 @@ def test_nan_from_the_model_gives_nan_for_that_sample_and_one_warning(name):
     assert messages[0].startswith(f"{name}: ") and "samples [1]" in messages[0]
     assert result[1].isnan().all()
     torch.testing.assert_close(result[[0, 2]], finite[[0, 2]])
+
+
+# --- a model with one score per sample, shape (N,) ------------------------------
+
+
+def _one_score_model():
+    """A linear score of 3x6x6 images, one number per sample: shape (N,)."""
+    weight = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(5))
+    return lambda x: (x * weight).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("target", [None, 0])
+def test_a_model_with_one_score_per_sample_is_that_score(target):
+    """An output (N,) is one class (as `_arguments` documents): the metrics score
+    the output itself, as the per-image reference loops do on its (N, 1) view."""
+    from metric_reference import (
+        reference_curves,
+        reference_faithfulness_correlation,
+        reference_saco,
+    )
+
+    from captum_faithful.metrics import (
+        deletion_auc,
+        faithfulness_correlation,
+        insertion_auc,
+        path_monotonicity,
+        saco,
+    )
+
+    model = _one_score_model()
+    column = lambda x: model(x).unsqueeze(1)  # noqa: E731 - the reference's view
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(3, 3, 6, 6, generator=generator)
+    attr = torch.randn(3, 3, 6, 6, generator=generator)
+    zero = torch.zeros_like(images)
+    common = {"target": target, "baselines": "zero", "apply_softmax": False}
+    for metric, insertion in ((insertion_auc, True), (deletion_auc, False)):
+        expected, _ = reference_curves(
+            column, images, attr, zero, None, 6, insertion, False
+        )
+        value = metric(model, images, attr, n_steps=6, **common)
+        torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    expected, _ = reference_saco(column, images, attr, zero, None, 4, False)
+    value = saco(model, images, attr, n_groups=4, **common)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    expected, _ = reference_faithfulness_correlation(
+        column, images, attr, zero, None, 9, 10, 7, False
+    )
+    value = faithfulness_correlation(
+        model,
+        images,
+        attr,
+        subset_size=9,
+        n_samples=10,
+        generator=torch.Generator().manual_seed(7),
+        **common,
+    )
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-6)
+    # path monotonicity: Spearman of the step number and the score along the path
+    value = path_monotonicity(
+        model, images, 0.0, n_steps=5, target=target, apply_softmax=False
+    )
+    for n in range(3):
+        scores = [float(model(images[n : n + 1] * k / 5)) for k in range(6)]
+        rho = scipy.stats.spearmanr(range(6), scores)[0]
+        assert value[n].item() == pytest.approx(rho)
+
+
+def test_softmax_over_one_score_per_sample_is_refused():
+    """The softmax of a single score is always 1: every curve would be flat."""
+    from captum_faithful.metrics import (
+        deletion_auc,
+        faithfulness_correlation,
+        insertion_auc,
+        path_monotonicity,
+        saco,
+    )
+
+    model = _one_score_model()
+    images = torch.rand(2, 3, 6, 6)
+    before = images.clone()
+    for metric in (insertion_auc, deletion_auc, saco, faithfulness_correlation):
+        with pytest.raises(
+            ValueError, match=r"apply_softmax.*\(2,\).*apply_softmax=False"
+        ):
+            metric(model, images, images, baselines="zero", apply_softmax=True)
+    with pytest.raises(ValueError, match=r"apply_softmax.*\(2,\).*apply_softmax=False"):
+        path_monotonicity(model, images, 0.0)
+    assert torch.equal(images, before)

@@ -164,3 +164,29 @@ def test_runs_on_cuda(images):
     gpu = saco(small_cnn().cuda(), images.cuda(), attr.cuda(), n_groups=4)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64])
+def test_integer_images_take_the_rounded_mean_as_baseline(cnn, dtype):
+    """Integer pixels (e.g. uint8 0..255): the default "mean" baseline is each
+    channel's mean rounded to the pixels' dtype, so the perturbed copies stay
+    integer images; the result equals the per-image loop with that baseline."""
+    from captum_faithful.metrics import mean_baseline
+
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (2, 3, 12, 12), generator=generator).to(dtype)
+    before = images.clone()
+    attr = torch.randn(2, 3, 12, 12, generator=generator)
+    model = lambda x: cnn(x.float() / 255)  # noqa: E731 - the model casts itself
+    expected_baseline = (
+        images.double().mean(dim=(2, 3), keepdim=True).round().expand_as(images)
+    )
+    baseline = mean_baseline(images)
+    assert baseline.dtype == dtype
+    assert torch.equal(baseline.double(), expected_baseline)
+    value = saco(model, images, attr, n_groups=4)
+    expected, _ = reference_saco(
+        model, images, attr, expected_baseline.to(dtype), None, 4, True
+    )
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(images, before)

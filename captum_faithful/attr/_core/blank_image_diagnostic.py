@@ -75,8 +75,8 @@ def blank_image_diagnostic(
     Args:
 
         forward_func (Callable): the model's forward function (logits).
-        blank_inputs (Tensor): constant images ``(N, C, H, W)``: each channel of
-                    each sample holds one value.
+        blank_inputs (Tensor): constant images ``(N, C, H, W)``, N >= 1, H W >= 2:
+                    each channel of each sample holds one value.
         clips (Sequence[str], optional): the rules to compare.
                     Default: ``("vm", "ivm", "avm", "ibm", "none")``
         target (int, list, Tensor, optional): class per sample; ``None`` takes the
@@ -129,6 +129,12 @@ def blank_image_diagnostic(
     """
     if not isinstance(blank_inputs, Tensor) or blank_inputs.dim() != 4:
         raise ValueError("`blank_inputs` must be a tensor of shape (N, C, H, W)")
+    n, channels, height, width = blank_inputs.shape
+    if n == 0 or channels == 0 or height * width < 2:
+        raise ValueError(
+            "`blank_inputs` must hold at least one image of at least two pixels (FEI "
+            f"ranks pixels), got shape {tuple(blank_inputs.shape)}"
+        )
     check_finite("blank_inputs", blank_inputs)
     if not bool((blank_inputs == blank_inputs[:, :, :1, :1]).all()):
         raise ValueError(

@@ -54,6 +54,30 @@ def clip_mask(rule: str, grad: Tensor, deviation: Tensor, clean: Tensor) -> Tens
     return torch.zeros_like(grad, dtype=torch.bool)
 
 
+def _check_index(index: Any) -> None:
+    """``index`` of :meth:`ClipGrad.capture`: a 1-D tensor of row numbers >= 0
+    (the upper bound is known after the forward)."""
+    if not isinstance(index, Tensor):
+        raise TypeError(
+            "`index` must be a 1-D integer tensor of clean row numbers, got a "
+            f"{type(index).__name__}; pass torch.tensor(...)"
+        )
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(
+            "`index` must be a 1-D integer tensor of clean row numbers, got dtype "
+            f"{str(index.dtype).removeprefix('torch.')}; pass index.long()"
+        )
+    if index.dim() != 1:
+        raise ValueError(
+            "`index` must be a 1-D integer tensor of clean row numbers, got shape "
+            f"{tuple(index.shape)}"
+        )
+    if index.numel() and int(index.min()) < 0:
+        raise ValueError(
+            f"`index` must hold clean row numbers >= 0, got {int(index.min())}"
+        )
+
+
 def _lower_bound(applies_not: Tensor) -> Tensor:
     """In place: 1 -> the dtype's most negative finite number, 0 -> 0 (a lower bound
     that does not bind where ``applies_not`` is 1, and clamps to 0 elsewhere)."""
@@ -94,11 +118,14 @@ class ClipGrad:
 
     Args:
 
-        layers (Sequence[nn.Module or Place]): the modules whose outputs are
-                    constrained (e.g. from ``captum_faithful._layers.select_layers``),
-                    or places: a module and the tensor of its output to constrain,
-                    e.g. a Vision Transformer's attention probabilities (from
-                    ``captum_faithful._layers.select_places``).
+        layers (nn.Module, Place or Sequence[nn.Module or Place]): the modules
+                    whose outputs are constrained (e.g. from
+                    ``captum_faithful._layers.select_layers``), or places: a module
+                    and the tensor of its output to constrain, e.g. a Vision
+                    Transformer's attention probabilities (from
+                    ``captum_faithful._layers.select_places``). One module (or
+                    place) alone is one layer, as in Captum: an ``nn.Sequential``
+                    passed alone is constrained at its output, not at its children.
         rule (str, optional): ``"vm"``, ``"ivm"``, ``"avm"``, ``"ibm"`` or
                     ``"none"`` (hooks installed, nothing zeroed).
                     Default: ``"vm"``
@@ -111,12 +138,24 @@ class ClipGrad:
         >>>     loss.backward()   # gradients clipped at conv1 and conv2
     """
 
-    def __init__(self, layers: Sequence[nn.Module | Place], rule: str = "vm") -> None:
+    def __init__(
+        self,
+        layers: nn.Module | Place | Sequence[nn.Module | Place],
+        rule: str = "vm",
+    ) -> None:
         check_choice("rule", rule, CLIP_RULES)
+        if isinstance(layers, (nn.Module, Place)):
+            layers = [layers]
+        if not isinstance(layers, Sequence) or isinstance(layers, str):
+            raise TypeError(
+                "`layers` must be an nn.Module, a Place, or a non-empty sequence of "
+                f"them, got {type(layers).__name__}"
+            )
         layers = list(layers)
         if not layers or not all(isinstance(m, (nn.Module, Place)) for m in layers):
             raise TypeError(
-                "`layers` must be a non-empty sequence of nn.Module or Place"
+                "`layers` must be an nn.Module, a Place, or a non-empty sequence of "
+                f"them, got {layers!r}"
             )
         self.places = as_places(layers)
         self.layers = [place.module for place in self.places]
@@ -166,9 +205,11 @@ class ClipGrad:
 
             forward (Callable): runs the model on the clean inputs.
             index (Tensor, optional): row ``r`` of later perturbed batches is
-                        compared with clean row ``index[r]``; ``None`` pairs row
-                        ``r`` with row ``r``. The clean activations are re-indexed
-                        once, here, so they take one row per indexed row.
+                        compared with clean row ``index[r]``: a 1-D integer tensor
+                        of clean row numbers (0 <= ``index[r]`` < the clean batch
+                        size); ``None`` pairs row ``r`` with row ``r``. The clean
+                        activations are re-indexed once, here, so they take one row
+                        per indexed row.
                         Default: None
             repeats (int, optional): row ``r`` of later perturbed batches is
                         compared with clean row ``r // repeats`` (e.g. FEI's K
@@ -186,6 +227,8 @@ class ClipGrad:
         repeats = check_int("repeats", repeats, minimum=1)
         if index is not None and repeats != 1:
             raise ValueError("`index` and `repeats` cannot be used together")
+        if index is not None:
+            _check_index(index)
         self._repeats = repeats
         self.clean = [[] for _ in self.layers]
         self._capturing = True
@@ -200,11 +243,19 @@ class ClipGrad:
             if not c
         ]
         if missing:
+            self.clean = [[] for _ in self.layers]
             raise ValueError(
                 f"`layers`: {missing} were not called by the forward, so ClipGrad "
                 "has no clean activation for them"
             )
         if index is not None:
+            rows = min(h.shape[0] for calls in self.clean for h in calls)
+            if index.numel() and int(index.max()) >= rows:
+                self.clean = [[] for _ in self.layers]
+                raise ValueError(
+                    f"`index` names clean row {int(index.max())}, but the forward "
+                    f"gave {rows} clean rows; pass row numbers below {rows}"
+                )
             # re-indexed once here rather than at every later forward
             self.clean = [
                 [h.index_select(0, index.to(h.device)) for h in calls]

@@ -515,7 +515,8 @@ class FaithfulnessEnsemble(GradientAttribution):
         Args:
 
             inputs (Tensor or tuple[Tensor, ...]): images ``(N, C, H, W)``, N >= 1,
-                        floating point (float16, bfloat16, float32 or float64).
+                        at least two pixels (H W >= 2), floating point (float16,
+                        bfloat16, float32 or float64).
             baselines (scalar, Tensor, str, Callable or tuple, optional): the
                         reference ``R``: a number, a tensor broadcastable to the
                         input, a preset of the metrics (``"zero"``, ``"mean"``,
@@ -692,6 +693,13 @@ class FaithfulnessEnsemble(GradientAttribution):
             if x.dim() != 4:
                 raise ValueError(
                     "`inputs` must be images of shape (N, C, H, W), got shape "
+                    f"{tuple(x.shape)}"
+                )
+            if x.shape[2] * x.shape[3] < 2:
+                raise ValueError(
+                    "`inputs` must be images of at least two pixels: FEI ranks the "
+                    "pixels of an image against each other, and a "
+                    f"{x.shape[2]}x{x.shape[3]} image has nothing to rank; got shape "
                     f"{tuple(x.shape)}"
                 )
         return tuple(x.detach() for x in xs)

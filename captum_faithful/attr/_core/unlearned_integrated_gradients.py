@@ -268,6 +268,11 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         pgd_step_size: float = 0.1,
         unlearning_batch_size: int | None = None,
     ) -> None:
+        if not callable(forward_func):
+            raise TypeError(
+                "`forward_func` must be callable (the model, or a function of the "
+                f"inputs returning its outputs), got {type(forward_func).__name__}"
+            )
         GradientAttribution.__init__(self, forward_func)
         self.model = resolve_model(forward_func, model, required=False)
         self._multiply_by_inputs = bool(multiply_by_inputs)

@@ -148,7 +148,8 @@ def insertion_auc(
     Args:
 
         forward_func (Callable): The model or any callable returning (N, n_classes)
-                    outputs (a Hugging Face ``ModelOutput`` is reduced to its logits).
+                    outputs (a Hugging Face ``ModelOutput`` is reduced to its logits),
+                    or one score per sample (N,) (with ``apply_softmax=False``).
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
         attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
                     shape or broadcastable to it with the same batch size (e.g. (N, 1,
@@ -240,7 +241,8 @@ def deletion_auc(
     Args:
 
         forward_func (Callable): The model or any callable returning (N, n_classes)
-                    outputs.
+                    outputs, or one score per sample (N,) (with
+                    ``apply_softmax=False``).
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
         attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
                     shape or broadcastable to it with the same batch size.

@@ -24,6 +24,7 @@ from captum_faithful.metrics._utils import (
     nan_where_non_finite,
     resolve_chunk_size,
     restores_model_state,
+    scores_of_classes,
     spearman_correlation,
 )
 
@@ -61,7 +62,8 @@ def path_monotonicity(
     Args:
 
         forward_func (Callable): The model's forward function, returning
-                (N, n_classes) scores or a ``ModelOutput`` with ``logits``.
+                (N, n_classes) scores or a ``ModelOutput`` with ``logits``, or
+                one score per sample (N,) (with ``apply_softmax=False``).
         inputs (Tensor or tuple[Tensor, ...]): The explained inputs
                 (the end of the path), batch on dim 0.
         baselines (scalar, Tensor, str, Callable, or tuple): The start of the
@@ -107,6 +109,7 @@ def path_monotonicity(
     with torch.no_grad():
         with explained_dtype_errors(formatted, module_of(forward_func)):
             output = chunked_outputs(forward_func, formatted, args, chunk_size)
+        scores_of_classes(output, apply_softmax)  # refuses a softmax over (N,)
         classes = resolve_target(output, target)
         device = formatted[0].device
 

@@ -93,7 +93,8 @@ def saco(
     Args:
 
         forward_func (Callable): The model or any callable returning (N, n_classes)
-                    outputs.
+                    outputs, or one score per sample (N,) (with
+                    ``apply_softmax=False``).
         inputs (Tensor or tuple[Tensor, ...]): Input batch(es), first dimension N.
         attributions (Tensor or tuple[Tensor, ...]): Attributions of ``inputs``, same
                     shape or broadcastable to it with the same batch size.
