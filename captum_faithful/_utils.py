@@ -230,8 +230,10 @@ def module_of(forward_func: Any) -> nn.Module | None:
 
 
 def progress(iterable: Iterable, show: bool, **tqdm_kwargs: Any) -> Iterable:
-    """``iterable`` wrapped in a tqdm bar when ``show`` (tqdm is in the demo extra)."""
+    """``iterable`` wrapped in a tqdm bar when ``show`` (tqdm is a core requirement,
+    imported here only because ``tqdm.auto`` probes for Jupyter)."""
     if not show:
         return iterable
-    tqdm = optional_import("tqdm.auto", "demo").tqdm
+    from tqdm.auto import tqdm
+
     return tqdm(iterable, **tqdm_kwargs)
