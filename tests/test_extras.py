@@ -210,3 +210,16 @@ def test_the_extras_table_lists_the_extras_as_declared(document):
     table = extras_table(ROOT / document)
     assert table.pop("(none)") == core
     assert table == extras
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/index.md", "CONTRIBUTING.md"])
+def test_pip_commands_name_declared_extras(document):
+    """``pip install ".[all,test]"`` and ``"...whl[evaluate]"`` in the install
+    instructions name extras the metadata declares."""
+    _, extras = declared()
+    text = (ROOT / document).read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if "pip install" in line]
+    named = re.findall(r"[.\w]\[([\w,]+)\]", "\n".join(lines))
+    assert named, f"{document} shows no pip install with an extra"
+    names = {n for group in named for n in group.split(",")}
+    assert names <= set(extras), names - set(extras)
