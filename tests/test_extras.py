@@ -40,7 +40,7 @@ DISTRIBUTION_OF = {
     "torchvision": "torchvision",
     "pyarrow": "pyarrow",
 }
-FEATURE_EXTRAS = ("vit", "lm", "sae", "evaluate")
+FEATURE_EXTRAS = ("vit", "lm", "sae", "progress", "evaluate")
 
 
 def declared() -> tuple[set[str], dict[str, set[str]]]:
