@@ -13,7 +13,7 @@ PYTEST := $(PY) -m pytest
 # Warnings are errors: CI builds the site with these options.
 SPHINXOPTS ?= -W --keep-going
 
-.PHONY: install test test-fast demo docs tutorials lint clean
+.PHONY: install test test-fast demo docs dist tutorials lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,20 @@ demo: install
 docs: $(VENV)/.docs-installed
 	$(PY) -m sphinx $(SPHINXOPTS) -b html docs docs/_build/html
 
+# The sdist and the wheel in dist/, built in an isolated environment with the newest
+# setuptools (as PyPI users get them), their metadata checked with twine, then the
+# wheel installed alone into a scratch folder and the README's Quickstart run from
+# outside the repository (.ci/check_dist.py). MANIFEST.in says what the sdist holds.
+dist: $(VENV)/.dist-installed
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+	$(PY) .ci/check_dist.py dist
+
+$(VENV)/.dist-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet build twine
+	touch $@
+
 # Re-executes the tutorials in place (stored outputs) with the quick demo models.
 tutorials: install
 	cd tutorials && PYTHONPATH=.. ../$(VENV)/bin/jupyter execute --inplace *.ipynb
@@ -59,4 +73,4 @@ lint: install
 	$(PY) -m ruff check captum_faithful tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build docs/_generated docs/api/generated docs/tutorials/notebooks
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache docs/_build docs/_generated docs/api/generated docs/tutorials/notebooks

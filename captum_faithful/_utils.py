@@ -260,8 +260,9 @@ def module_of(forward_func: Any) -> nn.Module | None:
 
 
 def progress(iterable: Iterable, show: bool, **tqdm_kwargs: Any) -> Iterable:
-    """``iterable`` wrapped in a tqdm bar when ``show`` (tqdm is in the demo extra)."""
+    """``iterable`` wrapped in a tqdm bar when ``show`` (tqdm comes with the
+    ``progress``, ``evaluate`` and ``demo`` extras)."""
     if not show:
         return iterable
-    tqdm = optional_import("tqdm.auto", "demo").tqdm
+    tqdm = optional_import("tqdm.auto", "progress").tqdm
     return tqdm(iterable, **tqdm_kwargs)

@@ -87,7 +87,7 @@ def build_language_model(recipe: LanguageRecipe, vocab_size: int, seed: int = 0)
             f"`recipe` must be a LanguageRecipe, got {type(recipe).__name__}"
         )
     check_int("vocab_size", vocab_size, minimum=1)
-    transformers = optional_import("transformers", "vit")
+    transformers = optional_import("transformers", "demo")
     config = transformers.GPT2Config(
         vocab_size=vocab_size,
         n_positions=16,
@@ -290,7 +290,7 @@ def load_language_demo(
     recipe = QUICK_LANGUAGE_RECIPE if quick else FULL_LANGUAGE_RECIPE
     folder = ensure_language_trained(recipe, seed, show_progress=show_progress)
     meta = json.loads((folder / "meta.json").read_text())
-    transformers = optional_import("transformers", "vit")
+    transformers = optional_import("transformers", "demo")
     with models.quiet_transformers():
         model = transformers.GPT2LMHeadModel.from_pretrained(str(folder / "model"))
         tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(

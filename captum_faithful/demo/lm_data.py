@@ -152,8 +152,8 @@ def fact_tokenizer(data: FactData):
     """
     if not isinstance(data, FactData):
         raise TypeError(f"`data` must be a FactData, got {type(data).__name__}")
-    tokenizers = optional_import("tokenizers", "vit")
-    transformers = optional_import("transformers", "vit")
+    tokenizers = optional_import("tokenizers", "demo")
+    transformers = optional_import("transformers", "demo")
     tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     trainer = tokenizers.trainers.WordLevelTrainer(

@@ -140,7 +140,7 @@ def quiet_transformers() -> Iterator[None]:
     """No Hugging Face progress bars ("Loading weights", "Writing model shards")
     inside the block: the demo shows its own; the library's setting is restored
     afterwards."""
-    logging = optional_import("transformers.utils.logging", "vit")
+    logging = optional_import("transformers.utils.logging", "demo")
     enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
     try:
@@ -205,7 +205,7 @@ def build_vit(recipe: Recipe, seed: int = 0) -> nn.Module:
     - the other weights are drawn with standard deviation 0.1 (``initializer_range``),
       so the MLPs' nonlinear (polarity-free) features are there from the first step.
     """
-    transformers = optional_import("transformers", "vit")
+    transformers = optional_import("transformers", "demo")
     config = transformers.ViTConfig(
         image_size=IMAGE_SIZE,
         patch_size=recipe.vit_patch_size,
@@ -367,7 +367,7 @@ def _new_topk_sae(
 ) -> nn.Module:
     """A sae-lens ``TopKSAE`` for ``blocks.{layer}.hook_resid_post``, with unit-norm
     decoder rows, the encoder their transpose and ``b_dec`` the tokens' median."""
-    sae_lens = optional_import("sae_lens", "sae")
+    sae_lens = optional_import("sae_lens", "demo")
     config = sae_lens.TopKSAEConfig(
         d_in=d_in,
         d_sae=recipe.sae_expansion * d_in,
@@ -572,7 +572,7 @@ def train_all(
     test = make_blocks("test", seed)
     diagnostic_tokens = held_out_tokens(vit, recipe.sae_layers, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    safetensors = optional_import("safetensors.torch", "sae")
+    safetensors = optional_import("safetensors.torch", "demo")
     safetensors.save_file(cnn.state_dict(), str(folder / "cnn.safetensors"))
     with quiet_transformers():
         vit.save_pretrained(str(folder / "vit"))
@@ -646,10 +646,10 @@ def load_models(
     recipe = Recipe(
         **{**meta["recipe"], "sae_layers": tuple(meta["recipe"]["sae_layers"])}
     )
-    safetensors = optional_import("safetensors.torch", "sae")
+    safetensors = optional_import("safetensors.torch", "demo")
     cnn = build_cnn()
     cnn.load_state_dict(safetensors.load_file(str(folder / "cnn.safetensors")))
-    transformers = optional_import("transformers", "vit")
+    transformers = optional_import("transformers", "demo")
     with quiet_transformers():
         vit = transformers.ViTForImageClassification.from_pretrained(
             str(folder / "vit"), attn_implementation="eager"

@@ -3,7 +3,8 @@ and sharded over torch.distributed ranks.
 
 ``evaluate`` runs it and returns ``Results``; ``select_gating`` runs one to choose
 Feature-Gated TransMM's layers, κ, c_max and variant on validation images. pandas
-and pyarrow are imported only when a run writes or reads its tables.
+(the ``evaluate`` extra) and pyarrow (optional: Parquet instead of CSV) are
+imported only when a run writes or reads its tables.
 """
 
 from captum_faithful.evaluation._core import evaluate

@@ -140,7 +140,7 @@ def evaluate(
                     previous run under ``out`` and starts over.
                     Default: True
         show_progress (bool, optional): Show a progress bar over the batches
-                    (on rank 0; needs tqdm from the ``demo`` extra).
+                    (on rank 0).
                     Default: True
         device (str or torch.device, optional): Where the inputs go. ``None``
                     means the device of the model's first parameter (CPU for a
@@ -179,7 +179,7 @@ def evaluate(
     explainers, metrics = _check_arguments(
         model, dataloader, explainers, metrics, out, target, resume, seed
     )
-    optional_import("pandas", "demo")
+    optional_import("pandas", "evaluate")
     device = resolve_device(model, device)
     if isinstance(model, nn.Module) and model.training:
         warnings.warn(

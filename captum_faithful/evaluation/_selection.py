@@ -368,7 +368,7 @@ def _selection(
     metric: str,
     higher_is_better: bool,
 ) -> GatingSelection:
-    pd = optional_import("pandas", "demo")
+    pd = optional_import("pandas", "evaluate")
     summary = results.summary()
     baseline = summary.loc[(BASELINE, metric)]
     records = [

@@ -76,7 +76,7 @@ def empty_rows() -> Rows:
 
 def as_table(rows: Any) -> Any:
     """``rows`` (columns as lists, or a DataFrame) as a DataFrame of :data:`COLUMNS`."""
-    pd = optional_import("pandas", "demo")
+    pd = optional_import("pandas", "evaluate")
     return pd.DataFrame(rows, columns=list(COLUMNS)).astype(DTYPES)
 
 
@@ -114,7 +114,7 @@ def decode(path: Path) -> tuple[Any, str | None]:
     Raises:
         UnreadableFileError: naming ``path``, when it is not a complete table.
     """
-    pd = optional_import("pandas", "demo")
+    pd = optional_import("pandas", "evaluate")
     if path.suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
         raise ImportError(
             f"{path} is a Parquet file; reading it needs pyarrow (`pip install pyarrow`)"
@@ -154,7 +154,7 @@ def decode(path: Path) -> tuple[Any, str | None]:
 
 
 def concat(tables: list) -> Any:
-    pd = optional_import("pandas", "demo")
+    pd = optional_import("pandas", "evaluate")
     if not tables:
         return as_table(empty_rows())
     return pd.concat(tables, ignore_index=True)

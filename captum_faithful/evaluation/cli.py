@@ -45,7 +45,7 @@ OPTIONAL = {
 #: The config format, printed by ``captum-faithful evaluate --help``.
 CONFIG_HELP = """\
 The config is a Python file (.py) or a YAML file (.yaml/.yml, needs pyyaml from
-the demo extra) with these keys:
+the evaluate extra) with these keys:
 
   key          required  meaning
   model        yes       the model (an nn.Module), or a factory that returns it;
@@ -291,7 +291,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         )
         return {k: namespace[k] for k in (*REQUIRED, *OPTIONAL) if k in namespace}
     if path.suffix in (".yaml", ".yml"):
-        yaml = optional_import("yaml", "demo")
+        yaml = optional_import("yaml", "evaluate")
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(config, dict):
             raise ValueError("a YAML config must be a mapping of keys")

@@ -39,7 +39,7 @@ class WelchTest:
 class Results:
     r"""The rows of an evaluation run: one per sample × method × metric.
 
-    ``table`` is a pandas DataFrame (pandas comes with the ``demo`` extra) with the
+    ``table`` is a pandas DataFrame (pandas comes with the ``evaluate`` extra) with the
     columns ``index`` (position of the sample in the dataset), ``method``,
     ``metric``, ``value`` and ``seconds`` (see :func:`captum_faithful.evaluate` for
     what ``seconds`` measures). ``Results.load(out)`` reads a run back from its
@@ -64,7 +64,7 @@ class Results:
     """
 
     def __init__(self, table: Any, settings: dict[str, Any] | None = None) -> None:
-        pd = optional_import("pandas", "demo")
+        pd = optional_import("pandas", "evaluate")
         if not isinstance(table, pd.DataFrame):
             raise TypeError(
                 f"`table` must be a pandas DataFrame, got {type(table).__name__}"
@@ -115,7 +115,7 @@ class Results:
             values), ``mean``, ``sem`` (standard error of the mean) and
             ``seconds`` (mean explanation time per sample of the method).
         """
-        pd = optional_import("pandas", "demo")
+        pd = optional_import("pandas", "evaluate")
         records = []
         for method in self.methods:
             for metric in self.metrics:
@@ -159,7 +159,7 @@ class Results:
         The samples are the per-sample values of the two methods (NaN left out),
         treated as independent with possibly unequal variances:
         ``scipy.stats.ttest_ind(a, b, equal_var=False)`` (scipy comes with the
-        ``demo`` extra), with the Welch-Satterthwaite degrees of freedom and a
+        ``evaluate`` extra), with the Welch-Satterthwaite degrees of freedom and a
         two-sided p-value. All three are NaN when a method has fewer than two
         values or both have zero variance.
 
@@ -193,7 +193,7 @@ class Results:
             pandas.DataFrame: one row per (metric, a, b) with the fields of
             :class:`WelchTest`.
         """
-        pd = optional_import("pandas", "demo")
+        pd = optional_import("pandas", "evaluate")
         tests = [
             self.compare(a, b, metric)
             for metric in self.metrics
@@ -270,7 +270,7 @@ def welch_test(a: list[float], b: list[float]) -> tuple[float, float, float]:
     :meth:`Results.compare`)."""
     if len(a) < 2 or len(b) < 2 or (min(a) == max(a) and min(b) == max(b)):
         return math.nan, math.nan, math.nan
-    stats = optional_import("scipy.stats", "demo")
+    stats = optional_import("scipy.stats", "evaluate")
     result = stats.ttest_ind(a, b, equal_var=False)
     return float(result.statistic), float(result.df), float(result.pvalue)
 

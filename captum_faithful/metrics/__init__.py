@@ -4,6 +4,14 @@ Every metric is a function ``metric(forward_func, inputs, attributions, target=.
 additional_forward_args=..., ...)`` that returns one value per example. The shared
 machinery (validation, baselines, feature ranking, chunked perturbed forwards) is in
 ``captum_faithful.metrics._utils``.
+
+Every metric returns float64 tensors on the inputs' device, whatever the model's
+dtype: the per-example values, the insertion/deletion curves, every entry of the
+dictionaries of ``activation_deviation``, ``insertion_activation_deviation`` and
+``parameter_randomization``, and the patching distances and rank correlations. The
+model runs in its own dtype; the areas, sums, correlations and ranks computed from
+its outputs are accumulated in float64, so a half-precision model's values are not
+rounded to its precision.
 """
 
 from captum_faithful._baselines import blur_baseline, mean_baseline, zero_baseline

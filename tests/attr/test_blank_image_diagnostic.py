@@ -89,19 +89,24 @@ def test_blank_image_diagnostic_matches_its_definition(cnn, monkeypatch):
         with torch.no_grad():
             probs = cnn(curve.flatten(0, 1)).softmax(1).view(4, steps, -1)
         probs = probs.gather(2, target.view(4, 1, 1).expand(4, steps, 1)).squeeze(2)
-        assert torch.allclose(report[clip]["probability"], probs.mean(1), atol=1e-6)
+        assert torch.allclose(
+            report[clip]["probability"], probs.mean(1).double(), atol=1e-6
+        )
         trapezoid = (probs[:, 1:] + probs[:, :-1]).sum(1) / (2 * n_steps)
-        assert torch.allclose(report[clip]["insertion_auc"], trapezoid, atol=1e-6)
+        assert torch.allclose(
+            report[clip]["insertion_auc"], trapezoid.double(), atol=1e-6
+        )
         clean = _conv_outputs(cnn, blank)
-        mse, cosine = torch.zeros(4), torch.zeros(4)
+        mse = torch.zeros(4, dtype=torch.float64)
+        cosine = torch.zeros(4, dtype=torch.float64)
         for k in range(steps):
             perturbed = _conv_outputs(cnn, curve[:, k])
             for h, h_tilde in zip(clean, perturbed, strict=True):
                 h, h_tilde = h.flatten(1).double(), h_tilde.flatten(1).double()
-                mse += ((h_tilde - h) ** 2).mean(1).float() / (2 * steps)
+                mse += ((h_tilde - h) ** 2).mean(1) / (2 * steps)
                 dot = (h * h_tilde).sum(1)
                 norms = h.norm(dim=1) * h_tilde.norm(dim=1)
-                cosine += (dot / norms).float() / (2 * steps)
+                cosine += (dot / norms) / (2 * steps)
         assert torch.allclose(report[clip]["mse"], mse, rtol=1e-4)
         assert torch.allclose(report[clip]["cosine"], cosine, atol=1e-5)
 

@@ -43,14 +43,14 @@ def test_matches_a_loop_over_samples_and_layers(cnn):
         return [a, b]
 
     mse, cos = _reference(conv_outputs(x), conv_outputs(x_tilde))
-    assert torch.allclose(result["mse"], mse, rtol=1e-5)
-    assert torch.allclose(result["cosine"], cos, rtol=1e-5)
+    assert torch.allclose(result["mse"], mse.double(), rtol=1e-5)
+    assert torch.allclose(result["cosine"], cos.double(), rtol=1e-5)
     assert result["mse"].shape == (3,)
     # one layer by name gives that layer only
     only_first = activation_deviation(cnn, ["0"], x, x_tilde)
     mse1, cos1 = _reference(conv_outputs(x)[:1], conv_outputs(x_tilde)[:1])
-    assert torch.allclose(only_first["mse"], mse1, rtol=1e-5)
-    assert torch.allclose(only_first["cosine"], cos1, rtol=1e-5)
+    assert torch.allclose(only_first["mse"], mse1.double(), rtol=1e-5)
+    assert torch.allclose(only_first["cosine"], cos1.double(), rtol=1e-5)
 
 
 def test_identical_inputs_and_zero_activations():
@@ -61,7 +61,7 @@ def test_identical_inputs_and_zero_activations():
     x = torch.randn(2, 1, 4, 4)
     same = activation_deviation(model, "conv", x, x.clone())
     assert torch.equal(same["mse"], torch.zeros(2))
-    assert torch.allclose(same["cosine"], torch.ones(2))
+    assert torch.allclose(same["cosine"], torch.ones(2, dtype=torch.float64))
     zeros = torch.zeros(2, 1, 4, 4)
     # both all-zero: identical (cosine 1); zero against non-zero: cosine 0
     out = activation_deviation(
@@ -87,8 +87,8 @@ def test_tuple_inputs_and_additional_forward_args():
     with torch.no_grad():
         h, h_tilde = model.conv(a + b), model.conv(a + b + 1)
     mse, cos = _reference([h], [h_tilde])
-    assert torch.allclose(out["mse"], mse, rtol=1e-5)
-    assert torch.allclose(out["cosine"], cos, rtol=1e-5)
+    assert torch.allclose(out["mse"], mse.double(), rtol=1e-5)
+    assert torch.allclose(out["cosine"], cos.double(), rtol=1e-5)
 
 
 def test_bad_input_raises_clear_errors():
@@ -143,8 +143,8 @@ def test_insertion_activation_deviation_follows_the_hard_insertion_curve(cnn):
             mse[i] += one["mse"][0] / (n_steps + 1)
             cos[i] += one["cosine"][0] / (n_steps + 1)
     for out in (result, chunked):
-        assert torch.allclose(out["mse"], mse, rtol=1e-4)
-        assert torch.allclose(out["cosine"], cos, atol=1e-5)
+        assert torch.allclose(out["mse"], mse.double(), rtol=1e-4)
+        assert torch.allclose(out["cosine"], cos.double(), atol=1e-5)
     with pytest.raises(ValueError, match="`n_steps`"):
         insertion_activation_deviation(cnn, "conv", x, attributions, n_steps=0)
     with pytest.raises(ValueError, match="attributions"):
@@ -179,8 +179,8 @@ def test_vision_transformer_layer_sets_match_the_model_outputs():
         mse, cos = _reference(
             list(getattr(clean, key)[offset:]), list(getattr(perturbed, key)[offset:])
         )
-        assert torch.allclose(result["mse"], mse, rtol=1e-4), layers
-        assert torch.allclose(result["cosine"], cos, rtol=1e-5), layers
+        assert torch.allclose(result["mse"], mse.double(), rtol=1e-4), layers
+        assert torch.allclose(result["cosine"], cos.double(), rtol=1e-5), layers
     snapshot.assert_same(model)
 
 
@@ -199,9 +199,14 @@ def test_insertion_activation_deviation_rounds_exact_halves_to_even():
     )
     mse = sum((10 - c) / 10 for c in counts) / 5
     cosine = sum(math.sqrt(c / 10) for c in counts) / 5
-    torch.testing.assert_close(result["mse"], torch.full((2,), mse), atol=1e-6, rtol=0)
     torch.testing.assert_close(
-        result["cosine"], torch.full((2,), cosine), atol=1e-6, rtol=0
+        result["mse"], torch.full((2,), mse, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        result["cosine"],
+        torch.full((2,), cosine, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
     )
 
 
@@ -295,7 +300,7 @@ def test_activation_deviation_runs_max_examples_per_batch_samples_at_a_time():
         h_tilde = model.conv(x_tilde + shift.view(-1, 1, 1, 1))
     mse = ((h - h_tilde) ** 2).flatten(1).mean(1)
     for out in (whole, chunked):
-        torch.testing.assert_close(out["mse"], mse, rtol=1e-5, atol=0)
+        torch.testing.assert_close(out["mse"], mse.double(), rtol=1e-5, atol=0)
     torch.testing.assert_close(chunked["cosine"], whole["cosine"], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="max_examples_per_batch"):
         activation_deviation(model, "conv", x, x, max_examples_per_batch=0)
@@ -465,7 +470,7 @@ def test_values_at_the_ends_of_the_floating_point_range(dtype):
     out = activation_deviation(model, [model[1]], x, x_tilde)
     for i in range(6):
         mse, cos = _deviation_by_formula([(x[i], x_tilde[i])])
-        expected = torch.tensor([mse, cos], dtype=torch.float32)
+        expected = torch.tensor([mse, cos], dtype=torch.float64)
         got = torch.stack([out["mse"][i], out["cosine"][i]])
         torch.testing.assert_close(got, expected, rtol=2e-7, atol=0)
 

@@ -134,7 +134,7 @@ def test_explicit_target_and_ties(cnn, images):
     img = images.clone()
     img.view(3, 3, -1)[:, :, order[: counts[2]]] = 0
     out = torch.softmax(cnn(img), 1)[torch.arange(3), target]
-    torch.testing.assert_close(curves[:, 2], out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(curves[:, 2], out.double(), atol=1e-6, rtol=0)
 
 
 def test_result_does_not_depend_on_chunk_size(cnn, images):
@@ -206,7 +206,7 @@ def test_ideal_ordering_has_the_best_insertion_and_deletion_auc():
     contrib = ideal.sum(1).flatten(1).sort(dim=1, descending=True).values
     cumsum = torch.cat([torch.zeros(4, 1), contrib.cumsum(1)], dim=1)
     counts = feature_counts(64, 16)
-    torch.testing.assert_close(curves, cumsum[:, counts], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(curves, cumsum[:, counts].double(), atol=1e-5, rtol=1e-5)
     for seed in range(5):
         torch.manual_seed(100 + seed)
         other = torch.randn_like(x)
@@ -371,11 +371,15 @@ def test_curves_count_features_with_exact_halves_rounded_to_even():
         target=0, baselines=0.0, n_steps=4, apply_softmax=False, return_curves=True
     )
     auc, curves = insertion_auc(CountRevealed(), x, attributions, **kwargs)
-    torch.testing.assert_close(curves, counts.float().expand(2, 5), atol=0, rtol=0)
+    torch.testing.assert_close(curves, counts.double().expand(2, 5), atol=0, rtol=0)
     # trapezoid rule by hand: (1 + 3.5 + 6.5 + 9) / 4 (half-up would give 5.25)
-    torch.testing.assert_close(auc, torch.full((2,), 5.0), atol=0, rtol=0)
+    torch.testing.assert_close(
+        auc, torch.full((2,), 5.0, dtype=torch.float64), atol=0, rtol=0
+    )
     auc, curves = deletion_auc(CountRevealed(), x, attributions, **kwargs)
     torch.testing.assert_close(
-        curves, (10 - counts).float().expand(2, 5), atol=0, rtol=0
+        curves, (10 - counts).double().expand(2, 5), atol=0, rtol=0
     )
-    torch.testing.assert_close(auc, torch.full((2,), 5.0), atol=0, rtol=0)
+    torch.testing.assert_close(
+        auc, torch.full((2,), 5.0, dtype=torch.float64), atol=0, rtol=0
+    )

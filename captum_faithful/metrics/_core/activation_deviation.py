@@ -95,7 +95,7 @@ def activation_deviation(
                     Default: None
 
     Returns:
-        dict: ``{"mse": Tensor (N,), "cosine": Tensor (N,)}``.
+        dict: ``{"mse": Tensor (N,), "cosine": Tensor (N,)}``, float64.
 
     Examples::
 
@@ -204,7 +204,7 @@ def insertion_activation_deviation(
                     Default: None (the metrics' default chunk size)
 
     Returns:
-        dict: ``{"mse": Tensor (N,), "cosine": Tensor (N,)}``.
+        dict: ``{"mse": Tensor (N,), "cosine": Tensor (N,)}``, float64.
 
     Examples::
 
@@ -320,8 +320,8 @@ def _deviation(
     if count == 0:
         raise ValueError("none of the selected layers ran during the forward pass")
     return {
-        "mse": (state.mse / count).float(),
-        "cosine": (state.cosine / count).float(),
+        "mse": state.mse / count,
+        "cosine": state.cosine / count,
     }
 
 

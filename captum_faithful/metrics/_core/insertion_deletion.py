@@ -100,7 +100,7 @@ def _curve(
         )
         columns = {count: scores[:, i] for i, count in enumerate(distinct)}
         columns[clean_count] = clean.to(scores.dtype)
-        curves = torch.stack([columns[count] for count in counts], dim=1)
+        curves = torch.stack([columns[count] for count in counts], dim=1).double()
         auc = nan_where_non_finite(
             "insertion_auc" if insertion else "deletion_auc",
             trapezoid_auc(curves),
@@ -185,8 +185,8 @@ def insertion_auc(
                     Default: False
 
     Returns:
-        Tensor or (Tensor, Tensor): AUC per sample, shape (N,); with
-        ``return_curves=True`` also the curves, shape (N, n_steps + 1).
+        Tensor or (Tensor, Tensor): AUC per sample, shape (N,), float64; with
+        ``return_curves=True`` also the curves, shape (N, n_steps + 1), float64.
 
     Examples::
 
@@ -270,8 +270,8 @@ def deletion_auc(
                     Default: False
 
     Returns:
-        Tensor or (Tensor, Tensor): AUC per sample, shape (N,); with
-        ``return_curves=True`` also the curves, shape (N, n_steps + 1).
+        Tensor or (Tensor, Tensor): AUC per sample, shape (N,), float64; with
+        ``return_curves=True`` also the curves, shape (N, n_steps + 1), float64.
 
     Examples::
 
