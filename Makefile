@@ -46,9 +46,13 @@ demo: install
 	$(VENV)/bin/captum-faithful demo
 
 # The Sphinx site in docs/_build/html: API reference from the docstrings, the
-# tutorials with their stored outputs (not re-executed), the guides.
+# tutorials with their stored outputs (not re-executed), the guides. The site works
+# offline: docs/conf.py installs MathJax with npm into docs/_mathjax (once; a cache,
+# not committed) and puts the files the pages load into the site; the last step
+# fails if any page still loads a script, stylesheet or image from the network.
 docs: $(VENV)/.docs-installed
 	$(PY) -m sphinx $(SPHINXOPTS) -b html docs docs/_build/html
+	$(PY) .ci/check_offline_html.py docs/_build/html
 
 # The sdist and the wheel in dist/, built in an isolated environment with the newest
 # setuptools (as PyPI users get them), their metadata checked with twine, then the
@@ -73,4 +77,4 @@ lint: install
 	$(PY) -m ruff check captum_faithful tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache docs/_build docs/_generated docs/api/generated docs/tutorials/notebooks
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache docs/_build docs/_mathjax docs/_generated docs/api/generated docs/tutorials/notebooks

@@ -4,14 +4,20 @@ The tutorials are rendered from their stored outputs (never executed here): they
 copied from ``../tutorials`` into ``tutorials/notebooks`` at the start of each build.
 The command-line help pages are generated from the parser, so they are always the
 text ``--help`` prints.
+
+The site is read offline: MathJax is not loaded from a CDN but installed with npm
+into ``_mathjax`` (once, a cache outside version control) and the files the pages
+load are copied into the site's ``_static/mathjax``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +42,7 @@ extensions = [
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "_generated/*.txt", "**.ipynb_checkpoints"]
+exclude_patterns = ["_build", "_mathjax", "_generated/*.txt", "**.ipynb_checkpoints"]
 templates_path = ["_templates"]
 
 # API reference: one page per public name, listed from each module's ``__all__``.
@@ -63,7 +69,24 @@ myst_heading_anchors = 3
 
 html_theme = "furo"
 html_title = f"captum-faithful {release}"
-html_static_path: list[str] = []
+html_static_path = ["_mathjax/site"]  # holds mathjax/, copied to _static/mathjax
+
+# MathJax 3, bundled: its single-file component loads its fonts (and, when a page
+# needs them, TeX extensions; the accessibility tools when the reader turns them on
+# in its menu) from folders next to itself, which are copied with it. MathJax 4,
+# Sphinx's default, keeps its fonts in a second npm package
+# (@mathjax/mathjax-newcm-font) loaded in pieces at read time, whose location would
+# need configuring; 3 needs none, and myst-nb's MathJax options work with both.
+MATHJAX_VERSION = "3.2.2"
+mathjax_path = "mathjax/tex-mml-chtml.js"  # relative: under _static
+MATHJAX_FILES = [  # what the page loads, relative to mathjax's es5 folder
+    "tex-mml-chtml.js",
+    "output/chtml/fonts/woff-v2",
+    "input/tex/extensions",
+    "ui",
+    "a11y",
+    "sre",
+]
 
 
 def _copy_tutorials() -> None:
@@ -95,5 +118,42 @@ def _write_cli_help() -> None:
         (folder / f"help-{name}.txt").write_text(text, encoding="utf-8")
 
 
+def _bundle_mathjax() -> None:
+    """Install MathJax from npm (unless cached) and copy what the pages load."""
+    cache = HERE / "_mathjax"
+    package = cache / "node_modules" / "mathjax"
+    manifest = package / "package.json"
+    installed = (
+        json.loads(manifest.read_text())["version"] if manifest.exists() else None
+    )
+    if installed != MATHJAX_VERSION:
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError(
+                f"the documentation bundles MathJax {MATHJAX_VERSION} from npm, and "
+                f"`npm` is not on the PATH; install Node.js (npm), or run `npm install "
+                f"--prefix docs/_mathjax mathjax@{MATHJAX_VERSION}` elsewhere"
+            )
+        subprocess.run(
+            [
+                npm, "install", "--prefix", str(cache), "--no-save", "--no-package-lock",
+                "--no-audit", "--no-fund", "--loglevel=error",
+                f"mathjax@{MATHJAX_VERSION}",
+            ],
+            check=True,
+        )  # fmt: skip
+    target = cache / "site" / "mathjax"
+    shutil.rmtree(target, ignore_errors=True)
+    for name in MATHJAX_FILES:
+        source = package / "es5" / name
+        if source.is_dir():
+            shutil.copytree(source, target / name)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    shutil.copy2(package / "LICENSE", target / "LICENSE")
+
+
 _copy_tutorials()
 _write_cli_help()
+_bundle_mathjax()
