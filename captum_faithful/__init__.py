@@ -1,8 +1,26 @@
 """captum-faithful: faithful attribution methods and faithfulness metrics for Captum.
 
-Every public class and function is re-exported here, so ``from captum_faithful
-import X`` works for all of them; metrics also live in ``captum_faithful.metrics``
-and attribution classes in ``captum_faithful.attr``.
+What a Captum user reaches for is importable from here (``from captum_faithful
+import X``): every attribution method of :mod:`captum_faithful.attr`, every metric of
+:mod:`captum_faithful.metrics`, the dataset-scale :func:`evaluate` with its
+:class:`Results`, :func:`select_gating` with :class:`GatingConfiguration` and
+:class:`GatingSelection`, and :func:`load_sae`. The rest lives in its subpackage:
+
+- :mod:`captum_faithful.attr` and :mod:`captum_faithful.metrics`: the same methods
+  and metrics, grouped as ``captum.attr`` and ``captum.metrics`` are;
+- :mod:`captum_faithful.evaluation`: also ``WelchTest`` (what
+  ``Results.compare`` returns);
+- :mod:`captum_faithful.sae`: also ``sae_d_in`` and ``sae_hook_name``;
+- :mod:`captum_faithful.vit`: Vision-Transformer adapters (``get_adapter``,
+  ``register_adapter``, ``ViTAdapter``, ``SUPPORTED_FAMILIES``) and the context
+  managers ``eager_attention`` and ``capture``;
+- :mod:`captum_faithful.lm`: language-model adapters (``get_adapter``,
+  ``register_adapter``, ``LMAdapter``, ``Site``, ``SUPPORTED_FAMILIES``);
+- :mod:`captum_faithful.demo`: the embedded demo's data and trained models
+  (``load_demo``, ``load_language_demo``, ``make_blocks`` and their result types).
+
+``vit`` and ``lm`` each have a ``get_adapter``, so their names stay in their
+subpackages.
 """
 
 from captum_faithful.attr import *  # noqa: F401,F403

@@ -36,7 +36,42 @@ __all__ = [
 
 @dataclass
 class Demo:
-    """The demo's trained models and data (see :func:`load_demo`)."""
+    """The demo's trained models and data (see :func:`load_demo`).
+
+    The images are BlockMNIST-style scans, ``(N, 3, 32, 32)`` floats in [0, 1]: the
+    class evidence (a digit) fills one 16 × 16 block, a distractor another.
+
+    Attributes:
+        cnn (nn.Module): The trained CNN classifier, in eval mode.
+        vit (nn.Module): The trained Vision Transformer, a Hugging Face
+                    ``ViTForImageClassification`` with eager attention, in eval mode.
+        saes (dict): ``{0-based block index: sae_lens.SAE}``, the SAEs trained on
+                    the ViT's residual stream after those blocks.
+        x_test (Tensor): The test images, on which methods are scored once.
+        y_test (Tensor): ``(N,)`` their classes.
+        masks_test (Tensor): ``(N, 1, 32, 32)`` bool, True on each image's evidence
+                    block.
+        x_train (Tensor): The training scans, in their first rendering (the models
+                    were trained on several renderings of them).
+        y_train (Tensor): Their classes.
+        accuracy (dict): ``{"cnn": float, "vit": float}``, accuracy on the test
+                    images.
+        x_validation (Tensor, optional): The validation images, disjoint from the
+                    test images: choose hyperparameters here (e.g. with
+                    :func:`captum_faithful.select_gating`).
+        y_validation (Tensor, optional): Their classes.
+        masks_validation (Tensor, optional): Their evidence masks, as
+                    ``masks_test``.
+        sae_explained_variance (dict): ``{block index: float}``, the share of the
+                    variance of the ViT's patch tokens each SAE reconstructs,
+                    measured on renderings of the validation scans.
+        sae_dead_fraction (dict): ``{block index: float}``, the share of each SAE's
+                    features that never fire on those tokens.
+        cache_dir (Path, optional): The folder the trained models were loaded from.
+        meta (dict): The training record of that folder (``meta.json``): the
+                    recipe, the seed, the measurements above, and the training's
+                    thread count and seconds.
+    """
 
     cnn: nn.Module
     vit: nn.Module

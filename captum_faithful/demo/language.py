@@ -63,7 +63,29 @@ QUICK_LANGUAGE_RECIPE = LanguageRecipe(layers=2, width=64, heads=4, epochs=200, 
 @dataclass
 class LanguageDemo:
     """The language-model demo's trained model and prompts (see
-    :func:`load_language_demo`)."""
+    :func:`load_language_demo`).
+
+    Attributes:
+        model (nn.Module): The trained tiny GPT-2, a Hugging Face
+                    ``GPT2LMHeadModel`` in eval mode.
+        tokenizer (PreTrainedTokenizerFast): Its word-level tokenizer.
+        facts (FactData): The invented facts and the counterfactual pairs drawn
+                    from them.
+        prompts (list[str]): One fact's prompt per pair (100 strings).
+        counterfactual_prompts (list[str]): The same prompt about another subject
+                    with another attribute, one per pair.
+        input_ids (Tensor): ``(100, 6)`` token ids of ``prompts``.
+        corrupted_ids (Tensor): ``(100, 6)`` token ids of
+                    ``counterfactual_prompts``: the same length as ``input_ids``,
+                    differing only at the subject.
+        answer_ids (Tensor): ``(100,)`` each prompt's attribute token.
+        recall (float): The share of all facts whose prompt the model completes
+                    with the attribute (greedy).
+        pair_recall (float): The same share over the 200 prompts of the pairs.
+        cache_dir (Path, optional): The folder the model was loaded from.
+        meta (dict): The training record of that folder (``meta.json``): the
+                    recipe, the seed, the training's seconds and thread count.
+    """
 
     model: nn.Module
     tokenizer: Any

@@ -21,6 +21,19 @@ class WelchTest:
     Welch-Satterthwaite degrees of freedom and ``pvalue`` two-sided. NaN values of
     the metric (e.g. SaCo on a constant attribution) are left out; ``n_a``/``n_b``
     count the values used.
+
+    Attributes:
+        metric (str): The metric's name.
+        a (str): The first method's name.
+        b (str): The second method's name.
+        n_a (int): The number of non-NaN values of ``a``.
+        n_b (int): The number of non-NaN values of ``b``.
+        mean_a (float): The mean of ``a``'s values.
+        mean_b (float): The mean of ``b``'s values.
+        difference (float): ``mean_a - mean_b``.
+        statistic (float): Welch's t statistic.
+        df (float): The Welch-Satterthwaite degrees of freedom.
+        pvalue (float): The two-sided p-value.
     """
 
     metric: str
@@ -50,11 +63,6 @@ class Results:
     :math:`s`; NaN metric values are left out of means, standard errors and tests
     (the ``n`` column says how many values were used).
 
-    Args:
-        table (pandas.DataFrame): A table with the columns above.
-        settings (dict, optional): The run's recorded settings, if known.
-                    Default: None
-
     Examples::
 
         >>> results = Results.load("runs/exp1")
@@ -64,6 +72,12 @@ class Results:
     """
 
     def __init__(self, table: Any, settings: dict[str, Any] | None = None) -> None:
+        """
+        Args:
+            table (pandas.DataFrame): A table with the columns above.
+            settings (dict, optional): The run's recorded settings, if known.
+                        Default: None
+        """
         pd = optional_import("pandas", "evaluate")
         if not isinstance(table, pd.DataFrame):
             raise TypeError(

@@ -8,12 +8,14 @@ and TransformerLens ``HookedTransformer``; :func:`register_adapter` adds other
 families.
 """
 
+from captum_faithful.lm import _registry
 from captum_faithful.lm._adapter import LMAdapter, Site
-from captum_faithful.lm._registry import (
-    SUPPORTED_FAMILIES,
-    get_adapter,
-    register_adapter,
-)
+from captum_faithful.lm._registry import get_adapter, register_adapter
+
+#: The language-model families :func:`get_adapter` describes without help, as
+#: readable names (a tuple of str; the error for an unknown model lists them).
+#: :func:`register_adapter` adds a family.
+SUPPORTED_FAMILIES: tuple[str, ...] = _registry.SUPPORTED_FAMILIES
 
 __all__ = [
     "SUPPORTED_FAMILIES",

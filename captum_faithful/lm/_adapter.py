@@ -79,21 +79,6 @@ class LMAdapter:
     ``blocks.{L-1}.hook_resid_post`` is the output of the last block (before any
     final norm). Any other submodule of the model is a site too, by its name in
     ``model.named_modules()``: its output (the first element of a tuple output).
-
-    Args:
-        model (nn.Module): The model the adapter describes.
-        embedding (nn.Module): The module whose output is the token embeddings
-                    (N, T, d), before positional embeddings are added; a baseline
-                    in embedding space replaces this output.
-        blocks (Sequence[nn.Module]): The transformer blocks in forward order.
-        family (str, optional): Human-readable name of the model family.
-                    Default: ``"custom"``
-        logits (Callable, optional): ``(model, input_ids) -> logits (N, T, V)``.
-                    Default: :func:`plain_logits` (``model(input_ids)``, reduced to
-                    its ``logits`` field)
-        residual_sites (dict[str, Site], optional): The residual sites by name,
-                    in forward order. Default: the inputs of the blocks and the
-                    output of the last block, as above.
     """
 
     def __init__(
@@ -105,6 +90,22 @@ class LMAdapter:
         logits: Callable[[nn.Module, Tensor], Tensor] = plain_logits,
         residual_sites: dict[str, Site] | None = None,
     ) -> None:
+        """
+        Args:
+            model (nn.Module): The model the adapter describes.
+            embedding (nn.Module): The module whose output is the token embeddings
+                        (N, T, d), before positional embeddings are added; a baseline
+                        in embedding space replaces this output.
+            blocks (Sequence[nn.Module]): The transformer blocks in forward order.
+            family (str, optional): Human-readable name of the model family.
+                        Default: ``"custom"``
+            logits (Callable, optional): ``(model, input_ids) -> logits (N, T, V)``.
+                        Default: :func:`plain_logits` (``model(input_ids)``, reduced to
+                        its ``logits`` field)
+            residual_sites (dict[str, Site], optional): The residual sites by name,
+                        in forward order. Default: the inputs of the blocks and the
+                        output of the last block, as above.
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
         if not isinstance(embedding, nn.Module):

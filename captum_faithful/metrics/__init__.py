@@ -1,9 +1,11 @@
 """Faithfulness metrics, mirroring ``captum.metrics``.
 
 Every metric is a function ``metric(forward_func, inputs, attributions, target=...,
-additional_forward_args=..., ...)`` that returns one value per example. The shared
-machinery (validation, baselines, feature ranking, chunked perturbed forwards) is in
-``captum_faithful.metrics._utils``.
+additional_forward_args=..., ...)`` that returns one value per example. They share
+their argument checks, feature ranking and chunked perturbed forwards (bounded by
+``max_examples_per_batch``, as in Captum), so the same argument means the same thing
+in each. The baselines that perturbations fill removed features from are public
+here too: :func:`blur_baseline`, :func:`mean_baseline`, :func:`zero_baseline`.
 
 Every metric returns float64 tensors on the inputs' device, whatever the model's
 dtype: the per-example values, the insertion/deletion curves, every entry of the

@@ -48,29 +48,6 @@ class ViTAdapter:
 
     Built-in adapters are found by :func:`get_adapter`; for another model family build
     one by hand and make it discoverable with :func:`register_adapter`.
-
-    Args:
-        model (nn.Module): The model the adapter describes.
-        blocks (Sequence[nn.Module]): The transformer blocks in forward order. The
-                    output of block ``l`` at the patch tokens is the residual stream
-                    ``blocks.{l}.hook_resid_post``.
-        attention_modules (Sequence[nn.Module]): One module per block whose forward
-                    output holds the post-softmax attention probabilities
-                    ``(N, heads, T, T)`` that the block multiplies with the values.
-        num_prefix_tokens (int): Tokens before the patch tokens (CLS first, then
-                    distillation or register tokens). TransMM reads the CLS row.
-        patch_size (int or tuple[int, int]): Patch height and width in pixels.
-        hidden_size (int, optional): Width of the residual stream (checked against an
-                    SAE's ``d_in``). Default: None (not checked).
-        family (str, optional): Human-readable name of the model family.
-                    Default: ``"custom"``
-        probabilities (Callable, optional): Extracts the probabilities from an
-                    attention module's output. Default: the first square 4-D tensor.
-        residual (Callable, optional): Extracts the hidden states from a block's
-                    output. Default: the output, or its first element for tuples.
-        pads_image (bool, optional): Whether the patch embedding pads images whose
-                    size is not a multiple of the patch size (grid rounds up) instead
-                    of cropping them (grid rounds down). Default: False
     """
 
     def __init__(
@@ -86,6 +63,30 @@ class ViTAdapter:
         residual: Callable[[Any], Tensor] = first_tensor,
         pads_image: bool = False,
     ) -> None:
+        """
+        Args:
+            model (nn.Module): The model the adapter describes.
+            blocks (Sequence[nn.Module]): The transformer blocks in forward order. The
+                        output of block ``l`` at the patch tokens is the residual stream
+                        ``blocks.{l}.hook_resid_post``.
+            attention_modules (Sequence[nn.Module]): One module per block whose forward
+                        output holds the post-softmax attention probabilities
+                        ``(N, heads, T, T)`` that the block multiplies with the values.
+            num_prefix_tokens (int): Tokens before the patch tokens (CLS first, then
+                        distillation or register tokens). TransMM reads the CLS row.
+            patch_size (int or tuple[int, int]): Patch height and width in pixels.
+            hidden_size (int, optional): Width of the residual stream (checked
+                        against an SAE's ``d_in``). Default: None (not checked).
+            family (str, optional): Human-readable name of the model family.
+                        Default: ``"custom"``
+            probabilities (Callable, optional): Extracts the probabilities from an
+                        attention module's output. Default: the first square 4-D tensor.
+            residual (Callable, optional): Extracts the hidden states from a block's
+                        output. Default: the output, or its first element for tuples.
+            pads_image (bool, optional): Whether the patch embedding pads images whose
+                        size is not a multiple of the patch size (grid rounds up)
+                        instead of cropping them (grid rounds down). Default: False
+        """
         if len(blocks) == 0 or len(blocks) != len(attention_modules):
             raise ValueError(
                 "`blocks` and `attention_modules` must be non-empty and of equal "

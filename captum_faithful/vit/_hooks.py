@@ -71,7 +71,17 @@ def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass
 class Captured:
-    """Tensors recorded during one forward pass, keyed by block index."""
+    """Tensors recorded during one forward pass, keyed by block index.
+
+    Both keep the tensors with their autograd graph.
+
+    Attributes:
+        attention (dict[int, Tensor]): ``{0-based block index: (N, heads, T, T)}``,
+                    the post-softmax attention probabilities of the blocks asked
+                    for (``blocks.{l}.attn.hook_pattern``).
+        residual (dict[int, Tensor]): ``{0-based block index: (N, T, d)}``, the
+                    outputs of the blocks asked for (``blocks.{l}.hook_resid_post``).
+    """
 
     attention: dict[int, Tensor] = field(default_factory=dict)
     residual: dict[int, Tensor] = field(default_factory=dict)

@@ -85,44 +85,6 @@ class AttributionPatching:
     runs in the mode the user left it in (use ``model.eval()``: dropout would make
     the runs differ) and comes back unchanged (parameters, ``requires_grad``,
     mode, hooks, attention implementation).
-
-    Args:
-
-        model (nn.Module): A decoder-only language model of a family
-                    :func:`captum_faithful.lm.get_adapter` knows (Hugging Face
-                    GPT-2, GPT-NeoX / Pythia, Llama, TransformerLens
-                    ``HookedTransformer``, or one made known with
-                    :func:`captum_faithful.lm.register_adapter`).
-        sites (str or list[str], optional): ``"residual"``: the residual stream
-                    before each block and after the last,
-                    ``blocks.{l}.hook_resid_pre`` for :math:`l < L` and
-                    ``blocks.{L-1}.hook_resid_post`` (:math:`L + 1` sites). Or
-                    site names: those, or any submodule name of the model (its
-                    output; for a ``HookedTransformer`` every HookPoint, e.g.
-                    ``blocks.0.hook_resid_mid``). Activations must be
-                    (N, T, ...); their trailing dimensions are summed.
-                    Default: ``"residual"``
-        unlearning_step (float, optional): UNI's :math:`\eta` (> 0), the L2
-                    length of the unlearning step on all parameters.
-                    Default: 1.0
-        pgd_steps (int, optional): UNI's :math:`T` (>= 0), the baseline
-                    matching steps.
-                    Default: 10
-        epsilon (float, optional): UNI's :math:`\varepsilon` (> 0): the L2
-                    distance between the learned baseline and :math:`E(x)`, one
-                    radius over all tokens and embedding coordinates of a prompt.
-                    0.25 is the value the paper used unchanged on its language
-                    models (chosen for 3x224x224 images, not tuned for
-                    language models), kept here so that results compare with
-                    the paper's. Per coordinate it moves the embeddings by
-                    :math:`\varepsilon / \sqrt{T d}` (root mean square), e.g.
-                    0.0032 for 8 tokens of GPT-2 small (d = 768); compare it
-                    with the spread of the embeddings (the standard deviation of
-                    the embedding matrix). For a given size per coordinate,
-                    scale :math:`\varepsilon` with :math:`\sqrt{T d}`.
-                    Default: 0.25
-        pgd_step_size (float, optional): UNI's :math:`\mu` (> 0).
-                    Default: 0.1
     """
 
     def __init__(
@@ -134,6 +96,45 @@ class AttributionPatching:
         epsilon: float = 0.25,
         pgd_step_size: float = 0.1,
     ) -> None:
+        r"""
+        Args:
+
+            model (nn.Module): A decoder-only language model of a family
+                        :func:`captum_faithful.lm.get_adapter` knows (Hugging Face
+                        GPT-2, GPT-NeoX / Pythia, Llama, TransformerLens
+                        ``HookedTransformer``, or one made known with
+                        :func:`captum_faithful.lm.register_adapter`).
+            sites (str or list[str], optional): ``"residual"``: the residual stream
+                        before each block and after the last,
+                        ``blocks.{l}.hook_resid_pre`` for :math:`l < L` and
+                        ``blocks.{L-1}.hook_resid_post`` (:math:`L + 1` sites). Or
+                        site names: those, or any submodule name of the model (its
+                        output; for a ``HookedTransformer`` every HookPoint, e.g.
+                        ``blocks.0.hook_resid_mid``). Activations must be
+                        (N, T, ...); their trailing dimensions are summed.
+                        Default: ``"residual"``
+            unlearning_step (float, optional): UNI's :math:`\eta` (> 0), the L2
+                        length of the unlearning step on all parameters.
+                        Default: 1.0
+            pgd_steps (int, optional): UNI's :math:`T` (>= 0), the baseline
+                        matching steps.
+                        Default: 10
+            epsilon (float, optional): UNI's :math:`\varepsilon` (> 0): the L2
+                        distance between the learned baseline and :math:`E(x)`, one
+                        radius over all tokens and embedding coordinates of a prompt.
+                        0.25 is the value the paper used unchanged on its language
+                        models (chosen for 3x224x224 images, not tuned for
+                        language models), kept here so that results compare with
+                        the paper's. Per coordinate it moves the embeddings by
+                        :math:`\varepsilon / \sqrt{T d}` (root mean square), e.g.
+                        0.0032 for 8 tokens of GPT-2 small (d = 768); compare it
+                        with the spread of the embeddings (the standard deviation of
+                        the embedding matrix). For a given size per coordinate,
+                        scale :math:`\varepsilon` with :math:`\sqrt{T d}`.
+                        Default: 0.25
+            pgd_step_size (float, optional): UNI's :math:`\mu` (> 0).
+                        Default: 0.1
+        """
         self.adapter: LMAdapter = get_adapter(model)
         self.model = model
         self.sites: list[Site] = resolve_sites(self.adapter, sites)

@@ -116,20 +116,6 @@ class ClipGrad:
     optimisation loop allocates no new layer-sized tensor for it after the first
     iteration.
 
-    Args:
-
-        layers (nn.Module, Place or Sequence[nn.Module or Place]): the modules
-                    whose outputs are constrained (e.g. from
-                    ``captum_faithful._layers.select_layers``), or places: a module
-                    and the tensor of its output to constrain, e.g. a Vision
-                    Transformer's attention probabilities (from
-                    ``captum_faithful._layers.select_places``). One module (or
-                    place) alone is one layer, as in Captum: an ``nn.Sequential``
-                    passed alone is constrained at its output, not at its children.
-        rule (str, optional): ``"vm"``, ``"ivm"``, ``"avm"``, ``"ibm"`` or
-                    ``"none"`` (hooks installed, nothing zeroed).
-                    Default: ``"vm"``
-
     Examples::
 
         >>> with ClipGrad([model.conv1, model.conv2], rule="vm") as clip:
@@ -143,6 +129,21 @@ class ClipGrad:
         layers: nn.Module | Place | Sequence[nn.Module | Place],
         rule: str = "vm",
     ) -> None:
+        """
+        Args:
+
+            layers (nn.Module, Place or Sequence[nn.Module or Place]): the modules
+                        whose outputs are constrained (e.g. from
+                        ``captum_faithful._layers.select_layers``), or places: a module
+                        and the tensor of its output to constrain, e.g. a Vision
+                        Transformer's attention probabilities (from
+                        ``captum_faithful._layers.select_places``). One module (or
+                        place) alone is one layer, as in Captum: an ``nn.Sequential``
+                        passed alone is constrained at its output, not at its children.
+            rule (str, optional): ``"vm"``, ``"ivm"``, ``"avm"``, ``"ibm"`` or
+                        ``"none"`` (hooks installed, nothing zeroed).
+                        Default: ``"vm"``
+        """
         check_choice("rule", rule, CLIP_RULES)
         if isinstance(layers, (nn.Module, Place)):
             layers = [layers]

@@ -403,51 +403,6 @@ class FaithfulnessEnsemble(GradientAttribution):
     :math:`\alpha_k` is uniform at :math:`q_k`; the optimisation is deterministic
     given the reference, which is drawn from ``generator``.
 
-    Args:
-
-        forward_func (Callable): the model's forward function, returning logits
-                    (or a Hugging Face ``ModelOutput`` with ``logits``).
-        model (nn.Module, optional): the module that holds the layers ClipGrad
-                    hooks. Default: ``forward_func`` when it is a Module.
-                    Default: None
-        layers (str or list, optional): layers whose outputs ClipGrad constrains:
-                    ``"conv"`` (every ``nn.Conv2d``), ``"early"`` / ``"late"`` (first /
-                    second half of them in definition order; with an odd count both
-                    share the middle one), for Vision Transformers ``"attention"``
-                    (the attention probabilities of every block, found by
-                    :func:`captum_faithful.vit.get_adapter`; eager attention is
-                    switched on for the call and restored afterwards) or
-                    ``"blocks"`` (every block's output), or a list of modules or
-                    submodule names.
-                    Default: ``"conv"``
-        clip (str, optional): ClipGrad rule, one of ``"vm"``, ``"ivm"``, ``"avm"``,
-                    ``"ibm"``, ``"none"``. ``"ibm"`` acts only where the clean
-                    activation is :math:`\le 0`; attention probabilities never are,
-                    so with ``layers="attention"`` it gives the maps of ``"none"``.
-                    Default: ``"vm"``
-        quantiles (int or Sequence[float], optional): K levels at ``k / (K + 1)``,
-                    or an explicit strictly increasing sequence in (0, 1).
-                    Default: 5
-        objective (str, optional): ``"insertion"``, ``"deletion"`` or ``"both"``
-                    (both games in the same batch, each with its own maps; the
-                    attribution averages all 2K maps).
-                    Default: ``"insertion"``
-        n_iter (int, optional): Adam iterations.
-                    Default: 100
-        lr (float, optional): Adam learning rate on the parameters u.
-                    Default: 0.1
-        area_weight (float, optional): :math:`\lambda`, a finite number >= 0.
-                    ``None`` uses :data:`DEFAULT_AREA_WEIGHT` (1, see the measurements
-                    above).
-                    Default: None
-        maps (str, optional): ``"smooth"`` (cells on a grid of stride
-                    ``map_stride``, upsampled bilinearly) or ``"pixel"`` (one value
-                    per pixel). A ``feature_mask`` passed to :meth:`attribute`
-                    replaces either by one value per group.
-                    Default: ``"smooth"``
-        map_stride (int, optional): grid step of the smooth maps, in pixels.
-                    Default: 4
-
     Examples::
 
         >>> from captum_faithful import FaithfulnessEnsemble
@@ -471,6 +426,52 @@ class FaithfulnessEnsemble(GradientAttribution):
         maps: str = "smooth",
         map_stride: int = DEFAULT_MAP_STRIDE,
     ) -> None:
+        r"""
+        Args:
+
+            forward_func (Callable): the model's forward function, returning logits
+                        (or a Hugging Face ``ModelOutput`` with ``logits``).
+            model (nn.Module, optional): the module that holds the layers ClipGrad
+                        hooks. Default: ``forward_func`` when it is a Module.
+                        Default: None
+            layers (str or list, optional): layers whose outputs ClipGrad constrains:
+                        ``"conv"`` (every ``nn.Conv2d``), ``"early"`` / ``"late"``
+                        (first / second half of them in definition order; with an odd
+                        count both share the middle one), for Vision Transformers
+                        ``"attention"`` (the attention probabilities of every block,
+                        found by :func:`captum_faithful.vit.get_adapter`; eager
+                        attention is switched on for the call and restored afterwards)
+                        or ``"blocks"`` (every block's output), or a list of modules or
+                        submodule names.
+                        Default: ``"conv"``
+            clip (str, optional): ClipGrad rule, one of ``"vm"``, ``"ivm"``, ``"avm"``,
+                        ``"ibm"``, ``"none"``. ``"ibm"`` acts only where the clean
+                        activation is :math:`\le 0`; attention probabilities never are,
+                        so with ``layers="attention"`` it gives the maps of ``"none"``.
+                        Default: ``"vm"``
+            quantiles (int or Sequence[float], optional): K levels at ``k / (K + 1)``,
+                        or an explicit strictly increasing sequence in (0, 1).
+                        Default: 5
+            objective (str, optional): ``"insertion"``, ``"deletion"`` or ``"both"``
+                        (both games in the same batch, each with its own maps; the
+                        attribution averages all 2K maps).
+                        Default: ``"insertion"``
+            n_iter (int, optional): Adam iterations.
+                        Default: 100
+            lr (float, optional): Adam learning rate on the parameters u.
+                        Default: 0.1
+            area_weight (float, optional): :math:`\lambda`, a finite number >= 0.
+                        ``None`` uses :data:`DEFAULT_AREA_WEIGHT` (1, see the
+                        measurements above).
+                        Default: None
+            maps (str, optional): ``"smooth"`` (cells on a grid of stride
+                        ``map_stride``, upsampled bilinearly) or ``"pixel"`` (one value
+                        per pixel). A ``feature_mask`` passed to :meth:`attribute`
+                        replaces either by one value per group.
+                        Default: ``"smooth"``
+            map_stride (int, optional): grid step of the smooth maps, in pixels.
+                        Default: 4
+        """
         if not callable(forward_func):
             raise TypeError("`forward_func` must be callable")
         GradientAttribution.__init__(self, forward_func)

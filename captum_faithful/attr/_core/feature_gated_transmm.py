@@ -157,31 +157,6 @@ class FeatureGatedTransMM(TransMM):
     reconstruction-sized product :math:`f W_{dec}`, sparse when fewer than 5% of
     the features are active; the ``"gradient"`` variant needs the dense
     :math:`W_{dec} g` instead. The forward and backward passes are TransMM's.
-
-    Args:
-        forward_func (Callable): The model or a function returning logits.
-        saes (Mapping[int, SAE | str | tuple[str, str]]): ``{block index (0-based):
-                    SAE}``; each value is an SAE, a folder or a ``(release, sae_id)``,
-                    loaded with :func:`captum_faithful.load_sae`. Each SAE's
-                    ``cfg.d_in`` must equal the model's hidden size, and an SAE whose
-                    ``hook_name`` names a block (``blocks.{l}.hook_resid_post``) must
-                    be attached to that block.
-        model (nn.Module, optional): The Vision Transformer. Default: ``forward_func``
-                    when it is a module.
-        kappa (float, optional): Gate temperature :math:`\kappa > 0`. Default: 0.5
-        c_max (float, optional): Largest gate, :math:`c_{max} \ge 1`; gates lie in
-                    :math:`[1/c_{max}, c_{max}]`. Default: 10.0
-        variant (str, optional): Score: ``"combined"`` (:math:`\sum_k f \nabla f`),
-                    ``"activation"`` (:math:`\sum_k f`) or ``"gradient"``
-                    (:math:`\sum_k |\nabla f|`). Default: ``"combined"``
-        start_layer (int, optional): First block of the rollout. Default: 0
-        shuffle_decoder (int, optional): Seed of the shuffled-decoder control: the
-                    rows of each :math:`W_{dec}` (the feature order) are permuted with
-                    a generator seeded with this value, breaking the pairing of
-                    :math:`f` and :math:`\nabla f`. Only ``"combined"`` depends on the
-                    feature order (the other variants warn that the control is
-                    theirs unchanged). The SAEs themselves are not modified.
-                    Default: None (no shuffling)
     """
 
     def __init__(
@@ -195,6 +170,32 @@ class FeatureGatedTransMM(TransMM):
         start_layer: int = 0,
         shuffle_decoder: int | None = None,
     ) -> None:
+        r"""
+        Args:
+            forward_func (Callable): The model or a function returning logits.
+            saes (Mapping[int, SAE | str | tuple[str, str]]): ``{block index (0-based):
+                        SAE}``; each value is an SAE, a folder or a ``(release,
+                        sae_id)``, loaded with :func:`captum_faithful.load_sae`. Each
+                        SAE's ``cfg.d_in`` must equal the model's hidden size, and an
+                        SAE whose ``hook_name`` names a block
+                        (``blocks.{l}.hook_resid_post``) must be attached to that block.
+            model (nn.Module, optional): The Vision Transformer.
+                        Default: ``forward_func`` when it is a module.
+            kappa (float, optional): Gate temperature :math:`\kappa > 0`. Default: 0.5
+            c_max (float, optional): Largest gate, :math:`c_{max} \ge 1`; gates lie in
+                        :math:`[1/c_{max}, c_{max}]`. Default: 10.0
+            variant (str, optional): Score: ``"combined"`` (:math:`\sum_k f \nabla f`),
+                        ``"activation"`` (:math:`\sum_k f`) or ``"gradient"``
+                        (:math:`\sum_k |\nabla f|`). Default: ``"combined"``
+            start_layer (int, optional): First block of the rollout. Default: 0
+            shuffle_decoder (int, optional): Seed of the shuffled-decoder control: the
+                        rows of each :math:`W_{dec}` (the feature order) are permuted
+                        with a generator seeded with this value, breaking the pairing of
+                        :math:`f` and :math:`\nabla f`. Only ``"combined"`` depends on
+                        the feature order (the other variants warn that the control is
+                        theirs unchanged). The SAEs themselves are not modified.
+                        Default: None (no shuffling)
+        """
         self.kappa = check_float("kappa", kappa, low=0.0, low_inclusive=False)
         if math.isinf(self.kappa):
             raise ValueError("`kappa` must be finite")

@@ -98,15 +98,6 @@ class TransMM(GradientAttribution):
     :func:`captum_faithful.vit.register_adapter`). Fused attention (SDPA, flash,
     timm ``fused_attn``) is switched to the eager path for the call and back
     afterwards.
-
-    Args:
-        forward_func (Callable): The model or a function returning logits
-                    ``(N, n_classes)`` (a Hugging Face ``ModelOutput`` is reduced to
-                    ``logits``, or ``logits_per_image`` for ``CLIPModel``).
-        model (nn.Module, optional): The Vision Transformer that ``forward_func``
-                    runs. Default: ``forward_func`` when it is a module.
-        start_layer (int, optional): First block (0-based) whose attention enters the
-                    rollout. Default: 0
     """
 
     def __init__(
@@ -115,6 +106,16 @@ class TransMM(GradientAttribution):
         model: nn.Module | None = None,
         start_layer: int = 0,
     ) -> None:
+        """
+        Args:
+            forward_func (Callable): The model or a function returning logits
+                        ``(N, n_classes)`` (a Hugging Face ``ModelOutput`` is reduced to
+                        ``logits``, or ``logits_per_image`` for ``CLIPModel``).
+            model (nn.Module, optional): The Vision Transformer that ``forward_func``
+                        runs. Default: ``forward_func`` when it is a module.
+            start_layer (int, optional): First block (0-based) whose attention
+                        enters the rollout. Default: 0
+        """
         GradientAttribution.__init__(self, forward_func)
         self.model = resolve_model(forward_func, model)
         self.adapter = get_adapter(self.model)

@@ -189,69 +189,6 @@ class UnlearnedIntegratedGradients(GradientAttribution):
 
     More details in the paper *Unlearning-based Neural Interpretations*
     (Algorithm 1), and in the documentation's "How the methods work" page.
-
-    Args:
-
-        forward_func (Callable): The forward function of the model or any
-                    modification of it. It returns class scores of shape
-                    (N, n_classes), one score per sample (N,) (a log-probability
-                    when the baselines are learned), or a Hugging Face
-                    ``ModelOutput`` / dict with a ``logits`` field. It is read at
-                    each call: a shallow copy whose ``forward_func`` is replaced
-                    (as Captum's ``LLMGradientAttribution`` does) uses the new
-                    one, and the original keeps its own.
-        model (nn.Module, optional): The module whose parameters are unlearned
-                    and whose buffers are protected; ``forward_func`` must use it.
-                    Only learning the baselines needs it. Resolved here, and kept
-                    when ``forward_func`` is replaced later.
-                    Default: ``forward_func`` when it is an ``nn.Module`` (or a
-                    bound method of one), else the module the ``forward_func`` of
-                    the call is, if any
-        multiply_by_inputs (bool, optional): Whether to multiply the integrated
-                    gradients by ``(inputs - baselines)`` (global attribution), as
-                    Captum's IntegratedGradients does.
-                    Default: True
-        unlearning_step (float, optional): :math:`\eta`, the L2 length of the
-                    gradient-ascent step on the parameters (> 0).
-                    Default: 1.0
-        pgd_steps (int, optional): :math:`T`, the number of baseline matching
-                    steps (>= 0; 0 gives the baseline ``x`` itself).
-                    Default: 10
-        epsilon (float, optional): :math:`\varepsilon`, the L2 distance between
-                    each baseline and its input (> 0): one radius over the whole
-                    sample, all elements of all input tensors jointly (not per
-                    pixel or per channel), in the units of the inputs. With
-                    :math:`d` elements per sample the baseline differs from the
-                    input by :math:`\varepsilon / \sqrt{d}` per element (root mean
-                    square). The default is the paper's value for 3x224x224
-                    ImageNet images (:math:`d` = 150,528): 6.4e-4 per element,
-                    0.16/255 of the [0, 1] pixel range. On other inputs it is a
-                    different perturbation; to keep the paper's, scale it by
-                    :math:`\sqrt{d / 150528}` (3x32x32 in [0, 1]: 0.036) and by the
-                    inputs' scale (normalised by a per-channel std :math:`\sigma`,
-                    ImageNet's is about 0.226: divide by :math:`\sigma`, i.e. 1.1
-                    at 3x224x224). The attributions sum to
-                    :math:`f_c(x) - f_c(x')`, which shrinks with
-                    :math:`\varepsilon`: on a ResNet-18 with random weights at
-                    3x224x224 in [0, 1], 0.25 gives a sum of 0.02 and per-pixel
-                    values near 1e-6, which Captum's ``visualize_image_attr`` warns
-                    are "approximately 0" (the map is still scaled correctly).
-                    Default: 0.25
-        pgd_step_size (float, optional): :math:`\mu`, the step size of the
-                    baseline matching (> 0), in the units of the inputs, taken
-                    before each rescale to :math:`\varepsilon`: when
-                    :math:`\mu \lVert \nabla_\delta \mathrm{KL} \rVert` is small
-                    against :math:`\varepsilon`, the steps after the first hardly
-                    turn :math:`\delta` (random-weight ResNet-18 at 3x224x224:
-                    0.3% of :math:`\varepsilon` per step).
-                    Default: 0.1
-        unlearning_batch_size (int, optional): Samples unlearned together in one
-                    vectorised chunk; memory grows as this times the number of
-                    parameters (measured: about 3.5 float32 copies of the
-                    parameters per sample, 360 MB per sample on ResNet-50). None
-                    takes as many as fit ``2**26`` parameter values (256 MB per
-                    copy at float32).
-                    Default: None
     """
 
     #: Whether ``inputs`` must be floating point (the path runs through them).
@@ -268,6 +205,70 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         pgd_step_size: float = 0.1,
         unlearning_batch_size: int | None = None,
     ) -> None:
+        r"""
+        Args:
+
+            forward_func (Callable): The forward function of the model or any
+                        modification of it. It returns class scores of shape
+                        (N, n_classes), one score per sample (N,) (a log-probability
+                        when the baselines are learned), or a Hugging Face
+                        ``ModelOutput`` / dict with a ``logits`` field. It is read at
+                        each call: a shallow copy whose ``forward_func`` is replaced
+                        (as Captum's ``LLMGradientAttribution`` does) uses the new
+                        one, and the original keeps its own.
+            model (nn.Module, optional): The module whose parameters are unlearned
+                        and whose buffers are protected; ``forward_func`` must use it.
+                        Only learning the baselines needs it. Resolved here, and kept
+                        when ``forward_func`` is replaced later.
+                        Default: ``forward_func`` when it is an ``nn.Module`` (or a
+                        bound method of one), else the module the ``forward_func`` of
+                        the call is, if any
+            multiply_by_inputs (bool, optional): Whether to multiply the integrated
+                        gradients by ``(inputs - baselines)`` (global attribution), as
+                        Captum's IntegratedGradients does.
+                        Default: True
+            unlearning_step (float, optional): :math:`\eta`, the L2 length of the
+                        gradient-ascent step on the parameters (> 0).
+                        Default: 1.0
+            pgd_steps (int, optional): :math:`T`, the number of baseline matching
+                        steps (>= 0; 0 gives the baseline ``x`` itself).
+                        Default: 10
+            epsilon (float, optional): :math:`\varepsilon`, the L2 distance between
+                        each baseline and its input (> 0): one radius over the whole
+                        sample, all elements of all input tensors jointly (not per
+                        pixel or per channel), in the units of the inputs. With
+                        :math:`d` elements per sample the baseline differs from the
+                        input by :math:`\varepsilon / \sqrt{d}` per element (root mean
+                        square). The default is the paper's value for 3x224x224
+                        ImageNet images (:math:`d` = 150,528): 6.4e-4 per element,
+                        0.16/255 of the [0, 1] pixel range. On other inputs it is a
+                        different perturbation; to keep the paper's, scale it by
+                        :math:`\sqrt{d / 150528}` (3x32x32 in [0, 1]: 0.036) and by the
+                        inputs' scale (normalised by a per-channel std :math:`\sigma`,
+                        ImageNet's is about 0.226: divide by :math:`\sigma`, i.e. 1.1
+                        at 3x224x224). The attributions sum to
+                        :math:`f_c(x) - f_c(x')`, which shrinks with
+                        :math:`\varepsilon`: on a ResNet-18 with random weights at
+                        3x224x224 in [0, 1], 0.25 gives a sum of 0.02 and per-pixel
+                        values near 1e-6, which Captum's ``visualize_image_attr`` warns
+                        are "approximately 0" (the map is still scaled correctly).
+                        Default: 0.25
+            pgd_step_size (float, optional): :math:`\mu`, the step size of the
+                        baseline matching (> 0), in the units of the inputs, taken
+                        before each rescale to :math:`\varepsilon`: when
+                        :math:`\mu \lVert \nabla_\delta \mathrm{KL} \rVert` is small
+                        against :math:`\varepsilon`, the steps after the first hardly
+                        turn :math:`\delta` (random-weight ResNet-18 at 3x224x224:
+                        0.3% of :math:`\varepsilon` per step).
+                        Default: 0.1
+            unlearning_batch_size (int, optional): Samples unlearned together in one
+                        vectorised chunk; memory grows as this times the number of
+                        parameters (measured: about 3.5 float32 copies of the
+                        parameters per sample, 360 MB per sample on ResNet-50). None
+                        takes as many as fit ``2**26`` parameter values (256 MB per
+                        copy at float32).
+                        Default: None
+        """
         if not callable(forward_func):
             raise TypeError(
                 "`forward_func` must be callable (the model, or a function of the "

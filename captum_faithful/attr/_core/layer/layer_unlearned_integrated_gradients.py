@@ -210,47 +210,6 @@ class LayerUnlearnedIntegratedGradients(
     :class:`UnlearnedIntegratedGradients`). ``forward_func`` is read at each call,
     so a shallow copy whose ``forward_func`` is replaced uses the new one (and the
     original keeps its own); ``model`` is the module resolved at construction.
-
-    Args:
-
-        forward_func (Callable): The forward function of the model or any
-                    modification of it, returning class scores (N, n_classes), one
-                    log-probability per sample (N,), or a ``ModelOutput`` / dict
-                    with ``logits``.
-        layer (nn.Module or list[nn.Module]): The layer whose output (or input,
-                    see ``attribute_to_layer_input``) is perturbed and attributed
-                    (e.g. ``model.bert.embeddings``), or a list of layers that do
-                    not depend on each other. Each must return (or take) a tensor
-                    or a tuple of tensors and run once per forward.
-        model (nn.Module, optional): The module whose parameters are unlearned;
-                    only learning the baselines needs it.
-                    Default: ``forward_func`` when it is an ``nn.Module``, else
-                    None
-        multiply_by_inputs (bool, optional): Whether to multiply by
-                    ``(h - h')``, as Captum's LayerIntegratedGradients does.
-                    Default: True
-        unlearning_step (float, optional): :math:`\eta` (> 0).
-                    Default: 1.0
-        pgd_steps (int, optional): :math:`T` (>= 0).
-                    Default: 10
-        epsilon (float, optional): :math:`\varepsilon`, the L2 distance of the
-                    layer baseline from the layer output per sample (> 0): one
-                    radius over the sample's whole layer output (all tokens and
-                    features, all tensors of a tuple, all layers of a list), in
-                    the units of that output. With :math:`d` values per sample it
-                    moves each by :math:`\varepsilon / \sqrt{d}` (root mean
-                    square): for BERT-base embeddings of 128 tokens (:math:`d` =
-                    98,304, LayerNorm-ed to about unit scale) 0.25 is 8e-4 per
-                    value. The paper's 0.25 was chosen for 3x224x224 images, not
-                    for embeddings; scale it with :math:`\sqrt{d}` and the output's
-                    scale (see :class:`~captum_faithful.UnlearnedIntegratedGradients`).
-                    Default: 0.25
-        pgd_step_size (float, optional): :math:`\mu` (> 0).
-                    Default: 0.1
-        unlearning_batch_size (int, optional): Samples unlearned together in one
-                    vectorised chunk; None takes as many as fit ``2**26``
-                    parameter values.
-                    Default: None
     """
 
     #: The inputs are not perturbed (token ids may be integers); the layer output is.
@@ -268,6 +227,49 @@ class LayerUnlearnedIntegratedGradients(
         pgd_step_size: float = 0.1,
         unlearning_batch_size: int | None = None,
     ) -> None:
+        r"""
+        Args:
+
+            forward_func (Callable): The forward function of the model or any
+                        modification of it, returning class scores (N, n_classes), one
+                        log-probability per sample (N,), or a ``ModelOutput`` / dict
+                        with ``logits``.
+            layer (nn.Module or list[nn.Module]): The layer whose output (or input,
+                        see ``attribute_to_layer_input``) is perturbed and attributed
+                        (e.g. ``model.bert.embeddings``), or a list of layers that do
+                        not depend on each other. Each must return (or take) a tensor
+                        or a tuple of tensors and run once per forward.
+            model (nn.Module, optional): The module whose parameters are unlearned;
+                        only learning the baselines needs it.
+                        Default: ``forward_func`` when it is an ``nn.Module``, else
+                        None
+            multiply_by_inputs (bool, optional): Whether to multiply by
+                        ``(h - h')``, as Captum's LayerIntegratedGradients does.
+                        Default: True
+            unlearning_step (float, optional): :math:`\eta` (> 0).
+                        Default: 1.0
+            pgd_steps (int, optional): :math:`T` (>= 0).
+                        Default: 10
+            epsilon (float, optional): :math:`\varepsilon`, the L2 distance of the
+                        layer baseline from the layer output per sample (> 0): one
+                        radius over the sample's whole layer output (all tokens and
+                        features, all tensors of a tuple, all layers of a list), in
+                        the units of that output. With :math:`d` values per sample it
+                        moves each by :math:`\varepsilon / \sqrt{d}` (root mean
+                        square): for BERT-base embeddings of 128 tokens (:math:`d` =
+                        98,304, LayerNorm-ed to about unit scale) 0.25 is 8e-4 per
+                        value. The paper's 0.25 was chosen for 3x224x224 images, not
+                        for embeddings; scale it with :math:`\sqrt{d}` and the output's
+                        scale (see
+                        :class:`~captum_faithful.UnlearnedIntegratedGradients`).
+                        Default: 0.25
+            pgd_step_size (float, optional): :math:`\mu` (> 0).
+                        Default: 0.1
+            unlearning_batch_size (int, optional): Samples unlearned together in one
+                        vectorised chunk; None takes as many as fit ``2**26``
+                        parameter values.
+                        Default: None
+        """
         _layer_list(layer)
         UnlearnedIntegratedGradients.__init__(
             self,
