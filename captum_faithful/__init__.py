@@ -13,11 +13,12 @@ import X``): every attribution method of :mod:`captum_faithful.attr`, every metr
 - :mod:`captum_faithful.sae`: also ``sae_d_in`` and ``sae_hook_name``;
 - :mod:`captum_faithful.vit`: Vision-Transformer adapters (``get_adapter``,
   ``register_adapter``, ``ViTAdapter``, ``SUPPORTED_FAMILIES``) and the context
-  managers ``eager_attention`` and ``capture``;
+  managers ``eager_attention`` and ``capture`` (which yields a ``Captured``);
 - :mod:`captum_faithful.lm`: language-model adapters (``get_adapter``,
   ``register_adapter``, ``LMAdapter``, ``Site``, ``SUPPORTED_FAMILIES``);
 - :mod:`captum_faithful.demo`: the embedded demo's data and trained models
-  (``load_demo``, ``load_language_demo``, ``make_blocks`` and their result types).
+  (``load_demo``, ``load_language_demo``, ``make_blocks`` and what they return:
+  ``Demo``, ``LanguageDemo``, ``DigitBlocks``).
 
 ``vit`` and ``lm`` each have a ``get_adapter``, so their names stay in their
 subpackages.
