@@ -40,6 +40,7 @@ class Settings:
     batch_size: int = 16
     show_progress: bool = True
     n_validation: int | None = None
+    threads: int = 1
 
     def resolved_n_images(self) -> int:
         """Test images every method explains."""
