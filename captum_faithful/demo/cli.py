@@ -20,8 +20,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Explain held-out BlockMNIST-style images (scikit-learn's bundled digits, "
             "nothing is downloaded) with every method, score every explanation with "
-            "every metric, and write a Markdown report, a PNG grid of attribution "
-            "maps and a per-image CSV to --out. The report ends with the UNI "
+            "every metric, and write a Markdown report (led by a summary: the best "
+            "method per metric and model, and whether it is significantly better "
+            "than the runner-up), one PNG grid of attribution maps per model (CNN, "
+            "ViT) and a per-image CSV to --out. The report ends with the UNI "
             "paper's Table 8 in miniature: attribution patching against exact "
             "activation patching on a tiny GPT-2 trained on invented facts, from "
             "learned, random, zero and counterfactual baselines, over 100 prompts. "
@@ -129,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UsageError(f"argument --out: {err}") from err
     outcome = run(settings)
-    print(
-        f"\nreport: {outcome.files['report']}\nfigure: {outcome.files['figure']}\ncsv:    {outcome.files['csv']}"
-    )
+    print()
+    for name, path in outcome.files.items():
+        print(f"{name + ':':<11} {path}")
     return 0
