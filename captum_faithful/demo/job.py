@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_faithful._utils import optional_import
+from captum_faithful._utils import check_int, optional_import
 from captum_faithful.demo.gating import GatingChoice, choose_gating
 from captum_faithful.demo.registry import METHODS, METRIC_INFO, Settings, metrics_for
 from captum_faithful.demo.report import write_outputs
@@ -83,8 +83,9 @@ def run(settings: Settings) -> Outcome:
     """Train or load the demo models, choose the gating on the validation images,
     evaluate every selected method on the test images, write the report; with
     ``settings.threads`` torch threads (restored afterwards)."""
+    threads = check_int("settings.threads", settings.threads, minimum=1)
     before = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
+    torch.set_num_threads(threads)
     try:
         return _run(settings)
     finally:

@@ -359,6 +359,9 @@ def test_the_job_runs_on_the_requested_threads_and_restores_them(monkeypatch, tm
     with pytest.raises(RuntimeError, match="boom"):
         job.run(Settings(out=tmp_path, threads=2, seed=1))
     assert seen == [3, 2] and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="settings.threads"):
+        job.run(Settings(out=tmp_path, threads=0))
+    assert len(seen) == 2
 
 
 def test_training_uses_the_process_threads_at_most_four():
