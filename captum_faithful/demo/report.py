@@ -857,6 +857,8 @@ def write_outputs(outcome: Any) -> dict[str, Path]:
         files[name] = path
     atomic_write(files["report"], report)
     header, rows = summary_table(outcome)
+    # no Markdown bold on the terminal
+    rows = [[cell.strip("*") for cell in cells] for cells in rows]
     print(plain_table(header, rows), file=sys.stdout, flush=True)
     if getattr(outcome, "patching", None) is not None:
         header, rows = language_table(outcome.patching)
