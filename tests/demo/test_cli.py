@@ -130,8 +130,8 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
         ("fg-transmm-combined", "fg-transmm-shuffled"),
         ("fg-transmm-shuffled", "transmm"),
     ):
-        assert f"| {label(a)} | {label(b)} | SaCo |" in report
-        assert report.count(f"| {label(a)} | {label(b)} | SaCo |") == 1
+        assert f"| {label(a)} | {label(b)} | insertion AUC |" in report
+        assert report.count(f"| {label(a)} | {label(b)} | insertion AUC |") == 1
     # the gating was chosen once, on validation images none of which was scored
     assert len(chosen_on) == 1
     validation = chosen_on[0].flatten(1)
