@@ -446,11 +446,16 @@ def figure_lines(outcome: Any) -> list[str]:
     models = figure_models(outcome)
     if not models:
         return []
+    shown = min(
+        len(outcome.figure_maps[k])
+        for k in shown_methods(outcome)
+        if outcome.figure_maps.get(k) is not None
+    )
     lines = [
         "",
         "## The maps",
         "",
-        f"The first {FIGURE_IMAGES} test images: each input with its true class and "
+        f"The first {shown} test image{'s' if shown != 1 else ''}: each input with its true class and "
         "the class the model predicts (which every map explains), the block that "
         "holds the digit (white; the other block holds shuffled strokes), and one "
         "map per method. Red: evidence for the explained class, blue: against it; "

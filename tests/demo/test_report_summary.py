@@ -311,6 +311,7 @@ def test_report_leads_with_the_summary_and_the_figures():
         "## Comparisons (Welch's t-test, two-sided)",
         "## Models",
     ]
+    assert "The first 6 test images: each input" in text
     positions = [text.index(heading) for heading in order]
     assert positions == sorted(positions)
     assert "| path monotonicity ↑ | UNI: 1.000 | IG (black): 0.433 |" in text
