@@ -62,9 +62,10 @@ def demo_cache(tmp_path_factory):
 def quick_demo(demo_cache):
     """``load_demo(quick=True)``, trained once per session into ``demo_cache``.
 
-    The demo trains on every core (up to four) whatever the process's thread count;
-    here it trains on the test process's own (``OMP_NUM_THREADS``), so that the
-    ``trained`` runs with 1 and 2 threads really train two different models.
+    The demo trains on the process's thread count, at most four; here it trains on
+    the test process's own (``OMP_NUM_THREADS``) uncapped, and the fixture checks it
+    did, so that the ``trained`` runs with 1 and 2 threads really train two
+    different models.
     """
     from captum_faithful.demo import load_demo, models
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from captum_faithful._utils import optional_import
+from captum_faithful._utils import check_int, optional_import
 from captum_faithful.demo.gating import GatingChoice, choose_gating
 from captum_faithful.demo.registry import METHODS, METRIC_INFO, Settings, metrics_for
 from captum_faithful.demo.report import write_outputs
@@ -80,7 +81,18 @@ def check_output_folder(out: Path) -> None:
 
 def run(settings: Settings) -> Outcome:
     """Train or load the demo models, choose the gating on the validation images,
-    evaluate every selected method on the test images, write the report."""
+    evaluate every selected method on the test images, write the report; with
+    ``settings.threads`` torch threads (restored afterwards)."""
+    threads = check_int("settings.threads", settings.threads, minimum=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(settings)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(settings: Settings) -> Outcome:
     from captum_faithful.demo import load_demo
 
     evaluation = optional_import("captum_faithful.evaluation", "demo")

@@ -152,11 +152,18 @@ def quiet_transformers() -> Iterator[None]:
 
 @contextmanager
 def _training_threads() -> Iterator[None]:
-    """Every core, at most four, while training (these models are too small to gain
-    from more: measured on 2 cores, 2 threads train the quick recipe in 0.73x the
-    time of 1); the setting is restored afterwards."""
+    """The process's thread count, at most four, while training (these models are
+    too small to gain from more: measured on an idle 2-core machine, 2 threads train
+    the quick recipe in 0.73x the time of 1); the setting is restored afterwards.
+
+    The process's count is the caller's choice (``captum-faithful demo --threads``,
+    ``OMP_NUM_THREADS`` or ``torch.set_num_threads``): on a loaded machine more
+    threads than free cores make training slower, not faster. The thread count
+    changes the order of floating-point sums, so models trained with different
+    counts differ slightly; the cache key (recipe and seed) does not include it.
+    """
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(4, before)))
     try:
         yield
     finally:

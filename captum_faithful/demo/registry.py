@@ -40,6 +40,7 @@ class Settings:
     batch_size: int = 16
     show_progress: bool = True
     n_validation: int | None = None
+    threads: int = 1
 
     def resolved_n_images(self) -> int:
         """Test images every method explains."""
@@ -211,9 +212,8 @@ def _feature_gated_transmm(variant: str | None) -> Builder:
     ``variant``, that configuration's layers, κ and c_max with this variant."""
 
     def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
-        configuration = _chosen(gating)
-        if variant is not None:
-            configuration = dataclasses.replace(configuration, variant=variant)
+        key = "fg-transmm" if variant is None else f"fg-transmm-{variant}"
+        configuration = gated_configuration(key, gating)
         gated = configuration.explainer(demo.vit, demo.saes)
         return Explainer(
             lambda x, t: gated.attribute(x, target=t),
@@ -301,6 +301,50 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+#: The gated rows scored with the configuration chosen on the validation images:
+#: key → the score variant that replaces the chosen one (None: the chosen
+#: configuration as it is). The shuffled-decoder control is not among them: its
+#: decoders differ.
+GATED_VARIANTS: dict[str, str | None] = {
+    "fg-transmm": None,
+    **{f"fg-transmm-{variant}": variant for variant in VARIANTS},
+}
+
+
+def gated_configuration(key: str, gating: GatingChoice | None) -> Any:
+    """The configuration the gated row ``key`` (of :data:`GATED_VARIANTS`) is
+    scored with."""
+    if key not in GATED_VARIANTS:
+        raise ValueError(f"key: expected one of {list(GATED_VARIANTS)}, got {key!r}")
+    configuration = _chosen(gating)
+    variant = GATED_VARIANTS[key]
+    if variant is None:
+        return configuration
+    return dataclasses.replace(configuration, variant=variant)
+
+
+def duplicate_rows(
+    methods: tuple[str, ...], gating: GatingChoice | None
+) -> dict[str, str]:
+    """Rows of ``methods`` that are scored with the same configuration as an
+    earlier row, and so compute exactly its attributions: {duplicate: the earlier
+    row}. With every method, FG-TransMM's chosen configuration is one of the three
+    variants' rows at that configuration, and the variant's row is the duplicate."""
+    if gating is None:
+        return {}
+    first: dict[Any, str] = {}
+    duplicates = {}
+    for key in methods:
+        if key not in GATED_VARIANTS:
+            continue
+        configuration = gated_configuration(key, gating)
+        if configuration in first:
+            duplicates[key] = first[configuration]
+        else:
+            first[configuration] = key
+    return duplicates
+
 
 #: Welch comparisons the papers make: (method a, method b, metrics or None for all).
 COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (

@@ -1,4 +1,5 @@
-"""The demo's outputs: the Markdown report, the PNG grid of maps, the per-image CSV.
+"""The demo's outputs: the Markdown report, one PNG grid of maps per model, the
+per-image CSV.
 
 Everything is rendered in memory and written at the end through temporary files that
 are renamed into place, so a failed run leaves no partial report.
@@ -10,6 +11,7 @@ import io
 import math
 import platform
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,20 @@ from captum_faithful.demo.registry import (
     METRIC_INFO,
     SHUFFLED_VARIANT,
     comparisons,
+    duplicate_rows,
 )
 
 REPORT_NAME = "report.md"
-FIGURE_NAME = "attributions.png"
+#: One figure per model: its methods' maps.
+FIGURE_NAMES = {"cnn": "attributions_cnn.png", "vit": "attributions_vit.png"}
 CSV_NAME = "per_image.csv"
+MODEL_NAMES = {"cnn": "CNN", "vit": "ViT"}
+#: The summary's comparisons are significant below this Holm-corrected p-value.
+SIGNIFICANCE = 0.05
+#: With fewer images per method the summary says its comparisons have little power.
+LOW_POWER_IMAGES = 30
+#: The figures' width in inches at :data:`FIGURE_DPI`: 1500 pixels at most.
+FIGURE_WIDTH, FIGURE_DPI = 15.0, 100
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -47,20 +58,67 @@ def _pvalue(value: float) -> str:
     return f"{value:.2g}" if value >= 1e-4 else f"{value:.1e}"
 
 
+def _duplicates(outcome: Any) -> dict[str, str]:
+    return duplicate_rows(outcome.settings.methods, getattr(outcome, "gating", None))
+
+
+def shown_methods(outcome: Any) -> list[str]:
+    """The methods the report shows, in the run's order: every method but those
+    scored with exactly the configuration of an earlier one (see
+    :func:`~captum_faithful.demo.registry.duplicate_rows`)."""
+    duplicates = _duplicates(outcome)
+    return [key for key in outcome.settings.methods if key not in duplicates]
+
+
+def method_label(outcome: Any, key: str) -> str:
+    """``key``'s label, joined with the labels of the rows it stands for
+    ("FG-TransMM = FG-TransMM combined")."""
+    same = [d for d, kept in _duplicates(outcome).items() if kept == key]
+    return " = ".join([METHODS[key].label] + [METHODS[d].label for d in same])
+
+
+def _metrics(outcome: Any) -> list[str]:
+    present = set(outcome.results.table["metric"])
+    return [m for m in METRIC_INFO if m in present]
+
+
+def ranking(outcome: Any, summary: Any, model: str, metric: str) -> list[str]:
+    """The shown methods of ``model`` with a mean on ``metric``, best first (ties
+    keep the run's order)."""
+    higher = METRIC_INFO[metric][1]
+    means = {}
+    for key in shown_methods(outcome):
+        if METHODS[key].model != model or (key, metric) not in summary.index:
+            continue
+        mean = float(summary.loc[(key, metric)]["mean"])
+        if not math.isnan(mean):
+            means[key] = mean
+    return sorted(means, key=lambda k: -means[k] if higher else means[k])
+
+
 def summary_table(outcome: Any) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the main table: mean ± standard error per metric."""
-    results = outcome.results
-    summary = results.summary()
-    metrics = [m for m in METRIC_INFO if m in set(results.table["metric"])]
+    """Header and rows of the main table: mean ± standard error per metric, the
+    best mean of each column among each model's methods in bold."""
+    summary = outcome.results.summary()
+    metrics = _metrics(outcome)
     header = ["method", "model"]
     for metric in metrics:
         label, higher = METRIC_INFO[metric]
         header.append(f"{label} {'↑' if higher else '↓'}")
     header.append("s / image")
+    best = {}
+    for metric in metrics:
+        for model in MODEL_NAMES:
+            ranked = ranking(outcome, summary, model, metric)
+            if ranked:
+                top = float(summary.loc[(ranked[0], metric)]["mean"])
+                for key in ranked:
+                    if float(summary.loc[(key, metric)]["mean"]) == top:
+                        best[key, metric] = True
     rows = []
-    for key in outcome.settings.methods:
+    for key in shown_methods(outcome):
         method = METHODS[key]
-        cells = [method.label, method.model.upper() if method.model == "cnn" else "ViT"]
+        cells = [method_label(outcome, key), MODEL_NAMES[method.model]]
         seconds = math.nan
         for metric in metrics:
             if (key, metric) not in summary.index or summary.loc[(key, metric)][
@@ -70,16 +128,153 @@ def summary_table(outcome: Any) -> tuple[list[str], list[list[str]]]:
                 continue
             row = summary.loc[(key, metric)]
             seconds = float(row["seconds"])
-            cells.append(f"{_number(row['mean'])} ± {_number(row['sem'])}")
+            cell = f"{_number(row['mean'])} ± {_number(row['sem'])}"
+            cells.append(f"**{cell}**" if best.get((key, metric)) else cell)
         cells.append(_number(seconds, 4))
         rows.append(cells)
     return header, rows
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` (NaN ones are left out of the
+    family and stay NaN): the i-th smallest of the m p-values becomes
+    max over j ≤ i of min(1, (m − j + 1) p_(j)); rejecting where the adjusted
+    value is below α keeps the family-wise error rate at α."""
+    finite = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def best_versus_next(outcome: Any) -> list[dict[str, Any]]:
+    """For each metric and model, the best method and the runner-up, with Welch's
+    test of the two and its p-value Holm-adjusted over every such comparison
+    (``holm_p``; NaN when the test is undefined or there is no runner-up)."""
+    summary = outcome.results.summary()
+    entries = []
+    for metric in _metrics(outcome):
+        for model in MODEL_NAMES:
+            ranked = ranking(outcome, summary, model, metric)
+            if not ranked:
+                continue
+            entry = {"metric": metric, "model": model, "best": ranked[0]}
+            entry["mean_best"] = float(summary.loc[(ranked[0], metric)]["mean"])
+            entry["next"], entry["mean_next"], entry["pvalue"] = (
+                None,
+                math.nan,
+                math.nan,
+            )
+            if len(ranked) > 1:
+                test = outcome.results.compare(ranked[0], ranked[1], metric)
+                entry["next"], entry["mean_next"] = ranked[1], test.mean_b
+                entry["pvalue"] = test.pvalue
+            entries.append(entry)
+    for entry, adjusted in zip(
+        entries, holm([e["pvalue"] for e in entries]), strict=True
+    ):
+        entry["holm_p"] = adjusted
+    return entries
+
+
+def _verdict(entry: dict[str, Any]) -> str:
+    if entry["next"] is None:
+        return "– (the only method)"
+    if entry["mean_best"] == entry["mean_next"]:
+        return "tied"
+    if math.isnan(entry["holm_p"]):
+        return "not testable"
+    answer = "**yes**" if entry["holm_p"] < SIGNIFICANCE else "no"
+    return f"{answer} (p = {_pvalue(entry['holm_p'])})"
+
+
+def summary_section(outcome: Any) -> list[str]:
+    """The report's summary: per metric and model, the best method, the runner-up
+    and whether the best is significantly better (Holm-corrected Welch tests)."""
+    entries = best_versus_next(outcome)
+    n_images = int(outcome.results.table["index"].nunique())
+    models = [m for m in MODEL_NAMES if any(e["model"] == m for e in entries)]
+    tested = sum(not math.isnan(e["pvalue"]) for e in entries)
+    lines = [
+        "",
+        "## Summary",
+        "",
+        "For each metric, the method with the best mean on each model and the "
+        "runner-up (the CNN's and the ViT's methods are ranked apart: they explain "
+        "different models and are scored on different features, pixels and "
+        "patches). *Significantly better*: Welch's t-test (two-sided) of the best "
+        "against the runner-up, its p-value corrected with **Holm's step-down "
+        f"method over the {tested} best-vs-runner-up comparisons of this table** "
+        f"(family-wise error rate {SIGNIFICANCE:g}).",
+        "",
+    ]
+    if n_images < LOW_POWER_IMAGES:
+        quick = " (`--quick`)" if outcome.settings.quick else ""
+        lines += [
+            f"**Only {n_images} image{'s' if n_images != 1 else ''} per "
+            f"method{quick}: these comparisons have little power.** A real "
+            "difference can easily come out as not significant, and the ranking "
+            "itself can change with more images; the full run scores 100.",
+            "",
+        ]
+    header = ["metric"]
+    for model in models:
+        name = MODEL_NAMES[model]
+        header += [f"{name}: best", f"{name}: runner-up", "significantly better?"]
+    rows = []
+    for metric in _metrics(outcome):
+        label, higher = METRIC_INFO[metric]
+        cells = [f"{label} {'↑' if higher else '↓'}"]
+        for model in models:
+            entry = next(
+                (e for e in entries if e["metric"] == metric and e["model"] == model),
+                None,
+            )
+            if entry is None:
+                cells += ["–", "–", "–"]
+                continue
+            cells.append(
+                f"{method_label(outcome, entry['best'])}: {_number(entry['mean_best'])}"
+            )
+            cells.append(
+                "–"
+                if entry["next"] is None
+                else f"{method_label(outcome, entry['next'])}: "
+                f"{_number(entry['mean_next'])}"
+            )
+            cells.append(_verdict(entry))
+        rows.append(cells)
+    lines += [markdown_table(header, rows, text_columns=len(header)), ""]
+    lines += duplicate_note(outcome)
+    return lines
+
+
+def duplicate_note(outcome: Any) -> list[str]:
+    """Which variant FG-TransMM's chosen configuration is, when that variant's
+    row ran too (it is then shown once)."""
+    lines = []
+    for duplicate, kept in _duplicates(outcome).items():
+        lines += [
+            f"{METHODS[kept].label} and {METHODS[duplicate].label} are scored with "
+            "the same configuration (the one chosen on the validation images), so "
+            "their attributions are identical: the row is shown once, as "
+            f"{method_label(outcome, kept)}, and compared once.",
+            "",
+        ]
+    return lines
+
+
+def markdown_table(
+    header: list[str], rows: list[list[str]], text_columns: int = 2
+) -> str:
+    """A Markdown table, its first ``text_columns`` columns left-aligned and the
+    rest right-aligned."""
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+        "|" + "|".join(align[: len(header)]) + "|",
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
@@ -100,12 +295,21 @@ def plain_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def comparison_rows(outcome: Any) -> list[list[str]]:
+    """The Welch tests of the comparisons the papers make, each once: a row that
+    duplicates another (see :func:`shown_methods`) is compared under the other's
+    name, and a comparison already listed is not repeated."""
+    duplicates = _duplicates(outcome)
+    seen = set()
     rows = []
     for test in comparisons(outcome.results, outcome.settings.methods):
+        a, b = duplicates.get(test.a, test.a), duplicates.get(test.b, test.b)
+        if a == b or (a, b, test.metric) in seen:
+            continue
+        seen.add((a, b, test.metric))
         rows.append(
             [
-                METHODS[test.a].label,
-                METHODS[test.b].label,
+                method_label(outcome, a),
+                method_label(outcome, b),
                 METRIC_INFO[test.metric][0],
                 _number(test.mean_a),
                 _number(test.mean_b),
@@ -130,10 +334,23 @@ def render_report(outcome: Any) -> str:
         f"{n_images} held-out BlockMNIST-style images (scikit-learn digits, colour-bias "
         "setting), each explained for the class the model predicts; "
         "mean ± standard error over the images. ↑ / ↓: higher / lower is better.",
+    ]
+    lines += summary_section(outcome)
+    lines += figure_lines(outcome)
+    lines += reading_guide(outcome)
+    lines += [
+        "",
+        "## Every method and metric",
+        "",
+        "Mean ± standard error over the images; bold: the best mean of each column "
+        "among the CNN's methods and among the ViT's.",
         "",
         markdown_table(header, rows),
         "",
         "## Comparisons (Welch's t-test, two-sided)",
+        "",
+        "The comparisons the papers make, each on its own (p-values not corrected "
+        "for multiple comparisons).",
         "",
     ]
     compare = comparison_rows(outcome)
@@ -145,7 +362,6 @@ def render_report(outcome: Any) -> str:
         )
     else:
         lines.append("None of the compared pairs ran (see `--methods`).")
-    lines += reading_guide(outcome)
     lines += gating_section(outcome)
     lines += language_section(outcome)
     lines += [
@@ -213,12 +429,45 @@ def render_report(outcome: Any) -> str:
         f"- Wall time of this run: {outcome.seconds:.0f} s. Python {platform.python_version()}, "
         f"torch {torch.__version__}.",
         "",
-        f"![attribution maps]({FIGURE_NAME})",
-        "",
         f"Per-image values: [{CSV_NAME}]({CSV_NAME}).",
         "",
     ]
     return "\n".join(lines)
+
+
+def figure_models(outcome: Any) -> list[str]:
+    """The models with at least one method's maps: one figure each."""
+    keys = [k for k in shown_methods(outcome) if outcome.figure_maps.get(k) is not None]
+    return [m for m in MODEL_NAMES if any(METHODS[k].model == m for k in keys)]
+
+
+def figure_lines(outcome: Any) -> list[str]:
+    """The figures, one per model, right after the summary."""
+    models = figure_models(outcome)
+    if not models:
+        return []
+    shown = min(
+        len(outcome.figure_maps[k])
+        for k in shown_methods(outcome)
+        if outcome.figure_maps.get(k) is not None
+    )
+    lines = [
+        "",
+        "## The maps",
+        "",
+        f"The first {shown} test image{'s' if shown != 1 else ''}: each input with its true class and "
+        "the class the model predicts (which every map explains), the block that "
+        "holds the digit (white; the other block holds shuffled strokes), and one "
+        "map per method. Red: evidence for the explained class, blue: against it; "
+        "each map is divided by its largest |attribution|.",
+        "",
+    ]
+    for model in models:
+        lines += [
+            f"![{MODEL_NAMES[model]} methods' attribution maps]({FIGURE_NAMES[model]})",
+            "",
+        ]
+    return lines
 
 
 def _training_time(meta: dict) -> str:
@@ -472,48 +721,46 @@ LEGEND_LABELS = (
 )
 
 
-def image_caption(
-    index: int, labels: Tensor, predictions: dict[str, Tensor], models: list[str]
-) -> str:
-    """The caption under an input image: its true class and each model's
-    predicted class."""
-    parts = [f"true {int(labels[index])}"]
-    parts += [
-        f"{'CNN' if name == 'cnn' else 'ViT'}: {int(predictions[name][index])}"
-        for name in models
-    ]
-    return "\n".join(parts)
+def image_caption(index: int, labels: Tensor, predictions: Tensor) -> str:
+    """The caption under an input image: its true class and the class the
+    figure's model predicts."""
+    return f"true {int(labels[index])}\npredicted {int(predictions[index])}"
 
 
-def build_figure(outcome: Any, predictions: dict[str, Tensor]) -> Any:
-    """The figure: rows are images (captioned with the true class and each model's
-    prediction); columns the input, the evidence mask and one map per method, on one
-    colour scale with a colour bar and a legend for red and blue."""
+def build_figure(outcome: Any, predictions: dict[str, Tensor], model: str) -> Any:
+    """The figure of ``model``'s methods: rows are images (captioned with the true
+    class and the model's prediction); columns the input, the evidence block and
+    one map per method, on one colour scale with a colour bar and a legend for red
+    and blue. At most :data:`FIGURE_WIDTH` inches (1500 pixels) wide."""
     matplotlib = optional_import("matplotlib", "demo")
     matplotlib.use("Agg")
     plt = optional_import("matplotlib.pyplot", "demo")
     patches = optional_import("matplotlib.patches", "demo")
+    if model not in MODEL_NAMES:
+        raise ValueError(f"model: expected one of {list(MODEL_NAMES)}, got {model!r}")
     keys = [
-        k for k in outcome.settings.methods if outcome.figure_maps.get(k) is not None
+        k
+        for k in shown_methods(outcome)
+        if METHODS[k].model == model and outcome.figure_maps.get(k) is not None
     ]
-    models = [m for m in ("cnn", "vit") if any(METHODS[k].model == m for k in keys)]
     images = outcome.demo.x_test.cpu()
     masks = outcome.demo.masks_test.cpu()
     labels = outcome.demo.y_test.cpu()
     n = min(len(outcome.figure_maps[k]) for k in keys) if keys else 0
     columns = 2 + len(keys)
     rows = max(n, 1)
+    cell = min(1.65, FIGURE_WIDTH / columns)
     fig, axes = plt.subplots(
         rows,
         columns,
-        figsize=(1.6 * columns, 1.9 * rows + 1.1),
+        figsize=(cell * columns, (cell + 0.45) * rows + 1.2),
         squeeze=False,
         layout="constrained",
     )
     for row in range(n):
         axes[row, 0].imshow(images[row].permute(1, 2, 0).numpy())
         axes[row, 0].set_xlabel(
-            image_caption(row, labels, predictions, models), fontsize=6
+            image_caption(row, labels, predictions[model]), fontsize=10
         )
         axes[row, 1].imshow(masks[row, 0].numpy(), cmap="gray", vmin=0, vmax=1)
         for column, key in enumerate(keys, start=2):
@@ -522,21 +769,25 @@ def build_figure(outcome: Any, predictions: dict[str, Tensor]) -> Any:
             axes[row, column].imshow(
                 (heat / scale).numpy(), cmap=COLOUR_MAP, vmin=-1.0, vmax=1.0
             )
-    titles = ["input", "evidence"] + [METHODS[k].label for k in keys]
+    titles = ["input", "evidence block"] + [
+        textwrap.fill(method_label(outcome, k), 16, break_on_hyphens=False)
+        for k in keys
+    ]
     for column, title in enumerate(titles):
-        axes[0, column].set_title(title, fontsize=7)
+        axes[0, column].set_title(title, fontsize=10)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.suptitle(f"{MODEL_NAMES[model]} methods", fontsize=13)
     scalar = matplotlib.cm.ScalarMappable(
         norm=matplotlib.colors.Normalize(-1.0, 1.0), cmap=COLOUR_MAP
     )
     bar = fig.colorbar(
-        scalar, ax=axes, orientation="horizontal", fraction=0.03, aspect=60
+        scalar, ax=axes, orientation="horizontal", fraction=0.03, aspect=50
     )
-    bar.set_label(COLOUR_BAR_LABEL, fontsize=7)
+    bar.set_label(COLOUR_BAR_LABEL, fontsize=10)
     bar.set_ticks([-1.0, 0.0, 1.0])
-    bar.ax.tick_params(labelsize=6)
+    bar.ax.tick_params(labelsize=9)
     colours = matplotlib.colormaps[COLOUR_MAP]
     fig.legend(
         handles=[
@@ -545,20 +796,22 @@ def build_figure(outcome: Any, predictions: dict[str, Tensor]) -> Any:
         ],
         loc="outside lower center",
         ncol=2,
-        fontsize=7,
+        fontsize=10,
         frameon=False,
     )
     return fig
 
 
-def render_figure(outcome: Any, predictions: dict[str, Tensor] | None = None) -> bytes:
-    """The figure (:func:`build_figure`) as PNG bytes."""
+def render_figure(
+    outcome: Any, model: str, predictions: dict[str, Tensor] | None = None
+) -> bytes:
+    """The figure of ``model``'s methods (:func:`build_figure`) as PNG bytes."""
     plt = optional_import("matplotlib.pyplot", "demo")
     if predictions is None:
         predictions = predicted_classes(outcome)
-    fig = build_figure(outcome, predictions)
+    fig = build_figure(outcome, predictions, model)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
     plt.close(fig)
     return buffer.getvalue()
 
@@ -588,21 +841,29 @@ def per_image_csv(outcome: Any, predictions: dict[str, Tensor]) -> bytes:
 
 
 def write_outputs(outcome: Any) -> dict[str, Path]:
-    """Render the report, figure and CSV, then write them; print the table."""
+    """Render the report, the figures and the CSV, then write them; print the
+    table. Returns the paths written: ``"report"``, ``"csv"`` and ``"figure cnn"``,
+    ``"figure vit"`` for each model whose methods ran."""
     out = outcome.settings.out
     predictions = predicted_classes(outcome)
     csv = per_image_csv(outcome, predictions)
-    figure = render_figure(outcome, predictions)
-    report = render_report(outcome).encode()
-    files = {
-        "report": out / REPORT_NAME,
-        "figure": out / FIGURE_NAME,
-        "csv": out / CSV_NAME,
+    figures = {
+        f"figure {model}": (
+            out / FIGURE_NAMES[model],
+            render_figure(outcome, model, predictions),
+        )
+        for model in figure_models(outcome)
     }
+    report = render_report(outcome).encode()
+    files = {"report": out / REPORT_NAME, "csv": out / CSV_NAME}
     atomic_write(files["csv"], csv)
-    atomic_write(files["figure"], figure)
+    for name, (path, figure) in figures.items():
+        atomic_write(path, figure)
+        files[name] = path
     atomic_write(files["report"], report)
     header, rows = summary_table(outcome)
+    # no Markdown bold on the terminal
+    rows = [[cell.strip("*") for cell in cells] for cells in rows]
     print(plain_table(header, rows), file=sys.stdout, flush=True)
     if getattr(outcome, "patching", None) is not None:
         header, rows = language_table(outcome.patching)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -285,6 +286,24 @@ def welch_test(a: list[float], b: list[float]) -> tuple[float, float, float]:
     if len(a) < 2 or len(b) < 2 or (min(a) == max(a) and min(b) == max(b)):
         return math.nan, math.nan, math.nan
     stats = optional_import("scipy.stats", "evaluate")
+    if min(a) == max(a) or min(b) == max(b):
+        # One sample is constant: its variance is exactly zero, but ttest_ind
+        # would subtract its mean and warn of "catastrophic cancellation". The
+        # same test from the summary statistics, with that variance set to 0.
+        (mean_a, std_a), (mean_b, std_b) = (
+            (sample[0], 0.0)
+            if min(sample) == max(sample)
+            else (statistics.fmean(sample), statistics.stdev(sample))
+            for sample in (a, b)
+        )
+        result = stats.ttest_ind_from_stats(
+            mean_a, std_a, len(a), mean_b, std_b, len(b), equal_var=False
+        )
+        df = (std_a**2 / len(a) + std_b**2 / len(b)) ** 2 / (
+            (std_a**2 / len(a)) ** 2 / (len(a) - 1)
+            + (std_b**2 / len(b)) ** 2 / (len(b) - 1)
+        )
+        return float(result.statistic), float(df), float(result.pvalue)
     result = stats.ttest_ind(a, b, equal_var=False)
     return float(result.statistic), float(result.df), float(result.pvalue)
 

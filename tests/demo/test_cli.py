@@ -55,8 +55,21 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
     for bar in ("Loading weights", "Writing model shards"):
         assert bar not in captured.out and bar not in captured.err
     report = (out / "report.md").read_text()
-    figure = (out / "attributions.png").read_bytes()
-    assert figure[:8] == b"\x89PNG\r\n\x1a\n" and len(figure) > 10_000
+    for name in ("attributions_cnn.png", "attributions_vit.png"):
+        figure = (out / name).read_bytes()
+        assert figure[:8] == b"\x89PNG\r\n\x1a\n" and len(figure) > 10_000
+        # legible at screen width: at most 1500 pixels wide (PNG header)
+        assert int.from_bytes(figure[16:20], "big") <= 1500
+        assert f"]({name})" in report
+    # the summary leads, before the figures and the big table
+    assert report.index("## Summary") < report.index("attributions_cnn.png")
+    assert report.index("attributions_vit.png") < report.index("## How to read this")
+    assert report.index("## How to read this") < report.index("## Comparisons")
+    assert "Holm's step-down method" in report
+    assert (
+        "**Only 4 images per method (`--quick`): these comparisons have little power.**"
+        in report
+    )
     with open(out / "per_image.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     seen = {(row["method"], row["metric"]) for row in rows}
@@ -81,28 +94,8 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
     assert len(rows) == 4 * len(seen)
     assert {int(row["index"]) for row in rows} == {0, 1, 2, 3}
     assert all(float(row["seconds"]) > 0 for row in rows)
-    # the comparisons the papers make, with p-values
-    for a, b in (
-        ("UNI", "IG (black)"),
-        ("FG-TransMM", "TransMM"),
-        ("FG-TransMM combined", "TransMM"),
-        ("FG-TransMM activation", "TransMM"),
-        ("FG-TransMM gradient", "TransMM"),
-        ("FEI (vm)", "FEI (none)"),
-        ("FEI (vm, attention)", "FEI (none, ViT)"),
-        ("FG-TransMM combined", "FG-TransMM combined (shuffled)"),
-        ("FG-TransMM combined (shuffled)", "TransMM"),
-    ):
-        assert f"| {a} | {b} |" in report
-    # the gating was chosen once, on validation images none of which was scored
-    assert len(chosen_on) == 1
-    validation = chosen_on[0].flatten(1)
-    scored = quick_demo.x_test[:4].flatten(1)
-    assert len(validation) == len(quick_demo.y_validation) == 120
-    assert not bool((validation[:, None] == scored[None]).all(-1).any())
-    assert "configuration chosen on validation images" in report
     # FG-TransMM is one of the three variants at the chosen configuration: that
-    # variant's row holds the same values
+    # variant's row holds the same values, and the report shows it once
     values = {}
     for row in rows:
         values.setdefault(row["method"], {})[row["index"], row["metric"]] = row["value"]
@@ -112,6 +105,40 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
         if values[f"fg-transmm-{variant}"] == values["fg-transmm"]
     ]
     assert len(twins) == 1
+    chosen = f"FG-TransMM = FG-TransMM {twins[0]}"
+    assert f"shown once, as {chosen}" in report
+    assert report.count(f"| {chosen} | ViT |") == 1
+    assert f"| FG-TransMM {twins[0]} | ViT |" not in report
+    assert "| FG-TransMM | ViT |" not in report
+
+    def label(key):
+        return (
+            chosen
+            if key in ("fg-transmm", f"fg-transmm-{twins[0]}")
+            else (METHODS[key].label)
+        )
+
+    # the comparisons the papers make, with p-values, each once
+    for a, b in (
+        ("uni", "ig-black"),
+        ("fg-transmm", "transmm"),
+        ("fg-transmm-combined", "transmm"),
+        ("fg-transmm-activation", "transmm"),
+        ("fg-transmm-gradient", "transmm"),
+        ("fei-vm", "fei-none"),
+        ("fei-vm-attention", "fei-none-vit"),
+        ("fg-transmm-combined", "fg-transmm-shuffled"),
+        ("fg-transmm-shuffled", "transmm"),
+    ):
+        assert f"| {label(a)} | {label(b)} | insertion AUC |" in report
+        assert report.count(f"| {label(a)} | {label(b)} | insertion AUC |") == 1
+    # the gating was chosen once, on validation images none of which was scored
+    assert len(chosen_on) == 1
+    validation = chosen_on[0].flatten(1)
+    scored = quick_demo.x_test[:4].flatten(1)
+    assert len(validation) == len(quick_demo.y_validation) == 120
+    assert not bool((validation[:, None] == scored[None]).all(-1).any())
+    assert "configuration chosen on validation images" in report
     # the shuffled-decoder control is scored, not copied from a real row
     assert values["fg-transmm-shuffled"] != values["fg-transmm-combined"]
     assert values["fg-transmm-shuffled"] != values["fg-transmm"]
@@ -162,7 +189,12 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
     assert "load (or train) the language model" in report
     assert "language model: activation and attribution patching" in report
     # nothing but the three outputs is left in the folder
-    assert sorted(os.listdir(out)) == ["attributions.png", "per_image.csv", "report.md"]
+    assert sorted(os.listdir(out)) == [
+        "attributions_cnn.png",
+        "attributions_vit.png",
+        "per_image.csv",
+        "report.md",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -75,32 +75,35 @@ def test_figure_has_colour_bar_legend_and_classes(quick_demo, tmp_path):
         vit = quick_demo.vit(x).logits.argmax(-1)
     assert torch.equal(predictions["cnn"][:6], cnn)
     assert torch.equal(predictions["vit"][:6], vit)
-    fig = report.build_figure(outcome, predictions)
-    try:
-        bars = [ax for ax in fig.axes if ax.get_xlabel() == report.COLOUR_BAR_LABEL]
-        assert len(bars) == 1
-        assert [t.get_text() for t in fig.legends[0].get_texts()] == list(
-            report.LEGEND_LABELS
-        )
-        image_axes = [ax for ax in fig.axes if ax.images]
-        inputs = image_axes[:: 2 + len(maps)]
-        assert len(inputs) == 6
-        for row, ax in enumerate(inputs):
-            assert ax.get_xlabel() == (
-                f"true {int(quick_demo.y_test[row])}\nCNN: {int(cnn[row])}\n"
-                f"ViT: {int(vit[row])}"
+    for model, key, predicted in (("cnn", "saliency", cnn), ("vit", "transmm", vit)):
+        fig = report.build_figure(outcome, predictions, model)
+        try:
+            bars = [ax for ax in fig.axes if ax.get_xlabel() == report.COLOUR_BAR_LABEL]
+            assert len(bars) == 1
+            assert [t.get_text() for t in fig.legends[0].get_texts()] == list(
+                report.LEGEND_LABELS
             )
-        # the maps share one scale, red for positive and blue for negative
-        heat = [im for ax in image_axes for im in ax.images][2]
-        assert heat.get_clim() == (-1.0, 1.0)
-        assert heat.get_cmap().name == report.COLOUR_MAP
-        red, blue = heat.get_cmap()(1.0), heat.get_cmap()(0.0)
-        assert red[0] > 0.9 > red[2] and blue[2] > 0.9 > blue[0]
-        shown = torch.as_tensor(heat.get_array().data)
-        expected = maps["saliency"][0].sum(0)
-        torch.testing.assert_close(shown, expected / expected.abs().max())
-    finally:
-        plt.close(fig)
+            # one figure per model: the input, the evidence block and its one method
+            image_axes = [ax for ax in fig.axes if ax.images]
+            inputs = image_axes[::3]
+            assert len(inputs) == 6 and len(image_axes) == 18
+            assert image_axes[2].get_title() == METHODS[key].label
+            for row, ax in enumerate(inputs):
+                assert ax.get_xlabel() == (
+                    f"true {int(quick_demo.y_test[row])}\npredicted "
+                    f"{int(predicted[row])}"
+                )
+            # the maps share one scale, red for positive and blue for negative
+            heat = image_axes[2].images[0]
+            assert heat.get_clim() == (-1.0, 1.0)
+            assert heat.get_cmap().name == report.COLOUR_MAP
+            red, blue = heat.get_cmap()(1.0), heat.get_cmap()(0.0)
+            assert red[0] > 0.9 > red[2] and blue[2] > 0.9 > blue[0]
+            shown = torch.as_tensor(heat.get_array().data)
+            expected = maps[key][0].sum(0)
+            torch.testing.assert_close(shown, expected / expected.abs().max())
+        finally:
+            plt.close(fig)
 
 
 def test_quiet_transformers_restores_the_library_setting():
