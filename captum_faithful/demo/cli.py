@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from captum_faithful._cli import UsageError, device, non_negative_int, positive_int
@@ -89,20 +90,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--threads",
         type=positive_int,
-        default=1,
+        default=None,
         help="CPU threads torch uses for training (at most 4), explaining and "
-        "scoring; the language model always uses one. Default 1: the models are "
-        "small, so a second thread saves little (on an idle 2-core machine 2 "
-        "threads train the quick recipe in 0.73x the time of 1), while threads "
-        "competing with other work for the same cores can make a run several times "
-        "slower. Pass 2 or more on an idle machine. The thread count changes the "
-        "order of floating-point sums, so models trained with different counts "
-        "differ slightly; cached models are reused whatever --threads is (the cache "
-        "is keyed by recipe and seed)",
+        "scoring; the language model always uses one. Default: the cores that are "
+        "free when the demo starts (the core count minus the 1-minute load "
+        "average, rounded; at least 1, at most 4), so an idle 2-core machine uses "
+        "both (2 threads train the quick recipe in 0.73x the time of 1) and a "
+        "loaded one is not oversubscribed (threads competing with other work for "
+        "the same cores can make a run several times slower). The thread count "
+        "changes the order of floating-point sums, so models trained with "
+        "different counts differ slightly; pass --threads to fix it. Cached models "
+        "are reused whatever --threads is (the cache is keyed by recipe and seed), "
+        "and the report names the count it ran with",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=main)
     return parser
+
+
+def free_cores(limit: int = 4) -> int:
+    """The cores not busy with other work: the core count minus the 1-minute load
+    average, rounded, between 1 and ``limit`` (1 where the load is unknown)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 1
+    return max(1, min(limit, round((os.cpu_count() or 1) - load)))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -123,7 +136,7 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         batch_size=args.batch_size,
-        threads=args.threads,
+        threads=free_cores() if args.threads is None else args.threads,
         show_progress=not args.no_progress,
     )
     try:

@@ -338,7 +338,7 @@ def test_threads_option(tmp_path):
     from captum_faithful.cli import build_parser, main
 
     parser, _ = build_parser()
-    assert parser.parse_args(["demo"]).threads == 1
+    assert parser.parse_args(["demo"]).threads is None  # free_cores() at run time
     assert parser.parse_args(["demo", "--threads", "3"]).threads == 3
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--threads", "0", "--out", str(tmp_path / "out")])
@@ -375,3 +375,35 @@ def test_training_uses_the_process_threads_at_most_four():
             assert torch.get_num_threads() == requested
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "cores, load, expected",
+    [
+        (2, 0.05, 2),
+        (2, 0.6, 1),
+        (2, 1.4, 1),
+        (2, 5.0, 1),
+        (8, 0.0, 4),
+        (8, 6.2, 2),
+        (1, 0.0, 1),
+    ],
+)
+def test_default_threads_are_the_free_cores(monkeypatch, cores, load, expected):
+    """Cores minus the 1-minute load average, rounded, within [1, 4]: an idle
+    2-core machine uses both, a loaded one is not oversubscribed."""
+    from captum_faithful.demo import cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+    assert cli.free_cores() == expected
+
+
+def test_default_threads_without_a_load_average_are_one(monkeypatch):
+    from captum_faithful.demo import cli
+
+    def unknown():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(cli.os, "getloadavg", unknown)
+    assert cli.free_cores() == 1
