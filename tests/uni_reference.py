@@ -11,6 +11,24 @@ import torch
 import torch.nn.functional as F
 
 
+def unlearned_copy(model, loss_of, eta=1.0):
+    """A deep copy of ``model`` after one ascent step of L2 length ``eta`` on
+    ``loss_of(copy)``, one norm over every parameter that requires grad (a parameter
+    the loss does not use has gradient zero)."""
+    unlearned = copy.deepcopy(model)
+    params = [p for p in unlearned.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_of(unlearned), params, allow_unused=True)
+    grads = [
+        torch.zeros_like(p) if g is None else g
+        for p, g in zip(params, grads, strict=True)
+    ]
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.add_(eta * g / norm)
+    return unlearned
+
+
 def reference_unlearned_probs(model, sample_args, target, eta=1.0):
     """p̂ for one sample: deep copy, explicit ascent step written into the copy."""
     unlearned = copy.deepcopy(model)

@@ -14,7 +14,7 @@ Hooks on sites are installed by context managers that always remove them
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -238,6 +238,16 @@ def transform_site(
         handle.remove()
 
 
+def check_first_run(name: str, seen: Mapping[str, Any]) -> None:
+    """Raise RuntimeError if site ``name`` already ran in this forward pass (has an
+    entry in ``seen``): patching needs each site to run once per call."""
+    if name in seen:
+        raise RuntimeError(
+            f"site {name!r} ran twice in one forward pass; patching needs each site "
+            "to run once per call"
+        )
+
+
 @contextmanager
 def capture_sites(sites: Sequence[Site]) -> Iterator[dict[str, Tensor]]:
     """Record the activation of every site (with its graph) in a dict by name.
@@ -248,11 +258,7 @@ def capture_sites(sites: Sequence[Site]) -> Iterator[dict[str, Tensor]]:
 
     def recorder(name: str) -> Callable[[Tensor], None]:
         def record(value: Tensor) -> None:
-            if name in store:
-                raise RuntimeError(
-                    f"site {name!r} ran twice in one forward pass; patching needs "
-                    "each site to run once per call"
-                )
+            check_first_run(name, store)
             store[name] = value
 
         return record

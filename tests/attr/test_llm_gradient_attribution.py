@@ -25,6 +25,7 @@ from captum.attr import (
 )
 from helpers import ModelSnapshot, small_cnn
 from torch import nn
+from uni_reference import unlearned_copy
 
 from captum_faithful import (
     LayerUnlearnedIntegratedGradients,
@@ -86,18 +87,12 @@ def reference_token_attr(
     n_prompt = prompt.shape[1]
     for k, token in enumerate(target.tolist()):
         ids = torch.cat([prompt, target[:k].unsqueeze(0)], dim=1)
-        unlearned = copy.deepcopy(model)
-        params = [p for p in unlearned.parameters() if p.requires_grad]
-        loss = -F.log_softmax(unlearned(ids).logits[:, -1], dim=-1)[0, token]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [
-            torch.zeros_like(p) if g is None else g
-            for p, g in zip(params, grads, strict=True)
-        ]
-        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+
+        def loss_of(stepped, ids=ids, token=token):
+            return -F.log_softmax(stepped(ids).logits[:, -1], dim=-1)[0, token]
+
+        unlearned = unlearned_copy(model, loss_of, eta)
         with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p.add_(eta * g / norm)
             p_hat = F.softmax(unlearned(ids).logits[:, -1], dim=-1)[0, token]
             h = model.transformer.wte(ids)
         delta = torch.zeros_like(h)

@@ -197,3 +197,24 @@ def test_register_adapter_and_lm_adapter_validate(empty_registry):
         LMAdapter(model, nn.ReLU(), model.layers).embedding_matrix  # noqa: B018
     site = Site("x", model.layers[0], "input")
     assert site.input_name == "hidden_states"
+
+
+def test_a_site_that_runs_twice_in_one_forward_is_refused():
+    """Patching assumes one activation per site and forward: a module called twice
+    (weight sharing) is refused, naming the site (``check_first_run``, which
+    attribution patching's gradient hooks call too); its hook is removed."""
+    from captum_faithful.lm import Site
+
+    shared = nn.Linear(3, 3)
+
+    def forward(x):
+        return shared(shared(x))
+
+    site = Site("shared", shared, "output")
+    with pytest.raises(RuntimeError, match="site 'shared' ran twice"):
+        with capture_sites([site]):
+            forward(torch.ones(1, 2, 3))
+    with capture_sites([site]) as got:  # once is fine
+        shared(torch.ones(1, 2, 3))
+    assert set(got) == {"shared"}
+    assert not shared._forward_hooks

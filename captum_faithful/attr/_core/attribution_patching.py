@@ -40,6 +40,7 @@ from captum_faithful.lm import get_adapter
 from captum_faithful.lm._adapter import (
     LMAdapter,
     Site,
+    check_first_run,
     replace_embeddings,
     replace_site_values,
 )
@@ -424,11 +425,7 @@ class AttributionPatching:
 
         def perturb(name: str) -> Callable[[Tensor], Tensor]:
             def add_delta(value: Tensor) -> Tensor:
-                if name in deltas:
-                    raise RuntimeError(
-                        f"site {name!r} ran twice in one forward pass; patching "
-                        "needs each site to run once per call"
-                    )
+                check_first_run(name, deltas)
                 deltas[name] = torch.zeros_like(value, requires_grad=True)
                 return value + deltas[name]
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from captum.attr import LayerIntegratedGradients
 from helpers import ModelSnapshot, fails_after, small_cnn
 from torch import nn
+from uni_reference import unlearned_copy
 
 from captum_faithful import (
     LayerUnlearnedIntegratedGradients,
@@ -73,18 +72,12 @@ def reference_layer_uni(
     baselines, attributions = [], []
     for i in range(ids.shape[0]):
         idi, mi, ci = ids[i : i + 1], mask[i : i + 1], targets[i : i + 1]
-        unlearned = copy.deepcopy(model)
-        params = [p for p in unlearned.parameters() if p.requires_grad]
-        loss = F.cross_entropy(unlearned(input_ids=idi, attention_mask=mi).logits, ci)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [
-            torch.zeros_like(p) if g is None else g
-            for p, g in zip(params, grads, strict=True)
-        ]
-        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+
+        def loss_of(stepped, idi=idi, mi=mi, ci=ci):
+            return F.cross_entropy(stepped(input_ids=idi, attention_mask=mi).logits, ci)
+
+        unlearned = unlearned_copy(model, loss_of, eta)
         with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p.add_(eta * g / norm)
             p_hat = F.softmax(unlearned(input_ids=idi, attention_mask=mi).logits, 1)
             h = model.bert.embeddings(input_ids=idi)
         delta = torch.zeros_like(h)
