@@ -95,7 +95,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "scoring; the language model always uses one. Default: the cores that are "
         "free when the demo starts (the core count minus the 1-minute load "
         "average, rounded; at least 1, at most 4), so an idle 2-core machine uses "
-        "both (2 threads train the quick recipe in 0.73x the time of 1) and a "
+        "both (2 threads train the quick recipe in 0.77x the time of 1 there) and a "
         "loaded one is not oversubscribed (threads competing with other work for "
         "the same cores can make a run several times slower). The thread count "
         "changes the order of floating-point sums, so models trained with "

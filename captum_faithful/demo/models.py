@@ -154,7 +154,7 @@ def quiet_transformers() -> Iterator[None]:
 def _training_threads() -> Iterator[None]:
     """The process's thread count, at most four, while training (these models are
     too small to gain from more: measured on an idle 2-core machine, 2 threads train
-    the quick recipe in 0.73x the time of 1); the setting is restored afterwards.
+    the quick recipe in 0.77x the time of 1); the setting is restored afterwards.
 
     The process's count is the caller's choice (``captum-faithful demo --threads``,
     ``OMP_NUM_THREADS`` or ``torch.set_num_threads``): on a loaded machine more
