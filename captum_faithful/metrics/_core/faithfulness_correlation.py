@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_faithful._arguments import format_baselines
 from captum_faithful._compat import (
     BaselineType,
     TargetType,
@@ -20,12 +22,15 @@ from captum_faithful._utils import check_bool, check_choice, check_int
 from captum_faithful.metrics._utils import (
     CORRELATIONS,
     MetricInputs,
+    check_generator,
     clean_target_scores,
     feature_scores,
     nan_where_non_finite,
     perturbed_target_scores,
     prepare_metric_inputs,
+    resolve_random_color,
     restores_model_state,
+    uses_random_color,
 )
 
 
@@ -223,14 +228,14 @@ def faithfulness_correlation(
     n_samples = check_int("n_samples", n_samples, 2)
     check_choice("correlation", correlation, tuple(CORRELATIONS))
     check_bool("apply_softmax", apply_softmax)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"`generator` must be a torch.Generator, got {type(generator).__name__}"
-        )
+    check_generator(generator)
+    # The subsets are drawn first, so that they do not depend on the baseline: the
+    # random colours are drawn after them (a placeholder stands in until then).
+    random_colors = uses_random_color(baselines)
     setup = prepare_metric_inputs(
         inputs,
         attributions,
-        baselines,
+        resolve_random_color(baselines, generator, placeholder=True),
         feature_mask,
         target,
         max_examples_per_batch,
@@ -245,6 +250,11 @@ def faithfulness_correlation(
         generator,
         setup.feature_ids[0].device,
     )
+    if random_colors:
+        resolved = resolve_random_color(baselines, generator)
+        setup = dataclasses.replace(
+            setup, baselines=format_baselines(resolved, setup.inputs)
+        )
     return faithfulness_correlation_for_subsets(
         forward_func, setup, subsets, correlation, apply_softmax
     )
