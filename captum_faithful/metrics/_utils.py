@@ -8,7 +8,9 @@ Every perturbation metric follows the same steps, and each step has one function
    :class:`MetricInputs` record, before any forward pass. Captum's arguments go
    through the package's front door, :mod:`captum_faithful._arguments`; the
    metric-only ones through :func:`validate_attributions` and
-   :func:`resolve_feature_masks`.
+   :func:`resolve_feature_masks`. The curve metrics' extra baseline name,
+   ``"random_color"``, is turned into a callable first
+   (:func:`resolve_random_color`).
 2. :func:`feature_scores` sums the attributions of every feature, and
    :func:`rank_features` turns the scores into ranks (descending score, ties broken
    by the lower feature index).

@@ -338,3 +338,43 @@ def test_bad_arguments_are_named_before_any_forward(metric, change, error, messa
         METRICS[metric](model, inputs, torch.rand_like(inputs), **change)
     assert model.calls == 0
     assert torch.equal(generator.get_state(), state)
+
+
+def test_evaluate_scores_every_method_on_the_same_colours(tmp_path):
+    from captum.attr import Saliency
+    from helpers import small_cnn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from captum_faithful import evaluate
+
+    model = small_cnn(n_classes=5)
+    images = distinct_images(6)
+    loader = DataLoader(TensorDataset(images), batch_size=4)
+    saliency = Saliency(model)
+
+    def gradient(inputs, target):
+        inputs = inputs.detach().clone().requires_grad_()
+        return saliency.attribute(inputs, target=target)
+
+    # two copies of one method: the same values only if both draw the same colours
+    explainers = {"a": gradient, "b": gradient}
+    metrics = {
+        "random": functools.partial(insertion_auc, baselines="random_color", n_steps=4),
+        "blur": functools.partial(insertion_auc, n_steps=4),
+    }
+
+    def run(name):
+        results = evaluate(
+            model, loader, explainers, metrics, out=tmp_path / name, show_progress=False
+        )
+        table = results.table.set_index(["index", "method", "metric"])["value"]
+        return table.sort_index()
+
+    first, second = run("first"), run("second")
+    assert first.equals(second)  # reproducible: the generators come from the seed
+    for metric in metrics:
+        a = first.xs(("a", metric), level=("method", "metric"))
+        b = first.xs(("b", metric), level=("method", "metric"))
+        assert a.equals(b)
+    random = first.xs("random", level="metric")
+    assert not random.equals(first.xs("blur", level="metric"))

@@ -175,6 +175,13 @@ def faithfulness_correlation(
         \mu_F = \operatorname{corr}_{S}\Big(\sum_{i \in S} a_i,\;
         \phi(x) - \phi(x_{S \to b})\Big)
 
+    The default baseline, zero, is the baseline of Integrated Gradients from a
+    black image; ``"mean"`` (the image's mean colour) and ``"random_color"`` (one
+    random colour per image inside its range, see
+    :func:`~captum_faithful.metrics.insertion_auc` for the formula) are neutral
+    ground. ``"random_color"`` draws from ``generator`` after the subsets, so the
+    subsets are the same as under any other baseline with the same generator.
+
     Args:
 
         forward_func (Callable): The model or any callable returning (N, n_classes)
@@ -190,8 +197,10 @@ def faithfulness_correlation(
                     (tensors with the batch size N on dim 0, see
                     :func:`~captum_faithful.metrics.insertion_auc`).
                     Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean",
-                    "blur", a number, a tensor or a callable.
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean"
+                    (the image's mean colour), "blur", "random_color" (one random
+                    colour per image, from ``generator``; images (N, C, H, W) only),
+                    a number, a tensor or a callable.
                     Default: "zero"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids, Captum's
                     meaning; None: one feature per spatial location for 4-D inputs, one
@@ -211,8 +220,10 @@ def faithfulness_correlation(
                     uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``.
                     Default: None
         generator (torch.Generator, optional): Source of the random subsets (one draw
-                    per call, shared by all examples); None uses torch's global
-                    generator.
+                    per call, shared by all examples) and then of the colours of
+                    ``baselines="random_color"`` (one 64-bit number per input
+                    tensor, mixed with each image's values); None uses torch's
+                    global generator.
                     Default: None
 
     Returns:
