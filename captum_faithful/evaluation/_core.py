@@ -98,7 +98,8 @@ def evaluate(
     with ``seed + batch number`` before each batch, inside ``torch.random.fork_rng``
     (the caller's generator state is restored afterwards), and an explainer or
     metric that takes a ``generator`` argument (``FaithfulnessEnsemble.attribute``,
-    ``faithfulness_correlation``) gets a new generator seeded from the seed, the
+    ``faithfulness_correlation``, and ``insertion_auc`` and ``deletion_auc`` for
+    ``baselines="random_color"``) gets a new generator seeded from the seed, the
     batch and its name, replacing one bound with ``functools.partial``. A metric's
     generator does not depend on the method, so all methods of a batch are scored
     with the same random draws. Randomness hidden in a closure cannot be seen.

@@ -8,7 +8,9 @@ Every perturbation metric follows the same steps, and each step has one function
    :class:`MetricInputs` record, before any forward pass. Captum's arguments go
    through the package's front door, :mod:`captum_faithful._arguments`; the
    metric-only ones through :func:`validate_attributions` and
-   :func:`resolve_feature_masks`.
+   :func:`resolve_feature_masks`. The curve metrics' extra baseline name,
+   ``"random_color"``, is turned into a callable first
+   (:func:`resolve_random_color`).
 2. :func:`feature_scores` sums the attributions of every feature, and
    :func:`rank_features` turns the scores into ranks (descending score, ties broken
    by the lower feature index).
@@ -61,6 +63,8 @@ from captum_faithful._arguments import (
     resolve_target,
     select_rows,
 )
+from captum_faithful._baselines import BASELINE_PRESETS
+from captum_faithful._compat import _is_tuple
 from captum_faithful._utils import (
     check_finite,
     check_int,
@@ -220,6 +224,97 @@ def resolve_feature_masks(
                 "sample"
             )
     return ids, n_features
+
+
+#: The reference of ``baselines="random_color"`` in :func:`insertion_auc`,
+#: :func:`deletion_auc` and :func:`faithfulness_correlation` (FEI's reference).
+RANDOM_COLOR = "random_color"
+#: Every name those metrics accept for ``baselines``.
+METRIC_BASELINE_NAMES = (*BASELINE_PRESETS, RANDOM_COLOR)
+
+
+def check_generator(generator: Any) -> torch.Generator | None:
+    """``generator`` itself if it is None or a ``torch.Generator``; a TypeError
+    naming ``generator`` otherwise."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator, got {type(generator).__name__}"
+        )
+    return generator
+
+
+def random_color_reference(
+    inputs: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    r"""One random colour per image, shape (N, C, 1, 1): FEI's monochrome reference
+    (:func:`~captum_faithful.attr._core.faithfulness_ensemble.monochrome_reference`).
+
+    Channel :math:`c` of image :math:`n` is
+    :math:`b_{n,c} = \min_{hw} x_{n,c} + u_{n,c}\,(\max_{hw} x_{n,c} - \min_{hw}
+    x_{n,c})` with :math:`u_{n,c} \sim U[0, 1)` seeded from one 64-bit number drawn
+    from ``generator`` (torch's global generator if None) per call and the image's
+    own values: the same image gets the same colour alone or at any place of any
+    batch, given the same generator state. Integer images (e.g. uint8) get the
+    colour rounded to their dtype.
+    """
+    # imported here: the attribution package imports the metrics
+    from captum_faithful.attr._core.faithfulness_ensemble import (
+        monochrome_reference,
+    )
+
+    _check_images_for_random_color(inputs)
+    if inputs.is_floating_point():
+        return monochrome_reference(inputs, generator)
+    colour = monochrome_reference(inputs.to(torch.float64), generator)
+    return colour.round().to(inputs.dtype)
+
+
+def _check_images_for_random_color(inputs: Tensor) -> None:
+    if inputs.dim() != 4:
+        raise ValueError(
+            f"`baselines={RANDOM_COLOR!r}` needs image inputs of shape (N, C, H, W), "
+            f"got shape {tuple(inputs.shape)}"
+        )
+
+
+def _random_color_placeholder(inputs: Tensor) -> Tensor:
+    _check_images_for_random_color(inputs)
+    return inputs.new_zeros(())
+
+
+def resolve_random_color(
+    baselines: Any, generator: torch.Generator | None, placeholder: bool = False
+) -> Any:
+    """``baselines`` with every ``"random_color"`` (the value itself or an entry of
+    a tuple) replaced by a callable drawing :func:`random_color_reference` from
+    ``generator`` when :func:`format_baselines` calls it, input after input. With
+    ``placeholder=True`` the callable only checks the input's shape and gives zero,
+    drawing nothing (for a metric that must draw something else first). Any other
+    string must be a preset name (ValueError naming ``baselines``)."""
+
+    def resolve(entry: Any) -> Any:
+        if not isinstance(entry, str):
+            return entry
+        if entry not in METRIC_BASELINE_NAMES:
+            raise ValueError(
+                f"`baselines` must be one of {METRIC_BASELINE_NAMES}, a number, a "
+                f"tensor or a callable, got {entry!r}"
+            )
+        if entry == RANDOM_COLOR and placeholder:
+            return _random_color_placeholder
+        if entry == RANDOM_COLOR:
+            return functools.partial(random_color_reference, generator=generator)
+        return entry
+
+    if _is_tuple(baselines):
+        return tuple(resolve(entry) for entry in baselines)
+    return resolve(baselines)
+
+
+def uses_random_color(baselines: Any) -> bool:
+    """Whether ``baselines`` is ``"random_color"`` or a tuple holding it."""
+    entries = baselines if _is_tuple(baselines) else (baselines,)
+    return any(isinstance(e, str) and e == RANDOM_COLOR for e in entries)
 
 
 def resolve_chunk_size(max_examples_per_batch: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from captum.log import log_usage
 from torch import Tensor
 
+from captum_faithful._arguments import format_baselines
 from captum_faithful._compat import (
     BaselineType,
     TargetType,
@@ -20,12 +22,15 @@ from captum_faithful._utils import check_bool, check_choice, check_int
 from captum_faithful.metrics._utils import (
     CORRELATIONS,
     MetricInputs,
+    check_generator,
     clean_target_scores,
     feature_scores,
     nan_where_non_finite,
     perturbed_target_scores,
     prepare_metric_inputs,
+    resolve_random_color,
     restores_model_state,
+    uses_random_color,
 )
 
 
@@ -170,6 +175,13 @@ def faithfulness_correlation(
         \mu_F = \operatorname{corr}_{S}\Big(\sum_{i \in S} a_i,\;
         \phi(x) - \phi(x_{S \to b})\Big)
 
+    The default baseline, zero, is the baseline of Integrated Gradients from a
+    black image; ``"mean"`` (the image's mean colour) and ``"random_color"`` (one
+    random colour per image inside its range, see
+    :func:`~captum_faithful.metrics.insertion_auc` for the formula) are neutral
+    ground. ``"random_color"`` draws from ``generator`` after the subsets, so the
+    subsets are the same as under any other baseline with the same generator.
+
     Args:
 
         forward_func (Callable): The model or any callable returning (N, n_classes)
@@ -185,8 +197,10 @@ def faithfulness_correlation(
                     (tensors with the batch size N on dim 0, see
                     :func:`~captum_faithful.metrics.insertion_auc`).
                     Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean",
-                    "blur", a number, a tensor or a callable.
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean"
+                    (the image's mean colour), "blur", "random_color" (one random
+                    colour per image, from ``generator``; images (N, C, H, W) only),
+                    a number, a tensor or a callable.
                     Default: "zero"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids, Captum's
                     meaning; None: one feature per spatial location for 4-D inputs, one
@@ -206,8 +220,10 @@ def faithfulness_correlation(
                     uses ``DEFAULT_MAX_EXAMPLES_PER_BATCH``.
                     Default: None
         generator (torch.Generator, optional): Source of the random subsets (one draw
-                    per call, shared by all examples); None uses torch's global
-                    generator.
+                    per call, shared by all examples) and then of the colours of
+                    ``baselines="random_color"`` (one 64-bit number per input
+                    tensor, mixed with each image's values); None uses torch's
+                    global generator.
                     Default: None
 
     Returns:
@@ -223,14 +239,14 @@ def faithfulness_correlation(
     n_samples = check_int("n_samples", n_samples, 2)
     check_choice("correlation", correlation, tuple(CORRELATIONS))
     check_bool("apply_softmax", apply_softmax)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"`generator` must be a torch.Generator, got {type(generator).__name__}"
-        )
+    check_generator(generator)
+    # The subsets are drawn first, so that they do not depend on the baseline: the
+    # random colours are drawn after them (a placeholder stands in until then).
+    random_colors = uses_random_color(baselines)
     setup = prepare_metric_inputs(
         inputs,
         attributions,
-        baselines,
+        resolve_random_color(baselines, generator, placeholder=True),
         feature_mask,
         target,
         max_examples_per_batch,
@@ -245,6 +261,11 @@ def faithfulness_correlation(
         generator,
         setup.feature_ids[0].device,
     )
+    if random_colors:
+        resolved = resolve_random_color(baselines, generator)
+        setup = dataclasses.replace(
+            setup, baselines=format_baselines(resolved, setup.inputs)
+        )
     return faithfulness_correlation_for_subsets(
         forward_func, setup, subsets, correlation, apply_softmax
     )

@@ -17,6 +17,7 @@ from captum_faithful._compat import (
 from captum_faithful._utils import check_bool, check_int
 from captum_faithful.metrics._utils import (
     MetricInputs,
+    check_generator,
     clean_target_scores,
     compact_indices,
     feature_scores,
@@ -24,6 +25,7 @@ from captum_faithful.metrics._utils import (
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
+    resolve_random_color,
     restores_model_state,
 )
 
@@ -54,13 +56,15 @@ def _curve(
     apply_softmax: bool,
     max_examples_per_batch: int | None,
     return_curves: bool,
+    generator: torch.Generator | None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     n_steps = check_int("n_steps", n_steps, 1)
     check_bool("apply_softmax", apply_softmax)
+    check_generator(generator)
     setup: MetricInputs = prepare_metric_inputs(
         inputs,
         attributions,
-        baselines,
+        resolve_random_color(baselines, generator),
         feature_mask,
         target,
         max_examples_per_batch,
@@ -125,6 +129,7 @@ def insertion_auc(
     apply_softmax: bool = True,
     max_examples_per_batch: int | None = None,
     return_curves: bool = False,
+    generator: torch.Generator | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Insertion AUC: how fast the target score recovers as the most important
     features are placed, in attribution order, onto a baseline.
@@ -145,6 +150,25 @@ def insertion_auc(
     where :math:`M_c` selects the elements of the top-c features and :math:`\phi` is
     the target-class score.
 
+    **The baseline decides whose home ground the metric is.** The default, a blur,
+    is the baseline of Integrated Gradients from a blurred image, and deletion's
+    default, zero, that of IG from a black image; each tends to win the metric
+    that uses its own baseline. Two references serve as neutral ground: ``"mean"``,
+    the image's mean colour (per channel), and ``"random_color"``, one random colour
+    per image (FEI's kind of reference; the colours are FEI's own only when both
+    are drawn from the same generator state):
+
+    .. math::
+        b_{n,c,h,w} = \underline{x}_{n,c} + u_{n,c}\,
+        (\overline{x}_{n,c} - \underline{x}_{n,c}),\quad
+        u_{n,c} \sim U[0, 1)
+
+    with :math:`\underline{x}_{n,c}`, :math:`\overline{x}_{n,c}` the minimum and
+    maximum of channel c of image n, so the colour lies inside the image's range.
+    :math:`u_{n,c}` is seeded from one 64-bit number drawn from ``generator`` per
+    call and a hash of image n's values: the same image gets the same colour
+    alone, in any batch and at any position, given the generator in the same state.
+
     Args:
 
         forward_func (Callable): The model or any callable returning (N, n_classes)
@@ -163,9 +187,12 @@ def insertion_auc(
                     are passed as they are.
                     Default: None
         baselines (str, scalar, Tensor, Callable or tuple, optional): What a hidden
-                    feature shows: "zero", "mean" (per sample, per channel), "blur"
-                    (Gaussian, kernel 11, sigma 5, reflect padding), a number, a tensor
-                    broadcastable to the input, or a callable ``input -> tensor``.
+                    feature shows: "zero", "mean" (per sample, per channel: the
+                    image's mean colour), "blur" (Gaussian, kernel 11, sigma 5,
+                    reflect padding), "random_color" (one random colour per image,
+                    from ``generator``; images (N, C, H, W) only), a number, a tensor
+                    broadcastable to the input, or a callable ``input -> tensor``; a
+                    tuple holds one of these per input tensor.
                     Default: "blur"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Integer ids, same id =
                     same feature (Captum's meaning); broadcastable to the input with
@@ -183,6 +210,11 @@ def insertion_auc(
                     Default: None
         return_curves (bool, optional): Also return the curves.
                     Default: False
+        generator (torch.Generator, optional): Source of the colours of
+                    ``baselines="random_color"``: one 64-bit number per call (per
+                    input tensor, in order), mixed with each image's values. None
+                    uses torch's global generator. The other baselines draw nothing.
+                    Default: None
 
     Returns:
         Tensor or (Tensor, Tensor): AUC per sample, shape (N,), float64; with
@@ -194,6 +226,10 @@ def insertion_auc(
         >>> from captum_faithful.metrics import insertion_auc
         >>> attributions = Saliency(model).attribute(images, target=labels)
         >>> auc = insertion_auc(model, images, attributions, target=labels)
+        >>> # on neutral ground: a random colour per image, reproducible
+        >>> g = torch.Generator().manual_seed(0)
+        >>> auc = insertion_auc(model, images, attributions, target=labels,
+        ...                     baselines="random_color", generator=g)
     """
     return _curve(
         True,
@@ -208,6 +244,7 @@ def insertion_auc(
         apply_softmax,
         max_examples_per_batch,
         return_curves,
+        generator,
     )
 
 
@@ -225,6 +262,7 @@ def deletion_auc(
     apply_softmax: bool = True,
     max_examples_per_batch: int | None = None,
     return_curves: bool = False,
+    generator: torch.Generator | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Deletion AUC: how fast the target score falls as the most important
     features are replaced, in attribution order, by a baseline.
@@ -233,6 +271,9 @@ def deletion_auc(
     point k is the target score of the input with its top
     :math:`c_k = \operatorname{round}(kF/\text{n\_steps})` features replaced by the
     baseline. Lower is better. This is Quantus' pixel flipping with the AUC taken.
+    The default baseline, zero, is the baseline of Integrated Gradients from a
+    black image; ``"mean"`` and ``"random_color"`` are neutral ground (see
+    :func:`insertion_auc`).
 
     .. math::
         \text{AUC} = \frac{1}{n}\sum_{k=1}^{n} \frac{y_{k-1} + y_k}{2},\quad
@@ -252,9 +293,10 @@ def deletion_auc(
         additional_forward_args (Any, optional): Extra arguments for ``forward_func``
                     (see :func:`insertion_auc`).
                     Default: None
-        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean",
-                    "blur", a number, a tensor or a callable (see
-                    :func:`insertion_auc`).
+        baselines (str, scalar, Tensor, Callable or tuple, optional): "zero", "mean"
+                    (the image's mean colour), "blur", "random_color" (one random
+                    colour per image, from ``generator``), a number, a tensor or a
+                    callable (see :func:`insertion_auc`).
                     Default: "zero"
         feature_mask (Tensor or tuple[Tensor, ...], optional): Feature ids (see
                     :func:`insertion_auc`).
@@ -268,6 +310,10 @@ def deletion_auc(
                     Default: None
         return_curves (bool, optional): Also return the curves.
                     Default: False
+        generator (torch.Generator, optional): Source of the colours of
+                    ``baselines="random_color"`` (see :func:`insertion_auc`); None
+                    uses torch's global generator.
+                    Default: None
 
     Returns:
         Tensor or (Tensor, Tensor): AUC per sample, shape (N,), float64; with
@@ -291,4 +337,5 @@ def deletion_auc(
         apply_softmax,
         max_examples_per_batch,
         return_curves,
+        generator,
     )
