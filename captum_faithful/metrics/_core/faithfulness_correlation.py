@@ -34,7 +34,7 @@ def subset_count(subset_size: Any, n_features: int) -> int:
     (1 <= size <= F), else ``max(1, round(subset_size * F))`` for a fraction in
     (0, 1]."""
     if isinstance(subset_size, numbers.Integral) and not isinstance(subset_size, bool):
-        if not 1 <= subset_size <= n_features:
+        if not 1 <= int(subset_size) <= n_features:
             raise ValueError(
                 f"`subset_size` as a count must be in [1, {n_features}] (the number "
                 f"of features), got {subset_size}"
