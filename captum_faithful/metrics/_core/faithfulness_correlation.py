@@ -11,8 +11,8 @@ import torch
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_faithful._compat import (
-    BaselineType,
+from captum_faithful._typing import (
+    BaselineInput,
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
@@ -145,8 +145,8 @@ def faithfulness_correlation(
     inputs: TensorOrTupleOfTensorsGeneric,
     attributions: TensorOrTupleOfTensorsGeneric,
     target: TargetType = None,
-    additional_forward_args: Any = None,
-    baselines: BaselineType | str | Callable = "zero",
+    additional_forward_args: object = None,
+    baselines: BaselineInput = "zero",
     feature_mask: Tensor | tuple[Tensor, ...] | None = None,
     subset_size: float | int = 0.25,
     n_samples: int = 100,
