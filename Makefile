@@ -72,9 +72,12 @@ $(VENV)/.dist-installed: $(VENV)/.installed
 tutorials: install
 	cd tutorials && PYTHONPATH=.. ../$(VENV)/bin/jupyter execute --inplace *.ipynb
 
+# ruff over the code, then mypy over the package (its settings: [tool.mypy] in
+# pyproject.toml). The package ships py.typed, so its annotations are an interface.
 lint: install
-	$(PY) -m pip install --quiet ruff
+	$(PY) -m pip install --quiet ruff "mypy>=1.14"
 	$(PY) -m ruff check captum_faithful tests benchmarks
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache docs/_build docs/_mathjax docs/_generated docs/api/generated docs/tutorials/notebooks

@@ -35,6 +35,8 @@ def check_wheel_files(wheel: Path) -> None:
     tops = {name.split("/")[0] for name in names}
     if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
         sys.exit(f"{wheel.name} has no LICENSE in its dist-info/licenses")
+    if "captum_faithful/py.typed" not in names:
+        sys.exit(f"{wheel.name} has no captum_faithful/py.typed (PEP 561 marker)")
     unexpected = {t for t in tops if not t.startswith("captum_faithful")}
     if unexpected:
         sys.exit(f"{wheel.name} installs more than the package: {sorted(unexpected)}")

@@ -26,7 +26,7 @@ TEMPORARY_GLOB = ".*.tmp-*"
 try:
     import fcntl
 except ImportError:  # Windows: no flock; temporary files are then never removed
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module or None, checked where used
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -72,7 +72,9 @@ def select_layers(model: nn.Module, layers: LayerSpec) -> list[nn.Module]:
                 f"modules or submodule names; got the string {layers!r} (put a "
                 "single submodule name in a list)"
             )
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        convs: list[nn.Module] = [
+            m for m in model.modules() if isinstance(m, nn.Conv2d)
+        ]
         if not convs:
             raise ValueError(
                 f"`layers={layers!r}` selects torch.nn.Conv2d modules, but the model "

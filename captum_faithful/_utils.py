@@ -11,7 +11,7 @@ import inspect
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -198,6 +198,18 @@ def check_device_available(name: str, device: torch.device) -> torch.device:
             f"`{name}` is 'mps', but MPS is not available here; pass 'cpu'"
         )
     return device
+
+
+@overload
+def resolve_model(
+    forward_func: Callable, model: nn.Module | None, required: Literal[True] = True
+) -> nn.Module: ...
+
+
+@overload
+def resolve_model(
+    forward_func: Callable, model: nn.Module | None, required: bool
+) -> nn.Module | None: ...
 
 
 def resolve_model(

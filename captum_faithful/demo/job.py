@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ class Outcome:
     results: Any
     demo: Any
     settings: Settings
-    figure_maps: dict[str, Tensor]
+    figure_maps: dict[str, Tensor | None]
     seconds: float
     files: dict[str, Path]
     gating: GatingChoice | None = None
@@ -115,14 +115,17 @@ def _run(settings: Settings) -> Outcome:
         data_utils.TensorDataset(images, labels), batch_size=settings.batch_size
     )
     tables: dict[str, Any] = {}
-    figure_maps: dict[str, Tensor] = {}
+    figure_maps: dict[str, Tensor | None] = {}
     gating: GatingChoice | None = None
     evaluated: dict[Any, str] = {}
     with tempfile.TemporaryDirectory(prefix=".runs-", dir=settings.out) as runs:
         if any(METHODS[key].gated for key in settings.methods):
             # Fixed protocol, on images disjoint from the test images below: the
             # test images are scored once, with what was chosen here.
-            n_validation = settings.resolved_n_validation(len(demo.y_validation))
+            # load_demo always returns the validation images
+            x_validation = cast(Tensor, demo.x_validation)
+            y_validation = cast(Tensor, demo.y_validation)
+            n_validation = settings.resolved_n_validation(len(y_validation))
             if settings.show_progress:
                 print(
                     f"FG-TransMM: choosing layers, kappa, c_max and variant on "
@@ -132,7 +135,7 @@ def _run(settings: Settings) -> Outcome:
             gating = choose_gating(
                 demo.vit,
                 demo.saes,
-                demo.x_validation[:n_validation],
+                x_validation[:n_validation],
                 out=os.path.join(runs, "gating"),
                 batch_size=settings.batch_size,
                 device=settings.device,

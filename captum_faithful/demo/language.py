@@ -211,7 +211,8 @@ def _train_into(
     data = make_facts(seed)
     tokenizer = fact_tokenizer(data)
     cpu, wall = time.process_time(), time.perf_counter()
-    model = train_language_model(recipe, data, tokenizer, seed, show_progress)
+    # a transformers model (build_language_model), with save_pretrained
+    model: Any = train_language_model(recipe, data, tokenizer, seed, show_progress)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     with models.quiet_transformers():
         model.save_pretrained(str(folder / "model"))

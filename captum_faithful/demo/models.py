@@ -348,7 +348,11 @@ def held_out_tokens(
     return {layer: torch.cat([part[layer] for part in parts]) for layer in layers}
 
 
-def explained_variance(sae: nn.Module, activations: Tensor) -> float:
+# The SAEs are sae-lens objects (an optional dependency without type information,
+# imported through optional_import), hence ``Any`` below.
+
+
+def explained_variance(sae: Any, activations: Tensor) -> float:
     """1 − ‖x − x̂‖² / ‖x − mean(x)‖² over all vectors of ``activations``."""
     x = activations.reshape(-1, activations.shape[-1])
     with torch.no_grad():
@@ -358,7 +362,7 @@ def explained_variance(sae: nn.Module, activations: Tensor) -> float:
     return float(1 - residual / total)
 
 
-def dead_fraction(sae: nn.Module, activations: Tensor) -> float:
+def dead_fraction(sae: Any, activations: Tensor) -> float:
     """Share of the SAE's features that are zero on every vector of
     ``activations``."""
     x = activations.reshape(-1, activations.shape[-1])
@@ -371,7 +375,7 @@ def dead_fraction(sae: nn.Module, activations: Tensor) -> float:
 
 def _new_topk_sae(
     d_in: int, layer: int, recipe: Recipe, model_name: str, tokens: Tensor
-) -> nn.Module:
+) -> Any:
     """A sae-lens ``TopKSAE`` for ``blocks.{layer}.hook_resid_post``, with unit-norm
     decoder rows, the encoder their transpose and ``b_dec`` the tokens' median."""
     sae_lens = optional_import("sae_lens", "demo")
@@ -404,7 +408,7 @@ class _TopKTrainer:
     from it, and the decoder as a weighted sum of the k selected rows.
     """
 
-    def __init__(self, sae: nn.Module, recipe: Recipe) -> None:
+    def __init__(self, sae: Any, recipe: Recipe) -> None:
         self.sae = sae
         self.k = recipe.sae_k
         self.aux_k = max(1, int(AUX_K_SHARE * sae.W_dec.shape[1]))
@@ -460,7 +464,7 @@ def train_saes(
     seed: int,
     show_progress: bool = False,
     model_name: str = "captum-faithful-demo-vit",
-) -> dict[int, nn.Module]:
+) -> dict[int, Any]:
     """sae-lens top-k SAEs on the patch tokens of ``recipe.sae_layers``.
 
     sae-lens's own training runner drives a language model; here every SAE is
@@ -557,7 +561,9 @@ def train_all(
         )
     with clock.phase("vit"):
         torch.manual_seed(seed)
-        vit = build_vit(recipe, seed)
+        # a transformers ViTForImageClassification (set_attn_implementation,
+        # save_pretrained)
+        vit: Any = build_vit(recipe, seed)
         # PyTorch's fused attention trains about 10 % faster; the saved model
         # computes the same function with eager attention, which TransMM reads
         vit.set_attn_implementation("sdpa")

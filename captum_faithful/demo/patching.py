@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -210,7 +211,8 @@ def measure_patching(
     for baseline in baselines:
         started = time.perf_counter()
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        spec = corrupted_ids if baseline == "corrupted" else baseline
+        # corrupted_ids is a tensor when baselines holds "corrupted" (checked above)
+        spec = cast(Tensor, corrupted_ids) if baseline == "corrupted" else baseline
         x_prime = patching.compute_baselines(
             input_ids, baselines=spec, generator=generator
         ).detach()

@@ -7,11 +7,11 @@ import inspect
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -189,8 +189,9 @@ def evaluate(
             stacklevel=2,
         )
     dataset = dataloader.dataset
-    n_samples = len(dataset)
-    batch_size = int(dataloader.batch_size)
+    # checked above: a map-style dataset with a length, a fixed batch size
+    n_samples = len(cast(Sized, dataset))
+    batch_size = int(cast(int, dataloader.batch_size))
     n_batches = -(-n_samples // batch_size)
     storage = RunStorage(out)
     settings = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ class ProcessGroup:
     def broadcast(self, compute: Callable[[], Any]) -> Any:
         """``compute()`` on rank 0, its result on every rank; an exception raised by
         ``compute`` is raised on every rank."""
+        payload: tuple[Any, Exception | None] | None
         try:
             payload = (compute(), None) if self.rank == 0 else None
         except Exception as err:  # noqa: BLE001 - sent to every rank, then raised
@@ -38,9 +39,10 @@ class ProcessGroup:
             box = [payload]
             dist.broadcast_object_list(box, src=0)
             payload = box[0]
-        value, err = payload
-        if err is not None:
-            raise err
+        # set on every rank now: computed on rank 0, broadcast to the others
+        value, error = cast(tuple[Any, Exception | None], payload)
+        if error is not None:
+            raise error
         return value
 
     def all_gather(self, value: Any) -> list[Any]:

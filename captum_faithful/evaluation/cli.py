@@ -245,7 +245,7 @@ def _yaml_factory(spec: Any, key: str) -> Any:
 def _yaml_explainer(name: str, spec: Any, model: nn.Module) -> Any:
     if isinstance(spec, str):
         obj = import_object(spec)
-        return obj(model) if inspect.isclass(obj) else obj
+        return obj(model) if isinstance(obj, type) else obj
     label = f"explainers[{name!r}]"
     if isinstance(spec, Mapping) and "class" in spec:
         _check_spec_keys(label, spec, ("class", "init", "attribute"))

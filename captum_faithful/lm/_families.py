@@ -8,6 +8,7 @@ library the class comes from; neither transformers nor transformer_lens is impor
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from torch import nn
 
@@ -56,7 +57,8 @@ def hf_adapter(model: nn.Module) -> LMAdapter | None:
             return LMAdapter(
                 model,
                 embedding=model.get_submodule(embedding_path),
-                blocks=list(model.get_submodule(blocks_path)),
+                # the blocks' container (an nn.ModuleList in every family above)
+                blocks=list(cast(nn.ModuleList, model.get_submodule(blocks_path))),
                 family=family,
                 logits=hf_logits,
             )
@@ -75,20 +77,20 @@ def hooked_transformer_adapter(model: nn.Module) -> LMAdapter | None:
         and "HookedTransformer" in _class_names(model)
     ):
         return None
-    blocks = list(model.blocks)
+    blocks = list(cast(nn.ModuleList, model.blocks))
     last = len(blocks) - 1
     sites = {
         RESID_PRE.format(layer): Site(
-            RESID_PRE.format(layer), block.hook_resid_pre, "output"
+            RESID_PRE.format(layer), cast(nn.Module, block.hook_resid_pre), "output"
         )
         for layer, block in enumerate(blocks)
     }
     sites[RESID_POST.format(last)] = Site(
-        RESID_POST.format(last), blocks[last].hook_resid_post, "output"
+        RESID_POST.format(last), cast(nn.Module, blocks[last].hook_resid_post), "output"
     )
     return LMAdapter(
         model,
-        embedding=model.embed,
+        embedding=cast(nn.Module, model.embed),
         blocks=blocks,
         family=TRANSFORMER_LENS_FAMILY,
         logits=plain_logits,

@@ -53,7 +53,9 @@ def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
         for module in model.modules():
             if isinstance(getattr(module, "fused_attn", None), bool):
                 saved.append((module, "fused_attn", module.fused_attn))
-                module.fused_attn = False
+                # a timm flag; nn.Module.__setattr__ is typed for tensors and
+                # modules only
+                module.fused_attn = False  # type: ignore[assignment]
         for config in _hf_configs(model):
             for key in _ATTN_KEYS:
                 if key in vars(config):

@@ -4,7 +4,7 @@ learned by UNI by default (UNI, Appendix A.2)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from captum.log import log_usage
@@ -371,7 +371,8 @@ class AttributionPatching:
             epsilon=self.epsilon,
             pgd_step_size=self.pgd_step_size,
         )
-        return uni.compute_baselines(input_ids, target=tokens)
+        # one layer, whose output is one tensor
+        return cast(Tensor, uni.compute_baselines(input_ids, target=tokens))
 
     def _path_gradients(
         self,

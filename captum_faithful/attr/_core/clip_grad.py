@@ -305,14 +305,15 @@ class ClipGrad:
                 output.register_hook(self._make_grad_hook(n, state, repeats))
                 return
             slot = (position, call)
-            state = self._spare.pop(slot, None)
+            spare = self._spare.pop(slot, None)
             if (
-                state is None
-                or state.shape != head.shape
-                or state.dtype != head.dtype
-                or state.device != head.device
+                spare is None
+                or spare.shape != head.shape
+                or spare.dtype != head.dtype
+                or spare.device != head.device
             ):
-                state = torch.empty_like(head)
+                spare = torch.empty_like(head)
+            state = spare
             # comparisons written as 0 / 1 in the activation dtype and scaled
             # (arithmetic passes: far cheaper on CPU than boolean masks)
             perturbed, into = head, state

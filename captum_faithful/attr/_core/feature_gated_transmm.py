@@ -6,7 +6,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from captum.log import log_usage
@@ -308,12 +308,36 @@ class FeatureGatedTransMM(TransMM):
         )
         return feature_gates(scores, self.kappa, self.c_max)
 
+    # The attributions alone, or with the gates when return_gates is True (as
+    # Captum's overloads on return_convergence_delta). The overloads are
+    # undecorated: log_usage is untyped and would hide them from type checkers.
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: object = None,
+        output: str = "input",
+        *,
+        return_gates: Literal[True],
+    ) -> tuple[TensorOrTupleOfTensorsGeneric | Tensor, dict[int, Tensor]]: ...
+
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: object = None,
+        output: str = "input",
+        return_gates: Literal[False] = False,
+    ) -> TensorOrTupleOfTensorsGeneric | Tensor: ...
+
     @log_usage()
     def attribute(
         self,
         inputs: TensorOrTupleOfTensorsGeneric,
         target: TargetType = None,
-        additional_forward_args: Any = None,
+        additional_forward_args: object = None,
         output: str = "input",
         return_gates: bool = False,
     ) -> (

@@ -131,7 +131,7 @@ class TransMM(GradientAttribution):
         self,
         inputs: TensorOrTupleOfTensorsGeneric,
         target: TargetType = None,
-        additional_forward_args: Any = None,
+        additional_forward_args: object = None,
         output: str = "input",
     ) -> TensorOrTupleOfTensorsGeneric | Tensor:
         r"""
@@ -199,11 +199,13 @@ class TransMM(GradientAttribution):
 
     def _attribute(
         self,
-        inputs: TensorOrTupleOfTensorsGeneric,
+        inputs: Tensor | tuple[Tensor, ...],
         target: TargetType,
-        additional_forward_args: Any,
+        additional_forward_args: object,
         output: str,
-    ) -> tuple[TensorOrTupleOfTensorsGeneric | Tensor, dict[int, Tensor]]:
+    ) -> tuple[Any, dict[int, Tensor]]:
+        """The attributions (the form of ``inputs``, a tensor or a tuple, or the
+        patch map) and the gates of the gated blocks."""
         check_choice("output", output, OUTPUTS)
         inputs, is_tuple = format_inputs(inputs)
         n_examples = inputs[0].shape[0]

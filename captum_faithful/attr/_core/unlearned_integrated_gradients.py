@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from captum.attr import GradientAttribution
@@ -24,12 +24,14 @@ from captum_faithful._arguments import (
     select_rows,
 )
 from captum_faithful._compat import (
-    BaselineType,
     GradientForwardFunc,
-    TargetType,
-    TensorOrTupleOfTensorsGeneric,
     _batch_attribution,
     _format_output,
+)
+from captum_faithful._typing import (
+    BaselineInput,
+    TargetType,
+    TensorOrTupleOfTensorsGeneric,
 )
 from captum_faithful._utils import (
     check_float,
@@ -311,13 +313,43 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             isinstance(self.forward_func, GradientForwardFunc),
         )
 
+    # As in Captum's IntegratedGradients: the attributions alone, or with the
+    # completeness gap when return_convergence_delta is True. The overloads are
+    # undecorated: log_usage is untyped and would hide them from type checkers.
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: BaselineInput = None,
+        target: TargetType = None,
+        additional_forward_args: object = None,
+        n_steps: int = 15,
+        method: str = "riemann_right",
+        internal_batch_size: int | None = None,
+        *,
+        return_convergence_delta: Literal[True],
+    ) -> tuple[TensorOrTupleOfTensorsGeneric, Tensor]: ...
+
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: BaselineInput = None,
+        target: TargetType = None,
+        additional_forward_args: object = None,
+        n_steps: int = 15,
+        method: str = "riemann_right",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: Literal[False] = False,
+    ) -> TensorOrTupleOfTensorsGeneric: ...
+
     @log_usage()
     def attribute(
         self,
         inputs: TensorOrTupleOfTensorsGeneric,
-        baselines: BaselineType | str | Callable = None,
+        baselines: BaselineInput = None,
         target: TargetType = None,
-        additional_forward_args: Any = None,
+        additional_forward_args: object = None,
         n_steps: int = 15,
         method: str = "riemann_right",
         internal_batch_size: int | None = None,
@@ -408,13 +440,13 @@ class UnlearnedIntegratedGradients(GradientAttribution):
     def _attribute_call(
         self,
         context: CallContext,
-        inputs: Any,
-        baselines: Any,
-        target: Any,
-        additional_forward_args: Any,
-        n_steps: Any,
-        method: Any,
-        internal_batch_size: Any,
+        inputs: Tensor | tuple[Tensor, ...],
+        baselines: BaselineInput,
+        target: TargetType,
+        additional_forward_args: object,
+        n_steps: int,
+        method: str,
+        internal_batch_size: int | None,
         return_convergence_delta: bool,
     ) -> Any:
         """``attribute`` with the call's context (shared with the layer method)."""
@@ -454,7 +486,8 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         )
         if not return_convergence_delta:
             return output
-        return output, torch.cat([c[2] for c in chunks])
+        # every chunk has its gap (return_convergence_delta)
+        return output, torch.cat([gap for *_, gap in chunks if gap is not None])
 
     def _attribute_samples(
         self,
@@ -502,7 +535,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         self,
         inputs: TensorOrTupleOfTensorsGeneric,
         target: TargetType = None,
-        additional_forward_args: Any = None,
+        additional_forward_args: object = None,
     ) -> TensorOrTupleOfTensorsGeneric:
         r"""
         The learned baselines :math:`x' = x + \delta^T` (Algorithm 1, lines 1-7).
@@ -532,9 +565,9 @@ class UnlearnedIntegratedGradients(GradientAttribution):
     def _baselines_call(
         self,
         context: CallContext,
-        inputs: Any,
-        target: Any,
-        additional_forward_args: Any,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: object,
     ) -> Any:
         """``compute_baselines`` with the call's context."""
         inputs, is_tuple, target, args = self._front_door(
@@ -565,9 +598,9 @@ class UnlearnedIntegratedGradients(GradientAttribution):
 
     def _front_door(
         self,
-        inputs: Any,
-        target: Any,
-        additional_forward_args: Any,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: object,
         share_unbatched: bool = False,
     ) -> tuple[tuple[Tensor, ...], bool, Tensor | None, tuple | None]:
         """Captum's arguments in their canonical forms (inputs detached).
@@ -624,9 +657,9 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         """Algorithm 1, lines 1-7: unlearn the prediction of ``inputs`` per sample,
         then move ``space.points`` until the original model's output matches the
         unlearned distribution."""
-        self._check_unlearnable(context.model, space.logits)
+        model = self._check_unlearnable(context.model, space.logits)
         free = self._free_values(context, space, args)
-        params = unlearned_parameters(context.model)
+        params = unlearned_parameters(model)
         log_target = unlearned_log_probs(
             context.wrapper,
             params,
@@ -670,9 +703,10 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         return None
 
     @staticmethod
-    def _check_unlearnable(model: nn.Module | None, logits: Tensor) -> None:
+    def _check_unlearnable(model: nn.Module | None, logits: Tensor) -> nn.Module:
         """Learning baselines needs parameters to unlearn, and class scores or one
-        log-probability per sample (explicit ``baselines`` need neither)."""
+        log-probability per sample (explicit ``baselines`` need neither): the
+        model, checked."""
         if model is None:
             reason = "`forward_func` is no nn.Module"
         elif not any(p.is_floating_point() for p in model.parameters()):
@@ -689,7 +723,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
                     "`torch.log_softmax(logits, dim=-1)[:, c]`), or class scores "
                     "of shape (N, n_classes), or pass explicit `baselines`"
                 )
-            return
+            return model
         raise ValueError(
             "UNI learns the baselines by unlearning the model's parameters on the "
             f"explained class, but {reason}; pass the module that holds the "

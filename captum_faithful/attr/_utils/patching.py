@@ -19,7 +19,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -355,4 +355,7 @@ def baseline_embeddings(
     if baselines == "random":
         noise = random_embeddings(adapter, reference.shape, generator)
         return noise.to(reference.device, reference.dtype)
-    return unlearned(input_ids).detach().to(reference.device, reference.dtype)
+    # "unlearned": check_baselines allowed it only where the caller passes
+    # ``unlearned``
+    learned = cast(Callable[[Tensor], Tensor], unlearned)
+    return learned(input_ids).detach().to(reference.device, reference.dtype)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,8 @@ class ParametrizedForward(nn.Module):
     ``model=None`` (a forward function without a module) substitutes nothing.
     Arguments wrapped in :class:`SharedArgument` are unwrapped.
     """
+
+    _forward_func: Callable[..., Any]
 
     def __init__(self, forward_func: Callable, model: nn.Module | None) -> None:
         super().__init__()
@@ -361,7 +363,8 @@ def project_to_sphere(deltas: tuple[Tensor, ...], epsilon: float) -> tuple[Tenso
     flat = [d.reshape(d.shape[0], -1) for d in deltas]
     peak = torch.stack([f.abs().amax(dim=1) for f in flat]).amax(dim=0)
     peak = torch.where(peak > 0, peak, 1.0).unsqueeze(1)
-    norm = peak[:, 0] * torch.sqrt(sum((f / peak).pow(2).sum(dim=1) for f in flat))
+    squares = cast(Tensor, sum((f / peak).pow(2).sum(dim=1) for f in flat))
+    norm = peak[:, 0] * torch.sqrt(squares)
     scale = torch.where(
         norm > 0, epsilon / norm.clamp_min(torch.finfo(norm.dtype).tiny), 1.0
     )
@@ -518,7 +521,7 @@ def completeness_gap(
     return total - (end - start)
 
 
-def gradient_function(grad_kwargs: dict[str, Any] | None) -> Callable:
+def gradient_function(grad_kwargs: dict[str, Any]) -> Callable:
     """A gradient function with Captum's ``compute_gradients`` signature that
     passes ``grad_kwargs`` to :func:`torch.autograd.grad` (e.g.
     ``{"materialize_grads": True}`` for a layer the output does not depend on)."""
@@ -531,8 +534,10 @@ def gradient_function(grad_kwargs: dict[str, Any] | None) -> Callable:
         additional_forward_args: Any = None,
     ) -> tuple[Tensor, ...]:
         with torch.enable_grad():
-            outputs = _run_forward(
-                forward_fn, inputs, target_ind, additional_forward_args
+            # a tensor: forward_fn is synchronous (no torch.futures.Future)
+            outputs = cast(
+                Tensor,
+                _run_forward(forward_fn, inputs, target_ind, additional_forward_args),
             )
             return torch.autograd.grad(torch.unbind(outputs), inputs, **kwargs)
 

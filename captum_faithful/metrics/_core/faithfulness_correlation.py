@@ -13,8 +13,8 @@ from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._arguments import format_baselines
-from captum_faithful._compat import (
-    BaselineType,
+from captum_faithful._typing import (
+    BaselineInput,
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
@@ -39,7 +39,7 @@ def subset_count(subset_size: Any, n_features: int) -> int:
     (1 <= size <= F), else ``max(1, round(subset_size * F))`` for a fraction in
     (0, 1]."""
     if isinstance(subset_size, numbers.Integral) and not isinstance(subset_size, bool):
-        if not 1 <= subset_size <= n_features:
+        if not 1 <= int(subset_size) <= n_features:
             raise ValueError(
                 f"`subset_size` as a count must be in [1, {n_features}] (the number "
                 f"of features), got {subset_size}"
@@ -150,8 +150,8 @@ def faithfulness_correlation(
     inputs: TensorOrTupleOfTensorsGeneric,
     attributions: TensorOrTupleOfTensorsGeneric,
     target: TargetType = None,
-    additional_forward_args: Any = None,
-    baselines: BaselineType | str | Callable = "zero",
+    additional_forward_args: object = None,
+    baselines: BaselineInput = "zero",
     feature_mask: Tensor | tuple[Tensor, ...] | None = None,
     subset_size: float | int = 0.25,
     n_samples: int = 100,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from captum.log import log_usage
@@ -143,7 +143,8 @@ def parameter_randomization(
             f"`generator` must be a torch.Generator, got {type(generator).__name__}"
         )
     items, is_tuple = format_inputs(inputs)
-    inputs = items if is_tuple else items[0]
+    # the checked inputs, in the form the user passed
+    inputs = cast(TensorOrTupleOfTensorsGeneric, items if is_tuple else items[0])
     n = items[0].shape[0]
     format_target(target, n)
     model_copy = copy.deepcopy(model)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from captum.log import log_usage
@@ -17,6 +16,7 @@ from captum_faithful._arguments import (
     format_target,
     resolve_target,
 )
+from captum_faithful._typing import BaselineInput, TargetType
 from captum_faithful._utils import check_bool, check_int, module_of
 from captum_faithful.metrics._utils import (
     chunked_outputs,
@@ -34,9 +34,9 @@ from captum_faithful.metrics._utils import (
 def path_monotonicity(
     forward_func: Callable,
     inputs: Tensor | tuple[Tensor, ...],
-    baselines: Any,
-    target: Any = None,
-    additional_forward_args: Any = None,
+    baselines: BaselineInput,
+    target: TargetType = None,
+    additional_forward_args: object = None,
     n_steps: int = 15,
     apply_softmax: bool = True,
     max_examples_per_batch: int | None = None,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_faithful._compat import (
-    BaselineType,
+from captum_faithful._typing import (
+    BaselineInput,
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
@@ -66,8 +65,8 @@ def saco(
     inputs: TensorOrTupleOfTensorsGeneric,
     attributions: TensorOrTupleOfTensorsGeneric,
     target: TargetType = None,
-    additional_forward_args: Any = None,
-    baselines: BaselineType | str | Callable = "mean",
+    additional_forward_args: object = None,
+    baselines: BaselineInput = "mean",
     feature_mask: Tensor | tuple[Tensor, ...] | None = None,
     n_groups: int = 10,
     apply_softmax: bool = True,

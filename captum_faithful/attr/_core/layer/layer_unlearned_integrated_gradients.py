@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, TypeAlias, overload
 
 import torch
 from captum.attr import LayerAttribution, LayerIntegratedGradients
@@ -12,11 +12,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_faithful._arguments import repeat_rows
-from captum_faithful._compat import (
-    BaselineType,
-    TargetType,
-    TensorOrTupleOfTensorsGeneric,
-)
+from captum_faithful._typing import BaselineInput, TargetType
 from captum_faithful._utils import check_bool
 from captum_faithful.attr._core.unlearned_integrated_gradients import (
     CallContext,
@@ -24,8 +20,14 @@ from captum_faithful.attr._core.unlearned_integrated_gradients import (
     UnlearnedIntegratedGradients,
 )
 
+#: What a layer method returns per call: the layer's value as the layer takes or
+#: returns it (a tensor or a tuple), or a list of them for a list of layers.
+LayerAttributions: TypeAlias = (
+    Tensor | tuple[Tensor, ...] | list[Tensor | tuple[Tensor, ...]]
+)
 
-def _layer_list(layer: Any) -> list[nn.Module]:
+
+def _layer_list(layer: object) -> list[nn.Module]:
     """``layer`` (a module or a non-empty list of modules) as a list, checked."""
     if isinstance(layer, nn.Module):
         return [layer]
@@ -284,26 +286,60 @@ class LayerUnlearnedIntegratedGradients(
         )
         # Captum's LayerIntegratedGradients.__init__ is not called: it builds an
         # IntegratedGradients of its own, which this class does not use
-        LayerAttribution.__init__(self, forward_func, layer)
+        # (Captum types `layer` as a TypeVar constrained to a module or to a list
+        # of modules, which a union of the two does not satisfy)
+        LayerAttribution.__init__(self, forward_func, layer)  # type: ignore[type-var]
+
+    # As in Captum's LayerIntegratedGradients: the layer attributions alone, or
+    # with the completeness gap when return_convergence_delta is True. They have
+    # the form of the layer's value (a list for a list of layers), not of the
+    # inputs, hence the incompatible override of UnlearnedIntegratedGradients's
+    # overloads (Captum's layer methods are not subclasses of their input methods).
+    @overload  # type: ignore[override]
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        baselines: BaselineInput = None,
+        target: TargetType = None,
+        additional_forward_args: object = None,
+        n_steps: int = 15,
+        method: str = "riemann_right",
+        internal_batch_size: int | None = None,
+        *,
+        return_convergence_delta: Literal[True],
+        attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[LayerAttributions, Tensor]: ...
+
+    @overload
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        baselines: BaselineInput = None,
+        target: TargetType = None,
+        additional_forward_args: object = None,
+        n_steps: int = 15,
+        method: str = "riemann_right",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: Literal[False] = False,
+        attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
+    ) -> LayerAttributions: ...
 
     @log_usage()
     def attribute(
         self,
-        inputs: TensorOrTupleOfTensorsGeneric,
-        baselines: BaselineType | str | Callable = None,
+        inputs: Tensor | tuple[Tensor, ...],
+        baselines: BaselineInput = None,
         target: TargetType = None,
-        additional_forward_args: Any = None,
+        additional_forward_args: object = None,
         n_steps: int = 15,
         method: str = "riemann_right",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
         grad_kwargs: dict[str, Any] | None = None,
-    ) -> (
-        TensorOrTupleOfTensorsGeneric
-        | list[Tensor | tuple[Tensor, ...]]
-        | tuple[Any, Tensor]
-    ):
+    ) -> LayerAttributions | tuple[LayerAttributions, Tensor]:
         r"""
         Args:
 
@@ -394,13 +430,14 @@ class LayerUnlearnedIntegratedGradients(
             return_convergence_delta,
         )
 
-    def compute_baselines(
+    def compute_baselines(  # type: ignore[override]
+        # the layer's form (see attribute), not the inputs' as in the superclass
         self,
-        inputs: TensorOrTupleOfTensorsGeneric,
+        inputs: Tensor | tuple[Tensor, ...],
         target: TargetType = None,
-        additional_forward_args: Any = None,
+        additional_forward_args: object = None,
         attribute_to_layer_input: bool = False,
-    ) -> TensorOrTupleOfTensorsGeneric | list[Tensor | tuple[Tensor, ...]]:
+    ) -> LayerAttributions:
         r"""
         The learned layer baselines :math:`h' = e(x) + \delta^T`.
 
@@ -433,7 +470,7 @@ class LayerUnlearnedIntegratedGradients(
         )
 
     def _layer_context(
-        self, attribute_to_layer_input: Any, grad_kwargs: Any
+        self, attribute_to_layer_input: bool, grad_kwargs: dict[str, Any] | None
     ) -> CallContext:
         check_bool("attribute_to_layer_input", attribute_to_layer_input)
         if grad_kwargs is not None and not isinstance(grad_kwargs, dict):
@@ -479,7 +516,12 @@ class LayerUnlearnedIntegratedGradients(
         baseline leaves the appended tokens at their values, and Captum drops
         their attributions."""
         appended = args[2] if context.captum_llm and args and len(args) > 2 else 0
-        if not isinstance(appended, int) or isinstance(appended, bool) or appended < 1:
+        if (
+            args is None  # never with appended tokens; for the type checker
+            or not isinstance(appended, int)
+            or isinstance(appended, bool)
+            or appended < 1
+        ):
             return None
         prompt = (
             args[0].to_model_input() if hasattr(args[0], "to_model_input") else None
@@ -487,7 +529,7 @@ class LayerUnlearnedIntegratedGradients(
         if not isinstance(prompt, Tensor):
             return None
         length = prompt.shape[-1] + appended
-        masks = []
+        masks: list[Tensor | None] = []
         for value in space.points:
             if value.dim() < 2 or value.shape[1] != length:
                 masks.append(None)
