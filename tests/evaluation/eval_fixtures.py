@@ -12,6 +12,8 @@ from captum.attr import IntegratedGradients, Saliency
 from helpers import small_cnn
 from torch.utils.data import DataLoader, TensorDataset
 
+from captum_faithful import evaluate
+
 N_SAMPLES = 18
 BATCH_SIZE = 4  # 5 batches: 4, 4, 4, 4, 2
 
@@ -101,6 +103,15 @@ def run_explainers(model, fail_after=None, how="raise", log=None) -> dict:
         "saliency": interruptible(model, fail_after, how=how, log=log),
         "ig": IntegratedGradients(model),
     }
+
+
+def uninterrupted_run(out):
+    """``run_explainers`` and ``metrics`` evaluated in one go into ``out``: what a
+    resumed or a sharded run must reproduce."""
+    net = model()
+    return evaluate(
+        net, loader(), run_explainers(net), metrics(), out=out, show_progress=False
+    )
 
 
 def failing_metric(forward_func, inputs, attributions, target=None):

@@ -22,18 +22,6 @@ def _deterministic_metrics():
     return {"drop": fx.top_feature_drop, "mass": fx.attribution_mass}
 
 
-def _reference(tmp_path, metrics=None):
-    model = fx.model()
-    return evaluate(
-        model,
-        fx.loader(),
-        fx.run_explainers(model),
-        metrics or fx.metrics(),
-        out=tmp_path / "reference",
-        show_progress=False,
-    )
-
-
 def test_evaluate_is_exported_from_the_package_root():
     assert captum_faithful.evaluate is evaluate
     assert (
@@ -144,7 +132,7 @@ def test_csv_without_pyarrow_round_trips_exactly(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("how", ["raise", "interrupt"])
 def test_resume_after_an_exception_gives_the_uninterrupted_rows(tmp_path, how):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     out = tmp_path / "run"
     model = fx.model()
     error = RuntimeError if how == "raise" else KeyboardInterrupt
@@ -205,7 +193,7 @@ def test_resume_false_starts_over(tmp_path):
 
 
 def test_torn_temporary_file_is_not_trusted(tmp_path):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     out = tmp_path / "run"
     model = fx.model()
     with pytest.raises(RuntimeError, match="injected failure"):

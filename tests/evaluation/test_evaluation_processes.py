@@ -24,18 +24,6 @@ def _env(**extra):
     return env
 
 
-def _reference(tmp_path):
-    model = fx.model()
-    return evaluate(
-        model,
-        fx.loader(),
-        fx.run_explainers(model),
-        fx.metrics(),
-        out=tmp_path / "reference",
-        show_progress=False,
-    )
-
-
 def _launch_ranks(out, logs, world_size=2):
     """Start one worker per rank with the variables torchrun would set."""
     port = str(free_port())
@@ -70,7 +58,7 @@ def _launch_ranks(out, logs, world_size=2):
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     seen = _launch_ranks(tmp_path / "run", tmp_path)
     # 5 batches: rank 0 takes batches 0-1, rank 1 batches 2-4; contiguous, disjoint
     assert seen[0] == list(range(0, 8))
@@ -82,7 +70,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
 
 def test_two_ranks_resume_a_single_process_run(tmp_path):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     out = tmp_path / "run"
     model = fx.model()
     with pytest.raises(RuntimeError, match="injected"):
@@ -102,7 +90,7 @@ def test_two_ranks_resume_a_single_process_run(tmp_path):
 
 @pytest.mark.parametrize("where", ["between batches", "inside the atomic write"])
 def test_sigkill_then_resume_gives_the_uninterrupted_rows(tmp_path, where):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     out = tmp_path / "run"
     flag = "--fail-after" if where == "between batches" else "--kill-in-replace"
     proc = subprocess.run(
