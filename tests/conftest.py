@@ -1,14 +1,9 @@
 import os
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import small_cnn  # noqa: E402
+from helpers import small_cnn
 
 
 def pytest_report_header(config):

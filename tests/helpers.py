@@ -1,10 +1,14 @@
-"""Shared test utilities: tiny models, a digits set, a forward that fails on cue and
-a bit-for-bit model snapshot.
+"""Shared test utilities: tiny models (one that counts its forwards, one whose pixel
+contributions are known exactly), a digits set, a forward that fails on cue, a
+bit-for-bit model snapshot, and what a test needs to start a child Python.
 
 ``benchmarks/bench_metrics.py`` imports the small CNN from here too."""
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +29,34 @@ def small_cnn(in_channels: int = 3, n_classes: int = 10, seed: int = 0) -> nn.Mo
         nn.Flatten(),
         nn.Linear(64, n_classes),
     ).eval()
+
+
+class CountingModel(nn.Module):
+    """``model`` that counts its forward calls in ``calls``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+class PixelSum(nn.Module):
+    """Two outputs: output 0 is ``(x * weight).sum()`` over each example, so that each
+    pixel's exact contribution to it is ``x * weight``; output 1 is ``second`` times
+    output 0 (0: a constant second class; -1: output 0 mirrored)."""
+
+    def __init__(self, weight: torch.Tensor, second: float = 0.0):
+        super().__init__()
+        self.weight = weight
+        self.second = second
+
+    def forward(self, x):
+        total = (x * self.weight).flatten(1).sum(1)
+        return torch.stack([total, self.second * total], dim=1)
 
 
 def fails_after(forward, calls: int):
@@ -106,3 +138,19 @@ def _hook_counts(module: nn.Module) -> tuple:
         "_state_dict_hooks",
     )
     return tuple(len(getattr(module, name, {}) or {}) for name in names)
+
+
+def child_env(**variables: str) -> dict[str, str]:
+    """This process's environment plus ``variables``, with ``PYTHONPATH`` set to this
+    process's ``sys.path``: a child Python (a worker script, ``python -c``) imports
+    the same ``captum_faithful`` and the same test support modules as the test (the
+    folders pytest's ``pythonpath`` setting put there)."""
+    path = os.pathsep.join(p for p in sys.path if p)
+    return {**os.environ, "PYTHONPATH": path, **variables}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for torch.distributed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

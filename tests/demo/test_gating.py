@@ -1,15 +1,9 @@
 """The demo's gating protocol: its layer sets, and the two stages on a small ViT."""
 
-import sys
-from pathlib import Path
-
+import gating_fixtures as fx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
-
-import gating_fixtures as fx  # noqa: E402
-
-from captum_faithful.demo.gating import (  # noqa: E402
+from captum_faithful.demo.gating import (
     C_MAXS,
     KAPPAS,
     STAGE_ONE_C_MAX,

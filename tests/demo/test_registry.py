@@ -1,25 +1,20 @@
 """The demo registry's FG-TransMM rows on a small ViT with random SAEs, where the
 real and the shuffled decoders must give different maps."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
+import gating_fixtures as fx
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
-
-import gating_fixtures as fx  # noqa: E402
-
-from captum_faithful.demo.gating import GatingChoice  # noqa: E402
-from captum_faithful.demo.registry import (  # noqa: E402
+from captum_faithful.demo.gating import GatingChoice
+from captum_faithful.demo.registry import (
     COMPARISONS,
     METHODS,
     SHUFFLED_VARIANT,
     Settings,
 )
-from captum_faithful.evaluation import GatingConfiguration  # noqa: E402
+from captum_faithful.evaluation import GatingConfiguration
 
 GATED = [key for key, method in METHODS.items() if method.gated]
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-from pathlib import Path
 
 import torch
 from captum.attr import IntegratedGradients, Saliency
+from helpers import small_cnn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helpers import small_cnn  # noqa: E402
+from captum_faithful import evaluate
 
 N_SAMPLES = 18
 BATCH_SIZE = 4  # 5 batches: 4, 4, 4, 4, 2
@@ -108,6 +105,25 @@ def run_explainers(model, fail_after=None, how="raise", log=None) -> dict:
     }
 
 
+def uninterrupted_run(out):
+    """``run_explainers`` and ``metrics`` evaluated in one go into ``out``: what a
+    resumed or a sharded run must reproduce."""
+    net = model()
+    return evaluate(
+        net, loader(), run_explainers(net), metrics(), out=out, show_progress=False
+    )
+
+
 def failing_metric(forward_func, inputs, attributions, target=None):
     """A metric that raises, for the command line's error reporting."""
     raise RuntimeError("the metric failed on purpose")
+
+
+def rows(results, sort: bool = False) -> list[tuple]:
+    """A run's table as ``(index, method, metric, value)`` tuples (no timing column):
+    in the table's order, or sorted by index, method and metric (``sort=True``)."""
+    table = results.table
+    if sort:
+        table = table.sort_values(["index", "method", "metric"])
+    columns = ["index", "method", "metric", "value"]
+    return [tuple(row) for row in table[columns].itertuples(index=False)]

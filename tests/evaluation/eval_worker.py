@@ -3,6 +3,9 @@ the launcher variables are set). Usage:
 
     python eval_worker.py OUT LOG [--fail-after K] [--kill-in-replace K]
 
+with ``PYTHONPATH`` holding the repository root and ``tests/`` (the launching test
+passes its own ``sys.path``: ``helpers.child_env``).
+
 LOG receives the first input value of every sample the explainer saw (JSON).
 --fail-after K: SIGKILL this process when the explainer is called for batch K+1.
 --kill-in-replace K: SIGKILL this process in the (K+1)-th atomic rename, after the
@@ -13,16 +16,12 @@ import argparse
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import eval_fixtures
 
-import eval_fixtures  # noqa: E402
-
-from captum_faithful import evaluate  # noqa: E402
-from captum_faithful.evaluation import _storage  # noqa: E402
+from captum_faithful import evaluate
+from captum_faithful.evaluation import _storage
 
 
 def main() -> None:

@@ -3,14 +3,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sae_factory import make_sae  # noqa: E402
+from sae_factory import make_sae
 
 IMAGE = 16
 PATCH = 4  # a 4 x 4 grid: 16 patch tokens, an even count
@@ -44,3 +38,8 @@ def saes():
 
 def images(n: int = 6):
     return torch.rand(n, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(9))
+
+
+def grid():
+    """The small search grid of the sharded run (the test and its workers)."""
+    return dict(layers=[0, (0, 1)], kappas=[0.5, 2.0], c_maxs=[5.0], batch_size=1)

@@ -1,5 +1,7 @@
 """Run select_gating on the gating fixtures as one torch.distributed rank (the
-launcher variables are set by the test). Usage: python gating_worker.py OUT REPORT
+launcher variables are set by the test). Usage: python gating_worker.py OUT REPORT,
+with ``PYTHONPATH`` holding the repository root and ``tests/`` (the launching test
+passes its own ``sys.path``: ``helpers.child_env``).
 
 REPORT receives the chosen configuration, the table's means and the dataset
 positions of the batches this rank explained (JSON).
@@ -9,14 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import gating_fixtures as fx
 
-import gating_fixtures as fx  # noqa: E402
-from test_select_gating import fx_grid  # noqa: E402
-
-from captum_faithful import select_gating  # noqa: E402
-from captum_faithful.evaluation import _selection  # noqa: E402
+from captum_faithful import select_gating
+from captum_faithful.evaluation import _selection
 
 
 def main() -> None:
@@ -33,7 +31,7 @@ def main() -> None:
         return original(self, inputs, target=target)
 
     _selection._Candidate.attribute = attribute
-    selection = select_gating(fx.vit(), fx.saes(), images, out=out, **fx_grid())
+    selection = select_gating(fx.vit(), fx.saes(), images, out=out, **fx.grid())
     Path(report).write_text(
         json.dumps(
             {

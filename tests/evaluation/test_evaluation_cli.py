@@ -1,25 +1,16 @@
 import re
-import sys
 from functools import partial
 from pathlib import Path
 
+import eval_fixtures as fx
 import pytest
 from captum.attr import IntegratedGradients, Saliency
 
+from captum_faithful import cli, evaluate
+from captum_faithful.evaluation import Results, _settings
+from captum_faithful.evaluation.cli import OPTIONAL, REQUIRED, load_config
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import eval_fixtures as fx  # noqa: E402
-
-from captum_faithful import cli, evaluate  # noqa: E402
-from captum_faithful.evaluation import Results, _settings  # noqa: E402
-from captum_faithful.evaluation.cli import OPTIONAL, REQUIRED, load_config  # noqa: E402
-
-KEY = ["index", "method", "metric", "value"]
-
-
-def _rows(results):
-    return [tuple(r) for r in results.table[KEY].itertuples(index=False)]
 
 
 def _direct(out):
@@ -54,7 +45,7 @@ def test_config_runs_like_the_direct_call(tmp_path, capsys, config):
         ["evaluate", str(HERE / config), "--out", str(out), "--no-progress"]
     )
     assert code == 0
-    assert _rows(Results.load(out)) == _rows(expected)
+    assert fx.rows(Results.load(out)) == fx.rows(expected)
     printed = capsys.readouterr().out
     assert "| method | drop | mass | s/sample |" in printed
     assert (out / "summary.md").read_text() == printed
@@ -349,7 +340,7 @@ def test_a_run_folder_with_other_settings_names_out_and_no_resume(tmp_path, caps
         ]
         == 0
     )
-    rows = _rows(Results.load(out))
+    rows = fx.rows(Results.load(out))
     changed = _config_with(tmp_path, "{n_steps: 8}", "{n_steps: 4}")
     code, printed, err = _run_cli(
         ["evaluate", str(changed), "--out", str(out), "--no-progress"], capsys
@@ -358,7 +349,7 @@ def test_a_run_folder_with_other_settings_names_out_and_no_resume(tmp_path, caps
     assert "argument --out" in err[0] and "--no-resume" in err[0]
     assert "explainers['ig'] changed" in err[0]
     assert "resume=False" not in err[0]
-    assert _rows(Results.load(out)) == rows  # the recorded run is untouched
+    assert fx.rows(Results.load(out)) == rows  # the recorded run is untouched
     # the flag the message names does what it says
     code, _, _ = _run_cli(
         ["evaluate", str(changed), "--out", str(out), "--no-progress", "--no-resume"],

@@ -6,42 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import eval_fixtures as fx
 import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
 from helpers import ModelSnapshot
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import eval_fixtures as fx  # noqa: E402
-
-import captum_faithful  # noqa: E402
-from captum_faithful import Results, evaluate  # noqa: E402
-from captum_faithful.evaluation import _storage  # noqa: E402
-
-KEY = ["index", "method", "metric"]
+import captum_faithful
+from captum_faithful import Results, evaluate
+from captum_faithful.evaluation import _storage
 
 
 def _deterministic_metrics():
     return {"drop": fx.top_feature_drop, "mass": fx.attribution_mass}
-
-
-def _rows(results):
-    """The table without the timing column, as a list of tuples."""
-    return [tuple(r) for r in results.table[[*KEY, "value"]].itertuples(index=False)]
-
-
-def _reference(tmp_path, metrics=None):
-    model = fx.model()
-    return evaluate(
-        model,
-        fx.loader(),
-        fx.run_explainers(model),
-        metrics or fx.metrics(),
-        out=tmp_path / "reference",
-        show_progress=False,
-    )
 
 
 def test_evaluate_is_exported_from_the_package_root():
@@ -122,7 +100,7 @@ def test_files_settings_and_reload(tmp_path):
     assert settings["settings"]["methods"] == ["saliency"]
     assert (tmp_path / "results.parquet").exists()
     reloaded = Results.load(tmp_path)
-    assert _rows(reloaded) == _rows(results)
+    assert fx.rows(reloaded) == fx.rows(results)
     assert reloaded.table["seconds"].tolist() == results.table["seconds"].tolist()
 
 
@@ -134,7 +112,7 @@ def test_csv_without_pyarrow_round_trips_exactly(tmp_path, monkeypatch):
     csv = evaluate(*args, out=tmp_path / "c", show_progress=False)
     assert (tmp_path / "c" / "results.csv").exists()
     assert (tmp_path / "c" / "batches" / "batch-00000004.csv").exists()
-    assert _rows(csv) == _rows(parquet)
+    assert fx.rows(csv) == fx.rows(parquet)
     table = {
         "index": [0, 1],
         "method": ["a", "b,c"],
@@ -154,7 +132,7 @@ def test_csv_without_pyarrow_round_trips_exactly(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("how", ["raise", "interrupt"])
 def test_resume_after_an_exception_gives_the_uninterrupted_rows(tmp_path, how):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     out = tmp_path / "run"
     model = fx.model()
     error = RuntimeError if how == "raise" else KeyboardInterrupt
@@ -183,7 +161,7 @@ def test_resume_after_an_exception_gives_the_uninterrupted_rows(tmp_path, how):
     )
     # only the three batches not yet recorded were explained again
     assert fx.sample_positions([v for call in log for v in call]) == list(range(8, 18))
-    assert _rows(resumed) == _rows(reference)
+    assert fx.rows(resumed) == fx.rows(reference)
     # a second resume has nothing to do and changes nothing
     log.clear()
     again = evaluate(
@@ -194,7 +172,7 @@ def test_resume_after_an_exception_gives_the_uninterrupted_rows(tmp_path, how):
         out=out,
         show_progress=False,
     )
-    assert log == [] and _rows(again) == _rows(reference)
+    assert log == [] and fx.rows(again) == fx.rows(reference)
 
 
 def test_resume_false_starts_over(tmp_path):
@@ -215,7 +193,7 @@ def test_resume_false_starts_over(tmp_path):
 
 
 def test_torn_temporary_file_is_not_trusted(tmp_path):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     out = tmp_path / "run"
     model = fx.model()
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -239,7 +217,7 @@ def test_torn_temporary_file_is_not_trusted(tmp_path):
         show_progress=False,
     )
     assert not torn.exists()
-    assert _rows(resumed) == _rows(reference)
+    assert fx.rows(resumed) == fx.rows(reference)
 
 
 def test_target_label_uses_the_dataset_labels(tmp_path):
@@ -462,7 +440,7 @@ def test_uni_and_the_package_metrics_equal_a_hand_written_loop(tmp_path):
                 expected.append(
                     (start + offset, "uni", name, float(values[name][offset]))
                 )
-    got = _rows(results)
+    got = fx.rows(results)
     assert [row[:3] for row in got] == [row[:3] for row in expected]
     assert [row[3] for row in got] == pytest.approx(
         [row[3] for row in expected], rel=1e-6, abs=1e-9, nan_ok=True

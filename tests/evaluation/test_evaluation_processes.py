@@ -1,59 +1,32 @@
 """Runs in subprocesses: two gloo ranks on CPU, and a real SIGKILL mid-run."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import eval_fixtures as fx
 import pytest
+from helpers import child_env, free_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import eval_fixtures as fx  # noqa: E402
-
-from captum_faithful import Results, evaluate  # noqa: E402
-from captum_faithful.evaluation import _storage  # noqa: E402
+from captum_faithful import Results, evaluate
+from captum_faithful.evaluation import _storage
 
 WORKER = Path(__file__).resolve().parent / "eval_worker.py"
-KEY = ["index", "method", "metric", "value"]
-
-
-def _rows(results):
-    return [tuple(r) for r in results.table[KEY].itertuples(index=False)]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env = child_env(OMP_NUM_THREADS="1", **extra)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if key not in extra:
             env.pop(key, None)
     return env
 
 
-def _reference(tmp_path):
-    model = fx.model()
-    return evaluate(
-        model,
-        fx.loader(),
-        fx.run_explainers(model),
-        fx.metrics(),
-        out=tmp_path / "reference",
-        show_progress=False,
-    )
-
-
 def _launch_ranks(out, logs, world_size=2):
     """Start one worker per rank with the variables torchrun would set."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(out), str(logs / f"rank{rank}.json")],
@@ -85,7 +58,7 @@ def _launch_ranks(out, logs, world_size=2):
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     seen = _launch_ranks(tmp_path / "run", tmp_path)
     # 5 batches: rank 0 takes batches 0-1, rank 1 batches 2-4; contiguous, disjoint
     assert seen[0] == list(range(0, 8))
@@ -93,11 +66,11 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     merged = Results.load(tmp_path / "run")
     assert (tmp_path / "run" / "results.parquet").exists()
     # includes a metric that draws from the global generator: seeding is per batch
-    assert _rows(merged) == _rows(reference)
+    assert fx.rows(merged) == fx.rows(reference)
 
 
 def test_two_ranks_resume_a_single_process_run(tmp_path):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     out = tmp_path / "run"
     model = fx.model()
     with pytest.raises(RuntimeError, match="injected"):
@@ -112,12 +85,12 @@ def test_two_ranks_resume_a_single_process_run(tmp_path):
     seen = _launch_ranks(out, tmp_path)
     # batches 1-4 remain: two per rank
     assert seen == [list(range(4, 12)), list(range(12, 18))]
-    assert _rows(Results.load(out)) == _rows(reference)
+    assert fx.rows(Results.load(out)) == fx.rows(reference)
 
 
 @pytest.mark.parametrize("where", ["between batches", "inside the atomic write"])
 def test_sigkill_then_resume_gives_the_uninterrupted_rows(tmp_path, where):
-    reference = _reference(tmp_path)
+    reference = fx.uninterrupted_run(tmp_path / "reference")
     out = tmp_path / "run"
     flag = "--fail-after" if where == "between batches" else "--kill-in-replace"
     proc = subprocess.run(
@@ -146,4 +119,4 @@ def test_sigkill_then_resume_gives_the_uninterrupted_rows(tmp_path, where):
     )
     assert fx.sample_positions([v for call in log for v in call]) == list(range(12, 18))
     assert not list((out / "batches").glob(".*.tmp-*"))
-    assert _rows(resumed) == _rows(reference)
+    assert fx.rows(resumed) == fx.rows(reference)

@@ -1,13 +1,8 @@
 """evaluate's progress bar names what it evaluates."""
 
-import sys
-from pathlib import Path
+import eval_fixtures as fx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import eval_fixtures as fx  # noqa: E402
-
-from captum_faithful.evaluation import evaluate  # noqa: E402
+from captum_faithful.evaluation import evaluate
 
 
 def test_progress_bar_names_the_method(tmp_path, capsys):

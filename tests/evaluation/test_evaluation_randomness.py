@@ -2,17 +2,12 @@
 explainer or a metric draws from its own ``torch.Generator``."""
 
 import functools
-import sys
-from pathlib import Path
 
+import eval_fixtures as fx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import eval_fixtures as fx  # noqa: E402
-
-from captum_faithful import evaluate  # noqa: E402
-from captum_faithful.metrics import faithfulness_correlation  # noqa: E402
+from captum_faithful import evaluate
+from captum_faithful.metrics import faithfulness_correlation
 
 
 def random_map(inputs, target, generator=None):
@@ -46,16 +41,11 @@ def _run(out, resume=True):
     )
 
 
-def _rows(results):
-    table = results.table.sort_values(["index", "method", "metric"])
-    return [tuple(row) for row in table[["index", "method", "metric", "value"]].values]
-
-
 def test_resume_after_any_batch_reproduces_the_uninterrupted_run(tmp_path):
     """Batches 1..4 are deleted (as if the run had been killed after batch 0) and
     the run resumed with new generator objects: every row equals the uninterrupted
     run's. Before, 4 of the 5 batches repeated batch 0's draws."""
-    reference = _rows(_run(tmp_path / "reference"))
+    reference = fx.rows(_run(tmp_path / "reference"), sort=True)
     for kept in ([0], [0, 2], [3]):
         out = tmp_path / f"kept-{len(kept)}-{kept[0]}"
         _run(out)
@@ -63,7 +53,7 @@ def test_resume_after_any_batch_reproduces_the_uninterrupted_run(tmp_path):
             if int(path.name[6:14]) not in kept:
                 path.unlink()
         (out / "results.parquet").unlink()
-        assert _rows(_run(out)) == reference
+        assert fx.rows(_run(out), sort=True) == reference
 
 
 def draw(forward_func, inputs, attributions, target=None, generator=None):

@@ -2,18 +2,13 @@
 
 import os
 import shutil
-import sys
-from pathlib import Path
 
+import eval_fixtures as fx
 import pytest
 from captum.attr import Saliency
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import eval_fixtures as fx  # noqa: E402
-
-from captum_faithful import Results, evaluate  # noqa: E402
-from captum_faithful.evaluation import _storage  # noqa: E402
+from captum_faithful import Results, evaluate
+from captum_faithful.evaluation import _storage
 
 
 def _run(out, explainers=None):
@@ -28,11 +23,6 @@ def _run(out, explainers=None):
     )
 
 
-def _rows(results):
-    table = results.table.sort_values(["index", "method", "metric"])
-    return [tuple(r) for r in table[["index", "method", "metric", "value"]].values]
-
-
 @pytest.fixture(params=["parquet", "csv"])
 def file_format(request, monkeypatch):
     monkeypatch.setattr(_storage, "default_format", lambda: request.param)
@@ -42,7 +32,7 @@ def file_format(request, monkeypatch):
 def test_truncated_and_empty_batch_files_are_named_and_recomputed(
     tmp_path, file_format
 ):
-    reference = _rows(_run(tmp_path / "reference"))
+    reference = fx.rows(_run(tmp_path / "reference"), sort=True)
     out = tmp_path / "run"
     _run(out)
     (out / f"results.{file_format}").unlink()
@@ -56,8 +46,8 @@ def test_truncated_and_empty_batch_files_are_named_and_recomputed(
         resumed = _run(out)
     messages = " ".join(str(w.message) for w in caught)
     assert "batch-00000002" in messages and "batch-00000003" in messages
-    assert _rows(resumed) == reference
-    assert _rows(Results.load(out)) == reference
+    assert fx.rows(resumed, sort=True) == reference
+    assert fx.rows(Results.load(out), sort=True) == reference
 
 
 def test_foreign_batch_files_are_refused(tmp_path, file_format):
@@ -157,7 +147,7 @@ def test_a_run_recorded_before_files_carried_the_fingerprint_still_resumes(
     (they were written before files carried one), so they are kept and merged."""
     import json
 
-    reference = _rows(_run(tmp_path / "reference"))
+    reference = fx.rows(_run(tmp_path / "reference"), sort=True)
     out = tmp_path / "run"
     _run(out)
     (out / f"results.{file_format}").unlink()
@@ -169,5 +159,5 @@ def test_a_run_recorded_before_files_carried_the_fingerprint_still_resumes(
         assert run == settings["fingerprint"]
         path.write_bytes(_storage.encode(table, file_format))
     (out / "batches" / f"batch-00000004.{file_format}").unlink()
-    assert _rows(Results.load(out)) != reference  # batch 4 is missing
-    assert _rows(_run(out)) == reference
+    assert fx.rows(Results.load(out), sort=True) != reference  # batch 4 is missing
+    assert fx.rows(_run(out), sort=True) == reference

@@ -3,30 +3,26 @@ resumable; sharded over two gloo ranks; clear errors for bad grids."""
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from itertools import product
 from pathlib import Path
 
+import gating_fixtures as fx
 import numpy as np
 import pytest
 import torch
+from helpers import child_env, free_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import gating_fixtures as fx  # noqa: E402
-
-from captum_faithful import (  # noqa: E402
+from captum_faithful import (
     FeatureGatedTransMM,
     GatingConfiguration,
     Results,
     TransMM,
     select_gating,
 )
-from captum_faithful.evaluation._selection import _selection  # noqa: E402
-from captum_faithful.metrics import deletion_auc, patch_mask, saco  # noqa: E402
+from captum_faithful.evaluation._selection import _selection
+from captum_faithful.metrics import deletion_auc, patch_mask, saco
 
 WORKER = Path(__file__).resolve().parent / "gating_worker.py"
 
@@ -274,18 +270,11 @@ def test_bad_grids_fail_early_with_a_clear_message(
     assert not (tmp_path / "run").exists()  # nothing computed or written
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_choose_what_one_process_chooses(tmp_path):
     model, saes, x = fx.vit(), fx.saes(), fx.images()
-    single = select_gating(model, saes, x, out=tmp_path / "single", **fx_grid())
-    port = str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    single = select_gating(model, saes, x, out=tmp_path / "single", **fx.grid())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [
@@ -294,15 +283,14 @@ def test_two_gloo_ranks_choose_what_one_process_chooses(tmp_path):
                 str(tmp_path / "sharded"),
                 str(tmp_path / f"rank{rank}.json"),
             ],
-            env={
-                **env,
-                "OMP_NUM_THREADS": "1",
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-            },
+            env=child_env(
+                OMP_NUM_THREADS="1",
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -317,7 +305,3 @@ def test_two_gloo_ranks_choose_what_one_process_chooses(tmp_path):
     for report in reports:
         assert report["chosen"] == single.configuration.name
         np.testing.assert_allclose(report["means"], list(single.table["mean"]))
-
-
-def fx_grid():
-    return dict(layers=[0, (0, 1)], kappas=[0.5, 2.0], c_maxs=[5.0], batch_size=1)

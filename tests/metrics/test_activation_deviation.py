@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ModelSnapshot, small_cnn
+from helpers import ModelSnapshot, child_env, small_cnn
 from torch import nn
 
 from captum_faithful.metrics import activation_deviation
@@ -520,18 +520,16 @@ def test_peak_memory_per_layer_is_the_clean_activations_only():
     the perturbed outputs of a chunk, then float64 copies of each layer's); after
     it +312 MB and +78 MB."""
     import json
-    import os
     import subprocess
     import sys
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak memory is read from /proc (Linux only)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     child = subprocess.run(
         [sys.executable, "-c", _PEAKS_CHILD],
         capture_output=True,
         text=True,
-        env=env,
+        env=child_env(),
         check=True,
     )
     one, many = json.loads(child.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from captum.attr import InputXGradient
-from helpers import small_cnn
+from helpers import CountingModel, small_cnn
 from metric_reference import (
     reference_baseline,
     reference_faithfulness_correlation,
@@ -12,12 +12,6 @@ from captum_faithful.metrics._core.faithfulness_correlation import (
     random_feature_subsets,
     smallest_k_members,
 )
-
-
-@pytest.fixture
-def images():
-    torch.manual_seed(1)
-    return torch.rand(3, 3, 12, 12)
 
 
 @pytest.mark.parametrize(
@@ -147,17 +141,6 @@ def test_random_subsets_are_uniform_enough():
     assert (frequency - 0.25).abs().max() < 0.02
 
 
-class CountingModel(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.model = small_cnn()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.model(x)
-
-
 @pytest.mark.parametrize(
     "kwargs,error,name",
     [
@@ -174,7 +157,7 @@ class CountingModel(torch.nn.Module):
     ],
 )
 def test_bad_input_raises_before_any_forward(kwargs, error, name):
-    model = CountingModel()
+    model = CountingModel(small_cnn())
     x = kwargs.pop("inputs", torch.rand(2, 3, 8, 8))
     with pytest.raises(error, match=name):
         faithfulness_correlation(model, x, torch.rand(2, 1, 8, 8), **kwargs)

@@ -1,16 +1,10 @@
 import pytest
 import torch
-from helpers import ModelSnapshot, small_cnn
+from helpers import CountingModel, ModelSnapshot, PixelSum, small_cnn
 from metric_reference import blur_reference, reference_baseline, reference_curves
 
 from captum_faithful.metrics import deletion_auc, insertion_auc, patch_mask
 from captum_faithful.metrics._core.insertion_deletion import feature_counts
-
-
-@pytest.fixture
-def images():
-    torch.manual_seed(1)
-    return torch.rand(3, 3, 12, 12)
 
 
 def _attributions(x, shape=None):
@@ -181,18 +175,6 @@ def test_tuple_inputs_and_additional_args():
             assert abs(float(curves[n, k]) - float(y)) < 1e-5
 
 
-class PixelSum(torch.nn.Module):
-    """Output 0 is a known weighted sum of pixels, output 1 is 0."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, x):
-        total = (x * self.weight).flatten(1).sum(1)
-        return torch.stack([total, torch.zeros_like(total)], dim=1)
-
-
 def test_ideal_ordering_has_the_best_insertion_and_deletion_auc():
     torch.manual_seed(6)
     weight = torch.randn(1, 3, 8, 8)
@@ -215,17 +197,6 @@ def test_ideal_ordering_has_the_best_insertion_and_deletion_auc():
     # only the ordering matters: positive rescaling leaves the AUCs unchanged
     torch.testing.assert_close(insertion_auc(model, x, 7.5 * ideal, **kwargs), best_ins)
     torch.testing.assert_close(deletion_auc(model, x, ideal / 3.0, **kwargs), best_del)
-
-
-class CountingModel(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.model(x)
 
 
 @pytest.mark.parametrize("fn", [insertion_auc, deletion_auc])

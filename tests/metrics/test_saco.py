@@ -2,17 +2,11 @@ import itertools
 
 import pytest
 import torch
-from helpers import small_cnn
+from helpers import CountingModel, PixelSum, small_cnn
 from metric_reference import reference_baseline, reference_saco
 
 from captum_faithful.metrics import patch_mask, saco
 from captum_faithful.metrics._core.saco import rank_groups, saco_from_groups
-
-
-@pytest.fixture
-def images():
-    torch.manual_seed(1)
-    return torch.rand(3, 3, 12, 12)
 
 
 @pytest.mark.parametrize(
@@ -77,20 +71,10 @@ def test_rank_groups_are_consecutive_and_balanced():
     assert sizes == [5, 5, 5, 4, 4]
 
 
-class PixelSum(torch.nn.Module):
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, x):
-        total = (x * self.weight).flatten(1).sum(1)
-        return torch.stack([total, -total], dim=1)
-
-
 def test_aligned_and_reversed_attributions_give_plus_and_minus_one():
     torch.manual_seed(4)
     weight = torch.randn(1, 3, 8, 8)
-    model = PixelSum(weight)
+    model = PixelSum(weight, second=-1.0)
     x = torch.rand(5, 3, 8, 8)
     contributions = x * weight
     kwargs = dict(target=0, baselines="zero", apply_softmax=False, n_groups=8)
@@ -109,17 +93,6 @@ def test_aligned_and_reversed_attributions_give_plus_and_minus_one():
 
 def test_constant_attributions_give_nan(cnn, images):
     assert torch.isnan(saco(cnn, images, torch.ones_like(images), n_groups=4)).all()
-
-
-class CountingModel(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.model = small_cnn()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.model(x)
 
 
 @pytest.mark.parametrize(
@@ -148,7 +121,7 @@ class CountingModel(torch.nn.Module):
     ],
 )
 def test_bad_input_raises_before_any_forward(kwargs, error, name):
-    model = CountingModel()
+    model = CountingModel(small_cnn())
     x = torch.rand(2, 3, 8, 8)
     attributions = kwargs.pop("attributions", torch.rand(2, 1, 8, 8))
     with pytest.raises(error, match=name):
