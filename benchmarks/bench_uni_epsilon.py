@@ -2,8 +2,8 @@
 
 Run from the repository root (needs the ``demo`` extra; one thread)::
 
-    python benchmarks/uni_epsilon_default.py            # the full demo models
-    python benchmarks/uni_epsilon_default.py --quick    # the quick ones, 8 images
+    python benchmarks/bench_uni_epsilon.py            # the full demo models
+    python benchmarks/bench_uni_epsilon.py --quick    # the quick ones, 8 images
 
 The UNI paper's ``epsilon = 0.25`` is an L2 radius over a whole 3x224x224 image in
 [0, 1] (d = 150,528 elements). The demo's images are 3x32x32 (d = 3,072), where the
