@@ -27,6 +27,12 @@ def test_readme_quickstart_runs(capsys):
     assert torch.allclose(namespace["delta"], gap, atol=1e-4)
     printed = capsys.readouterr().out
     assert "insertion" in printed and "SaCo" in printed
+    # "epsilon: the paper's 0.25 at 3x224x224, scaled to 3x32x32: 0.25 / 7"
+    assert f"epsilon {0.25 / 7}" in printed
+    distance = (namespace["baselines"] - images).flatten(1).norm(dim=1)
+    torch.testing.assert_close(
+        distance, torch.full_like(distance, 0.25 / 7), atol=1e-6, rtol=0
+    )
 
 
 def test_readme_shows_the_two_setup_commands_first():

@@ -6,6 +6,7 @@ metric tests that take UNI's baselines."""
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +47,20 @@ def reference_unlearned_probs(model, sample_args, target, eta=1.0):
         return F.softmax(unlearned(*sample_args), dim=1)
 
 
+def paper_epsilon(d):
+    """The paper's 0.25 for 3x224x224 images at the same L2 size per element for
+    ``d`` elements per sample: the package's default radius."""
+    return 0.25 * math.sqrt(d / (3 * 224 * 224))
+
+
 def reference_baselines(
-    model, inputs, targets, extra=(), eta=1.0, steps=10, eps=0.25, mu=0.1
+    model, inputs, targets, extra=(), eta=1.0, steps=10, eps=None, mu=0.1
 ):
-    """Algorithm 1 lines 1-7, one sample at a time, tuple inputs perturbed jointly."""
+    """Algorithm 1 lines 1-7, one sample at a time, tuple inputs perturbed jointly;
+    ``eps=None`` is the paper's size per element (:func:`paper_epsilon`)."""
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    if eps is None:
+        eps = paper_epsilon(sum(x[0].numel() for x in inputs))
     out = [[] for _ in inputs]
     for i in range(inputs[0].shape[0]):
         xi = tuple(x[i : i + 1] for x in inputs)

@@ -12,7 +12,7 @@ from captum.attr import IntegratedGradients, NoiseTunnel
 from captum.metrics import infidelity, sensitivity_max
 from helpers import ModelSnapshot, small_cnn
 from torch import nn
-from uni_reference import reference_baselines, reference_unlearned_probs
+from uni_reference import paper_epsilon, reference_baselines, reference_unlearned_probs
 
 from captum_faithful import (
     LayerUnlearnedIntegratedGradients,
@@ -158,7 +158,10 @@ def test_tuple_inputs_and_additional_args_equal_reference():
         (got[0] - image).flatten(1).pow(2).sum(1)
         + (got[1] - vector).flatten(1).pow(2).sum(1)
     )
-    torch.testing.assert_close(dist, torch.full((3,), 0.25), atol=1e-5, rtol=0)
+    # the default radius counts the elements of both: 3 * 4 * 4 + 5
+    eps = paper_epsilon(3 * 4 * 4 + 5)
+    assert uni.resolved_epsilon((image, vector)) == pytest.approx(eps, rel=1e-12)
+    torch.testing.assert_close(dist, torch.full((3,), eps), atol=1e-6, rtol=0)
     attributions = uni.attribute((image, vector), additional_forward_args=scale)
     assert [a.shape for a in attributions] == [image.shape, vector.shape]
 
@@ -170,6 +173,76 @@ def test_baselines_at_distance_epsilon(cnn, images):
         )
         dist = (baselines - images).flatten(1).norm(dim=1)
         torch.testing.assert_close(dist, torch.full((4,), eps), atol=1e-5, rtol=0)
+
+
+def test_default_epsilon_is_the_papers_size_per_element():
+    """epsilon=None: 0.25 at 3x224x224 exactly (the paper's setting), and
+    0.25 * sqrt(d / 150528) for d elements per sample; the batch size and the
+    values do not matter, only the per-sample shape."""
+    uni = UnlearnedIntegratedGradients(small_cnn())
+    assert uni.resolved_epsilon(torch.zeros(1, 3, 224, 224)) == 0.25
+    assert uni.resolved_epsilon(torch.zeros(5, 3, 224, 224)) == 0.25
+    # 3072 / 150528 = 1 / 49
+    assert uni.resolved_epsilon(torch.rand(2, 3, 32, 32)) == pytest.approx(
+        0.25 / 7, rel=1e-12
+    )
+    assert uni.resolved_epsilon(torch.rand(2, 1, 28, 28)) == pytest.approx(
+        0.25 * (784 / 150528) ** 0.5, rel=1e-12
+    )
+    assert uni.resolved_epsilon(
+        (torch.rand(3, 3, 16, 16), torch.rand(3, 5))
+    ) == pytest.approx(0.25 * ((768 + 5) / 150528) ** 0.5, rel=1e-12)
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_default_baselines_lie_at_the_resolved_epsilon(size):
+    """The learned baseline's L2 distance from its input is the resolved radius,
+    per sample: 0.25 / 7 at 3x32x32, 0.25 / 28 at 3x8x8."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+    x = torch.rand(3, 3, size, size)
+    uni = UnlearnedIntegratedGradients(model)
+    expected = 0.25 * (3 * size * size / (3 * 224 * 224)) ** 0.5
+    dist = (uni.compute_baselines(x) - x).flatten(1).norm(dim=1)
+    torch.testing.assert_close(dist, torch.full((3,), expected), atol=1e-6, rtol=0)
+    # and they are Algorithm 1's baselines at that radius
+    (reference,) = reference_baselines(model, x, model(x).argmax(1), eps=expected)
+    torch.testing.assert_close(uni.compute_baselines(x), reference, atol=1e-4, rtol=0)
+
+
+def test_default_epsilon_at_imagenet_size_is_025():
+    """At the paper's 3x224x224 the default baseline is 0.25 away, as before."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 2, 7, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(2, 3),
+    ).eval()  # fmt: skip
+    x = torch.rand(2, 3, 224, 224)
+    dist = (UnlearnedIntegratedGradients(model).compute_baselines(x) - x).flatten(1)
+    torch.testing.assert_close(
+        dist.norm(dim=1), torch.full((2,), 0.25), atol=1e-5, rtol=0
+    )
+
+
+def test_explicit_epsilon_is_used_at_every_input_size(cnn):
+    """A number is the radius as given, whatever the input's size."""
+    for eps in (0.25, 0.7):
+        uni = UnlearnedIntegratedGradients(cnn, epsilon=eps)
+        assert uni.epsilon == eps
+        for shape in ((2, 3, 16, 16), (2, 3, 224, 224)):
+            assert uni.resolved_epsilon(torch.rand(shape)) == eps
+        x = torch.rand(2, 3, 32, 32)
+        dist = (uni.compute_baselines(x) - x).flatten(1).norm(dim=1)
+        torch.testing.assert_close(dist, torch.full((2,), eps), atol=1e-5, rtol=0)
+
+
+def test_resolved_epsilon_checks_the_inputs(cnn):
+    uni = UnlearnedIntegratedGradients(cnn)
+    with pytest.raises(TypeError, match="inputs"):
+        uni.resolved_epsilon([torch.rand(1, 3, 8, 8)])
+    with pytest.raises(ValueError, match="inputs"):
+        uni.resolved_epsilon(torch.rand(0, 3, 8, 8))
 
 
 def test_kl_to_unlearned_distribution_is_lower_at_baseline(cnn, images):
@@ -726,6 +799,12 @@ def test_bad_hyperparameters_raise(cnn, kwargs, name):
         UnlearnedIntegratedGradients(cnn, **kwargs)
 
 
+@pytest.mark.parametrize("bad", ["0.25", True, [0.25]])
+def test_epsilon_that_is_no_number_is_refused(cnn, bad):
+    with pytest.raises(TypeError, match="`epsilon` must be a real number"):
+        UnlearnedIntegratedGradients(cnn, epsilon=bad)
+
+
 @pytest.mark.parametrize("bad", [None, 3, "cnn"])
 def test_a_forward_func_that_is_not_callable_is_refused_at_construction(cnn, bad):
     from captum_faithful.attr import LayerUnlearnedIntegratedGradients
@@ -785,7 +864,8 @@ def test_captum_attribution_interface(cnn):
     assert not uni.multiplies_by_inputs
     assert UnlearnedIntegratedGradients(cnn).multiplies_by_inputs
     assert uni.forward_func is cnn
-    assert (uni.unlearning_step, uni.pgd_steps, uni.epsilon) == (1.0, 10, 0.25)
+    # epsilon None: the paper's 0.25 scaled to each call's input size
+    assert (uni.unlearning_step, uni.pgd_steps, uni.epsilon) == (1.0, 10, None)
     assert (uni.pgd_step_size, uni.unlearning_batch_size) == (0.1, None)
     assert hasattr(uni.attribute, "__wrapped__")  # @log_usage, used by NoiseTunnel
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -52,6 +53,11 @@ from captum_faithful.attr._utils.unlearning import (
     unlearned_parameters,
     unlearning_chunk_size,
 )
+
+#: The UNI paper's L2 radius :math:`\varepsilon`, chosen for 3x224x224 images in
+#: [0, 1], and the number of elements of such an image.
+PAPER_EPSILON = 0.25
+PAPER_ELEMENTS = 3 * 224 * 224
 
 
 @dataclass(frozen=True)
@@ -123,8 +129,9 @@ class UnlearnedIntegratedGradients(GradientAttribution):
     Integrated Gradients (black, blurred, noise) by a baseline learned for each
     input: the model's parameters take one normalised gradient-ascent step on the
     loss of the explained class (the prediction is "unlearned"), and the input is
-    perturbed, within an L2 ball of radius ``epsilon``, until the original model
-    outputs the distribution of the unlearned one. Integrated Gradients is then
+    perturbed, within an L2 ball of radius ``epsilon`` (by default the paper's
+    0.25 for 3x224x224 images, scaled to the input's size), until the original
+    model outputs the distribution of the unlearned one. Integrated Gradients is then
     computed from this baseline to the input with the original model. The
     baseline lies close to the input (a low-curvature, monotone path) and carries
     no colour, texture or frequency bias of a hand-picked reference.
@@ -152,6 +159,9 @@ class UnlearnedIntegratedGradients(GradientAttribution):
     all input tensors jointly (the rescale is skipped while :math:`\delta = 0`), and
     Captum's step sizes :math:`w_k` and points :math:`\alpha_k` for ``method``
     (right Riemann sum by default: :math:`\alpha_k = k/B`, :math:`w_k = 1/B`).
+    Unless ``epsilon`` is given, :math:`\varepsilon = 0.25 \sqrt{d / 150528}` for
+    the :math:`d` elements of one sample: the paper's 0.25 on 3x224x224 images,
+    at the same size per element on any input.
     Outputs are treated as logits. The unlearning direction is computed as the
     gradient of the log-odds against :math:`c`, which has the direction of
     :math:`g` and does not underflow in float32 on confident predictions. The
@@ -203,7 +213,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         multiply_by_inputs: bool = True,
         unlearning_step: float = 1.0,
         pgd_steps: int = 10,
-        epsilon: float = 0.25,
+        epsilon: float | None = None,
         pgd_step_size: float = 0.1,
         unlearning_batch_size: int | None = None,
     ) -> None:
@@ -241,20 +251,26 @@ class UnlearnedIntegratedGradients(GradientAttribution):
                         pixel or per channel), in the units of the inputs. With
                         :math:`d` elements per sample the baseline differs from the
                         input by :math:`\varepsilon / \sqrt{d}` per element (root mean
-                        square). The default is the paper's value for 3x224x224
-                        ImageNet images (:math:`d` = 150,528): 6.4e-4 per element,
-                        0.16/255 of the [0, 1] pixel range. On other inputs it is a
-                        different perturbation; to keep the paper's, scale it by
-                        :math:`\sqrt{d / 150528}` (3x32x32 in [0, 1]: 0.036) and by the
-                        inputs' scale (normalised by a per-channel std :math:`\sigma`,
-                        ImageNet's is about 0.226: divide by :math:`\sigma`, i.e. 1.1
-                        at 3x224x224). The attributions sum to
-                        :math:`f_c(x) - f_c(x')`, which shrinks with
-                        :math:`\varepsilon`: on a ResNet-18 with random weights at
-                        3x224x224 in [0, 1], 0.25 gives a sum of 0.02 and per-pixel
-                        values near 1e-6, which Captum's ``visualize_image_attr`` warns
-                        are "approximately 0" (the map is still scaled correctly).
-                        Default: 0.25
+                        square). None follows the input's size with the paper's
+                        per-element size: the paper's 0.25 on 3x224x224 images
+                        (:math:`d_0` = 150,528) scaled to the :math:`d` elements of
+                        each call's samples,
+                        :math:`\varepsilon = 0.25 \sqrt{d / d_0}` (0.25 at
+                        3x224x224, 0.25 / 7 = 0.0357 at 3x32x32, 0.018 at 1x28x28):
+                        :math:`6.4 \times 10^{-4}` per element, 0.16/255 of the
+                        [0, 1] pixel range, whatever the size (see
+                        :meth:`resolved_epsilon`). It does not follow the inputs'
+                        scale: for inputs normalised by a per-channel std
+                        :math:`\sigma` (ImageNet's is about 0.226) or in [0, 255],
+                        pass ``epsilon`` divided by :math:`\sigma` or times 255. A
+                        number is used as given, at every input size. The
+                        attributions sum to :math:`f_c(x) - f_c(x')`, which shrinks
+                        with :math:`\varepsilon`: on a ResNet-18 with random weights
+                        at 3x224x224 in [0, 1], 0.25 gives a sum of 0.02 and
+                        per-pixel values near 1e-6, which Captum's
+                        ``visualize_image_attr`` warns are "approximately 0" (the map
+                        is still scaled correctly).
+                        Default: None (:math:`0.25 \sqrt{d / 150528}`)
             pgd_step_size (float, optional): :math:`\mu`, the step size of the
                         baseline matching (> 0), in the units of the inputs, taken
                         before each rescale to :math:`\varepsilon`: when
@@ -281,7 +297,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
         self._multiply_by_inputs = bool(multiply_by_inputs)
         self.unlearning_step = _positive_finite("unlearning_step", unlearning_step)
         self.pgd_steps = check_int("pgd_steps", pgd_steps, minimum=0)
-        self.epsilon = _positive_finite("epsilon", epsilon)
+        self.epsilon = None if epsilon is None else _positive_finite("epsilon", epsilon)
         self.pgd_step_size = _positive_finite("pgd_step_size", pgd_step_size)
         self.unlearning_batch_size = (
             None
@@ -551,7 +567,8 @@ class UnlearnedIntegratedGradients(GradientAttribution):
 
         Returns:
             *Tensor* or *tuple[Tensor, ...]* of **baselines**, shaped like the
-            path's end (``inputs``), at L2 distance ``epsilon`` from it per sample.
+            path's end (``inputs``), at L2 distance :meth:`resolved_epsilon` from it
+            per sample.
 
         Examples::
 
@@ -582,6 +599,39 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             )
             baselines = self._learned_starts(context, space, inputs, classes, args)
         return space.format(tuple(b.detach() for b in baselines))
+
+    def resolved_epsilon(self, inputs: TensorOrTupleOfTensorsGeneric) -> float:
+        r"""
+        The radius :math:`\varepsilon` the baselines of ``inputs`` are learned
+        with: ``epsilon`` when it was given, else the paper's 0.25 scaled to the
+        :math:`d` elements of one sample of ``inputs`` (all tensors of a tuple
+        together), :math:`0.25 \sqrt{d / 150528}`.
+
+        Args:
+
+            inputs (Tensor or tuple[Tensor, ...]): As in :meth:`attribute`, with
+                        the batch on dim 0 (only the shapes are read).
+
+        Returns:
+            *float*: :math:`\varepsilon`.
+
+        Examples::
+
+            >>> uni = UnlearnedIntegratedGradients(net)
+            >>> uni.resolved_epsilon(torch.rand(8, 3, 32, 32))  # 0.25 / 7
+            0.03571428571428571
+        """
+        formatted, _ = format_inputs(inputs, floating=False)
+        return self._radius(formatted)
+
+    def _radius(self, points: tuple[Tensor, ...]) -> float:
+        """``epsilon``, or the paper's per-element size over the elements of one
+        sample of ``points`` (the inputs, or a layer's values)."""
+        if self.epsilon is not None:
+            return self.epsilon
+        # every tensor has elements (format_inputs refuses empty inputs)
+        elements = sum(math.prod(x.shape[1:]) for x in points)
+        return PAPER_EPSILON * math.sqrt(elements / PAPER_ELEMENTS)
 
     def has_convergence_delta(self) -> bool:
         return True
@@ -689,7 +739,7 @@ class UnlearnedIntegratedGradients(GradientAttribution):
             log_target,
             space.args,
             self.pgd_steps,
-            self.epsilon,
+            self._radius(space.points),
             self.pgd_step_size,
             free,
         )

@@ -234,6 +234,22 @@ def test_model_untouched_after_exception(batch):
     snapshot.assert_same(model)
 
 
+def test_layer_default_epsilon_is_025_at_any_layer_size():
+    """The layer method keeps the paper's 0.25 (a layer's values are no [0, 1]
+    pixels), not the input method's size-scaled default, and refuses None."""
+    model = small_cnn()
+    images = torch.randn(2, 3, 16, 16)
+    uni = LayerUnlearnedIntegratedGradients(model, model[3])
+    assert uni.epsilon == 0.25
+    assert uni.resolved_epsilon(images) == 0.25
+    with torch.no_grad():
+        h = model[:4](images)  # 16 x 8 x 8 values per sample
+    dist = (uni.compute_baselines(images) - h).flatten(1).norm(dim=1)
+    torch.testing.assert_close(dist, torch.full((2,), 0.25), atol=1e-6, rtol=0)
+    with pytest.raises(TypeError, match="`epsilon` must be a real number"):
+        LayerUnlearnedIntegratedGradients(model, model[3], epsilon=None)
+
+
 def test_conv_layer_of_a_cnn_matches_the_completeness_gap():
     model = small_cnn()
     images = torch.randn(3, 3, 16, 16)

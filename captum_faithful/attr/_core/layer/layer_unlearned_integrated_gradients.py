@@ -264,6 +264,10 @@ class LayerUnlearnedIntegratedGradients(
                         for embeddings; scale it with :math:`\sqrt{d}` and the output's
                         scale (see
                         :class:`~captum_faithful.UnlearnedIntegratedGradients`).
+                        Unlike the input-space method, the default does not follow
+                        the size: a layer's values are no [0, 1] pixels, so the
+                        paper's per-pixel size says nothing about them, and the
+                        paper itself used 0.25 unchanged on language models.
                         Default: 0.25
             pgd_step_size (float, optional): :math:`\mu` (> 0).
                         Default: 0.1
@@ -273,6 +277,13 @@ class LayerUnlearnedIntegratedGradients(
                         Default: None
         """
         _layer_list(layer)
+        if epsilon is None:
+            raise TypeError(
+                "`epsilon` must be a real number for a layer's values (default "
+                "0.25, the paper's value, used unchanged on layers); None, the "
+                "input-size default of UnlearnedIntegratedGradients, is for input "
+                "pixels"
+            )
         UnlearnedIntegratedGradients.__init__(
             self,
             forward_func,
