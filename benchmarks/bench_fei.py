@@ -58,10 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captum_faithful.attr import (  # noqa: E402
-    FaithfulnessEnsemble,
-    blank_image_diagnostic,
-)
+from captum_faithful.attr import FaithfulnessEnsemble  # noqa: E402
 from captum_faithful.attr._core.faithfulness_ensemble import (  # noqa: E402
     monochrome_reference,
     quantile_levels,
@@ -72,6 +69,7 @@ from captum_faithful.metrics import (  # noqa: E402
     insertion_activation_deviation,
     insertion_auc,
 )
+from captum_faithful.studies import blank_image_diagnostic  # noqa: E402
 
 CLIPS = ("none", "vm", "ivm", "avm", "ibm")
 N_ITER = 100

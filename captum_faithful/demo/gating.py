@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from captum_faithful._utils import optional_import
 from captum_faithful.attr._core.feature_gated_transmm import VARIANTS
-from captum_faithful.evaluation import (
+from captum_faithful.studies import (
     GatingConfiguration,
     GatingSelection,
     select_gating,

@@ -19,7 +19,7 @@ from captum_faithful.demo.registry import (  # noqa: E402
     SHUFFLED_VARIANT,
     Settings,
 )
-from captum_faithful.evaluation import GatingConfiguration  # noqa: E402
+from captum_faithful.studies import GatingConfiguration  # noqa: E402
 
 GATED = [key for key, method in METHODS.items() if method.gated]
 

@@ -16,7 +16,7 @@ import gating_fixtures as fx  # noqa: E402
 from test_select_gating import fx_grid  # noqa: E402
 
 from captum_faithful import select_gating  # noqa: E402
-from captum_faithful.evaluation import _selection  # noqa: E402
+from captum_faithful.studies import _gating as _selection  # noqa: E402
 
 
 def main() -> None:

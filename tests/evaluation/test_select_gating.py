@@ -25,8 +25,8 @@ from captum_faithful import (  # noqa: E402
     TransMM,
     select_gating,
 )
-from captum_faithful.evaluation._selection import _selection  # noqa: E402
 from captum_faithful.metrics import deletion_auc, patch_mask, saco  # noqa: E402
+from captum_faithful.studies._gating import _selection  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "gating_worker.py"
 

@@ -1,5 +1,11 @@
 """Choosing Feature-Gated TransMM's layers, κ, c_max and variant on validation
-images, as the thesis does (§7.3), on top of :func:`captum_faithful.evaluate`."""
+images, as the thesis does (§7.3), on top of :func:`captum_faithful.evaluate`.
+
+The search runs the method (:class:`~captum_faithful.attr.FeatureGatedTransMM`,
+with its SAEs and the ViT adapter for the patch size) through the generic runner and
+scores it with the metrics; it lives with the studies, above all of them, so that
+the runner stays free of any one method.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""The blank-image diagnostic of the FEI paper: evidence found where there is none."""
+"""The blank-image diagnostic of the FEI paper: evidence found where there is none.
+
+It runs a method (:class:`~captum_faithful.attr.FaithfulnessEnsemble`) and scores it
+with two metrics (:func:`~captum_faithful.metrics.insertion_auc`,
+:func:`~captum_faithful.metrics.insertion_activation_deviation`), so it is a study
+above both rather than part of either: attribution methods do not import metrics.
+"""
 
 from __future__ import annotations
 
