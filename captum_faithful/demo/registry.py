@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_faithful._utils import optional_import
-from captum_faithful.attr._core.feature_gated_transmm import VARIANTS
+from captum_faithful.attr import FeatureGatedTransMM
 from captum_faithful.demo.gating import GatingChoice
 
 #: How many images of the first batch each method's maps are kept for, for the figure.
@@ -297,7 +297,7 @@ METHODS: dict[str, Method] = {
                 _feature_gated_transmm(variant),
                 gated=True,
             )
-            for variant in VARIANTS
+            for variant in FeatureGatedTransMM.VARIANTS
         ),
     )
 }
@@ -308,7 +308,7 @@ METHODS: dict[str, Method] = {
 #: decoders differ.
 GATED_VARIANTS: dict[str, str | None] = {
     "fg-transmm": None,
-    **{f"fg-transmm-{variant}": variant for variant in VARIANTS},
+    **{f"fg-transmm-{variant}": variant for variant in FeatureGatedTransMM.VARIANTS},
 }
 
 
@@ -350,7 +350,10 @@ def duplicate_rows(
 COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("uni", "ig-black", None),
     ("fg-transmm", "transmm", None),
-    *((f"fg-transmm-{variant}", "transmm", None) for variant in VARIANTS),
+    *(
+        (f"fg-transmm-{variant}", "transmm", None)
+        for variant in FeatureGatedTransMM.VARIANTS
+    ),
     # the control against the same score with the real decoder, and against TransMM
     (f"fg-transmm-{SHUFFLED_VARIANT}", "fg-transmm-shuffled", None),
     ("fg-transmm-shuffled", "transmm", None),

@@ -22,11 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_faithful._utils import check_float, optional_import
-from captum_faithful.attr._core.feature_gated_transmm import (
-    VARIANTS,
-    FeatureGatedTransMM,
-)
-from captum_faithful.attr._core.transmm import TransMM
+from captum_faithful.attr import FeatureGatedTransMM, TransMM
 from captum_faithful.evaluation import _settings
 from captum_faithful.evaluation._core import evaluate
 from captum_faithful.evaluation.results import Results
@@ -536,8 +532,10 @@ def _check_c_max(label: str, value: Any) -> float:
 
 
 def _check_variant(label: str, value: Any) -> str:
-    if value not in VARIANTS:
-        raise ValueError(f"`{label}` must be one of {VARIANTS}, got {value!r}")
+    if value not in FeatureGatedTransMM.VARIANTS:
+        raise ValueError(
+            f"`{label}` must be one of {FeatureGatedTransMM.VARIANTS}, got {value!r}"
+        )
     return value
 
 
