@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from captum._utils.gradient import compute_gradients
 from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
@@ -37,6 +36,7 @@ from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
     _format_output,
+    compute_gradients,
 )
 from captum_faithful._layers import LayerSpec, model_places
 from captum_faithful._utils import (
