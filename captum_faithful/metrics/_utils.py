@@ -331,6 +331,12 @@ def compact_indices(values: Tensor, bound: int) -> Tensor:
     return values
 
 
+def feature_counts(n_features: int, n_steps: int) -> list[int]:
+    """Features revealed (insertion) or removed (deletion) at each curve point:
+    ``round(k * F / n_steps)`` for k = 0..n_steps (Python's round, half to even)."""
+    return [round(k * n_features / n_steps) for k in range(n_steps + 1)]
+
+
 def rank_features(scores: Tensor) -> Tensor:
     """Rank of each feature, shape (N, F): 0 for the highest score; equal scores are
     ranked by feature index (lower index first)."""

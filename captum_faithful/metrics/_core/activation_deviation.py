@@ -27,10 +27,10 @@ from captum_faithful._layers import (
     record_activations,
 )
 from captum_faithful._utils import check_finite, check_int, preserve_model_state
-from captum_faithful.metrics._core.insertion_deletion import feature_counts
 from captum_faithful.metrics._utils import (
     build_perturbed_inputs,
     cosine_similarity,
+    feature_counts,
     feature_scores,
     prepare_metric_inputs,
     rank_features,

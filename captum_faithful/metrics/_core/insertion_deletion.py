@@ -19,6 +19,7 @@ from captum_faithful.metrics._utils import (
     MetricInputs,
     clean_target_scores,
     compact_indices,
+    feature_counts,
     feature_scores,
     nan_where_non_finite,
     perturbed_target_scores,
@@ -26,12 +27,6 @@ from captum_faithful.metrics._utils import (
     rank_features,
     restores_model_state,
 )
-
-
-def feature_counts(n_features: int, n_steps: int) -> list[int]:
-    """Features revealed (insertion) or removed (deletion) at each curve point:
-    ``round(k * F / n_steps)`` for k = 0..n_steps (Python's round, half to even)."""
-    return [round(k * n_features / n_steps) for k in range(n_steps + 1)]
 
 
 def trapezoid_auc(curves: Tensor) -> Tensor:
