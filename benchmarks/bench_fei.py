@@ -58,11 +58,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from captum_faithful._baselines import monochrome_reference  # noqa: E402
 from captum_faithful.attr import FaithfulnessEnsemble  # noqa: E402
-from captum_faithful.attr._core.faithfulness_ensemble import (  # noqa: E402
-    monochrome_reference,
-    quantile_levels,
-)
+from captum_faithful.attr._utils.retention_maps import quantile_levels  # noqa: E402
 from captum_faithful.demo.registry import EvidencePrecision  # noqa: E402
 from captum_faithful.metrics import (  # noqa: E402
     deletion_auc,

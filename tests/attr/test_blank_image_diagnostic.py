@@ -3,7 +3,7 @@ import torch
 from fei_reference import hard_insertion_images
 from pathway_models import AlternativePathway, blank_images
 
-from captum_faithful.attr._core.faithfulness_ensemble import monochrome_reference
+from captum_faithful._baselines import monochrome_reference
 from captum_faithful.studies import blank_image_diagnostic
 
 
