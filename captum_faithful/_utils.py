@@ -31,10 +31,12 @@ def optional_import(module: str, extra: str) -> Any:
 
 
 def as_logits(output: Any) -> Tensor:
-    """Reduce a forward output to a tensor.
+    """Reduce a forward output to a tensor: the package's one reading of logits.
 
     A Hugging Face ``ModelOutput`` or a mapping is reduced to its ``logits`` field
-    (``logits_per_image`` for CLIP-style outputs); a tuple to its first element.
+    (``logits_per_image`` for CLIP-style outputs); another object with a tensor
+    attribute ``logits`` (a dataclass, a named tuple) to that attribute; a tuple to
+    its first element.
     """
     if isinstance(output, Tensor):
         return output
@@ -46,6 +48,8 @@ def as_logits(output: Any) -> Tensor:
             "forward_func returned a mapping without a 'logits' field; expected a "
             f"tensor or a ModelOutput with logits, got keys {list(output.keys())}"
         )
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(

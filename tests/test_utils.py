@@ -1,3 +1,6 @@
+from collections import namedtuple
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import ModelSnapshot
@@ -16,6 +19,18 @@ def test_as_logits_reduces_model_outputs():
     assert as_logits((logits, torch.zeros(1))) is logits
     with pytest.raises(TypeError, match="logits"):
         as_logits({"scores": logits})
+
+
+def test_as_logits_reads_a_logits_attribute_before_the_first_element():
+    """An output object that is not a mapping (a dataclass, a named tuple) is read
+    at its ``logits`` attribute, as the demo and the benchmarks did with their own
+    copies; a named tuple whose first field is not the logits is not misread."""
+    logits = torch.randn(2, 3)
+    assert as_logits(SimpleNamespace(logits=logits, hidden=torch.ones(1))) is logits
+    Output = namedtuple("Output", ["hidden", "logits"])
+    assert as_logits(Output(torch.zeros(2, 5), logits)) is logits
+    with pytest.raises(TypeError, match="ModelOutput"):
+        as_logits(SimpleNamespace(scores=logits))
 
 
 def test_check_finite_names_the_argument():

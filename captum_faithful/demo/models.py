@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from captum_faithful._utils import optional_import, progress
+from captum_faithful._utils import as_logits, optional_import, progress
 from captum_faithful.demo.data import IMAGE_SIZE, N_CLASSES, DigitBlocks, make_blocks
 
 #: Bump when the training code changes in a way the recipe fields do not capture.
@@ -253,11 +253,6 @@ def build_vit(recipe: Recipe, seed: int = 0) -> nn.Module:
     return vit
 
 
-def _logits(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    return out if isinstance(out, Tensor) else out.logits
-
-
 @torch.no_grad()
 def accuracy(
     model: nn.Module, images: Tensor, labels: Tensor, batch: int = 256
@@ -268,7 +263,8 @@ def accuracy(
     for i in range(0, len(labels), batch):
         correct += int(
             (
-                _logits(model, images[i : i + batch]).argmax(1) == labels[i : i + batch]
+                as_logits(model(images[i : i + batch])).argmax(1)
+                == labels[i : i + batch]
             ).sum()
         )
     return correct / max(1, len(labels))
@@ -304,7 +300,7 @@ def train_classifier(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             loss = F.cross_entropy(
-                _logits(model, data.images[batch]), data.labels[batch]
+                as_logits(model(data.images[batch])), data.labels[batch]
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

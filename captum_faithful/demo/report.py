@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from captum_faithful._files import atomic_write
-from captum_faithful._utils import optional_import
+from captum_faithful._utils import as_logits, optional_import
 from captum_faithful.demo.gating import C_MAXS, KAPPAS, STAGE_ONE_C_MAX, STAGE_ONE_KAPPA
 from captum_faithful.demo.patching import BASELINE_LABELS
 from captum_faithful.demo.registry import (
@@ -697,16 +697,11 @@ def predicted_classes(outcome: Any) -> dict[str, Tensor]:
         device = next(model.parameters()).device
         with torch.no_grad():
             chunks = [
-                _logits(model, images[i : i + 64].to(device)).argmax(-1).cpu()
+                as_logits(model(images[i : i + 64].to(device))).argmax(-1).cpu()
                 for i in range(0, n, 64)
             ]
         predictions[name] = torch.cat(chunks)
     return predictions
-
-
-def _logits(model: Any, x: Tensor) -> Tensor:
-    out = model(x)
-    return out if isinstance(out, Tensor) else out.logits
 
 
 #: The figure's colour map: red for positive attribution, blue for negative.
