@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captum_faithful._utils import optional_import
+from captum_faithful import metrics as metrics_module
 from captum_faithful.attr import FeatureGatedTransMM
 from captum_faithful.demo.gating import GatingChoice
+from captum_faithful.metrics._utils import metric_reading
 
 #: How many images of the first batch each method's maps are kept for, for the figure.
 FIGURE_IMAGES = 6
@@ -365,18 +366,6 @@ COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ),
 )
 
-#: Metric name → (label in the report, True when higher is better).
-METRIC_INFO: dict[str, tuple[str, bool]] = {
-    "insertion": ("insertion AUC", True),
-    "deletion": ("deletion AUC", False),
-    "saco": ("SaCo", True),
-    "faithfulness_correlation": ("faithfulness corr.", True),
-    "path_monotonicity": ("path monotonicity", True),
-    "activation_deviation": ("activation deviation (MSE)", False),
-    "localisation": ("evidence localisation", True),
-    "precision": ("evidence precision", True),
-}
-
 
 class _EvidenceMetric:
     """A demo metric that knows the evidence mask of each of the demo's images
@@ -407,6 +396,9 @@ class EvidenceLocalisation(_EvidenceMetric):
     when a map has no positive attribution.
     """
 
+    label = "evidence localisation"
+    higher_is_better = True
+
     def __call__(
         self,
         forward_func: Any,
@@ -432,6 +424,9 @@ class EvidencePrecision(_EvidenceMetric):
     the ranking only, so a dense map (FEI's mean of coverage masks) is not capped by
     the mass it keeps outside the block.
     """
+
+    label = "evidence precision"
+    higher_is_better = True
 
     def __init__(self, images: Tensor, masks: Tensor, seed: int = 0) -> None:
         super().__init__(images, masks)
@@ -461,6 +456,25 @@ class EvidencePrecision(_EvidenceMetric):
         return (hits / sizes.squeeze(1)).float()
 
 
+#: The demo's metric rows, in the report's order: row name → the metric it is
+#: (and the entry read from a metric that returns a dictionary).
+METRIC_ROWS: dict[str, tuple[Any, str | None]] = {
+    "insertion": (metrics_module.insertion_auc, None),
+    "deletion": (metrics_module.deletion_auc, None),
+    "saco": (metrics_module.saco, None),
+    "faithfulness_correlation": (metrics_module.faithfulness_correlation, None),
+    "path_monotonicity": (metrics_module.path_monotonicity, None),
+    "activation_deviation": (metrics_module.insertion_activation_deviation, "mse"),
+    "localisation": (EvidenceLocalisation, None),
+    "precision": (EvidencePrecision, None),
+}
+#: Metric row → (label in the report, True when higher is better), as each metric
+#: carries them.
+METRIC_INFO: dict[str, tuple[str, bool]] = {
+    name: metric_reading(metric, key) for name, (metric, key) in METRIC_ROWS.items()
+}
+
+
 def metrics_for(
     method: Method,
     explainer: Explainer,
@@ -470,7 +484,6 @@ def metrics_for(
     settings: Settings,
 ) -> dict[str, Callable]:
     """The metrics that score ``method`` (partial applications of §6 metrics)."""
-    metrics_module = optional_import("captum_faithful.metrics", "demo")
     feature_mask = None
     if method.model == "vit":
         patch = int(model.config.patch_size)

@@ -27,7 +27,8 @@ Also here: :func:`average_ranks`, :func:`pearson_correlation` and
 :func:`spearman_correlation` and :func:`cosine_similarity` (batched, along the
 last dimension), and
 :func:`restores_model_state`, the decorator that gives every metric the user's model
-back as it found it.
+back as it found it, and :func:`reading`, which keeps on each public metric how to
+read it (``label``, ``higher_is_better``), as Quantus keeps it on the metric itself.
 
 A perturbation is described by a function ``take_input(samples, perturbations)``
 that returns, for each requested (sample, perturbation) pair, a boolean row over
@@ -277,6 +278,39 @@ def restores_model_state(metric: Metric) -> Metric:
             return metric(forward_func, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def reading(
+    label: str | dict[str, str], higher_is_better: bool | dict[str, bool]
+) -> Callable[[Metric], Metric]:
+    """Keep how to read a metric on the metric itself, as Quantus does: sets the
+    attributes ``label`` (the short name a table prints) and ``higher_is_better``
+    (its direction) of the public function. A metric that returns a dictionary of
+    per-example tensors gives a dictionary of each, one entry per key it returns
+    (or one value for all its keys, e.g. per randomised layer). The evaluation and
+    the demo read them from here, so a metric's direction is written once."""
+
+    def mark(metric: Metric) -> Metric:
+        metric.__dict__.update(label=label, higher_is_better=higher_is_better)
+        return metric
+
+    return mark
+
+
+def metric_reading(metric: Any, key: str | None = None) -> tuple[str, bool]:
+    """``(label, higher_is_better)`` of ``metric`` as :func:`reading` set them (of
+    its entry ``key`` when it returns a dictionary); any object with the two
+    attributes, e.g. a metric class of the user's, is read the same way."""
+    label, higher = metric.label, metric.higher_is_better
+    if key is not None:
+        label = label[key] if isinstance(label, dict) else label
+        higher = higher[key] if isinstance(higher, dict) else higher
+    if not isinstance(label, str) or not isinstance(higher, bool):
+        raise TypeError(
+            f"`key`: the metric {getattr(metric, '__name__', metric)!r} returns a "
+            "dictionary; name the entry to read"
+        )
+    return label, higher
 
 
 def contiguous_feature_range(ids: Tensor) -> tuple[int, int] | None:

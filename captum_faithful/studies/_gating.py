@@ -33,15 +33,15 @@ from captum_faithful.metrics import (
     patch_mask,
     saco,
 )
+from captum_faithful.metrics._utils import metric_reading
 from captum_faithful.sae import load_sae
 from captum_faithful.vit import get_adapter
 
-#: Metrics ``select_gating`` knows by name: (function, True when higher is better).
-METRICS: dict[str, tuple[Callable, bool]] = {
-    "saco": (saco, True),
-    "faithfulness_correlation": (faithfulness_correlation, True),
-    "insertion_auc": (insertion_auc, True),
-    "deletion_auc": (deletion_auc, False),
+#: Metrics ``select_gating`` knows by name; each carries its direction
+#: (``higher_is_better``).
+METRICS: dict[str, Callable] = {
+    metric.__name__: metric
+    for metric in (saco, faithfulness_correlation, insertion_auc, deletion_auc)
 }
 #: The method name of the ungated TransMM row of every selection table.
 BASELINE = "transmm"
@@ -328,7 +328,7 @@ def select_gating(
 
     if metric_function is None:
         patch_size = get_adapter(model).patch_size
-        metric_function = _PatchMetric(METRICS[metric_name][0], patch_size)
+        metric_function = _PatchMetric(METRICS[metric_name], patch_size)
     digest = _settings.tensor_digest(
         {
             f"{layer}.{key}": value
@@ -451,7 +451,7 @@ def _check_metric(
                 f"`metric` must be one of {tuple(METRICS)} or a callable, got "
                 f"{metric!r}"
             )
-        direction = METRICS[metric][1]
+        direction = metric_reading(METRICS[metric])[1]
         if higher_is_better is not None and higher_is_better != direction:
             raise ValueError(
                 f"`higher_is_better={higher_is_better}` contradicts the metric "

@@ -25,6 +25,7 @@ from captum_faithful.metrics._utils import (
     nan_where_non_finite,
     perturbed_target_scores,
     prepare_metric_inputs,
+    reading,
     restores_model_state,
 )
 
@@ -138,6 +139,7 @@ def faithfulness_correlation_for_subsets(
         )
 
 
+@reading("faithfulness corr.", True)
 @log_usage()
 @restores_model_state
 def faithfulness_correlation(

@@ -25,6 +25,7 @@ from captum_faithful.metrics._utils import (
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
+    reading,
     restores_model_state,
 )
 
@@ -106,6 +107,7 @@ def _curve(
     return auc
 
 
+@reading("insertion AUC", True)
 @log_usage()
 @restores_model_state
 def insertion_auc(
@@ -206,6 +208,7 @@ def insertion_auc(
     )
 
 
+@reading("deletion AUC", False)
 @log_usage()
 @restores_model_state
 def deletion_auc(
