@@ -270,3 +270,20 @@ def progress(iterable: Iterable, show: bool, **tqdm_kwargs: Any) -> Iterable:
         return iterable
     tqdm = optional_import("tqdm.auto", "progress").tqdm
     return tqdm(iterable, **tqdm_kwargs)
+
+
+def markdown_table(
+    header: Sequence[str], rows: Iterable[Sequence[Any]], text_columns: int = 1
+) -> str:
+    """A Markdown table (no trailing newline): every cell as text with ``|``
+    escaped, the first ``text_columns`` columns left-aligned and the rest (the
+    numbers) right-aligned. The one table writer of :meth:`Results.to_markdown
+    <captum_faithful.evaluation.Results.to_markdown>` and the demo report."""
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
+    return "\n".join(
+        [line(header), line(align[: len(header)]), *(line(cells) for cells in rows)]
+    )

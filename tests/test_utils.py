@@ -8,6 +8,7 @@ from helpers import ModelSnapshot
 from captum_faithful._utils import (
     as_logits,
     check_finite,
+    markdown_table,
     preserve_model_state,
     resolve_model,
 )
@@ -56,3 +57,12 @@ def test_preserve_model_state_restores_after_exception(cnn):
                 p.requires_grad_(True)
             raise RuntimeError("boom")
     snapshot.assert_same(cnn)
+
+
+def test_markdown_table_aligns_numbers_right_and_escapes_pipes():
+    text = markdown_table(["name", "kind", "value"], [["a|b", "x", 1.5]], 2)
+    assert text.splitlines() == [
+        "| name | kind | value |",
+        "| --- | --- | ---: |",
+        "| a\\|b | x | 1.5 |",
+    ]
