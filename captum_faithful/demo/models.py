@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from captum_faithful._utils import as_logits, optional_import, progress
+from captum_faithful.demo._stopwatch import Stopwatch
 from captum_faithful.demo.data import IMAGE_SIZE, N_CLASSES, DigitBlocks, make_blocks
 
 #: Bump when the training code changes in a way the recipe fields do not capture.
@@ -500,27 +500,6 @@ def _load_sae(path: Path, device: str) -> Any:
     return load_sae(path, device=device)
 
 
-class _Clock:
-    """CPU (this process, every thread) and wall seconds of named phases."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, dict[str, float]] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        cpu, wall = time.process_time(), time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[name] = {
-                "cpu_seconds": time.process_time() - cpu,
-                "wall_seconds": time.perf_counter() - wall,
-            }
-
-    def total(self, key: str) -> float:
-        return sum(phase[key] for phase in self.phases.values())
-
-
 def train_all(
     recipe: Recipe, seed: int, folder: Path, show_progress: bool = False
 ) -> dict:
@@ -530,7 +509,7 @@ def train_all(
     variance and share of dead features (:func:`held_out_tokens`),
     and the CPU and wall seconds of every training phase with the thread count.
     """
-    clock = _Clock()
+    clock = Stopwatch()
 
     def rendering(index: int) -> DigitBlocks:
         return make_blocks("train", seed, rendering=index % recipe.renderings)

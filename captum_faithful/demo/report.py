@@ -391,7 +391,11 @@ def render_report(outcome: Any) -> str:
         markdown_table(
             ["step", "wall seconds", "CPU seconds"],
             [
-                [_step_label(step), f"{lap['wall']:.1f}", f"{lap['cpu']:.1f}"]
+                [
+                    _step_label(step),
+                    f"{lap['wall_seconds']:.1f}",
+                    f"{lap['cpu_seconds']:.1f}",
+                ]
                 for step, lap in outcome.timings.items()
             ],
             text_columns=2,
