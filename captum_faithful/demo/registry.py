@@ -20,7 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from captum_faithful import metrics as metrics_module
-from captum_faithful.attr import FeatureGatedTransMM
+from captum_faithful.attr import (
+    FaithfulnessEnsemble,
+    FeatureGatedTransMM,
+    TransMM,
+    UnlearnedIntegratedGradients,
+)
 from captum_faithful.demo.gating import GatingChoice
 from captum_faithful.metrics._utils import metric_reading
 
@@ -136,7 +141,6 @@ class Method:
 def _unlearned_integrated_gradients(
     demo: Any, settings: Settings, gating: GatingChoice | None
 ) -> Explainer:
-    from captum_faithful.attr import UnlearnedIntegratedGradients
 
     uni = UnlearnedIntegratedGradients(demo.cnn)
     # The learned baselines are computed once and handed to ``attribute`` (which then
@@ -152,10 +156,8 @@ def _integrated_gradients(baseline: str) -> Builder:
     def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
         from captum.attr import IntegratedGradients
 
-        from captum_faithful.metrics import blur_baseline
-
         ig = IntegratedGradients(demo.cnn)
-        make = torch.zeros_like if baseline == "black" else blur_baseline
+        make = torch.zeros_like if baseline == "black" else metrics_module.blur_baseline
         return Explainer(
             lambda x, t, b: ig.attribute(x, baselines=b, target=t, n_steps=50),
             baselines=lambda x, t: make(x),
@@ -184,7 +186,6 @@ def _faithfulness_ensemble(
     seed (a sample's reference does not depend on the rest of its batch)."""
 
     def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
-        from captum_faithful.attr import FaithfulnessEnsemble
 
         fei = FaithfulnessEnsemble(
             demo.cnn if model == "cnn" else demo.vit,
@@ -202,7 +203,6 @@ def _faithfulness_ensemble(
 
 
 def _transmm(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
-    from captum_faithful.attr import TransMM
 
     transmm = TransMM(demo.vit)
     return Explainer(lambda x, t: transmm.attribute(x, target=t))
