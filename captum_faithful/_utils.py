@@ -287,3 +287,25 @@ def markdown_table(
     return "\n".join(
         [line(header), line(align[: len(header)]), *(line(cells) for cells in rows)]
     )
+
+
+def check_registration(matches: Any, factory: Any, adapter: str) -> None:
+    """The arguments of a ``register_adapter`` (of :mod:`captum_faithful.vit` or
+    :mod:`captum_faithful.lm`): a module class or a predicate, and a factory
+    ``module -> adapter`` (``adapter`` names its class in the message)."""
+    if not (isinstance(matches, type) or callable(matches)):
+        raise TypeError(
+            "`matches` must be a module class or a predicate module -> bool"
+        )
+    if not callable(factory):
+        raise TypeError(f"`factory` must be a callable module -> {adapter}")
+
+
+def matches_module(
+    matches: type | Callable[[nn.Module], bool], module: nn.Module
+) -> bool:
+    """Whether a registered ``matches`` (a class: instances and subclasses; or a
+    predicate) describes ``module``."""
+    if isinstance(matches, type):
+        return isinstance(module, matches)
+    return bool(matches(module))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from captum_faithful._utils import check_registration, matches_module
 from captum_faithful.vit._adapter import ViTAdapter
 from captum_faithful.vit._families import BUILT_IN, SUPPORTED_FAMILIES, generic_adapter
 
@@ -43,19 +44,8 @@ def register_adapter(
         ...     m, blocks=m.blocks, attention_modules=[b.attn for b in m.blocks],
         ...     num_prefix_tokens=1, patch_size=16, hidden_size=m.dim))
     """
-    if not (isinstance(matches, type) or callable(matches)):
-        raise TypeError(
-            "`matches` must be a module class or a predicate module -> bool"
-        )
-    if not callable(factory):
-        raise TypeError("`factory` must be a callable module -> ViTAdapter")
+    check_registration(matches, factory, "ViTAdapter")
     _REGISTRY.append((matches, factory))
-
-
-def _matches(matches: type | Callable[[nn.Module], bool], module: nn.Module) -> bool:
-    if isinstance(matches, type):
-        return isinstance(module, matches)
-    return bool(matches(module))
 
 
 def get_adapter(model: nn.Module) -> ViTAdapter:
@@ -70,7 +60,7 @@ def get_adapter(model: nn.Module) -> ViTAdapter:
         )
     for module in model.modules():
         for matches, factory in [*reversed(_REGISTRY), *BUILT_IN]:
-            if _matches(matches, module):
+            if matches_module(matches, module):
                 adapter = factory(module)
                 if adapter is not None:
                     return adapter
