@@ -58,20 +58,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captum_faithful.attr import (  # noqa: E402
-    FaithfulnessEnsemble,
-    blank_image_diagnostic,
-)
-from captum_faithful.attr._core.faithfulness_ensemble import (  # noqa: E402
-    monochrome_reference,
-    quantile_levels,
-)
+from captum_faithful._baselines import monochrome_reference  # noqa: E402
+from captum_faithful._utils import logits_forward  # noqa: E402
+from captum_faithful.attr import FaithfulnessEnsemble  # noqa: E402
+from captum_faithful.attr._utils.retention_maps import quantile_levels  # noqa: E402
 from captum_faithful.demo.registry import EvidencePrecision  # noqa: E402
 from captum_faithful.metrics import (  # noqa: E402
     deletion_auc,
     insertion_activation_deviation,
     insertion_auc,
 )
+from captum_faithful.studies import blank_image_diagnostic  # noqa: E402
 
 CLIPS = ("none", "vm", "ivm", "avm", "ibm")
 N_ITER = 100
@@ -121,18 +118,10 @@ def interleaved_rounds(
     ]
 
 
-def logits_of(model):
-    def forward(x):
-        out = model(x)
-        return out if isinstance(out, torch.Tensor) else out.logits
-
-    return forward
-
-
 def floor(model, images, targets, n_levels=K, n_iter=N_ITER):
     """n_iter forward+backward passes of the N*K batch: the target probability's
     gradient with respect to the input (what FEI cannot avoid)."""
-    forward = logits_of(model)
+    forward = logits_forward(model)
     batch = images.repeat(n_levels, 1, 1, 1)
     classes = targets.repeat(n_levels).view(-1, 1)
 
@@ -148,7 +137,7 @@ def floor(model, images, targets, n_levels=K, n_iter=N_ITER):
 def integrated_gradients(model, images, targets):
     from captum.attr import IntegratedGradients
 
-    ig = IntegratedGradients(logits_of(model))
+    ig = IntegratedGradients(logits_forward(model))
     return lambda: ig.attribute(images, target=targets, n_steps=50)
 
 
@@ -242,7 +231,7 @@ def variant_table(demo, images, masks, n_blank):
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model_name in ("cnn", "vit"):
         model = demo.cnn if model_name == "cnn" else demo.vit
-        forward = logits_of(model)
+        forward = logits_forward(model)
         patch = int(getattr(getattr(model, "config", None), "patch_size", 1))
         with torch.no_grad():
             targets = forward(images).argmax(1)

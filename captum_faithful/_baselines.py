@@ -5,9 +5,15 @@ can be passed as ``baselines=`` to every method and metric (the strings ``"zero"
 ``"mean"`` and ``"blur"`` select the same functions, see
 :func:`captum_faithful._arguments.format_baselines`). They never modify their
 argument. The public names are exported by :mod:`captum_faithful.metrics`.
+
+:func:`monochrome_reference` is FEI's default reference (and the blank-image
+diagnostic's): one random colour per sample and channel. It is not a preset, since
+it draws from a generator, but it is a baseline all the same, so it lives here.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +134,43 @@ def blur_baseline(inputs: Tensor) -> Tensor:
     vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, BLUR_KERNEL_SIZE, 1)
     blurred = F.conv2d(padded, horizontal, groups=channels)
     return F.conv2d(blurred, vertical, groups=channels).to(inputs.dtype)
+
+
+def monochrome_reference(
+    inputs: Tensor,
+    generator: torch.Generator | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> Tensor:
+    """One random colour per sample and channel, shape (N, C, 1, 1).
+
+    Each channel's colour is uniform between that channel's min and max in the sample
+    (or in ``value_range`` when given, e.g. for constant images, whose own range is
+    empty). The draw of a sample depends only on ``generator`` (one 64-bit number is
+    drawn from it per call) and on the sample's values, not on the other samples of
+    the batch: the same image gets the same colour alone or inside any batch.
+    """
+    n, channels = inputs.shape[:2]
+    device = generator.device if generator is not None else torch.device("cpu")
+    key = int(
+        torch.randint(0, 2**62, (1,), generator=generator, device=device).item()
+    ).to_bytes(8, "little")
+    rows = inputs.detach().reshape(n, -1).cpu().contiguous()
+    draws = torch.empty(n, channels, dtype=torch.float64)
+    for i in range(n):
+        digest = hashlib.blake2b(
+            rows[i].view(torch.uint8).numpy().tobytes(), digest_size=8, key=key
+        ).digest()
+        seed = int.from_bytes(digest, "little") & (2**63 - 1)
+        draws[i] = torch.rand(
+            channels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+    draws = draws.view(n, channels, 1, 1).to(device=inputs.device, dtype=inputs.dtype)
+    if value_range is not None:
+        low, high = value_range
+        return low + draws * (high - low)
+    low = inputs.amin(dim=(2, 3), keepdim=True)
+    high = inputs.amax(dim=(2, 3), keepdim=True)
+    return low + draws * (high - low)
 
 
 BASELINE_PRESETS = {"zero": zero_baseline, "mean": mean_baseline, "blur": blur_baseline}

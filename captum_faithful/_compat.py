@@ -13,6 +13,7 @@ from captum._utils.common import (
     _is_tuple,
     _run_forward,
 )
+from captum._utils.gradient import compute_gradients
 from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr._core.llm_attr import GradientForwardFunc
 from captum.attr._utils.approximation_methods import (
@@ -36,4 +37,5 @@ __all__ = [
     "_reshape_and_sum",
     "_run_forward",
     "approximation_parameters",
+    "compute_gradients",
 ]

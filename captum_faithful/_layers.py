@@ -7,6 +7,10 @@ probabilities for a Vision Transformer's attention module, the residual stream f
 transformer block. Every hook is installed by a context manager and removed on exit,
 also when the forward raises; the Vision-Transformer presets run the model with eager
 attention for the duration (see :func:`model_places`).
+
+It sits above :mod:`captum_faithful.vit` (the Vision-Transformer presets ask its
+adapters where the attention probabilities and the blocks are) and below the
+metrics and the methods that use it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
+
+from captum_faithful.vit import eager_attention, get_adapter
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
 
@@ -132,8 +138,6 @@ def select_places(model: nn.Module, layers: LayerSpec) -> list[Place]:
       (``blocks.{l}.hook_resid_post``).
     """
     if isinstance(layers, str) and layers in VIT_PRESETS:
-        from captum_faithful.vit import get_adapter
-
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"`model` must be a torch.nn.Module, got {type(model).__name__}"
@@ -177,8 +181,6 @@ def model_places(model: nn.Module, layers: LayerSpec) -> Iterator[list[Place]]:
     places = select_places(model, layers)
     with ExitStack() as stack:
         if needs_eager_attention(layers):
-            from captum_faithful.vit import eager_attention
-
             stack.enter_context(eager_attention(model))
         yield places
 

@@ -31,10 +31,12 @@ def optional_import(module: str, extra: str) -> Any:
 
 
 def as_logits(output: Any) -> Tensor:
-    """Reduce a forward output to a tensor.
+    """Reduce a forward output to a tensor: the package's one reading of logits.
 
     A Hugging Face ``ModelOutput`` or a mapping is reduced to its ``logits`` field
-    (``logits_per_image`` for CLIP-style outputs); a tuple to its first element.
+    (``logits_per_image`` for CLIP-style outputs); another object with a tensor
+    attribute ``logits`` (a dataclass, a named tuple) to that attribute; a tuple to
+    its first element.
     """
     if isinstance(output, Tensor):
         return output
@@ -46,6 +48,8 @@ def as_logits(output: Any) -> Tensor:
             "forward_func returned a mapping without a 'logits' field; expected a "
             f"tensor or a ModelOutput with logits, got keys {list(output.keys())}"
         )
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(
@@ -278,3 +282,42 @@ def progress(iterable: Iterable, show: bool, **tqdm_kwargs: Any) -> Iterable:
         return iterable
     tqdm = optional_import("tqdm.auto", "progress").tqdm
     return tqdm(iterable, **tqdm_kwargs)
+
+
+def markdown_table(
+    header: Sequence[str], rows: Iterable[Sequence[Any]], text_columns: int = 1
+) -> str:
+    """A Markdown table (no trailing newline): every cell as text with ``|``
+    escaped, the first ``text_columns`` columns left-aligned and the rest (the
+    numbers) right-aligned. The one table writer of :meth:`Results.to_markdown
+    <captum_faithful.evaluation.Results.to_markdown>` and the demo report."""
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
+    return "\n".join(
+        [line(header), line(align[: len(header)]), *(line(cells) for cells in rows)]
+    )
+
+
+def check_registration(matches: Any, factory: Any, adapter: str) -> None:
+    """The arguments of a ``register_adapter`` (of :mod:`captum_faithful.vit` or
+    :mod:`captum_faithful.lm`): a module class or a predicate, and a factory
+    ``module -> adapter`` (``adapter`` names its class in the message)."""
+    if not (isinstance(matches, type) or callable(matches)):
+        raise TypeError(
+            "`matches` must be a module class or a predicate module -> bool"
+        )
+    if not callable(factory):
+        raise TypeError(f"`factory` must be a callable module -> {adapter}")
+
+
+def matches_module(
+    matches: type | Callable[[nn.Module], bool], module: nn.Module
+) -> bool:
+    """Whether a registered ``matches`` (a class: instances and subclasses; or a
+    predicate) describes ``module``."""
+    if isinstance(matches, type):
+        return isinstance(module, matches)
+    return bool(matches(module))

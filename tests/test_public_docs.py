@@ -24,6 +24,7 @@ MODULES = (
     "captum_faithful.attr",
     "captum_faithful.metrics",
     "captum_faithful.evaluation",
+    "captum_faithful.studies",
     "captum_faithful.sae",
     "captum_faithful.vit",
     "captum_faithful.lm",

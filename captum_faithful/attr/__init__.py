@@ -2,7 +2,6 @@
 
 from captum_faithful.attr._core.activation_patching import activation_patching
 from captum_faithful.attr._core.attribution_patching import AttributionPatching
-from captum_faithful.attr._core.blank_image_diagnostic import blank_image_diagnostic
 from captum_faithful.attr._core.clip_grad import ClipGrad
 from captum_faithful.attr._core.faithfulness_ensemble import FaithfulnessEnsemble
 from captum_faithful.attr._core.feature_gated_transmm import FeatureGatedTransMM
@@ -23,5 +22,4 @@ __all__: list[str] = [
     "TransMM",
     "UnlearnedIntegratedGradients",
     "activation_patching",
-    "blank_image_diagnostic",
 ]

@@ -19,8 +19,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from captum_faithful._utils import optional_import
-from captum_faithful.attr._core.feature_gated_transmm import VARIANTS
-from captum_faithful.evaluation import (
+from captum_faithful.attr import FeatureGatedTransMM
+from captum_faithful.studies import (
     GatingConfiguration,
     GatingSelection,
     select_gating,
@@ -124,7 +124,7 @@ def choose_gating(
         layers=layer_sets(list(saes)),
         kappas=[STAGE_ONE_KAPPA],
         c_maxs=[STAGE_ONE_C_MAX],
-        variants=list(VARIANTS),
+        variants=list(FeatureGatedTransMM.VARIANTS),
         **common,
     )
     second = select_gating(

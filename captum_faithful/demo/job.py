@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from captum_faithful._utils import check_int, optional_import
+from captum_faithful.demo._stopwatch import Stopwatch
 from captum_faithful.demo.gating import GatingChoice, choose_gating
 from captum_faithful.demo.registry import METHODS, METRIC_INFO, Settings, metrics_for
 from captum_faithful.demo.report import write_outputs
@@ -54,19 +54,6 @@ class Outcome:
     patching: Any = None
 
 
-class _Stopwatch:
-    """Wall and CPU seconds since the previous lap."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def lap(self) -> dict[str, float]:
-        wall, cpu = time.perf_counter(), time.process_time()
-        lap = {"wall": wall - self.wall, "cpu": cpu - self.cpu}
-        self.wall, self.cpu = wall, cpu
-        return lap
-
-
 def check_output_folder(out: Path) -> None:
     """Create ``out`` and check it is writable, before any heavy work."""
     try:
@@ -98,9 +85,8 @@ def _run(settings: Settings) -> Outcome:
     evaluation = optional_import("captum_faithful.evaluation", "demo")
     pd = optional_import("pandas", "demo")
     data_utils = optional_import("torch.utils.data", "demo")
-    started = time.perf_counter()
     timings: dict[str, dict[str, float]] = {}
-    clock = _Stopwatch()
+    clock = Stopwatch()
     check_output_folder(settings.out)
     demo = load_demo(
         quick=settings.quick,
@@ -190,7 +176,7 @@ def _run(settings: Settings) -> Outcome:
         demo,
         settings,
         figure_maps,
-        time.perf_counter() - started,
+        clock.elapsed(),
         {},
         gating=gating,
         timings=timings,
@@ -202,7 +188,7 @@ def _run(settings: Settings) -> Outcome:
 
 
 def run_language_model(
-    settings: Settings, timings: dict[str, dict[str, float]], clock: _Stopwatch
+    settings: Settings, timings: dict[str, dict[str, float]], clock: Stopwatch
 ) -> tuple[Any, Any]:
     """Load (or train) the tiny language model and measure attribution patching
     against activation patching on its 100 counterfactual prompts, from each

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from torch.nn import functional as F
 
 from captum_faithful._utils import check_int, optional_import, progress
 from captum_faithful.demo import models
+from captum_faithful.demo._stopwatch import Stopwatch
 from captum_faithful.demo.lm_data import FactData, fact_tokenizer, make_facts
 
 #: Bump when the training code changes in a way the recipe fields do not capture.
@@ -210,10 +210,10 @@ def _train_into(
 ) -> dict:
     data = make_facts(seed)
     tokenizer = fact_tokenizer(data)
-    cpu, wall = time.process_time(), time.perf_counter()
+    clock = Stopwatch()
     # a transformers model (build_language_model), with save_pretrained
     model: Any = train_language_model(recipe, data, tokenizer, seed, show_progress)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    training = clock.lap()
     with models.quiet_transformers():
         model.save_pretrained(str(folder / "model"))
         tokenizer.save_pretrained(str(folder / "tokenizer"))
@@ -227,8 +227,8 @@ def _train_into(
             [f.attribute for f in data.facts],
         ),
         "training_threads": torch.get_num_threads(),
-        "training_seconds": wall,
-        "training_cpu_seconds": cpu,
+        "training_seconds": training["wall_seconds"],
+        "training_cpu_seconds": training["cpu_seconds"],
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta

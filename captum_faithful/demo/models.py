@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from captum_faithful._utils import optional_import, progress
+from captum_faithful._utils import as_logits, optional_import, progress
+from captum_faithful.demo._stopwatch import Stopwatch
 from captum_faithful.demo.data import IMAGE_SIZE, N_CLASSES, DigitBlocks, make_blocks
 
 #: Bump when the training code changes in a way the recipe fields do not capture.
@@ -253,11 +253,6 @@ def build_vit(recipe: Recipe, seed: int = 0) -> nn.Module:
     return vit
 
 
-def _logits(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    return out if isinstance(out, Tensor) else out.logits
-
-
 @torch.no_grad()
 def accuracy(
     model: nn.Module, images: Tensor, labels: Tensor, batch: int = 256
@@ -268,7 +263,8 @@ def accuracy(
     for i in range(0, len(labels), batch):
         correct += int(
             (
-                _logits(model, images[i : i + batch]).argmax(1) == labels[i : i + batch]
+                as_logits(model(images[i : i + batch])).argmax(1)
+                == labels[i : i + batch]
             ).sum()
         )
     return correct / max(1, len(labels))
@@ -304,7 +300,7 @@ def train_classifier(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             loss = F.cross_entropy(
-                _logits(model, data.images[batch]), data.labels[batch]
+                as_logits(model(data.images[batch])), data.labels[batch]
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -508,27 +504,6 @@ def _load_sae(path: Path, device: str) -> Any:
     return load_sae(path, device=device)
 
 
-class _Clock:
-    """CPU (this process, every thread) and wall seconds of named phases."""
-
-    def __init__(self) -> None:
-        self.phases: dict[str, dict[str, float]] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        cpu, wall = time.process_time(), time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[name] = {
-                "cpu_seconds": time.process_time() - cpu,
-                "wall_seconds": time.perf_counter() - wall,
-            }
-
-    def total(self, key: str) -> float:
-        return sum(phase[key] for phase in self.phases.values())
-
-
 def train_all(
     recipe: Recipe, seed: int, folder: Path, show_progress: bool = False
 ) -> dict:
@@ -538,7 +513,7 @@ def train_all(
     variance and share of dead features (:func:`held_out_tokens`),
     and the CPU and wall seconds of every training phase with the thread count.
     """
-    clock = _Clock()
+    clock = Stopwatch()
 
     def rendering(index: int) -> DigitBlocks:
         return make_blocks("train", seed, rendering=index % recipe.renderings)

@@ -19,9 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captum_faithful._utils import optional_import
-from captum_faithful.attr._core.feature_gated_transmm import VARIANTS
+from captum_faithful import metrics as metrics_module
+from captum_faithful.attr import (
+    FaithfulnessEnsemble,
+    FeatureGatedTransMM,
+    TransMM,
+    UnlearnedIntegratedGradients,
+)
 from captum_faithful.demo.gating import GatingChoice
+from captum_faithful.metrics._utils import metric_reading
 
 #: How many images of the first batch each method's maps are kept for, for the figure.
 FIGURE_IMAGES = 6
@@ -135,7 +141,6 @@ class Method:
 def _unlearned_integrated_gradients(
     demo: Any, settings: Settings, gating: GatingChoice | None
 ) -> Explainer:
-    from captum_faithful.attr import UnlearnedIntegratedGradients
 
     # epsilon: the default, the paper's 0.25 scaled to the 3x32x32 images (0.25 / 7);
     # against 0.25 no metric of the report differs by Welch's test (paired: evidence
@@ -155,10 +160,8 @@ def _integrated_gradients(baseline: str) -> Builder:
     def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
         from captum.attr import IntegratedGradients
 
-        from captum_faithful.metrics import blur_baseline
-
         ig = IntegratedGradients(demo.cnn)
-        make = torch.zeros_like if baseline == "black" else blur_baseline
+        make = torch.zeros_like if baseline == "black" else metrics_module.blur_baseline
         return Explainer(
             lambda x, t, b: ig.attribute(x, baselines=b, target=t, n_steps=50),
             baselines=lambda x, t: make(x),
@@ -187,7 +190,6 @@ def _faithfulness_ensemble(
     seed (a sample's reference does not depend on the rest of its batch)."""
 
     def build(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
-        from captum_faithful.attr import FaithfulnessEnsemble
 
         fei = FaithfulnessEnsemble(
             demo.cnn if model == "cnn" else demo.vit,
@@ -205,7 +207,6 @@ def _faithfulness_ensemble(
 
 
 def _transmm(demo: Any, settings: Settings, gating: GatingChoice | None) -> Explainer:
-    from captum_faithful.attr import TransMM
 
     transmm = TransMM(demo.vit)
     return Explainer(lambda x, t: transmm.attribute(x, target=t))
@@ -301,7 +302,7 @@ METHODS: dict[str, Method] = {
                 _feature_gated_transmm(variant),
                 gated=True,
             )
-            for variant in VARIANTS
+            for variant in FeatureGatedTransMM.VARIANTS
         ),
     )
 }
@@ -312,7 +313,7 @@ METHODS: dict[str, Method] = {
 #: decoders differ.
 GATED_VARIANTS: dict[str, str | None] = {
     "fg-transmm": None,
-    **{f"fg-transmm-{variant}": variant for variant in VARIANTS},
+    **{f"fg-transmm-{variant}": variant for variant in FeatureGatedTransMM.VARIANTS},
 }
 
 
@@ -354,7 +355,10 @@ def duplicate_rows(
 COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("uni", "ig-black", None),
     ("fg-transmm", "transmm", None),
-    *((f"fg-transmm-{variant}", "transmm", None) for variant in VARIANTS),
+    *(
+        (f"fg-transmm-{variant}", "transmm", None)
+        for variant in FeatureGatedTransMM.VARIANTS
+    ),
     # the control against the same score with the real decoder, and against TransMM
     (f"fg-transmm-{SHUFFLED_VARIANT}", "fg-transmm-shuffled", None),
     ("fg-transmm-shuffled", "transmm", None),
@@ -365,18 +369,6 @@ COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
         ("activation_deviation", "insertion", "deletion"),
     ),
 )
-
-#: Metric name → (label in the report, True when higher is better).
-METRIC_INFO: dict[str, tuple[str, bool]] = {
-    "insertion": ("insertion AUC", True),
-    "deletion": ("deletion AUC", False),
-    "saco": ("SaCo", True),
-    "faithfulness_correlation": ("faithfulness corr.", True),
-    "path_monotonicity": ("path monotonicity", True),
-    "activation_deviation": ("activation deviation (MSE)", False),
-    "localisation": ("evidence localisation", True),
-    "precision": ("evidence precision", True),
-}
 
 
 class _EvidenceMetric:
@@ -408,6 +400,9 @@ class EvidenceLocalisation(_EvidenceMetric):
     when a map has no positive attribution.
     """
 
+    label = "evidence localisation"
+    higher_is_better = True
+
     def __call__(
         self,
         forward_func: Any,
@@ -433,6 +428,9 @@ class EvidencePrecision(_EvidenceMetric):
     the ranking only, so a dense map (FEI's mean of coverage masks) is not capped by
     the mass it keeps outside the block.
     """
+
+    label = "evidence precision"
+    higher_is_better = True
 
     def __init__(self, images: Tensor, masks: Tensor, seed: int = 0) -> None:
         super().__init__(images, masks)
@@ -462,6 +460,25 @@ class EvidencePrecision(_EvidenceMetric):
         return (hits / sizes.squeeze(1)).float()
 
 
+#: The demo's metric rows, in the report's order: row name → the metric it is
+#: (and the entry read from a metric that returns a dictionary).
+METRIC_ROWS: dict[str, tuple[Any, str | None]] = {
+    "insertion": (metrics_module.insertion_auc, None),
+    "deletion": (metrics_module.deletion_auc, None),
+    "saco": (metrics_module.saco, None),
+    "faithfulness_correlation": (metrics_module.faithfulness_correlation, None),
+    "path_monotonicity": (metrics_module.path_monotonicity, None),
+    "activation_deviation": (metrics_module.insertion_activation_deviation, "mse"),
+    "localisation": (EvidenceLocalisation, None),
+    "precision": (EvidencePrecision, None),
+}
+#: Metric row → (label in the report, True when higher is better), as each metric
+#: carries them.
+METRIC_INFO: dict[str, tuple[str, bool]] = {
+    name: metric_reading(metric, key) for name, (metric, key) in METRIC_ROWS.items()
+}
+
+
 def metrics_for(
     method: Method,
     explainer: Explainer,
@@ -471,7 +488,6 @@ def metrics_for(
     settings: Settings,
 ) -> dict[str, Callable]:
     """The metrics that score ``method`` (partial applications of §6 metrics)."""
-    metrics_module = optional_import("captum_faithful.metrics", "demo")
     feature_mask = None
     if method.model == "vit":
         patch = int(model.config.patch_size)

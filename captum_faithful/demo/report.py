@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from captum_faithful._files import atomic_write
-from captum_faithful._utils import optional_import
+from captum_faithful._utils import as_logits, markdown_table, optional_import
 from captum_faithful.demo.gating import C_MAXS, KAPPAS, STAGE_ONE_C_MAX, STAGE_ONE_KAPPA
 from captum_faithful.demo.patching import BASELINE_LABELS
 from captum_faithful.demo.registry import (
@@ -266,20 +266,6 @@ def duplicate_note(outcome: Any) -> list[str]:
     return lines
 
 
-def markdown_table(
-    header: list[str], rows: list[list[str]], text_columns: int = 2
-) -> str:
-    """A Markdown table, its first ``text_columns`` columns left-aligned and the
-    rest right-aligned."""
-    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(align[: len(header)]) + "|",
-    ]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines)
-
-
 def plain_table(header: list[str], rows: list[list[str]]) -> str:
     """The table as aligned text for the terminal."""
     widths = [
@@ -345,7 +331,7 @@ def render_report(outcome: Any) -> str:
         "Mean ± standard error over the images; bold: the best mean of each column "
         "among the CNN's methods and among the ViT's.",
         "",
-        markdown_table(header, rows),
+        markdown_table(header, rows, text_columns=2),
         "",
         "## Comparisons (Welch's t-test, two-sided)",
         "",
@@ -357,7 +343,9 @@ def render_report(outcome: Any) -> str:
     if compare:
         lines.append(
             markdown_table(
-                ["a", "b", "metric", "mean a", "mean b", "t", "p", "n a/b"], compare
+                ["a", "b", "metric", "mean a", "mean b", "t", "p", "n a/b"],
+                compare,
+                text_columns=2,
             )
         )
     else:
@@ -389,6 +377,7 @@ def render_report(outcome: Any) -> str:
                 ]
                 for layer, value in sorted(demo.sae_explained_variance.items())
             ],
+            text_columns=2,
         ),
         "",
         f"- Training recipe: {'quick' if settings.quick else 'full'}; cache "
@@ -402,9 +391,14 @@ def render_report(outcome: Any) -> str:
         markdown_table(
             ["step", "wall seconds", "CPU seconds"],
             [
-                [_step_label(step), f"{lap['wall']:.1f}", f"{lap['cpu']:.1f}"]
+                [
+                    _step_label(step),
+                    f"{lap['wall_seconds']:.1f}",
+                    f"{lap['cpu_seconds']:.1f}",
+                ]
                 for step, lap in outcome.timings.items()
             ],
+            text_columns=2,
         ),
         "",
         "## Settings",
@@ -651,7 +645,9 @@ def gating_section(outcome: Any) -> list[str]:
         "<details><summary>The whole validation table</summary>",
         "",
         markdown_table(
-            ["stage", "blocks", "variant", "κ", "c_max", metric, "vs TransMM"], rows
+            ["stage", "blocks", "variant", "κ", "c_max", metric, "vs TransMM"],
+            rows,
+            text_columns=2,
         ),
         "",
         "</details>",
@@ -697,16 +693,11 @@ def predicted_classes(outcome: Any) -> dict[str, Tensor]:
         device = next(model.parameters()).device
         with torch.no_grad():
             chunks = [
-                _logits(model, images[i : i + 64].to(device)).argmax(-1).cpu()
+                as_logits(model(images[i : i + 64].to(device))).argmax(-1).cpu()
                 for i in range(0, n, 64)
             ]
         predictions[name] = torch.cat(chunks)
     return predictions
-
-
-def _logits(model: Any, x: Tensor) -> Tensor:
-    out = model(x)
-    return out if isinstance(out, Tensor) else out.logits
 
 
 #: The figure's colour map: red for positive attribution, blue for negative.
@@ -981,7 +972,7 @@ def language_section(outcome: Any) -> list[str]:
         "effects' scale. Mean ± standard error over the prompts; Welch's t-test "
         "(two-sided) of each baseline's distances against the random baseline's.",
         "",
-        markdown_table(header, rows),
+        markdown_table(header, rows, text_columns=2),
         "",
         *language_verdict(measurement),
         "",

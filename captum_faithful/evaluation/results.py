@@ -10,7 +10,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from captum_faithful._utils import check_int, optional_import
+from captum_faithful._utils import check_int, markdown_table, optional_import
 from captum_faithful.evaluation._storage import COLUMNS, RunStorage
 
 
@@ -238,27 +238,24 @@ class Results:
             f"{n_samples} samples; mean ± standard error; s/sample = explanation "
             "time per sample.",
             "",
-            _markdown_row(["method", *self.metrics, "s/sample"]),
-            _markdown_row(["---", *(["---:"] * (len(self.metrics) + 1))]),
         ]
+        rows = []
         for method in self.methods:
             cells = [method]
             for metric in self.metrics:
                 row = summary.loc[(method, metric)]
                 cells.append(f"{number(row['mean'])} ± {number(row['sem'])}")
             cells.append(f"{summary.loc[(method, self.metrics[0])]['seconds']:.4g}")
-            lines.append(_markdown_row(cells))
+            rows.append(cells)
+        lines.append(markdown_table(["method", *self.metrics, "s/sample"], rows))
         if len(self.methods) > 1:
             lines += [
                 "",
                 "Welch's t-test (two-sided), a against b:",
                 "",
-                _markdown_row(["metric", "a", "b", "mean a − b", "t", "df", "p"]),
-                _markdown_row(["---", "---", "---", "---:", "---:", "---:", "---:"]),
-            ]
-            for test in self.pairwise().itertuples(index=False):
-                lines.append(
-                    _markdown_row(
+                markdown_table(
+                    ["metric", "a", "b", "mean a − b", "t", "df", "p"],
+                    (
                         [
                             test.metric,
                             test.a,
@@ -268,8 +265,11 @@ class Results:
                             "nan" if math.isnan(test.df) else f"{test.df:.1f}",
                             "nan" if math.isnan(test.pvalue) else f"{test.pvalue:.3g}",
                         ]
-                    )
-                )
+                        for test in self.pairwise().itertuples(index=False)
+                    ),
+                    text_columns=3,
+                ),
+            ]
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
@@ -306,8 +306,3 @@ def welch_test(a: list[float], b: list[float]) -> tuple[float, float, float]:
         return float(result.statistic), float(df), float(result.pvalue)
     result = stats.ttest_ind(a, b, equal_var=False)
     return float(result.statistic), float(result.df), float(result.pvalue)
-
-
-def _markdown_row(cells: list[str]) -> str:
-    escaped = [str(cell).replace("|", "\\|") for cell in cells]
-    return "| " + " | ".join(escaped) + " |"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from captum_faithful._utils import check_registration, matches_module
 from captum_faithful.lm._adapter import LMAdapter
 from captum_faithful.lm._families import BUILT_IN, SUPPORTED_FAMILIES
 
@@ -40,19 +41,8 @@ def register_adapter(
         >>> register_adapter(MyLM, lambda m: LMAdapter(
         ...     m, embedding=m.tok_emb, blocks=m.blocks, family="MyLM"))
     """
-    if not (isinstance(matches, type) or callable(matches)):
-        raise TypeError(
-            "`matches` must be a module class or a predicate module -> bool"
-        )
-    if not callable(factory):
-        raise TypeError("`factory` must be a callable module -> LMAdapter")
+    check_registration(matches, factory, "LMAdapter")
     _REGISTRY.append((matches, factory))
-
-
-def _matches(matches: type | Callable[[nn.Module], bool], module: nn.Module) -> bool:
-    if isinstance(matches, type):
-        return isinstance(module, matches)
-    return bool(matches(module))
 
 
 def get_adapter(model: nn.Module) -> LMAdapter:
@@ -66,7 +56,7 @@ def get_adapter(model: nn.Module) -> LMAdapter:
             f"`model` must be a torch.nn.Module, got {type(model).__name__}"
         )
     for matches, factory in [*reversed(_REGISTRY), *BUILT_IN]:
-        if _matches(matches, model):
+        if matches_module(matches, model):
             adapter = factory(model)
             if adapter is not None:
                 if not isinstance(adapter, LMAdapter):

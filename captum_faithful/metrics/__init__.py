@@ -7,6 +7,12 @@ their argument checks, feature ranking and chunked perturbed forwards (bounded b
 in each. The baselines that perturbations fill removed features from are public
 here too: :func:`blur_baseline`, :func:`mean_baseline`, :func:`zero_baseline`.
 
+Each metric carries how to read it, as Quantus keeps it on the metric: the
+attributes ``label`` (the short name a table prints) and ``higher_is_better``
+(``insertion_auc.higher_is_better`` is True, ``deletion_auc``'s False); a metric
+that returns a dictionary holds a dictionary of each, per key
+(``activation_deviation.higher_is_better["mse"]`` is False).
+
 Every metric returns float64 tensors on the inputs' device, whatever the model's
 dtype: the per-example values, the insertion/deletion curves, every entry of the
 dictionaries of ``activation_deviation``, ``insertion_activation_deviation`` and

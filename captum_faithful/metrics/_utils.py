@@ -29,7 +29,8 @@ Also here: :func:`average_ranks`, :func:`pearson_correlation` and
 :func:`spearman_correlation` and :func:`cosine_similarity` (batched, along the
 last dimension), and
 :func:`restores_model_state`, the decorator that gives every metric the user's model
-back as it found it.
+back as it found it, and :func:`reading`, which keeps on each public metric how to
+read it (``label``, ``higher_is_better``), as Quantus keeps it on the metric itself.
 
 A perturbation is described by a function ``take_input(samples, perturbations)``
 that returns, for each requested (sample, perturbation) pair, a boolean row over
@@ -63,7 +64,7 @@ from captum_faithful._arguments import (
     resolve_target,
     select_rows,
 )
-from captum_faithful._baselines import BASELINE_PRESETS
+from captum_faithful._baselines import BASELINE_PRESETS, monochrome_reference
 from captum_faithful._compat import _is_tuple
 from captum_faithful._utils import (
     check_finite,
@@ -247,7 +248,7 @@ def random_color_reference(
     inputs: Tensor, generator: torch.Generator | None = None
 ) -> Tensor:
     r"""One random colour per image, shape (N, C, 1, 1): FEI's monochrome reference
-    (:func:`~captum_faithful.attr._core.faithfulness_ensemble.monochrome_reference`).
+    (:func:`~captum_faithful._baselines.monochrome_reference`).
 
     Channel :math:`c` of image :math:`n` is
     :math:`b_{n,c} = \min_{hw} x_{n,c} + u_{n,c}\,(\max_{hw} x_{n,c} - \min_{hw}
@@ -257,11 +258,6 @@ def random_color_reference(
     batch, given the same generator state. Integer images (e.g. uint8) get the
     colour rounded to their dtype.
     """
-    # imported here: the attribution package imports the metrics
-    from captum_faithful.attr._core.faithfulness_ensemble import (
-        monochrome_reference,
-    )
-
     _check_images_for_random_color(inputs)
     if inputs.is_floating_point():
         return monochrome_reference(inputs, generator)
@@ -374,6 +370,39 @@ def restores_model_state(metric: Metric) -> Metric:
     return wrapper  # type: ignore[return-value]
 
 
+def reading(
+    label: str | dict[str, str], higher_is_better: bool | dict[str, bool]
+) -> Callable[[Metric], Metric]:
+    """Keep how to read a metric on the metric itself, as Quantus does: sets the
+    attributes ``label`` (the short name a table prints) and ``higher_is_better``
+    (its direction) of the public function. A metric that returns a dictionary of
+    per-example tensors gives a dictionary of each, one entry per key it returns
+    (or one value for all its keys, e.g. per randomised layer). The evaluation and
+    the demo read them from here, so a metric's direction is written once."""
+
+    def mark(metric: Metric) -> Metric:
+        metric.__dict__.update(label=label, higher_is_better=higher_is_better)
+        return metric
+
+    return mark
+
+
+def metric_reading(metric: Any, key: str | None = None) -> tuple[str, bool]:
+    """``(label, higher_is_better)`` of ``metric`` as :func:`reading` set them (of
+    its entry ``key`` when it returns a dictionary); any object with the two
+    attributes, e.g. a metric class of the user's, is read the same way."""
+    label, higher = metric.label, metric.higher_is_better
+    if key is not None:
+        label = label[key] if isinstance(label, dict) else label
+        higher = higher[key] if isinstance(higher, dict) else higher
+    if not isinstance(label, str) or not isinstance(higher, bool):
+        raise TypeError(
+            f"`key`: the metric {getattr(metric, '__name__', metric)!r} returns a "
+            "dictionary; name the entry to read"
+        )
+    return label, higher
+
+
 def contiguous_feature_range(ids: Tensor) -> tuple[int, int] | None:
     """``(start, stop)`` if ``ids`` is shared by all samples and its elements, in
     order, are the features ``start, start + 1, ..., stop - 1``; else None."""
@@ -424,6 +453,12 @@ def compact_indices(values: Tensor, bound: int) -> Tensor:
         if bound <= torch.iinfo(dtype).max:
             return values.to(dtype)
     return values
+
+
+def feature_counts(n_features: int, n_steps: int) -> list[int]:
+    """Features revealed (insertion) or removed (deletion) at each curve point:
+    ``round(k * F / n_steps)`` for k = 0..n_steps (Python's round, half to even)."""
+    return [round(k * n_features / n_steps) for k in range(n_steps + 1)]
 
 
 def rank_features(scores: Tensor) -> Tensor:

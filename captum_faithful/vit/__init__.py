@@ -8,15 +8,16 @@ generic search; :func:`register_adapter` adds other families. :func:`eager_atten
 and :func:`capture` are the context managers TransMM runs the model in.
 """
 
-from captum_faithful.vit import _adapter
-from captum_faithful.vit._adapter import ViTAdapter, get_adapter, register_adapter
+from captum_faithful.vit import _registry
+from captum_faithful.vit._adapter import ViTAdapter
 from captum_faithful.vit._hooks import Captured, capture, eager_attention
+from captum_faithful.vit._registry import get_adapter, register_adapter
 
 #: The model families :func:`get_adapter` describes without help, as readable
 #: names (a tuple of str; the error for an unknown model lists them). Models outside
 #: them are tried with a generic search for blocks holding an attention module that
 #: returns its probabilities; :func:`register_adapter` adds a family.
-SUPPORTED_FAMILIES: tuple[str, ...] = _adapter.SUPPORTED_FAMILIES
+SUPPORTED_FAMILIES: tuple[str, ...] = _registry.SUPPORTED_FAMILIES
 
 __all__ = [
     "SUPPORTED_FAMILIES",

@@ -1,4 +1,4 @@
-"""What a Vision Transformer looks like to TransMM, and the registry of adapters.
+"""What a Vision Transformer looks like to TransMM.
 
 A :class:`ViTAdapter` says where the transformer blocks of a model are, which module
 of each block yields the post-softmax attention probabilities, how many prefix tokens
@@ -18,14 +18,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from captum_faithful._utils import first_tensor
-
-SUPPORTED_FAMILIES = (
-    "Hugging Face ViT (ViTModel, ViTForImageClassification)",
-    "Hugging Face DeiT (incl. the distillation token)",
-    "Hugging Face CLIP (CLIPVisionModel, CLIPModel image-text logits)",
-    "Hugging Face Dinov2 (incl. Dinov2 with registers)",
-    "timm VisionTransformer",
-)
 
 _HOOK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -150,74 +142,3 @@ class ViTAdapter:
             f"num_prefix_tokens={self.num_prefix_tokens}, patch_size={self.patch_size}, "
             f"hidden_size={self.hidden_size})"
         )
-
-
-AdapterFactory = Callable[[nn.Module], "ViTAdapter | None"]
-_REGISTRY: list[tuple[type | Callable[[nn.Module], bool], AdapterFactory]] = []
-
-
-def register_adapter(
-    matches: type | Callable[[nn.Module], bool], factory: AdapterFactory
-) -> None:
-    r"""Teach TransMM a new model family.
-
-    Args:
-        matches (type or Callable): A module class (instances and subclasses match)
-                    or a predicate ``module -> bool``.
-        factory (Callable): ``module -> ViTAdapter`` for a matching module.
-
-    Adapters registered later take precedence over earlier ones and over the
-    built-in adapters. The model given to TransMM and each of its submodules (in
-    ``modules()`` order) are tried, so a registered family is also found inside a
-    wrapper (e.g. ``nn.Sequential(normalize, vit)``).
-
-    Examples::
-
-        >>> from captum_faithful.vit import ViTAdapter, register_adapter
-        >>> register_adapter(MyViT, lambda m: ViTAdapter(
-        ...     m, blocks=m.blocks, attention_modules=[b.attn for b in m.blocks],
-        ...     num_prefix_tokens=1, patch_size=16, hidden_size=m.dim))
-    """
-    if not (isinstance(matches, type) or callable(matches)):
-        raise TypeError(
-            "`matches` must be a module class or a predicate module -> bool"
-        )
-    if not callable(factory):
-        raise TypeError("`factory` must be a callable module -> ViTAdapter")
-    _REGISTRY.append((matches, factory))
-
-
-def _matches(matches: type | Callable[[nn.Module], bool], module: nn.Module) -> bool:
-    if isinstance(matches, type):
-        return isinstance(module, matches)
-    return bool(matches(module))
-
-
-def get_adapter(model: nn.Module) -> ViTAdapter:
-    """The adapter of ``model``: registered adapters, built-ins, then a generic search.
-
-    Raises TypeError, listing the supported families and :func:`register_adapter`,
-    when no transformer blocks with attention are found.
-    """
-    from captum_faithful.vit._families import BUILT_IN, generic_adapter
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"`model` must be a torch.nn.Module, got {type(model).__name__}"
-        )
-    for module in model.modules():
-        for matches, factory in [*reversed(_REGISTRY), *BUILT_IN]:
-            if _matches(matches, module):
-                adapter = factory(module)
-                if adapter is not None:
-                    return adapter
-    adapter = generic_adapter(model)
-    if adapter is not None:
-        return adapter
-    raise TypeError(
-        f"TransMM cannot find the transformer blocks of {type(model).__name__}. "
-        f"Supported families: {'; '.join(SUPPORTED_FAMILIES)}; and models whose "
-        "blocks hold an attention module returning its probabilities. For another "
-        "family, describe it with captum_faithful.vit.ViTAdapter and "
-        "captum_faithful.vit.register_adapter."
-    )

@@ -203,3 +203,12 @@ BUILT_IN: list[
     (lambda m: _from_library(m, "transformers"), hf_adapter),
     (lambda m: _from_library(m, "timm"), timm_adapter),
 ]
+
+#: The families the built-in adapters describe, as readable names.
+SUPPORTED_FAMILIES = (
+    "Hugging Face ViT (ViTModel, ViTForImageClassification)",
+    "Hugging Face DeiT (incl. the distillation token)",
+    "Hugging Face CLIP (CLIPVisionModel, CLIPModel image-text logits)",
+    "Hugging Face Dinov2 (incl. Dinov2 with registers)",
+    "timm VisionTransformer",
+)

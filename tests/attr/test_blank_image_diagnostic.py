@@ -3,8 +3,8 @@ import torch
 from fei_reference import hard_insertion_images
 from pathway_models import AlternativePathway, blank_images
 
-from captum_faithful.attr import blank_image_diagnostic
-from captum_faithful.attr._core.faithfulness_ensemble import monochrome_reference
+from captum_faithful._baselines import monochrome_reference
+from captum_faithful.studies import blank_image_diagnostic
 
 
 class _FixedMaps:
@@ -42,7 +42,7 @@ def test_blank_image_diagnostic_matches_its_definition(cnn, monkeypatch):
     (a stand-in, so this checks the diagnostic and not FEI, which has its own tests):
     the reference drawn in ``value_range``, the hard insertion curve, its mean
     probability and trapezoid AUC, and the activation deviation written out."""
-    from captum_faithful.attr._core import blank_image_diagnostic as module
+    from captum_faithful.studies import _blank_image as module
 
     _FixedMaps.calls = []
     monkeypatch.setattr(module, "FaithfulnessEnsemble", _FixedMaps)

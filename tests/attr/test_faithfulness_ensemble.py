@@ -20,14 +20,11 @@ from helpers import (
 from pathway_models import AlternativePathway, blank_images, blob_images
 from torch import nn
 
+from captum_faithful._baselines import monochrome_reference
 from captum_faithful.attr import FaithfulnessEnsemble
 from captum_faithful.attr._core.clip_grad import CLIP_RULES
-from captum_faithful.attr._core.faithfulness_ensemble import (
-    OBJECTIVES,
-    area_loss,
-    monochrome_reference,
-    quantile_levels,
-)
+from captum_faithful.attr._core.faithfulness_ensemble import OBJECTIVES
+from captum_faithful.attr._utils.retention_maps import area_loss, quantile_levels
 from captum_faithful.metrics import activation_deviation
 
 

@@ -13,6 +13,7 @@ scipy_stats = pytest.importorskip("scipy.stats")
 
 from captum_faithful import AttributionPatching, activation_patching  # noqa: E402
 from captum_faithful.demo import language, lm_data, report  # noqa: E402
+from captum_faithful.demo._stopwatch import Stopwatch  # noqa: E402
 from captum_faithful.demo.patching import (  # noqa: E402
     BASELINES,
     PatchingMeasurement,
@@ -377,9 +378,9 @@ def test_job_language_step(demo_cache, tmp_path):
 
     timings = {}
     settings = Settings(out=tmp_path, quick=True, show_progress=False)
-    lm, measured = job.run_language_model(settings, timings, job._Stopwatch())
+    lm, measured = job.run_language_model(settings, timings, Stopwatch())
     assert list(timings) == ["language model", "language patching"]
-    assert all(lap["wall"] > 0 for lap in timings.values())
+    assert all(lap["wall_seconds"] > 0 for lap in timings.values())
     assert measured.n_prompts == 100 and measured.n_steps == job.LANGUAGE_N_STEPS
     assert measured.baselines == BASELINES
     torch.testing.assert_close(

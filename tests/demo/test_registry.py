@@ -14,7 +14,7 @@ from captum_faithful.demo.registry import (
     SHUFFLED_VARIANT,
     Settings,
 )
-from captum_faithful.evaluation import GatingConfiguration
+from captum_faithful.studies import GatingConfiguration
 
 GATED = [key for key, method in METHODS.items() if method.gated]
 

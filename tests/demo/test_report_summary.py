@@ -15,8 +15,9 @@ from scipy import stats
 
 from captum_faithful.demo import job, models, report
 from captum_faithful.demo.registry import METHODS, Settings, duplicate_rows
-from captum_faithful.evaluation import GatingConfiguration, Results
+from captum_faithful.evaluation import Results
 from captum_faithful.evaluation.results import welch_test
+from captum_faithful.studies import GatingConfiguration
 
 CHOSEN = GatingConfiguration((1, 2), 0.5, 10.0, "activation")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import gating_fixtures as fx
 
 from captum_faithful import select_gating
-from captum_faithful.evaluation import _selection
+from captum_faithful.studies import _gating as _selection
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ from captum_faithful import (
     TransMM,
     select_gating,
 )
-from captum_faithful.evaluation._selection import _selection
 from captum_faithful.metrics import deletion_auc, patch_mask, saco
+from captum_faithful.studies._gating import _selection
 
 WORKER = Path(__file__).resolve().parent / "gating_worker.py"
 

@@ -219,8 +219,8 @@ def test_eager_attention_is_restored_when_the_forward_raises():
     from tiny_vits import hf_vit, images
 
     from captum_faithful._layers import select_places
-    from captum_faithful.attr import blank_image_diagnostic
     from captum_faithful.metrics import insertion_activation_deviation
+    from captum_faithful.studies import blank_image_diagnostic
 
     model = hf_vit().model
     before = model.config._attn_implementation

@@ -4,7 +4,7 @@ from helpers import CountingModel, ModelSnapshot, PixelSum, small_cnn
 from metric_reference import blur_reference, reference_baseline, reference_curves
 
 from captum_faithful.metrics import deletion_auc, insertion_auc, patch_mask
-from captum_faithful.metrics._core.insertion_deletion import feature_counts
+from captum_faithful.metrics._utils import feature_counts
 
 
 def _attributions(x, shape=None):

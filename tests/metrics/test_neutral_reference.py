@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from captum_faithful.attr._core.faithfulness_ensemble import monochrome_reference
+from captum_faithful._baselines import monochrome_reference
 from captum_faithful.metrics import (
     deletion_auc,
     faithfulness_correlation,

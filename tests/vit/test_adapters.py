@@ -21,7 +21,7 @@ from captum_faithful.vit import (
     get_adapter,
     register_adapter,
 )
-from captum_faithful.vit import _adapter as adapter_module
+from captum_faithful.vit import _registry as registry_module
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -143,7 +143,7 @@ def test_generic_fallback_finds_a_hand_written_vit():
 
 
 def test_register_adapter_takes_precedence(monkeypatch):
-    monkeypatch.setattr(adapter_module, "_REGISTRY", [])
+    monkeypatch.setattr(registry_module, "_REGISTRY", [])
     model = ToyViT()
     wrapper = nn.Sequential(nn.Identity(), model)
     register_adapter(

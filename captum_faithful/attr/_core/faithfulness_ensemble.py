@@ -2,22 +2,21 @@
 
 Ensemble quantile optimisation of nested retention maps, one per coverage level,
 against a random monochromatic reference, with ClipGrad on the insertion game
-(*Beyond Output Faithfulness*, FEI; the formulation is in the class docstring). How
+(*Beyond Output Faithfulness*, FEI; the formulation is in the class docstring). This
+file is the method: its arguments, the games and the optimisation loop. How
 parameters become nested maps of exact coverage (per pixel, per feature group, or
-smooth) lives in :mod:`captum_faithful.attr._utils.retention_maps`.
+smooth), the coverage levels, the area term and the state of one input's maps live
+in :mod:`captum_faithful.attr._utils.retention_maps`; the random monochromatic
+reference with the other baselines in :mod:`captum_faithful._baselines`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import numbers
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from captum._utils.gradient import compute_gradients
 from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
@@ -33,10 +32,12 @@ from captum_faithful._arguments import (
     resolve_target,
     select_rows,
 )
+from captum_faithful._baselines import monochrome_reference
 from captum_faithful._compat import (
     TargetType,
     TensorOrTupleOfTensorsGeneric,
     _format_output,
+    compute_gradients,
 )
 from captum_faithful._layers import LayerSpec, model_places
 from captum_faithful._utils import (
@@ -52,237 +53,25 @@ from captum_faithful._utils import (
 )
 from captum_faithful.attr._core.clip_grad import CLIP_RULES, ClipGrad
 from captum_faithful.attr._utils.retention_maps import (
-    BALANCE_TOLERANCE,
-    LOGIT_BOUND,
+    AreaLoss,
     GroupMaps,
+    InputMaps,
     MapParameterisation,
     PixelMaps,
     SmoothMaps,
-    balance_potentials,
-    entry_distribution,
     level_masses,
-    nested_cell_maps,
+    quantile_levels,
 )
 
 OBJECTIVES = ("insertion", "deletion", "both")
 MAP_KINDS = ("smooth", "pixel")
 
 
-def quantile_levels(quantiles: int | Sequence[float]) -> tuple[float, ...]:
-    """The coverage levels q_k: ``k / (K + 1)`` for an int K, else the sequence."""
-    if isinstance(quantiles, numbers.Integral) and not isinstance(quantiles, bool):
-        count = check_int("quantiles", quantiles, minimum=1)
-        return tuple(k / (count + 1) for k in range(1, count + 1))
-    if isinstance(quantiles, Tensor):
-        quantiles = quantiles.tolist()
-    if not isinstance(quantiles, Sequence) or isinstance(quantiles, str):
-        raise TypeError(
-            "`quantiles` must be an int (the number of levels) or an increasing "
-            f"sequence of numbers in (0, 1), got {quantiles!r}"
-        )
-    levels = tuple(
-        check_float("quantiles", q, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-        for q in quantiles
-    )
-    if not levels:
-        raise ValueError("`quantiles` must not be empty")
-    if any(b <= a for a, b in zip(levels, levels[1:], strict=False)):
-        raise ValueError(f"`quantiles` must be strictly increasing, got {levels}")
-    return levels
-
-
-#: Map values closer than this to the coverage boundary are one run of ties in
-#: :func:`area_loss`.
-TIE_TOLERANCE = 1e-9
-
-
-def area_loss(maps: Tensor, levels: Sequence[float]) -> Tensor:
-    r"""Sorted-area term per map, shape ``maps.shape[:-2]`` (maps: (..., K, H, W)).
-
-    .. math::
-        L_{area}(\alpha_k, q_k) = \mathrm{mean}\big((\mathrm{sort}(\mathrm{vec}\,
-        \alpha_k) - r_k)^2\big)
-
-    with :math:`r_k` the ascending 0/1 vector holding :math:`n_k =` ``round(q_k H W)``
-    ones. FEI's maps have their coverage by construction, so here it pushes them
-    towards a binary mask.
-
-    Equal values (all of them in a uniform start map, many in a smooth map) make the
-    sort's order among them arbitrary. The value does not depend on that order, but
-    the gradient would: it would push the tied pixels that the sort happens to put
-    last towards 1 (a raster-order pattern). The gradient used is the symmetric one:
-    each pixel is pulled towards the mean target of its run of tied values. Only
-    the run at the boundary between the :math:`n_k` largest values and the rest can
-    mix targets, so no sort is needed: with :math:`z` the largest value outside the
-    :math:`n_k` largest (one ``kthvalue`` call for all maps) and :math:`t` the
-    smallest inside (:math:`z` itself when the tie at :math:`z` reaches into the
-    :math:`n_k` largest, else the smallest value above it), a pixel above the
-    boundary is pulled to 1 and one below it to 0; when :math:`t - z` is at most
-    :data:`TIE_TOLERANCE` (so that rounding does not decide), the m values within the tolerance of :math:`[z, t]` form the boundary
-    run, holding j of the ones, and are pulled to :math:`j / m`. The term is then
-    :math:`\mathrm{mean}((\alpha_k - \tilde r_k)^2) + j (m - j) / (m H W)`, the
-    second part being the sorted targets' spread about their run means, so that the
-    value equals the sorted formula.
-    """
-    return AreaLoss(levels, maps.shape[-2] * maps.shape[-1], maps.device)(maps)
-
-
-class AreaLoss:
-    """:func:`area_loss` for maps of ``size`` pixels at ``levels``, with everything
-    that depends only on them (ones per level, ranks, the padding of the joint
-    ``kthvalue``) built once: FEI evaluates it at every iteration."""
-
-    def __init__(
-        self, levels: Sequence[float], size: int, device: torch.device
-    ) -> None:
-        self.size = size
-        ones = [round(q * size) for q in levels]
-        self.ones = torch.tensor(ones, dtype=torch.float64, device=device).view(-1, 1)
-        # ascending 1-based rank of z, the largest value outside the ones, per level
-        # (kept within 1..size - 1; the levels of no or of all ones are set at the end)
-        rank = [min(max(size - n, 1), size - 1) for n in ones]
-        self.rank = torch.tensor(rank, device=device).view(-1, 1)
-        # One kthvalue for every level: level k's row gets max(rank) - rank_k copies
-        # of -inf in front (+inf fill the rest), so its rank_k-th value is the padded
-        # row's max(rank)-th.
-        self.top = max(rank)
-        width = self.top - min(rank)
-        self.prefix = torch.tensor(
-            [
-                [-torch.inf] * (self.top - r) + [torch.inf] * (r - min(rank))
-                for r in rank
-            ],
-            dtype=torch.float64,
-            device=device,
-        ).view(len(rank), width)
-        none = [n == 0 for n in ones]
-        every = [n == size for n in ones]
-        self.fixed = None
-        if any(none) or any(every):
-            self.none = torch.tensor(none, device=device).view(-1, 1)
-            self.every = torch.tensor(every, device=device).view(-1, 1)
-            self.fixed = (self.none | self.every).squeeze(-1)
-
-    def __call__(self, maps: Tensor) -> Tensor:
-        """Area term per map, shape ``maps.shape[:-2]`` (maps: (..., K, H, W))."""
-        flat = maps.flatten(-2)
-        with torch.no_grad():
-            tied, spread = self.targets(flat.detach())
-        return ((flat - tied) ** 2).mean(dim=-1) + spread
-
-    def targets(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        """The run-averaged targets (shape of ``values``: (..., K, S)) and the spread
-        term (..., K), for all levels at once."""
-        dtype, size = values.dtype, self.size
-        padded = values
-        if self.prefix.shape[-1] > 0:
-            prefix = self.prefix.to(dtype).expand(*values.shape[:-1], -1)
-            padded = torch.cat([prefix, values], dim=-1)
-        low = padded.kthvalue(self.top, dim=-1, keepdim=True).values
-        # the next value up: low itself when its tie reaches past rank_k, else the
-        # smallest value above it (one kthvalue less)
-        at_most_low = values <= low
-        next_up = values.masked_fill(at_most_low, torch.inf).amin(-1, keepdim=True)
-        high = torch.where(at_most_low.sum(-1, keepdim=True) > self.rank, low, next_up)
-        split = high - low <= TIE_TOLERANCE
-        if not bool(split.any()):
-            # no map has a tie run at its boundary: the plain 0/1 targets
-            tied = (values >= high).to(dtype)
-            spread = values.new_zeros(values.shape[:-1])
-        else:
-            above = values > high + TIE_TOLERANCE
-            run = split & (values >= low - TIE_TOLERANCE) & ~above
-            members = run.sum(-1, keepdim=True).to(dtype).clamp(min=1)
-            # the ones inside the run
-            inside = self.ones.to(dtype) - above.sum(-1, keepdim=True)
-            tied = torch.where(run, inside / members, (values >= high).to(dtype))
-            spread = torch.where(
-                split, inside * (members - inside) / (members * size), 0.0
-            ).squeeze(-1)
-        if self.fixed is not None:
-            tied = torch.where(self.none, 0.0, torch.where(self.every, 1.0, tied))
-            spread = torch.where(self.fixed, 0.0, spread)
-        return tied, spread
-
-
-def monochrome_reference(
-    inputs: Tensor,
-    generator: torch.Generator | None = None,
-    value_range: tuple[float, float] | None = None,
-) -> Tensor:
-    """One random colour per sample and channel, shape (N, C, 1, 1).
-
-    Each channel's colour is uniform between that channel's min and max in the sample
-    (or in ``value_range`` when given, e.g. for constant images, whose own range is
-    empty). The draw of a sample depends only on ``generator`` (one 64-bit number is
-    drawn from it per call) and on the sample's values, not on the other samples of
-    the batch: the same image gets the same colour alone or inside any batch.
-    """
-    n, channels = inputs.shape[:2]
-    device = generator.device if generator is not None else torch.device("cpu")
-    key = int(
-        torch.randint(0, 2**62, (1,), generator=generator, device=device).item()
-    ).to_bytes(8, "little")
-    rows = inputs.detach().reshape(n, -1).cpu().contiguous()
-    draws = torch.empty(n, channels, dtype=torch.float64)
-    for i in range(n):
-        digest = hashlib.blake2b(
-            rows[i].view(torch.uint8).numpy().tobytes(), digest_size=8, key=key
-        ).digest()
-        seed = int.from_bytes(digest, "little") & (2**63 - 1)
-        draws[i] = torch.rand(
-            channels, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-        )
-    draws = draws.view(n, channels, 1, 1).to(device=inputs.device, dtype=inputs.dtype)
-    if value_range is not None:
-        low, high = value_range
-        return low + draws * (high - low)
-    low = inputs.amin(dim=(2, 3), keepdim=True)
-    high = inputs.amax(dim=(2, 3), keepdim=True)
-    return low + draws * (high - low)
-
-
-#: Area weight when ``area_weight=None`` (chosen from measurements, see
-#: :class:`FaithfulnessEnsemble`).
+#: Area weight when ``area_weight=None`` (chosen from measurements, see the
+#: documentation's page on choosing hyperparameters).
 DEFAULT_AREA_WEIGHT = 1.0
 #: Stride of the smooth maps when ``map_stride=None``.
 DEFAULT_MAP_STRIDE = 4
-
-
-@dataclass
-class _InputMaps:
-    """The maps of one input tensor: where they live, their parameters, and the
-    potentials of the last balance (the warm start of the next one)."""
-
-    parameterisation: MapParameterisation
-    logits: Tensor
-    weights: Tensor
-    area: AreaLoss
-    potentials: Tensor | None = None
-
-    def pixel_maps(
-        self, masses: Tensor, logits: Tensor | None = None, differentiable: bool = True
-    ) -> Tensor:
-        """(G, N, K, H, W) nested maps of exact coverage, in float64, from ``logits``
-        (default: the parameters)."""
-        logits = self.logits if logits is None else logits
-        games, n, cells, entries = logits.shape
-        flat = LOGIT_BOUND * torch.tanh(logits.flatten(0, 1) / LOGIT_BOUND)
-        self.potentials = balance_potentials(
-            flat,
-            self.weights,
-            masses,
-            start=self.potentials,
-            # coverage within 1e-7 while optimising (the implicit gradient's error
-            # is of the same order); the returned maps are balanced to 1e-11
-            tolerance=1e-7 if differentiable else BALANCE_TOLERANCE,
-        )
-        if differentiable:
-            p = entry_distribution(flat, self.weights, self.potentials)
-        else:
-            p = torch.softmax(flat.double() + self.potentials.unsqueeze(1), dim=-1)
-        cell_maps = nested_cell_maps(p).view(games, n, entries - 1, cells)
-        return self.parameterisation.to_pixels(cell_maps)
 
 
 class FaithfulnessEnsemble(GradientAttribution):
@@ -346,56 +135,12 @@ class FaithfulnessEnsemble(GradientAttribution):
     smooth maximum of Gaussian-like bumps and holds the area with a penalty only;
     here the spread is linear, so nesting and exact coverage survive it.
 
-    **Defaults, measured** on the demo CNN (``captum_faithful.demo``, full recipe:
-    32x32 images whose class evidence fills one 16x16 block; the first 32 test
-    images, each explained for its predicted class; K=5, 100 iterations, area weight
-    1, a random monochrome reference per image). Evidence precision: share of the
-    256 pixels ranked highest by M that lie in the evidence block (chance 0.25).
-    Insertion (blur baseline) and deletion (black baseline) AUCs with 100 steps and
-    activation deviation (mean-colour baseline, 20 steps, all convolutions) as in
-    the demo report:
-
-    ======================  ====  =========  =========  ========  =========
-    maps                    clip  evidence   insertion  deletion  activation
-                                  precision  AUC        AUC       deviation
-    ======================  ====  =========  =========  ========  =========
-    per pixel               vm    0.701      0.774      0.148     0.088
-    per pixel               none  0.417      0.822      0.194     0.122
-    groups of 4x4 pixels    vm    0.850      0.789      0.119     0.105
-    groups of 4x4 pixels    none  0.654      0.779      0.135     0.127
-    smooth, stride 2        vm    0.807      0.790      0.132     0.101
-    smooth, stride 2        none  0.613      0.818      0.173     0.123
-    smooth, stride 4        vm    0.838      0.794      0.118     0.108
-    smooth, stride 4        none  0.706      0.806      0.123     0.121
-    smooth, stride 8        vm    0.837      0.792      0.113     0.116
-    smooth, stride 8        none  0.743      0.788      0.115     0.130
-    ======================  ====  =========  =========  ========  =========
-
-    Per-pixel maps scatter over the image (salt-and-pepper; with ``"none"`` hardly
-    better than chance at localising), smooth maps localise the evidence; stride 4
-    has the best precision with the lowest deviation of the smooth ones, so it is the
-    default. Grouped maps with a 4x4 feature mask localise as well (they are smooth
-    maps upsampled by nearest neighbour). The area weight hardly matters once the
-    coverage is exact (smooth, stride 4, vm, 16 images: weights 0 / 1 / 10 / 30 gave
-    precision 0.834 / 0.833 / 0.817 / 0.806 and insertion 0.822 / 0.823 / 0.822 /
-    0.818), but a strong one erodes ClipGrad's effect: on a model built with a
-    pixel-scale alternative pathway (per-pixel maps, 12 images) the vm / none
-    activation deviation ratio was 0.70 / 0.73 / 0.83 (real images) and 0.78 /
-    0.82 / 0.91 (blank images) for weights 0 / 1 / 10. Default 1: maps pushed
-    towards binary masks while keeping most of the effect. Smooth maps converge
-    fast: 30 iterations matched 100 (stride 4, vm: precision 0.833, insertion 0.825)
-    in 0.3 of the time. On the demo job's 100 test images, 50 iterations matched 100
-    too (FEI (vm): evidence precision 0.850 / 0.843, insertion 0.876 / 0.875,
-    activation deviation 0.1147 / 0.1152), so the demo runs 50.
-
-    With these defaults and 100 iterations, the demo job (full recipe, its 100 test
-    images, seed 0) gave FEI (vm) / FEI (none) on the CNN evidence precision 0.843 /
-    0.738, insertion 0.875 / 0.876, deletion 0.114 / 0.127 and activation deviation
-    0.1152 / 0.1259 (lower for vm in 71 of 100 images; Welch p = 0.004, paired
-    p = 2e-7). On the ViT, ClipGrad on the attention probabilities
-    (``layers="attention"``) against none gave 0.713 / 0.629, 0.878 / 0.870, 0.215 /
-    0.226 and attention-probability deviation 0.0075 / 0.0089 (lower in 76 of 100;
-    Welch p = 0.004, paired p = 8e-8).
+    **Defaults.** Smooth maps of stride 4, area weight 1 and K = 5 were chosen
+    from measurements on the demo CNN and ViT (evidence precision, insertion and
+    deletion AUCs and activation deviation for per-pixel, grouped and smooth maps of
+    several strides, each with and without ClipGrad; the area weight's and the
+    number of iterations' effect); the measurements and the reasons for each default
+    are on the documentation's page on choosing hyperparameters (section FEI).
 
     Inputs are images ``(N, C, H, W)`` (or a tuple of them; each tensor gets its own
     maps); the maps and attributions have the input's dtype (the parameters are
@@ -461,8 +206,8 @@ class FaithfulnessEnsemble(GradientAttribution):
             lr (float, optional): Adam learning rate on the parameters u.
                         Default: 0.1
             area_weight (float, optional): :math:`\lambda`, a finite number >= 0.
-                        ``None`` uses :data:`DEFAULT_AREA_WEIGHT` (1, see the
-                        measurements above).
+                        ``None`` uses :data:`DEFAULT_AREA_WEIGHT` (1, chosen from
+                        the measurements on the hyperparameters page).
                         Default: None
             maps (str, optional): ``"smooth"`` (cells on a grid of stride
                         ``map_stride``, upsampled bilinearly) or ``"pixel"`` (one value
@@ -523,7 +268,9 @@ class FaithfulnessEnsemble(GradientAttribution):
                         input, a preset of the metrics (``"zero"``, ``"mean"``,
                         ``"blur"``), a callable ``input -> tensor``, or a tuple of
                         these per input. ``None`` draws a random monochromatic image
-                        per sample (:func:`monochrome_reference`): one colour per
+                        per sample
+                        (:func:`~captum_faithful._baselines.monochrome_reference`):
+                        one colour per
                         channel, uniform between that channel's min and max in the
                         sample. A sample's colour depends on ``generator`` and on the
                         sample only, so an image gets the same reference alone and
@@ -589,7 +336,7 @@ class FaithfulnessEnsemble(GradientAttribution):
         rows = torch.arange(n, device=device).repeat_interleave(n_levels)
         batch_rows = rows.repeat(n_games)
         maps = [
-            _InputMaps(
+            InputMaps(
                 parameterisation,
                 torch.zeros(
                     (n_games, n, parameterisation.n_cells, n_levels + 1),
@@ -783,7 +530,7 @@ def _group_maps(mask: Any, x: Tensor) -> GroupMaps:
 
 def _game_loss(
     *logits: Tensor,
-    maps: Sequence[_InputMaps],
+    maps: Sequence[InputMaps],
     masses: Tensor,
     forward_func: Callable[..., Tensor],
     xs: tuple[Tensor, ...],

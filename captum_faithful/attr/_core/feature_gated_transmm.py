@@ -159,6 +159,10 @@ class FeatureGatedTransMM(TransMM):
     :math:`W_{dec} g` instead. The forward and backward passes are TransMM's.
     """
 
+    #: The score variants ``variant`` takes, the default first (a tuple of str):
+    #: ``"combined"``, ``"activation"``, ``"gradient"``.
+    VARIANTS: tuple[str, ...] = VARIANTS
+
     def __init__(
         self,
         forward_func: Callable,

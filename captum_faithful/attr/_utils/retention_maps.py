@@ -36,17 +36,27 @@ Two steps, each a pure function or a small class, unit-tested on its own:
    :math:`u` is the implicit one, :math:`dg/du = -H^{-1} \partial S / \partial u`,
    written out as the backward of :func:`entry_distribution` (no Newton step is
    differentiated through).
+
+Around them, what FEI keeps of its maps: the coverage levels :math:`q_k`
+(:func:`quantile_levels`), the sorted-area term that pushes maps towards binary
+masks (:func:`area_loss`, built once per image size as :class:`AreaLoss`), and the
+state of one input's maps during the optimisation (:class:`InputMaps`: the
+parameters, the cell weights and the potentials of the last balance).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from captum_faithful._utils import check_float, check_int
 
 #: Largest coverage error the solver leaves (on the level increments, float64).
 BALANCE_TOLERANCE = 1e-11
@@ -324,3 +334,176 @@ def _linear_interpolation(cells: int, size: int, device: torch.device) -> Tensor
     identity = torch.eye(cells, dtype=torch.float64, device=device).unsqueeze(0)
     upsampled = F.interpolate(identity, size=size, mode="linear", align_corners=False)
     return upsampled[0].T.contiguous()
+
+
+def quantile_levels(quantiles: int | Sequence[float]) -> tuple[float, ...]:
+    """The coverage levels q_k: ``k / (K + 1)`` for an int K, else the sequence."""
+    if isinstance(quantiles, numbers.Integral) and not isinstance(quantiles, bool):
+        count = check_int("quantiles", quantiles, minimum=1)
+        return tuple(k / (count + 1) for k in range(1, count + 1))
+    if isinstance(quantiles, Tensor):
+        quantiles = quantiles.tolist()
+    if not isinstance(quantiles, Sequence) or isinstance(quantiles, str):
+        raise TypeError(
+            "`quantiles` must be an int (the number of levels) or an increasing "
+            f"sequence of numbers in (0, 1), got {quantiles!r}"
+        )
+    levels = tuple(
+        check_float("quantiles", q, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        for q in quantiles
+    )
+    if not levels:
+        raise ValueError("`quantiles` must not be empty")
+    if any(b <= a for a, b in zip(levels, levels[1:], strict=False)):
+        raise ValueError(f"`quantiles` must be strictly increasing, got {levels}")
+    return levels
+
+
+#: Map values closer than this to the coverage boundary are one run of ties in
+#: :func:`area_loss`.
+TIE_TOLERANCE = 1e-9
+
+
+def area_loss(maps: Tensor, levels: Sequence[float]) -> Tensor:
+    r"""Sorted-area term per map, shape ``maps.shape[:-2]`` (maps: (..., K, H, W)).
+
+    .. math::
+        L_{area}(\alpha_k, q_k) = \mathrm{mean}\big((\mathrm{sort}(\mathrm{vec}\,
+        \alpha_k) - r_k)^2\big)
+
+    with :math:`r_k` the ascending 0/1 vector holding :math:`n_k =` ``round(q_k H W)``
+    ones. FEI's maps have their coverage by construction, so here it pushes them
+    towards a binary mask.
+
+    Equal values (all of them in a uniform start map, many in a smooth map) make the
+    sort's order among them arbitrary. The value does not depend on that order, but
+    the gradient would: it would push the tied pixels that the sort happens to put
+    last towards 1 (a raster-order pattern). The gradient used is the symmetric one:
+    each pixel is pulled towards the mean target of its run of tied values. Only
+    the run at the boundary between the :math:`n_k` largest values and the rest can
+    mix targets, so no sort is needed: with :math:`z` the largest value outside the
+    :math:`n_k` largest (one ``kthvalue`` call for all maps) and :math:`t` the
+    smallest inside (:math:`z` itself when the tie at :math:`z` reaches into the
+    :math:`n_k` largest, else the smallest value above it), a pixel above the
+    boundary is pulled to 1 and one below it to 0; when :math:`t - z` is at most
+    :data:`TIE_TOLERANCE` (so that rounding does not decide), the m values within the tolerance of :math:`[z, t]` form the boundary
+    run, holding j of the ones, and are pulled to :math:`j / m`. The term is then
+    :math:`\mathrm{mean}((\alpha_k - \tilde r_k)^2) + j (m - j) / (m H W)`, the
+    second part being the sorted targets' spread about their run means, so that the
+    value equals the sorted formula.
+    """
+    return AreaLoss(levels, maps.shape[-2] * maps.shape[-1], maps.device)(maps)
+
+
+class AreaLoss:
+    """:func:`area_loss` for maps of ``size`` pixels at ``levels``, with everything
+    that depends only on them (ones per level, ranks, the padding of the joint
+    ``kthvalue``) built once: FEI evaluates it at every iteration."""
+
+    def __init__(
+        self, levels: Sequence[float], size: int, device: torch.device
+    ) -> None:
+        self.size = size
+        ones = [round(q * size) for q in levels]
+        self.ones = torch.tensor(ones, dtype=torch.float64, device=device).view(-1, 1)
+        # ascending 1-based rank of z, the largest value outside the ones, per level
+        # (kept within 1..size - 1; the levels of no or of all ones are set at the end)
+        rank = [min(max(size - n, 1), size - 1) for n in ones]
+        self.rank = torch.tensor(rank, device=device).view(-1, 1)
+        # One kthvalue for every level: level k's row gets max(rank) - rank_k copies
+        # of -inf in front (+inf fill the rest), so its rank_k-th value is the padded
+        # row's max(rank)-th.
+        self.top = max(rank)
+        width = self.top - min(rank)
+        self.prefix = torch.tensor(
+            [
+                [-torch.inf] * (self.top - r) + [torch.inf] * (r - min(rank))
+                for r in rank
+            ],
+            dtype=torch.float64,
+            device=device,
+        ).view(len(rank), width)
+        none = [n == 0 for n in ones]
+        every = [n == size for n in ones]
+        self.fixed = None
+        if any(none) or any(every):
+            self.none = torch.tensor(none, device=device).view(-1, 1)
+            self.every = torch.tensor(every, device=device).view(-1, 1)
+            self.fixed = (self.none | self.every).squeeze(-1)
+
+    def __call__(self, maps: Tensor) -> Tensor:
+        """Area term per map, shape ``maps.shape[:-2]`` (maps: (..., K, H, W))."""
+        flat = maps.flatten(-2)
+        with torch.no_grad():
+            tied, spread = self.targets(flat.detach())
+        return ((flat - tied) ** 2).mean(dim=-1) + spread
+
+    def targets(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """The run-averaged targets (shape of ``values``: (..., K, S)) and the spread
+        term (..., K), for all levels at once."""
+        dtype, size = values.dtype, self.size
+        padded = values
+        if self.prefix.shape[-1] > 0:
+            prefix = self.prefix.to(dtype).expand(*values.shape[:-1], -1)
+            padded = torch.cat([prefix, values], dim=-1)
+        low = padded.kthvalue(self.top, dim=-1, keepdim=True).values
+        # the next value up: low itself when its tie reaches past rank_k, else the
+        # smallest value above it (one kthvalue less)
+        at_most_low = values <= low
+        next_up = values.masked_fill(at_most_low, torch.inf).amin(-1, keepdim=True)
+        high = torch.where(at_most_low.sum(-1, keepdim=True) > self.rank, low, next_up)
+        split = high - low <= TIE_TOLERANCE
+        if not bool(split.any()):
+            # no map has a tie run at its boundary: the plain 0/1 targets
+            tied = (values >= high).to(dtype)
+            spread = values.new_zeros(values.shape[:-1])
+        else:
+            above = values > high + TIE_TOLERANCE
+            run = split & (values >= low - TIE_TOLERANCE) & ~above
+            members = run.sum(-1, keepdim=True).to(dtype).clamp(min=1)
+            # the ones inside the run
+            inside = self.ones.to(dtype) - above.sum(-1, keepdim=True)
+            tied = torch.where(run, inside / members, (values >= high).to(dtype))
+            spread = torch.where(
+                split, inside * (members - inside) / (members * size), 0.0
+            ).squeeze(-1)
+        if self.fixed is not None:
+            tied = torch.where(self.none, 0.0, torch.where(self.every, 1.0, tied))
+            spread = torch.where(self.fixed, 0.0, spread)
+        return tied, spread
+
+
+@dataclass
+class InputMaps:
+    """The maps of one input tensor: where they live, their parameters, and the
+    potentials of the last balance (the warm start of the next one)."""
+
+    parameterisation: MapParameterisation
+    logits: Tensor
+    weights: Tensor
+    area: AreaLoss
+    potentials: Tensor | None = None
+
+    def pixel_maps(
+        self, masses: Tensor, logits: Tensor | None = None, differentiable: bool = True
+    ) -> Tensor:
+        """(G, N, K, H, W) nested maps of exact coverage, in float64, from ``logits``
+        (default: the parameters)."""
+        logits = self.logits if logits is None else logits
+        games, n, cells, entries = logits.shape
+        flat = LOGIT_BOUND * torch.tanh(logits.flatten(0, 1) / LOGIT_BOUND)
+        self.potentials = balance_potentials(
+            flat,
+            self.weights,
+            masses,
+            start=self.potentials,
+            # coverage within 1e-7 while optimising (the implicit gradient's error
+            # is of the same order); the returned maps are balanced to 1e-11
+            tolerance=1e-7 if differentiable else BALANCE_TOLERANCE,
+        )
+        if differentiable:
+            p = entry_distribution(flat, self.weights, self.potentials)
+        else:
+            p = torch.softmax(flat.double() + self.potentials.unsqueeze(1), dim=-1)
+        cell_maps = nested_cell_maps(p).view(games, n, entries - 1, cells)
+        return self.parameterisation.to_pixels(cell_maps)

@@ -27,18 +27,23 @@ from captum_faithful._layers import (
     record_activations,
 )
 from captum_faithful._utils import check_finite, check_int, preserve_model_state
-from captum_faithful.metrics._core.insertion_deletion import feature_counts
 from captum_faithful.metrics._utils import (
     build_perturbed_inputs,
     cosine_similarity,
+    feature_counts,
     feature_scores,
     prepare_metric_inputs,
     rank_features,
+    reading,
     resolve_chunk_size,
     warn_non_finite,
 )
 
 
+@reading(
+    {"mse": "activation deviation (MSE)", "cosine": "activation cosine"},
+    {"mse": False, "cosine": True},
+)
 @log_usage()
 def activation_deviation(
     model: nn.Module,
@@ -154,6 +159,10 @@ def _rows(inputs: tuple[Tensor, ...], start: int, count: int) -> tuple[Tensor, .
     return tuple(x[start : start + count] for x in inputs)
 
 
+@reading(
+    {"mse": "activation deviation (MSE)", "cosine": "activation cosine"},
+    {"mse": False, "cosine": True},
+)
 @log_usage()
 def insertion_activation_deviation(
     model: nn.Module,

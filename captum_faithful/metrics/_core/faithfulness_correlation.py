@@ -28,6 +28,7 @@ from captum_faithful.metrics._utils import (
     nan_where_non_finite,
     perturbed_target_scores,
     prepare_metric_inputs,
+    reading,
     resolve_random_color,
     restores_model_state,
     uses_random_color,
@@ -143,6 +144,7 @@ def faithfulness_correlation_for_subsets(
         )
 
 
+@reading("faithfulness corr.", True)
 @log_usage()
 @restores_model_state
 def faithfulness_correlation(

@@ -20,20 +20,16 @@ from captum_faithful.metrics._utils import (
     check_generator,
     clean_target_scores,
     compact_indices,
+    feature_counts,
     feature_scores,
     nan_where_non_finite,
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
+    reading,
     resolve_random_color,
     restores_model_state,
 )
-
-
-def feature_counts(n_features: int, n_steps: int) -> list[int]:
-    """Features revealed (insertion) or removed (deletion) at each curve point:
-    ``round(k * F / n_steps)`` for k = 0..n_steps (Python's round, half to even)."""
-    return [round(k * n_features / n_steps) for k in range(n_steps + 1)]
 
 
 def trapezoid_auc(curves: Tensor) -> Tensor:
@@ -115,6 +111,7 @@ def _curve(
     return auc
 
 
+@reading("insertion AUC", True)
 @log_usage()
 @restores_model_state
 def insertion_auc(
@@ -248,6 +245,7 @@ def insertion_auc(
     )
 
 
+@reading("deletion AUC", False)
 @log_usage()
 @restores_model_state
 def deletion_auc(

@@ -21,6 +21,7 @@ from captum_faithful._utils import check_choice
 from captum_faithful.metrics._utils import (
     CORRELATIONS,
     cosine_similarity,
+    reading,
     warn_non_finite,
 )
 
@@ -70,6 +71,7 @@ def _flatten_attributions(attributions: Any, n: int) -> Tensor:
     return torch.cat([a.detach().reshape(n, -1).to(torch.float64) for a in items], 1)
 
 
+@reading("similarity after randomisation", False)
 @log_usage()
 def parameter_randomization(
     explain: Callable[[nn.Module, Any, TargetType], Any],

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from captum_faithful.metrics._utils import spearman_correlation
+from captum_faithful.metrics._utils import reading, spearman_correlation
 
 
 def _check_pair(attributions: Any, reference: Any) -> tuple[Tensor, Tensor]:
@@ -40,6 +40,7 @@ def _check_pair(attributions: Any, reference: Any) -> tuple[Tensor, Tensor]:
     )
 
 
+@reading("patching distance", False)
 def patching_distance(attributions: Tensor, reference: Tensor) -> Tensor:
     r"""
     The L2 distance, per example, between attribution-patching scores and the
@@ -75,6 +76,7 @@ def patching_distance(attributions: Tensor, reference: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a - r, dim=1)
 
 
+@reading("patching rank corr.", True)
 def patching_rank_correlation(attributions: Tensor, reference: Tensor) -> Tensor:
     r"""
     The Spearman rank correlation, per example, between attribution-patching

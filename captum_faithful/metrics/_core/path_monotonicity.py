@@ -22,6 +22,7 @@ from captum_faithful.metrics._utils import (
     chunked_outputs,
     chunked_target_scores,
     nan_where_non_finite,
+    reading,
     resolve_chunk_size,
     restores_model_state,
     scores_of_classes,
@@ -29,6 +30,7 @@ from captum_faithful.metrics._utils import (
 )
 
 
+@reading("path monotonicity", True)
 @log_usage()
 @restores_model_state
 def path_monotonicity(

@@ -22,6 +22,7 @@ from captum_faithful.metrics._utils import (
     perturbed_target_scores,
     prepare_metric_inputs,
     rank_features,
+    reading,
     restores_model_state,
 )
 
@@ -58,6 +59,7 @@ def saco_from_groups(group_scores: Tensor, deltas: Tensor) -> Tensor:
     return torch.where(denominator > 0, numerator / denominator, torch.nan)
 
 
+@reading("SaCo", True)
 @log_usage()
 @restores_model_state
 def saco(

@@ -1,4 +1,10 @@
-"""The blank-image diagnostic of the FEI paper: evidence found where there is none."""
+"""The blank-image diagnostic of the FEI paper: evidence found where there is none.
+
+It runs a method (:class:`~captum_faithful.attr.FaithfulnessEnsemble`) and scores it
+with two metrics (:func:`~captum_faithful.metrics.insertion_auc`,
+:func:`~captum_faithful.metrics.insertion_activation_deviation`), so it is a study
+above both rather than part of either: attribution methods do not import metrics.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_faithful._arguments import resolve_target
+from captum_faithful._baselines import monochrome_reference
 from captum_faithful._compat import TargetType
 from captum_faithful._layers import LayerSpec, model_places
 from captum_faithful._utils import (
@@ -25,7 +32,6 @@ from captum_faithful.attr._core.clip_grad import CLIP_RULES
 from captum_faithful.attr._core.faithfulness_ensemble import (
     DEFAULT_MAP_STRIDE,
     FaithfulnessEnsemble,
-    monochrome_reference,
 )
 from captum_faithful.metrics import insertion_activation_deviation, insertion_auc
 
@@ -98,7 +104,7 @@ def blank_image_diagnostic(
                     ``blank_inputs``. ``None`` draws one random colour per sample and
                     channel, uniform in ``value_range`` (the per-sample range used by
                     FEI's default is empty for a constant image), with
-                    :func:`~captum_faithful.attr._core.faithfulness_ensemble.monochrome_reference`:
+                    :func:`~captum_faithful._baselines.monochrome_reference`:
                     a sample's colour depends on ``generator`` and on the sample
                     only.
                     Default: None

@@ -1,5 +1,11 @@
 """Choosing Feature-Gated TransMM's layers, κ, c_max and variant on validation
-images, as the thesis does (§7.3), on top of :func:`captum_faithful.evaluate`."""
+images, as the thesis does (§7.3), on top of :func:`captum_faithful.evaluate`.
+
+The search runs the method (:class:`~captum_faithful.attr.FeatureGatedTransMM`,
+with its SAEs and the ViT adapter for the patch size) through the generic runner and
+scores it with the metrics; it lives with the studies, above all of them, so that
+the runner stays free of any one method.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_faithful._utils import check_float, optional_import
-from captum_faithful.attr._core.feature_gated_transmm import (
-    VARIANTS,
-    FeatureGatedTransMM,
-)
-from captum_faithful.attr._core.transmm import TransMM
+from captum_faithful.attr import FeatureGatedTransMM, TransMM
 from captum_faithful.evaluation import _settings
 from captum_faithful.evaluation._core import evaluate
 from captum_faithful.evaluation.results import Results
@@ -31,15 +33,15 @@ from captum_faithful.metrics import (
     patch_mask,
     saco,
 )
+from captum_faithful.metrics._utils import metric_reading
 from captum_faithful.sae import load_sae
 from captum_faithful.vit import get_adapter
 
-#: Metrics ``select_gating`` knows by name: (function, True when higher is better).
-METRICS: dict[str, tuple[Callable, bool]] = {
-    "saco": (saco, True),
-    "faithfulness_correlation": (faithfulness_correlation, True),
-    "insertion_auc": (insertion_auc, True),
-    "deletion_auc": (deletion_auc, False),
+#: Metrics ``select_gating`` knows by name; each carries its direction
+#: (``higher_is_better``).
+METRICS: dict[str, Callable] = {
+    metric.__name__: metric
+    for metric in (saco, faithfulness_correlation, insertion_auc, deletion_auc)
 }
 #: The method name of the ungated TransMM row of every selection table.
 BASELINE = "transmm"
@@ -326,7 +328,7 @@ def select_gating(
 
     if metric_function is None:
         patch_size = get_adapter(model).patch_size
-        metric_function = _PatchMetric(METRICS[metric_name][0], patch_size)
+        metric_function = _PatchMetric(METRICS[metric_name], patch_size)
     digest = _settings.tensor_digest(
         {
             f"{layer}.{key}": value
@@ -449,7 +451,7 @@ def _check_metric(
                 f"`metric` must be one of {tuple(METRICS)} or a callable, got "
                 f"{metric!r}"
             )
-        direction = METRICS[metric][1]
+        direction = metric_reading(METRICS[metric])[1]
         if higher_is_better is not None and higher_is_better != direction:
             raise ValueError(
                 f"`higher_is_better={higher_is_better}` contradicts the metric "
@@ -530,8 +532,10 @@ def _check_c_max(label: str, value: Any) -> float:
 
 
 def _check_variant(label: str, value: Any) -> str:
-    if value not in VARIANTS:
-        raise ValueError(f"`{label}` must be one of {VARIANTS}, got {value!r}")
+    if value not in FeatureGatedTransMM.VARIANTS:
+        raise ValueError(
+            f"`{label}` must be one of {FeatureGatedTransMM.VARIANTS}, got {value!r}"
+        )
     return value
 
 
