@@ -171,6 +171,10 @@ PROBES = {
             name: {metric: mean_sem(values)[0] for metric, values in row.items()}
             for name, row in scores.items()
         },
+        "table_sem": {
+            name: {metric: mean_sem(values)[1] for metric, values in row.items()}
+            for name, row in scores.items()
+        },
         "cascade_first": {name: list(c.values())[0].mean().item()
                           for name, c in cascades.items()},
         "evaluate_rows": len(results.table),
@@ -452,11 +456,15 @@ def _check_transmm(values: dict) -> None:
 
 
 def _check_evaluation(values: dict) -> None:
-    """Tutorial 4. Measured (seeds 0-3, 8 images): IG (blur)'s insertion AUC above
-    every other method's by >= 0.178; UNI's and IG (blur)'s insertion above the
-    random map's by >= 0.176, deletion below by >= 0.019 (UNI, seed 1; 0.027 for IG
-    (blur)): the deletion claim is the weaker one; similarity after every layer is
-    randomised |rho| <= 0.097; evaluate's means equal the direct calls exactly."""
+    """Tutorial 4. Measured with the size-scaled UNI radius (seeds 0-3 of the quick
+    models, one thread, 8 images): IG (blur)'s insertion AUC above every other
+    method's by >= 0.120; UNI's and IG (blur)'s insertion above the random map's by
+    >= 0.192; on deletion the gap of UNI or IG (blur) to the random map 0.007 to
+    0.097, which is why the prose claims no ranking there, only that the gap is
+    within about two standard errors (the check allows 2.5); FEI (vm)'s infidelity
+    minus the random map's -0.003 to +0.014 (no better beyond its uncertainty);
+    similarity after every layer is randomised |rho| <= 0.097; evaluate's means
+    equal the direct calls exactly."""
     assert {
         "insertion_auc",
         "deletion_auc",
@@ -467,16 +475,27 @@ def _check_evaluation(values: dict) -> None:
         "parameter_randomization",
         "infidelity",
     } <= set(values["metrics"])
-    table = values["table"]
+    table, sem = values["table"], values["table_sem"]
+
+    def within(a: str, b: str, metric: str, n_sem: float) -> bool:
+        gap = table[a][metric] - table[b][metric]
+        return abs(gap) < n_sem * math.hypot(sem[a][metric], sem[b][metric])
+
     # "IG (blur) wins insertion by a wide margin"
     ig_blur = table["IG (blur)"]["insertion_auc"]
     others = [row["insertion_auc"] for n, row in table.items() if n != "IG (blur)"]
-    assert ig_blur > max(others) + 0.05
-    # "UNI and IG from a blurred image beat [the random map] on insertion by a wide
-    # margin and on deletion too"
+    assert ig_blur > max(others) + 0.06
+    # "UNI and IG from a blurred image beat the random map by a wide margin"
     for name in ("UNI", "IG (blur)"):
-        assert table[name]["insertion_auc"] > table["Random"]["insertion_auc"] + 0.08
-        assert table[name]["deletion_auc"] < table["Random"]["deletion_auc"] - 0.009
+        assert table[name]["insertion_auc"] > table["Random"]["insertion_auc"] + 0.09
+    # "The gaps between UNI or IG (blur) and the random map are within about two
+    # standard errors" (on deletion)
+    for name in ("UNI", "IG (blur)"):
+        assert within(name, "Random", "deletion_auc", 2.5), name
+    # "FEI (vm) is no better than the random map beyond its uncertainty" (infidelity,
+    # lower is better)
+    fei, rnd = table["FEI (vm)"]["infidelity"], table["Random"]["infidelity"]
+    assert fei > rnd or within("FEI (vm)", "Random", "infidelity", 2.0)
     # "After every layer is randomised, the similarity of each method's map to its
     # original is near zero"
     for name, row in table.items():
