@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from captum_faithful._utils import as_logits, optional_import, progress
+from captum_faithful._utils import (
+    as_logits,
+    check_bool,
+    check_int,
+    optional_import,
+    progress,
+)
 from captum_faithful.demo._stopwatch import Stopwatch
 from captum_faithful.demo.data import IMAGE_SIZE, N_CLASSES, DigitBlocks, make_blocks
 
@@ -647,3 +653,197 @@ def load_models(
         for layer in recipe.sae_layers
     }
     return cnn.to(device).eval(), vit.to(device).eval(), saes, meta
+
+
+# ---------------------------------------------------------------------------
+# A small residual CNN, for FEI's architecture ablations
+# (``python -m benchmarks.fei_ablations``). The demo job never trains it: it is
+# trained and cached on the first call of :func:`load_residual_cnn`.
+
+#: Bump when the residual CNN's architecture or training code changes.
+RESIDUAL_VERSION = 1
+
+
+class ResidualBlock(nn.Module):
+    r"""Two 3×3 convolutions with BatchNorm and a shortcut, as in ResNet's basic block.
+
+    .. math::
+        y = \mathrm{ReLU}\big(\mathrm{BN}(W_2 * \mathrm{ReLU}(\mathrm{BN}(W_1 * x)))
+            + s(x)\big)
+
+    with :math:`s` the identity when the channel counts agree, else a 1×1
+    convolution and BatchNorm (the projection shortcut). Every ReLU is its own module.
+    The shortcut is defined after the two convolutions, so in definition order (the
+    order of ``layers="early"`` / ``"late"``) the projection follows the block's main
+    path.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        check_int("in_channels", in_channels, minimum=1)
+        check_int("out_channels", out_channels, minimum=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1),
+                nn.BatchNorm2d(out_channels),
+            )
+        )
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        main = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(main + self.shortcut(x))
+
+
+def build_residual_cnn() -> nn.Sequential:
+    """A residual counterpart of :func:`build_cnn` at about its cost per image.
+
+    A 3×3 stem (16 channels), then three :class:`ResidualBlock` s, 16 → 16 at 32×32
+    (identity shortcut), 16 → 32 at 16×16 and 32 → 64 at 8×8 (projection shortcuts),
+    with a max-pool before the second and third, a global max-pool and a linear layer:
+    nine convolutions, seven on the main path (the demo CNN has four), and about 12
+    million multiply-adds per image (the demo CNN: about 12 million too).
+    """
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        ResidualBlock(16, 16),
+        nn.MaxPool2d(2),
+        ResidualBlock(16, 32),
+        nn.MaxPool2d(2),
+        ResidualBlock(32, 64),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, N_CLASSES),
+    )
+
+
+def residual_key(recipe: Recipe, seed: int) -> str:
+    """Cache key of the residual CNN: the fields of ``recipe`` its training reads
+    (the CNN's), the data and residual versions and ``seed``."""
+    blob = json.dumps(
+        {
+            "model": "residual-cnn",
+            "version": RECIPE_VERSION,
+            "residual_version": RESIDUAL_VERSION,
+            "seed": seed,
+            "epochs": recipe.cnn_epochs,
+            "lr": recipe.cnn_lr,
+            "batch_size": recipe.batch_size,
+            "renderings": recipe.renderings,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def train_residual_cnn(
+    recipe: Recipe, seed: int, folder: Path, show_progress: bool = False
+) -> dict:
+    """Train :func:`build_residual_cnn` exactly as :func:`train_all` trains the demo
+    CNN (same renderings, epochs, learning rate, batch size, schedule and seeds); write
+    ``residual_cnn.safetensors`` and ``meta.json`` (recipe fields, seed, test
+    accuracy, parameter count, thread count, CPU and wall seconds) to ``folder``."""
+    clock = Stopwatch()
+
+    def rendering(index: int) -> DigitBlocks:
+        return make_blocks("train", seed, rendering=index % recipe.renderings)
+
+    with clock.phase("residual_cnn"):
+        torch.manual_seed(seed)
+        model = train_classifier(
+            build_residual_cnn(),
+            rendering,
+            recipe.cnn_epochs,
+            recipe.cnn_lr,
+            recipe.batch_size,
+            seed,
+            show_progress=show_progress,
+            desc="train residual CNN",
+        )
+    test = make_blocks("test", seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors = optional_import("safetensors.torch", "demo")
+    safetensors.save_file(model.state_dict(), str(folder / "residual_cnn.safetensors"))
+    meta = {
+        "model": "residual-cnn",
+        "residual_version": RESIDUAL_VERSION,
+        "recipe": {
+            "cnn_epochs": recipe.cnn_epochs,
+            "cnn_lr": recipe.cnn_lr,
+            "batch_size": recipe.batch_size,
+            "renderings": recipe.renderings,
+        },
+        "seed": seed,
+        "accuracy": accuracy(model, test.images, test.labels),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training_threads": torch.get_num_threads(),
+        "training_cpu_seconds": clock.total("cpu_seconds"),
+        "training_seconds": clock.total("wall_seconds"),
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def ensure_residual_trained(
+    recipe: Recipe, seed: int, show_progress: bool = False
+) -> Path:
+    """The cache folder of the residual CNN for ``(recipe, seed)``, training into it
+    first if needed (see :func:`cached_training`)."""
+
+    def train(staging: Path) -> None:
+        with _training_threads():
+            train_residual_cnn(recipe, seed, staging, show_progress=show_progress)
+
+    return cached_training(
+        cache_root() / f"residual-cnn-{residual_key(recipe, seed)}", train
+    )
+
+
+def load_residual_cnn(
+    quick: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    show_progress: bool = False,
+) -> tuple[nn.Sequential, dict]:
+    """The residual CNN (:func:`build_residual_cnn`) trained like the demo CNN of
+    ``load_demo(quick, seed=seed)``, in eval mode, and its ``meta.json``.
+
+    Trained on first use (about as long as the demo CNN: under a minute on one
+    thread with the full recipe) and cached next to the demo's models, in a folder
+    keyed by the training fields of the recipe and ``seed``; later calls load the
+    cache. The demo job does not use it; FEI's ablations do.
+
+    Args:
+        quick (bool, optional): the quick recipe's CNN training. Default: False
+        seed (int, optional): seed of the data and the training. Default: 0
+        device (str or torch.device, optional): where the model goes.
+            Default: "cpu"
+        show_progress (bool, optional): a progress bar while training.
+            Default: False
+
+    Returns:
+        tuple: ``(model, meta)``; ``meta["accuracy"]`` is the accuracy on the demo's
+        test part (``load_demo(quick, seed=seed).x_test``).
+    """
+    check_bool("quick", quick)
+    check_int("seed", seed, minimum=0)
+    check_bool("show_progress", show_progress)
+    device = torch.device(device)
+    recipe = QUICK_RECIPE if quick else FULL_RECIPE
+    folder = ensure_residual_trained(recipe, seed, show_progress=show_progress)
+    meta = json.loads((folder / "meta.json").read_text())
+    safetensors = optional_import("safetensors.torch", "demo")
+    model = build_residual_cnn()
+    model.load_state_dict(
+        safetensors.load_file(str(folder / "residual_cnn.safetensors"))
+    )
+    return model.to(device).eval(), meta
