@@ -421,6 +421,8 @@ def sparse_saes(
 def seconds_cell(timings: Timings, name: str) -> str:
     """``median (lowest–highest)`` of ``name``'s seconds."""
     low, high = timings.spread(name)
+    if len(timings.rounds) == 1:
+        return f"{timings.median(name):.3g}"
     return f"{timings.median(name):.3g} ({low:.3g}–{high:.3g})"
 
 
