@@ -1,7 +1,5 @@
 """Shared test utilities: tiny models, a digits set, a forward that fails on cue and
-a bit-for-bit model snapshot.
-
-``benchmarks/bench_metrics.py`` imports the small CNN from here too."""
+a bit-for-bit model snapshot."""
 
 from __future__ import annotations
 
