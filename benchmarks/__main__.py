@@ -1,6 +1,6 @@
 """Run every benchmark with the settings of ``docs/performance.md`` and keep the output.
 
-    python -m benchmarks                     # everything (hours: see --list)
+    python -m benchmarks                     # everything (about 3 h 45 min)
     python -m benchmarks --only fei,uni      # some of them
     python -m benchmarks --list              # the commands, with their run times
 
@@ -23,35 +23,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: entry -> (script, arguments, wall time of the entry on the 2-core machine of
-#: docs/performance.md, as measured or estimated there)
+#: entry -> (script, arguments, expected wall time on a quiet machine like that of
+#: docs/performance.md: estimated from the per-call times there, about 3 h 45 min
+#: in all, three quarters of it bench_scale's warm-up and timed round at real scale)
 ENTRIES: dict[str, tuple[str, list[str], str]] = {
-    "fei": ("bench_fei", ["--images", "8", "--skip-table"], "~6 min"),
+    "fei": ("bench_fei", ["--images", "8", "--skip-table"], "~5 min"),
     "fei_variants": ("bench_fei", ["--skip-speed"], "~15 min"),
-    "uni": ("bench_uni", [], "~5 min"),
-    "transmm": ("bench_transmm", [], "~6 min"),
-    "metrics": ("bench_metrics", [], "~5 min"),
+    "uni": ("bench_uni", [], "~8 min"),
+    "transmm": ("bench_transmm", [], "~10 min"),
+    "metrics": ("bench_metrics", [], "~8 min"),
     "evaluate": ("bench_evaluate", [], "~6 min"),
     "scale_images": (
         "bench_scale",
         ["--only", "resnet50,vgg16,vit_hf,vit_timm,bert", "--parts", "methods,metrics"],
-        "~1 h 55 min (estimated)",
+        "~1 h 55 min",
     ),
     "scale_memory": (
         "bench_scale",
         ["--only", "resnet50,vgg16,bert", "--parts", "memory"],
-        "~5 min (estimated)",
+        "~8 min",
     ),
     "scale_lm": (
         "bench_scale",
         ["--only", "gpt2,pythia160m", "--parts", "methods", "--batch", "1"],
-        "~30 min (estimated)",
+        "~30 min",
     ),
     "scale_lm_batch4": (
         "bench_scale",
         ["--only", "gpt2,pythia160m", "--parts", "methods", "--batch", "4"]
         + ["--methods", "uni"],
-        "~25 min (estimated)",
+        "~22 min",
     ),
 }
 
