@@ -110,7 +110,7 @@ def main() -> None:
         )
         print(f"  {seconds / 60:.1f} min{status}", flush=True)
         summary.append(
-            f"| {entry}{status} | `{' '.join(command(entry)[2:])}` | "
+            f"| {entry}{status} | `python {' '.join(command(entry)[1:])}` | "
             f"{seconds / 60:.1f} min | {load_before:.1f} → {os.getloadavg()[0]:.1f} |"
         )
     summary.append(f"\ntotal {total / 60:.1f} min")
