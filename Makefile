@@ -13,7 +13,7 @@ PYTEST := $(PY) -m pytest
 # Warnings are errors: CI builds the site with these options.
 SPHINXOPTS ?= -W --keep-going
 
-.PHONY: install test test-fast demo docs dist tutorials lint clean
+.PHONY: install test test-fast demo docs dist tutorials lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ $(VENV)/.dist-installed: $(VENV)/.installed
 # Re-executes the tutorials in place (stored outputs) with the quick demo models.
 tutorials: install
 	cd tutorials && PYTHONPATH=.. ../$(VENV)/bin/jupyter execute --inplace *.ipynb
+
+# Every benchmark with the settings of docs/performance.md, one after the other, one
+# thread per process; outputs in benchmark-results/ (hours: run on a quiet machine;
+# `$(PY) -m benchmarks --list` shows the commands).
+bench: install
+	$(PY) -m benchmarks
 
 # ruff over the code, then mypy over the package (its settings: [tool.mypy] in
 # pyproject.toml). The package ships py.typed, so its annotations are an interface.

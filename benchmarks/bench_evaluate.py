@@ -7,17 +7,18 @@ Workload: UNI (``UnlearnedIntegratedGradients`` with its defaults; Captum
 ReLU CNN (3 conv layers 16/32/64 channels, 32×32 RGB inputs, 10 classes, random
 weights) and random images, ``--batch-size`` images per batch.
 
-Every configuration runs in fresh processes with a fixed number of torch intra-op
-threads, after a warm-up (the bare loop and ``evaluate`` on two batches, so first
-calls and the one-off pandas/pyarrow imports are not timed); each timed run is done
-twice per process, the processes are launched ``--repeats`` times, interleaved, and
-the fastest run is reported (the machine may be shared). CPU time is summed over the
-ranks: unlike wall time it is not inflated by other processes on a shared machine. The 2-process run
-initialises the gloo group and warms up before the clock starts, so its time is that
-of ``evaluate`` on a running group (sharding, batches, per-rank files, barrier,
-merge on rank 0).
+Each configuration (bare loop or ``evaluate``; 1 process × 1 thread, 2 processes ×
+1 thread on gloo, 1 process × 2 threads) is one call of ``benchmarks/_harness.py``'s
+round-robin: it starts fresh processes, which build the workload, warm up (the bare
+loop and ``evaluate`` on two batches, so first calls and the one-off pandas/pyarrow
+imports are not timed), initialise the gloo group, and time one run on the wall
+clock; the slowest rank's time is the configuration's. The configurations run
+interleaved, ``--rounds`` rounds, median and within-round ratios. The 2-process
+time is that of ``evaluate`` on a running group (sharding, batches, per-rank files,
+barrier, merge on rank 0). Wall time is the point here: scaling over processes is
+what a user waits for (on a loaded machine it is not what a quiet one gives).
 
-    python benchmarks/bench_evaluate.py [--images 128] [--batch-size 16] [--repeats 3]
+    python -m benchmarks.bench_evaluate [--images 128] [--batch-size 16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -27,14 +28,23 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks import _harness as harness
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+#: name -> (processes, threads per process, mode)
+CONFIGURATIONS = {
+    "bare 1x1": (1, 1, "bare"),
+    "evaluate 1x1": (1, 1, "evaluate"),
+    "evaluate 2x1": (2, 1, "evaluate"),
+    "bare 1x2": (1, 2, "bare"),
+    "evaluate 1x2": (1, 2, "evaluate"),
+}
 
 
 def build(n_images: int, batch_size: int):
@@ -71,12 +81,11 @@ def bare_loop(model, loader, explainers, metrics) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
     import torch.distributed as dist
 
     from captum_faithful import evaluate
 
-    torch.set_num_threads(args.threads)
+    harness.configure(threads=args.threads)
     model, loader, explainers, metrics = build(args.images, args.batch_size)
     _, warm, _, _ = build(args.batch_size * 2, args.batch_size)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -94,34 +103,24 @@ def worker(args: argparse.Namespace) -> None:
     )
     if distributed:
         dist.barrier()
-    timings, cpu = {}, {}
-    for mode in args.modes.split(","):
-        out = Path(args.out) / mode
-        start, cpu_start = time.perf_counter(), time.process_time()
-        if mode == "bare":
-            bare_loop(model, loader, explainers, metrics)
-        else:
-            evaluate(
-                model,
-                loader,
-                explainers,
-                metrics,
-                out=out,
-                resume=False,
-                show_progress=False,
-            )
-        elapsed, cpu_elapsed = (
-            time.perf_counter() - start,
-            time.process_time() - cpu_start,
+    start = harness.CLOCK()
+    if args.mode == "bare":
+        bare_loop(model, loader, explainers, metrics)
+    else:
+        evaluate(
+            model,
+            loader,
+            explainers,
+            metrics,
+            out=Path(args.out) / "run",
+            resume=False,
+            show_progress=False,
         )
-        timings[mode] = min(timings.get(mode, float("inf")), elapsed)
-        cpu[mode] = min(cpu.get(mode, float("inf")), cpu_elapsed)
-        if distributed:
-            dist.barrier()
+    seconds = harness.CLOCK() - start
     if distributed:
+        dist.barrier()
         dist.destroy_process_group()
-    rank = int(os.environ.get("RANK", "0"))
-    print(json.dumps({"rank": rank, "timings": timings, "cpu": cpu}))
+    print(json.dumps({"seconds": seconds}))
 
 
 def _free_port() -> int:
@@ -130,26 +129,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(
-    processes: int, threads: int, modes: str, args: argparse.Namespace
-) -> tuple[dict, dict]:
-    """Launch ``processes`` workers (torchrun's variables); per mode, the wall time of
-    the slowest rank and the CPU time summed over the ranks."""
+def run(processes: int, threads: int, mode: str, args: argparse.Namespace) -> float:
+    """Launch ``processes`` workers (torchrun's variables); the slowest rank's
+    seconds for ``mode``."""
     out = tempfile.mkdtemp(prefix="bench_evaluate_")
     port = str(_free_port())
-    env_base = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-    }
     command = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.bench_evaluate",
         "--worker",
         "--threads",
         str(threads),
-        "--modes",
-        modes,
+        "--mode",
+        mode,
         "--out",
         out,
         "--images",
@@ -159,7 +152,7 @@ def run(
     ]
     procs = []
     for rank in range(processes):
-        env = dict(env_base)
+        env = dict(os.environ)
         if processes > 1:
             env.update(
                 RANK=str(rank),
@@ -169,98 +162,74 @@ def run(
                 MASTER_PORT=port,
             )
         procs.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                command, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+            )
         )
-    reports = []
+    seconds = []
     for proc in procs:
         stdout, _ = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark worker failed with code {proc.returncode}")
-        reports.append(json.loads(stdout.strip().splitlines()[-1]))
+        seconds.append(json.loads(stdout.strip().splitlines()[-1])["seconds"])
     shutil.rmtree(out, ignore_errors=True)
-    modes_run = set(modes.split(","))
-    wall = {m: max(r["timings"][m] for r in reports) for m in modes_run}
-    cpu = {m: sum(r["cpu"][m] for r in reports) for m in modes_run}
-    return wall, cpu
+    return max(seconds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    harness.add_arguments(parser, rounds=3)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--modes", default="bare,evaluate", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="evaluate", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
 
+    print(harness.configure())
     _, _, explainers, _ = build(args.batch_size, args.batch_size)
-    load_before = os.getloadavg()[0]
-    configurations = [
-        ("1 process", 1, 1, "bare,evaluate,bare,evaluate"),
-        ("2 processes (gloo)", 2, 1, "evaluate,evaluate"),
-        ("1 process", 1, 2, "bare,evaluate,bare,evaluate"),
-    ]
-    best: dict[tuple, float] = {}
-    best_cpu: dict[tuple, float] = {}
-    for _ in range(args.repeats):
-        for label, processes, threads, modes in configurations:
-            wall, cpu = run(processes, threads, modes, args)
-            for mode in wall:
-                key = (label, threads, mode)
-                best[key] = min(best.get(key, float("inf")), wall[mode])
-                best_cpu[key] = min(best_cpu.get(key, float("inf")), cpu[mode])
-
+    calls = {
+        name: lambda p=processes, t=threads, m=mode: run(p, t, m, args)
+        for name, (processes, threads, mode) in CONFIGURATIONS.items()
+    }
+    t = harness.interleave(calls, args.rounds, warmup=False, self_timed=True)
     method = next(iter(explainers))
     print(
         f"{args.images} images, batch {args.batch_size}, explainer {method!r}, "
-        "metrics insertion/deletion/saco; best of "
-        f"{args.repeats} repeats; load average {load_before:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} CPUs\n"
+        f"metrics insertion/deletion/saco; {args.rounds} interleaved rounds\n"
     )
-    print("| run | processes × threads | wall s | images/s | CPU ms/image |")
-    print("|---|---|---:|---:|---:|")
-    for key in sorted(best, key=lambda k: (k[1], k[0], k[2])):
-        label, threads, mode = key
-        processes = 2 if label.startswith("2") else 1
-        seconds = best[key]
+    print("| run | processes × threads | wall s | images/s |")
+    print("|---|---|---:|---:|")
+    for name, (processes, threads, mode) in CONFIGURATIONS.items():
         print(
             f"| {'bare loop' if mode == 'bare' else 'evaluate'} | "
-            f"{processes} × {threads} | {seconds:.2f} | {args.images / seconds:.1f} | "
-            f"{1000 * best_cpu[key] / args.images:.1f} |"
+            f"{processes} × {threads} | {harness.seconds_cell(t, name)} | "
+            f"{args.images / t.median(name):.1f} |"
         )
-    one = best["1 process", 1, "evaluate"]
-    two = best["2 processes (gloo)", 1, "evaluate"]
-    one_cpu = best_cpu["1 process", 1, "evaluate"]
-    two_cpu = best_cpu["2 processes (gloo)", 1, "evaluate"]
+    scaling = harness.ratio_cell(t, "evaluate 1x1", "evaluate 2x1")
     print(
-        f"\nscaling 1→2 processes (1 thread each), wall clock: {one / two:.2f}× "
-        f"= {one / two / 2:.2f} of linear (target ≥ 0.9)"
-    )
-    print(
-        "work efficiency of 2 processes (CPU time of 1 process / total CPU time "
-        f"of 2): {one_cpu / two_cpu:.2f} (wall-clock scaling on 2 free cores is "
-        "bounded by 2 × this)"
+        f"\nscaling 1→2 processes (1 thread each): {scaling} "
+        f"(linear = 2; target ≥ 1.8 = 0.9 of linear)"
     )
     for threads in (1, 2):
-        key_bare, key_run = (
-            ("1 process", threads, "bare"),
-            ("1 process", threads, "evaluate"),
-        )
+        overhead = [
+            (r - 1) * 100
+            for r in t.ratios(f"evaluate 1x{threads}", f"bare 1x{threads}")
+        ]
         print(
-            f"runner overhead vs bare loop, 1 process × {threads} thread(s): wall "
-            f"{(best[key_run] / best[key_bare] - 1) * 100:+.1f}%, CPU "
-            f"{(best_cpu[key_run] / best_cpu[key_bare] - 1) * 100:+.1f}% "
-            "(target ≤ 5%)"
+            f"runner overhead vs bare loop, 1 process × {threads} thread(s): "
+            f"{statistics.median(overhead):+.1f}% "
+            f"({min(overhead):+.1f}% to {max(overhead):+.1f}%; target ≤ 5%)"
         )
     print(
         "2 processes × 1 thread vs 1 process × 2 threads: "
-        f"{best['1 process', 2, 'evaluate'] / two:.2f}×"
+        f"{harness.ratio_cell(t, 'evaluate 1x2', 'evaluate 2x1')}"
     )
+    print(f"\n({harness.load_note()})")
 
 
 if __name__ == "__main__":

@@ -5,22 +5,11 @@
    the forward+backward passes it cannot avoid (100 passes of the N*K batch, the
    target probability's gradient to the input), FEI (vm) against the same quantiles
    optimised one after another, and everything against Captum's
-   ``IntegratedGradients(n_steps=50)`` on the same batch. Calls are interleaved
-   round-robin (``--repeats`` rounds, default 5, one warm-up each), CPU time of this
-   process (``time.process_time``), one thread; the table gives the minimum and the
-   ratios of the minima, and the median over the rounds of each round's ratio to the
-   floor (timed in the same round, so a drift of the machine's speed between rounds
-   cancels; the ratio of the minima can pair a fast round of the floor with a slow
-   one of the call). On a shared 2-core machine one call's CPU time (the floor's too)
-   varied by up to 6% from round to round, and a rule's ratio of the minima moved by
-   up to 0.13 between runs (by 0.28 in a run whose floor had one unusually fast
-   round, 8% below its minimum in six other runs); the median of the rounds' ratios
-   does not depend on one round. Compare several runs, not one number. On Linux the
-   allocator's thresholds are fixed first (glibc ``mallopt``: blocks up to 32 MB from
-   the heap, which is never trimmed): with its default, adaptive thresholds a call's
-   time depends on whether the calls before it left its activations to be served by
-   fresh ``mmap`` pages, and the page faults moved the floor by up to 30% and the
-   ratios by 0.1 between runs. ``--default-malloc`` keeps glibc's defaults.
+   ``IntegratedGradients(n_steps=50)`` on the same batch. Measured with
+   ``benchmarks/_harness.py`` (interleaved rounds, wall clock, one thread, median and
+   within-round ratios, allocator thresholds fixed). On a shared 2-core machine one
+   call's time varied by up to 6% from round to round: compare several runs, not one
+   number.
 2. Variant table: per-pixel vs grouped (a Captum feature mask of 4x4 blocks) vs
    smooth (stride 4) maps; clip none / vm / ivm / avm / ibm; the demo CNN with
    ClipGrad on its convolutions, and the demo ViT with ClipGrad on the attention
@@ -36,86 +25,38 @@
      the demo's metric;
    - blank-image insertion: :func:`blank_image_diagnostic`'s insertion AUC on
      constant images of random colours (evidence found where there is none);
-   - CPU seconds per image, ratio to the floor, ratio to Captum IG (n_steps=50) on
-     the same model and batch.
+   - seconds per image, ratio to the floor, ratio to Captum IG (n_steps=50) on
+     the same model and batch (one call each, interleaved per model: the speed
+     part is the careful measurement).
 
 Run (trains and caches the demo models on first use):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_fei.py [--images 16] [--repeats 5]
-    OMP_NUM_THREADS=1 python benchmarks/bench_fei.py --quick --skip-table
+    python -m benchmarks.bench_fei [--images 16] [--rounds 5]
+    python -m benchmarks.bench_fei --quick --skip-table
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from captum_faithful._baselines import monochrome_reference  # noqa: E402
-from captum_faithful._utils import logits_forward  # noqa: E402
-from captum_faithful.attr import FaithfulnessEnsemble  # noqa: E402
-from captum_faithful.attr._utils.retention_maps import quantile_levels  # noqa: E402
-from captum_faithful.demo.registry import EvidencePrecision  # noqa: E402
-from captum_faithful.metrics import (  # noqa: E402
+from benchmarks import _harness as harness
+from captum_faithful._baselines import monochrome_reference
+from captum_faithful._utils import logits_forward
+from captum_faithful.attr import FaithfulnessEnsemble
+from captum_faithful.attr._utils.retention_maps import quantile_levels
+from captum_faithful.demo.registry import EvidencePrecision
+from captum_faithful.metrics import (
     deletion_auc,
     insertion_activation_deviation,
     insertion_auc,
 )
-from captum_faithful.studies import blank_image_diagnostic  # noqa: E402
+from captum_faithful.studies import blank_image_diagnostic
 
 CLIPS = ("none", "vm", "ivm", "avm", "ibm")
 N_ITER = 100
 K = 5
-
-
-def fix_allocator() -> bool:
-    """Serve blocks up to 32 MB from glibc's heap and never trim it (``mallopt``),
-    so that no timed call pays page faults for memory an earlier call freed.
-    Returns False where that is not available (not glibc)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(
-        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-        and libc.mallopt(m_trim_threshold, 2**30)
-    )
-
-
-def process_seconds(fn: Callable[[], object]) -> float:
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
-
-
-def interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict:
-    """Minimum CPU seconds of each call over ``repeats`` round-robin rounds (after
-    one warm-up round)."""
-    rounds = interleaved_rounds(calls, repeats)
-    return {name: min(times[name] for times in rounds) for name in calls}
-
-
-def interleaved_rounds(
-    calls: dict[str, Callable[[], object]], repeats: int
-) -> list[dict[str, float]]:
-    """CPU seconds of every call in each of ``repeats`` round-robin rounds (after
-    one warm-up round)."""
-    for fn in calls.values():
-        fn()
-    return [
-        {name: process_seconds(fn) for name, fn in calls.items()}
-        for _ in range(repeats)
-    ]
 
 
 def floor(model, images, targets, n_levels=K, n_iter=N_ITER):
@@ -141,7 +82,7 @@ def integrated_gradients(model, images, targets):
     return lambda: ig.attribute(images, target=targets, n_steps=50)
 
 
-def speed(demo, images, targets, repeats):
+def speed(demo, images, targets, rounds):
     model = demo.cnn
     reference = monochrome_reference(images, torch.Generator().manual_seed(1))
     n = images.shape[0]
@@ -154,43 +95,31 @@ def speed(demo, images, targets, repeats):
         for q in quantile_levels(K):
             fei("vm", [q])()
 
-    rounds = interleaved_rounds(
+    ig = "Captum IG (n_steps=50)"
+    timings = harness.interleave(
         {
             "floor": floor(model, images, targets),
             **{f"FEI ({clip})": fei(clip) for clip in CLIPS},
             "FEI (vm), one quantile after another": one_after_another,
-            "Captum IG (n_steps=50)": integrated_gradients(model, images, targets),
+            ig: integrated_gradients(model, images, targets),
         },
-        repeats,
+        rounds,
     )
-    times = {name: min(r[name] for r in rounds) for name in rounds[0]}
-    # the ratio within each round, where the floor ran next to the call: robust to
-    # the machine's speed drifting between rounds (which the ratio of the minima,
-    # taken from different rounds, is not)
-    paired = {
-        name: statistics.median(r[name] / r["floor"] for r in rounds)
-        for name in rounds[0]
-    }
     print(
         f"\n## Speed: demo CNN, {n} images, K={K}, {N_ITER} iterations "
-        f"(CPU seconds, {repeats} interleaved rounds, "
-        f"{torch.get_num_threads()} thread(s))\n"
+        f"({rounds} interleaved rounds; {harness.load_note()})\n"
     )
-    print(
-        "| call | seconds (min) | per image | / floor (ratio of minima) "
-        "| / floor (median of the rounds' ratios) | / Captum IG |"
-    )
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, seconds in times.items():
+    print("| call | seconds | per image | / floor | / Captum IG |")
+    print("|---|---:|---:|---:|---:|")
+    for name in timings.names():
         print(
-            f"| {name} | {seconds:.2f} | {seconds / n:.3f} | "
-            f"{seconds / times['floor']:.2f} | {paired[name]:.2f} | "
-            f"{seconds / times['Captum IG (n_steps=50)']:.1f} |"
+            f"| {name} | {harness.seconds_cell(timings, name)} | "
+            f"{timings.median(name) / n:.3f} | "
+            f"{harness.ratio_cell(timings, name, 'floor')} | "
+            f"{harness.ratio_cell(timings, name, ig)} |"
         )
-    print(
-        "\nJoint quantiles vs one after another: "
-        f"{times['FEI (vm), one quantile after another'] / times['FEI (vm)']:.2f}x"
-    )
+    joint = timings.ratio("FEI (vm), one quantile after another", "FEI (vm)")
+    print(f"\nJoint quantiles vs one after another: {joint:.2f}x")
 
 
 def block_feature_mask(size: int, block: int) -> torch.Tensor:
@@ -214,6 +143,36 @@ def variant_rows(model_name: str, patch: int):
                 yield map_name, map_kwargs, block, layers, clip
 
 
+def variant_call(
+    store,
+    index,
+    forward,
+    model,
+    images,
+    targets,
+    _name,
+    map_kwargs,
+    block,
+    layers,
+    clip,
+):
+    """FEI with one variant's settings, storing its attributions in ``store``."""
+    fei = FaithfulnessEnsemble(
+        forward, model=model, layers=layers, clip=clip, **map_kwargs
+    )
+    feature_mask = block_feature_mask(images.shape[-1], block) if block else None
+
+    def run():
+        store[index] = fei.attribute(
+            images,
+            target=targets,
+            feature_mask=feature_mask,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    return run
+
+
 def variant_table(demo, images, masks, n_blank):
     precision = EvidencePrecision(images, masks)
     generator = torch.Generator().manual_seed(5)
@@ -235,26 +194,28 @@ def variant_table(demo, images, masks, n_blank):
         patch = int(getattr(getattr(model, "config", None), "patch_size", 1))
         with torch.no_grad():
             targets = forward(images).argmax(1)
-        floor_seconds = process_seconds(floor(model, images, targets))
-        ig_seconds = process_seconds(integrated_gradients(model, images, targets))
         deviation_layers = "conv" if model_name == "cnn" else "attention"
-        for map_name, map_kwargs, block, layers, clip in variant_rows(
-            model_name, patch
-        ):
-            fei = FaithfulnessEnsemble(
-                forward, model=model, layers=layers, clip=clip, **map_kwargs
-            )
-            feature_mask = (
-                block_feature_mask(images.shape[-1], block) if block else None
-            )
-            start = time.process_time()
-            attributions = fei.attribute(
-                images,
-                target=targets,
-                feature_mask=feature_mask,
-                generator=torch.Generator().manual_seed(0),
-            )
-            seconds = time.process_time() - start
+        variants = list(variant_rows(model_name, patch))
+        attributions_of: dict[int, torch.Tensor] = {}
+
+        # one call each, interleaved (the speed part is the careful measurement)
+        timings = harness.interleave(
+            {
+                "floor": floor(model, images, targets),
+                "ig": integrated_gradients(model, images, targets),
+                **{
+                    i: variant_call(
+                        attributions_of, i, forward, model, images, targets, *variant
+                    )
+                    for i, variant in enumerate(variants)
+                },
+            },
+            rounds=1,
+            warmup=False,
+        )
+        for index, (map_name, map_kwargs, block, layers, clip) in enumerate(variants):
+            attributions = attributions_of[index]
+            seconds = timings.median(index)
             insertion = insertion_auc(
                 forward,
                 images,
@@ -306,8 +267,9 @@ def variant_table(demo, images, masks, n_blank):
                 f"{float(insertion.mean()):.3f} | {float(deletion.mean()):.3f} | "
                 f"{float(precision(forward, images, attributions).mean()):.3f} | "
                 f"{float(deviation.mean()):.4f} | {blank_insertion} | "
-                f"{seconds / images.shape[0]:.3f} | {seconds / floor_seconds:.2f} | "
-                f"{seconds / ig_seconds:.1f} |",
+                f"{seconds / images.shape[0]:.3f} | "
+                f"{timings.ratio(index, 'floor'):.2f} | "
+                f"{timings.ratio(index, 'ig'):.1f} |",
                 flush=True,
             )
 
@@ -316,18 +278,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--blank-images", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    harness.add_arguments(parser, rounds=5)
     parser.add_argument("--quick", action="store_true", help="the quick demo models")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
-    parser.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="keep glibc's adaptive allocator thresholds (timings vary more)",
-    )
     args = parser.parse_args()
-    fixed = False if args.default_malloc else fix_allocator()
-    print(f"# allocator thresholds fixed: {fixed}")
+    print(f"# {harness.configure()}")
     from captum_faithful.demo import load_demo
 
     demo = load_demo(quick=args.quick)
@@ -340,11 +296,10 @@ def main() -> None:
         targets = demo.cnn(images).argmax(1)
     print(
         f"# demo models ({'quick' if args.quick else 'full'} recipe): test accuracy "
-        f"CNN {demo.accuracy['cnn']:.3f}, ViT {demo.accuracy['vit']:.3f}; torch "
-        f"threads {torch.get_num_threads()}"
+        f"CNN {demo.accuracy['cnn']:.3f}, ViT {demo.accuracy['vit']:.3f}"
     )
     if not args.skip_speed:
-        speed(demo, images, targets, args.repeats)
+        speed(demo, images, targets, args.rounds)
     if not args.skip_table:
         variant_table(demo, images, masks, args.blank_images)
 

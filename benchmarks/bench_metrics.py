@@ -1,6 +1,7 @@
 """Speed and agreement of the faithfulness metrics (not run by CI).
 
-For a batch of 16 images on a small CNN at 3x32x32 and 3x64x64 it prints:
+For a batch of 16 images on the harness's small CNN at 3x32x32 and 3x64x64 it
+prints:
 
 1. the floor — the forward passes a metric cannot avoid (its perturbed copies plus
    the clean pass), timed as model calls on ready-made tensors — at several chunk
@@ -14,32 +15,24 @@ For a batch of 16 images on a small CNN at 3x32x32 and 3x64x64 it prints:
    ``FaithfulnessCorrelation`` at matched settings (same features, zero baseline,
    same subsets), the speed-up over Quantus and the largest |difference|.
 
-Timings are process CPU times (run with OMP_NUM_THREADS=1: then CPU time is the
-work done, little affected by other processes on a shared machine), minimum over
-``--repeats`` runs, the compared functions measured alternately.
+Measured with ``benchmarks/_harness.py`` (interleaved rounds, wall clock, one
+thread, median seconds and within-round ratios); the reference loops are slow and
+timed once, next to one call of the metric.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_metrics.py [--repeats 5] [--sizes 32 64]
+    python -m benchmarks.bench_metrics [--rounds 5] [--sizes 32 64]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from helpers import small_cnn  # noqa: E402
-
-from captum_faithful.metrics import (  # noqa: E402
+from benchmarks import _harness as harness
+from captum_faithful.metrics import (
     blur_baseline,
     deletion_auc,
     faithfulness_correlation,
@@ -47,11 +40,11 @@ from captum_faithful.metrics import (  # noqa: E402
     mean_baseline,
     saco,
 )
-from captum_faithful.metrics._core.faithfulness_correlation import (  # noqa: E402
+from captum_faithful.metrics._core.faithfulness_correlation import (
     faithfulness_correlation_for_subsets,
     random_feature_subsets,
 )
-from captum_faithful.metrics._utils import (  # noqa: E402
+from captum_faithful.metrics._utils import (
     DEFAULT_MAX_EXAMPLES_PER_BATCH,
     prepare_metric_inputs,
 )
@@ -62,26 +55,6 @@ N_STEPS = 100
 N_GROUPS = 10
 N_SAMPLES = 100
 SUBSET = 0.25
-
-
-def best_time(fn, repeats):
-    """Minimum CPU time of the process over ``repeats`` calls (with one thread, this
-    is the work done, little affected by other processes on a shared machine)."""
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return min(times)
-
-
-def paired_times(first, second, repeats):
-    """Minimum times of two functions run alternately (same machine load)."""
-    times = ([], [])
-    for _ in range(repeats):
-        times[0].append(best_time(first, 1))
-        times[1].append(best_time(second, 1))
-    return min(times[0]), min(times[1])
 
 
 class Recorder(torch.nn.Module):
@@ -99,9 +72,9 @@ class Recorder(torch.nn.Module):
 
 
 @torch.no_grad()
-def sweep(model, run, n_rows, repeats):
-    """Minimum time per chunk size of the floor and of the metric, measured
-    alternately so that both see the same machine load.
+def sweep(model, run, n_rows, rounds):
+    """The floor and the metric at every chunk size, interleaved (Timings with
+    ``floor{chunk}`` and ``metric{chunk}``).
 
     The floor forwards exactly the images the metric forwards (recorded from one
     run: the copies it needs plus the clean pass), already built, ``chunk`` at a
@@ -111,21 +84,18 @@ def sweep(model, run, n_rows, repeats):
     run(None)
     rows = torch.cat(model.rows)
     model.rows = None
-    assert rows.shape[0] == n_rows, (rows.shape, n_rows)
+    if rows.shape[0] != n_rows:
+        raise RuntimeError(f"the metric forwarded {rows.shape[0]} rows, not {n_rows}")
 
     def floor(chunk):
         for start in range(0, n_rows, chunk):
             model(rows[start : start + chunk])
 
-    floors = {chunk: [] for chunk in CHUNKS}
-    metrics = {chunk: [] for chunk in CHUNKS}
-    for _ in range(repeats):
-        for chunk in CHUNKS:
-            floors[chunk].append(best_time(lambda c=chunk: floor(c), 1))
-            metrics[chunk].append(best_time(lambda c=chunk: run(c), 1))
-    floors = [min(floors[chunk]) for chunk in CHUNKS]
-    metrics = [min(metrics[chunk]) for chunk in CHUNKS]
-    return floors, metrics
+    calls = {}
+    for chunk in CHUNKS:
+        calls[f"floor{chunk}"] = lambda c=chunk: floor(c)
+        calls[f"metric{chunk}"] = lambda c=chunk: run(c)
+    return harness.interleave(calls, rounds)
 
 
 # --- per-image reference loops: one image, one perturbation per forward ---------
@@ -255,15 +225,14 @@ def element_mask(x):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    harness.add_arguments(parser, rounds=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--no-reference", action="store_true")
     args = parser.parse_args()
+    print(harness.configure())
+    model = Recorder(harness.small_cnn()).eval()
     torch.manual_seed(0)
-    model = Recorder(small_cnn()).eval()
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {BATCH}"
-    )
+    default = DEFAULT_MAX_EXAMPLES_PER_BATCH
     for size in args.sizes:
         shape = (3, size, size)
         x = torch.rand(BATCH, *shape)
@@ -278,45 +247,52 @@ def main():
             torch.Generator().manual_seed(0),
         )
         metrics = make_metrics(model, x, attr, subsets)
-        print(f"\n=== 3x{size}x{size}, batch {BATCH} ===")
-        print("chunk sweep (seconds, min over repeats; floor = model calls only):")
-        print(f"{'metric':<30}" + "".join(f"{c:>9}" for c in CHUNKS))
-        summary = {}
-        for name, (run, n_rows, _) in metrics.items():
-            floors, times = sweep(model, run, n_rows, args.repeats)
-            summary[name] = (
-                times[CHUNKS.index(DEFAULT_MAX_EXAMPLES_PER_BATCH)],
-                floors,
-            )
-            print(f"{name + ' floor':<30}" + "".join(f"{t:9.4f}" for t in floors))
-            print(f"{name:<30}" + "".join(f"{t:9.4f}" for t in times))
-
-        print(
-            f"\nper metric at the default chunk ({DEFAULT_MAX_EXAMPLES_PER_BATCH}); "
-            "floor at the fastest chunk:"
-        )
-        print(
-            f"{'metric':<26}{'time s':>9}{'floor s':>9}{'ratio':>7}"
-            f"{'ref loop s':>11}{'speed-up':>9}{'max |Δ|':>10}"
-        )
-        for name, (run, _, reference) in metrics.items():
-            seconds, floors = summary[name]
-            floor = min(floors)
-            line = f"{name:<26}{seconds:9.4f}{floor:9.4f}{seconds / floor:7.2f}"
-            if not args.no_reference:
-                start = time.process_time()
-                expected = reference()
-                ref_seconds = time.process_time() - start
-                delta = (run(None).double() - expected.double()).abs().max()
-                line += (
-                    f"{ref_seconds:11.3f}{ref_seconds / seconds:9.1f}"
-                    f"{float(delta):10.2e}"
+        print(f"\n## 3x{size}x{size}, batch {BATCH}, {args.rounds} rounds\n")
+        print("Chunk sweep, median seconds (floor = the model calls only):\n")
+        sweep_rows, summary_rows = [], []
+        for name, (run, n_rows, reference) in metrics.items():
+            t = sweep(model, run, n_rows, args.rounds)
+            for kind in ("floor", "metric"):
+                sweep_rows.append(
+                    {
+                        "": f"{name} {kind}" if kind == "floor" else name,
+                        **{f"{c}": t.median(f"{kind}{c}") for c in CHUNKS},
+                    }
                 )
-            print(line)
-        compare_with_quantus(model, x, attr, args.repeats)
+            best = min(CHUNKS, key=lambda c: t.median(f"floor{c}"))
+            row = {
+                "metric": name,
+                f"s at chunk {default}": harness.seconds_cell(t, f"metric{default}"),
+                "floor s": harness.seconds_cell(t, f"floor{best}"),
+                "/ floor": harness.ratio_cell(t, f"metric{default}", f"floor{best}"),
+                "floor chunk": best,
+            }
+            if not args.no_reference:
+                expected = {}
+                ref = harness.interleave(
+                    {
+                        "reference": lambda r=reference, e=expected: e.update(v=r()),
+                        "metric": lambda r=run: r(None),
+                    },
+                    rounds=1,
+                    warmup=False,
+                )
+                delta = (run(None).double() - expected["v"].double()).abs().max()
+                row["reference loop s"] = ref.median("reference")
+                row["speed-up"] = ref.ratio("reference", "metric")
+                row["max |Δ|"] = f"{float(delta):.2e}"
+            summary_rows.append(row)
+        print(harness.markdown_table(sweep_rows))
+        print(
+            f"\nPer metric at the default chunk ({default}); floor at the fastest "
+            "chunk; speed-up over the per-image reference loop:\n"
+        )
+        print(harness.markdown_table(summary_rows))
+        compare_with_quantus(model, x, attr, args.rounds)
+    print(f"\n({harness.load_note()})")
 
 
-def compare_with_quantus(model, x, attr, repeats):
+def compare_with_quantus(model, x, attr, rounds):
     try:
         import quantus
     except ImportError:
@@ -329,8 +305,7 @@ def compare_with_quantus(model, x, attr, repeats):
     attr = torch.randn_like(x)
     mask = element_mask(x)
     x_np, y_np, a_np = x.numpy(), y.numpy(), attr.numpy()
-    print(f"\nvs Quantus {quantus.__version__} (matched settings):")
-    print(f"{'metric':<34}{'ours s':>9}{'quantus s':>10}{'speed-up':>9}{'max |Δ|':>10}")
+    print(f"\nAgainst Quantus {quantus.__version__} (matched settings):\n")
 
     # PixelFlipping = our deletion curve without its first (clean) point, with
     # features_in_step elements removed per step.
@@ -370,12 +345,9 @@ def compare_with_quantus(model, x, attr, repeats):
             return_curves=True,
         )[1]
 
-    quantus_seconds, ours_seconds = paired_times(run_quantus_pf, run_ours_pf, repeats)
+    t = harness.interleave({"quantus": run_quantus_pf, "ours": run_ours_pf}, rounds)
     delta = np.abs(run_ours_pf()[:, 1:].numpy() - run_quantus_pf()).max()
-    print(
-        f"{f'PixelFlipping ({steps} steps)':<34}{ours_seconds:9.4f}{quantus_seconds:10.4f}"
-        f"{quantus_seconds / ours_seconds:9.1f}{delta:10.2e}"
-    )
+    rows = [quantus_row(f"PixelFlipping ({steps} steps)", t, delta)]
 
     # FaithfulnessCorrelation: Quantus's features are input elements; replay its
     # random subsets (same numpy seed, same draw order) for the value comparison.
@@ -417,7 +389,7 @@ def compare_with_quantus(model, x, attr, repeats):
             generator=torch.Generator().manual_seed(0),
         )
 
-    quantus_seconds, ours_seconds = paired_times(run_quantus_fc, run_ours_fc, repeats)
+    t = harness.interleave({"quantus": run_quantus_fc, "ours": run_ours_fc}, rounds)
     np.random.seed(0)
     replay = np.zeros((BATCH, N_SAMPLES, n_elements), dtype=bool)
     for run in range(N_SAMPLES):
@@ -433,10 +405,18 @@ def compare_with_quantus(model, x, attr, repeats):
         False,
     )
     delta = np.abs(ours.numpy() - run_quantus_fc()).max()
-    print(
-        f"{'FaithfulnessCorrelation':<34}{ours_seconds:9.4f}{quantus_seconds:10.4f}"
-        f"{quantus_seconds / ours_seconds:9.1f}{delta:10.2e}"
-    )
+    rows.append(quantus_row("FaithfulnessCorrelation", t, delta))
+    print(harness.markdown_table(rows))
+
+
+def quantus_row(name, t, delta):
+    return {
+        "metric": name,
+        "ours s": harness.seconds_cell(t, "ours"),
+        "quantus s": harness.seconds_cell(t, "quantus"),
+        "speed-up (quantus / ours)": harness.ratio_cell(t, "quantus", "ours"),
+        "max |Δ|": f"{delta:.2e}",
+    }
 
 
 if __name__ == "__main__":

@@ -47,44 +47,29 @@ Parts (``--parts``):
     counts that just fill the largest chunk (memory depends on the rows per pass,
     not on how many passes).
 
-Time: the compared calls run round-robin in one process (``--repeats`` rounds), so
-that load from other processes hits them alike; the tables give the minimum process
-CPU time (``time.process_time``; with one thread this is the work done, little
-inflated by other processes on a shared machine) and the minimum wall time, per
-image. Ratios are of CPU times.
-
-Peak memory: before each call the process runs ``gc.collect()`` and glibc's
-``malloc_trim(0)`` (freed heap pages go back to the system, so the resident set is
-the live data), reads its resident set ``VmRSS`` and resets its high-water mark
-``VmHWM`` (writing ``5`` to ``/proc/self/clear_refs``); after the call the peak is
-``VmHWM`` minus that ``VmRSS``: the most resident memory the call added at any
-moment, model, inputs and results of earlier calls excluded. Linux only. In the
-``methods`` and ``metrics`` parts every configuration of one model runs in one
-subprocess per part (the reset makes each call's peak its own); the ``memory`` part
-uses a fresh subprocess per configuration.
+Time and peak memory: ``benchmarks/_harness.py`` (interleaved rounds, wall clock,
+one thread, median and within-round ratios; peak memory read in each call's warm-up
+call, or, with ``--no-warmup``, in its one timed call). In the ``methods`` and
+``metrics`` parts every configuration of one model runs in one subprocess per part;
+the ``memory`` part uses a fresh subprocess per configuration.
 
 Usage (run from the repository root)::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py                  # everything
-    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --only resnet50  # one model
-    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --only vit_hf,vit_timm \\
-        --parts methods --repeats 3
-    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --parts memory --only resnet50
-    OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --only resnet50 --parts metrics \\
+    python -m benchmarks.bench_scale                  # everything
+    python -m benchmarks.bench_scale --only resnet50  # one model
+    python -m benchmarks.bench_scale --only vit_hf,vit_timm --parts methods --rounds 3
+    python -m benchmarks.bench_scale --parts memory --only resnet50
+    python -m benchmarks.bench_scale --only resnet50 --parts metrics \\
         --metrics activation_deviation,insertion_activation_deviation
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -94,8 +79,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks import _harness as harness
+from captum_faithful._utils import as_logits
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 IMAGE_MODELS = ("resnet50", "vgg16", "vit_hf", "vit_timm")
 LM_MODELS = ("gpt2", "pythia160m")
@@ -119,47 +106,9 @@ FEI_QUANTILES = 5  # FEI's default K
 IG_N_STEPS = 50
 
 
-# ------------------------------------------------------------- measurement
-
-
-_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def measure(fn: Callable[[], Any]) -> tuple[float, float, float]:
-    """``(cpu_s, wall_s, peak_extra_mb)`` of one call (see the module docstring)."""
-    gc.collect()
-    _LIBC.malloc_trim(0)
-    base = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    cpu, wall = time.process_time(), time.perf_counter()
-    fn()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return cpu, wall, (_status_kb("VmHWM") - base) / 1024
-
-
-def round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict]:
-    """Minimum CPU and wall time and maximum peak of each function, run in turns."""
-    runs: dict[str, list] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            runs[name].append(measure(fn))
-    return {
-        name: {
-            "cpu": min(r[0] for r in values),
-            "wall": min(r[1] for r in values),
-            "peak_mb": max(r[2] for r in values),
-        }
-        for name, values in runs.items()
-    }
+def timed(fns: dict[str, Callable[[], Any]], args: argparse.Namespace):
+    """The harness's round-robin with this script's options (peaks always read)."""
+    return harness.interleave(fns, args.rounds, warmup=args.warmup, peaks=True)
 
 
 # ------------------------------------------------------------------- models
@@ -197,8 +146,7 @@ class Bench:
             return self.model(x).logits[:, -1]
         if self.name == "bert":
             return self.model(input_ids=x, attention_mask=args[0]).logits
-        out = self.model(x)
-        return out.logits if hasattr(out, "logits") else out
+        return as_logits(self.model(x))
 
     def layers(self) -> Any:
         """Where FEI's ClipGrad and activation deviation look: convs or blocks."""
@@ -215,10 +163,7 @@ def build_model(name: str) -> nn.Module:
 
         return getattr(torchvision.models, name)(weights=None).eval()
     if name == "vit_hf":
-        from transformers import ViTConfig, ViTForImageClassification
-
-        config = ViTConfig(image_size=224, patch_size=16, num_labels=1000)
-        return ViTForImageClassification(config).eval()
+        return harness.hf_vit("base")
     if name == "vit_timm":
         import timm
 
@@ -250,19 +195,13 @@ def build_model(name: str) -> nn.Module:
 def saved_and_loaded_saes(hidden: int, folder: Path) -> dict:
     """32x standard sae-lens SAEs from configs, saved and loaded with ``load_sae``.
 
-    The encoder bias is shifted so that about 2% of the features fire, as in trained
-    SAEs with an L0 of a few hundred (the gating cost depends on the sparsity).
+    About 2% of the features fire (:func:`benchmarks._harness.sparse_saes`).
     """
-    import sae_lens
-
     from captum_faithful import load_sae
 
     saes = {}
-    for block in SAE_BLOCKS:
-        config = sae_lens.StandardSAEConfig(d_in=hidden, d_sae=SAE_EXPANSION * hidden)
-        sae = sae_lens.StandardSAE(config)
-        with torch.no_grad():
-            sae.b_enc.fill_(-2.0 * sae.W_enc.norm(dim=0).mean())
+    built = harness.sparse_saes(hidden, SAE_BLOCKS, SAE_EXPANSION, "standard")
+    for block, sae in built.items():
         path = folder / f"block_{block}"
         sae.save_model(path)
         saes[block] = load_sae(path)
@@ -381,76 +320,73 @@ def methods_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
         fns["transmm"] = lambda: transmm.attribute(x, target=target)
         fns["fg_transmm"] = lambda: gated.attribute(x, target=target)
         fns["eager_pass"] = eager_pass
-    t = round_robin(fns, args.repeats)
+    t = timed(fns, args)
     if tmp is not None:
         tmp.cleanup()
 
-    def cpu(name: str) -> float:
-        return t[name]["cpu"]
-
     def x_ig50(name: str) -> float | None:
-        return cpu(name) / cpu("ig50") if "ig50" in t else None
+        return t.ratio(name, "ig50") if "ig50" in t else None
 
     rows = []
     if "uni" in t:
-        uni_floor = UNI_PGD_STEPS * cpu("pass") + cpu("path") + cpu("unlearn")
+        t.derive("uni_floor", {"pass": UNI_PGD_STEPS, "path": 1, "unlearn": 1})
         rows += [
             row(
                 bench,
                 "UNI",
                 f"defaults, internal_batch_size={ibs}",
-                t["uni"],
-                n,
+                t,
+                "uni",
                 ig50=x_ig50("uni"),
-                floor=cpu("uni") / uni_floor,
-                note=f"floor {uni_floor / n:.3g} s/image",
+                floor=t.ratio("uni", "uni_floor"),
+                note=f"floor {t.median('uni_floor') / n:.3g} s/image",
             ),
             row(
                 bench,
                 "Captum IG",
                 f"n_steps=50, internal_batch_size={ibs}",
-                t["ig50"],
-                n,
+                t,
+                "ig50",
                 ig50=1.0,
             ),
         ]
     if "fei" in t:
-        per_iteration = cpu("fei") / args.fei_iters
-        projected_fei = 100 * per_iteration  # FEI's default n_iter
+        iters = args.fei_iters
+        per_iteration = t.median("fei") / iters
         rows.append(
             row(
                 bench,
                 "FEI",
-                f"{args.fei_iters} iterations (default n_iter=100)",
-                t["fei"],
-                n,
-                ig50=projected_fei / cpu("ig50") if "ig50" in t else None,
-                floor=per_iteration / cpu("fei_iteration"),
+                f"{iters} iterations (default n_iter=100)",
+                t,
+                "fei",
+                # FEI's default n_iter is 100: projected from the timed iterations
+                ig50=100 / iters * t.ratio("fei", "ig50") if "ig50" in t else None,
+                floor=t.ratio("fei", "fei_iteration") / iters,
                 note=f"{per_iteration / n:.3g} s/iteration/image; "
                 "x IG50 is for 100 iterations, projected",
             )
         )
     if "transmm" in t:
-        transmm_cpu = cpu("transmm")
         rows += [
             row(
                 bench,
                 "TransMM",
                 "",
-                t["transmm"],
-                n,
+                t,
+                "transmm",
                 ig50=x_ig50("transmm"),
-                floor=transmm_cpu / cpu("eager_pass"),
+                floor=t.ratio("transmm", "eager_pass"),
             ),
             row(
                 bench,
                 "FeatureGatedTransMM",
                 f"{SAE_EXPANSION}x SAEs on blocks {','.join(map(str, SAE_BLOCKS))}",
-                t["fg_transmm"],
-                n,
+                t,
+                "fg_transmm",
                 ig50=x_ig50("fg_transmm"),
-                floor=cpu("fg_transmm") / cpu("eager_pass"),
-                note=f"{cpu('fg_transmm') / transmm_cpu:.2f} x TransMM",
+                floor=t.ratio("fg_transmm", "eager_pass"),
+                note=f"{t.ratio('fg_transmm', 'transmm'):.2f} x TransMM",
             ),
         ]
     return rows
@@ -500,23 +436,20 @@ def bert_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
         "path": path,
         "unlearn": lambda: unlearning_loop(bench),
     }
-    t = round_robin(fns, args.repeats)
-    floor = UNI_PGD_STEPS * t["pass"]["cpu"] + t["path"]["cpu"] + t["unlearn"]["cpu"]
-    lig50 = t["lig50"]["cpu"]
+    t = timed(fns, args)
+    t.derive("floor", {"pass": UNI_PGD_STEPS, "path": 1, "unlearn": 1})
     settings = f"bert.embeddings, {ids.shape[1]} tokens, internal_batch_size={ibs}"
     return [
         row(
             bench,
             "LayerUNI",
             f"defaults, {settings}",
-            t["uni"],
-            n,
-            ig50=t["uni"]["cpu"] / lig50,
-            floor=t["uni"]["cpu"] / floor,
+            t,
+            "uni",
+            ig50=t.ratio("uni", "lig50"),
+            floor=t.ratio("uni", "floor"),
         ),
-        row(
-            bench, "Captum LayerIG", f"n_steps=50, {settings}", t["lig50"], n, ig50=1.0
-        ),
+        row(bench, "Captum LayerIG", f"n_steps=50, {settings}", t, "lig50", ig50=1.0),
     ]
 
 
@@ -576,41 +509,45 @@ def language_model_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
         "llm_lig": llm(llm_lig, n_steps=IG_N_STEPS, internal_batch_size=args.ibs),
         "llm_uni": llm(llm_uni, internal_batch_size=args.ibs),
     }
-    t = round_robin(fns, args.repeats)
+    t = timed(fns, args)
     sites = f"{n_sites} residual sites x {seq_len} tokens"
     one_target = f"1 target token, internal_batch_size={args.ibs}"
     rows = []
+    exact = None
     if "patching" in args.methods:
         # exact activation patching is (blocks + 1) x seq_len forwards per prompt:
-        # timed once, after the others (its cost is linear in the patched rows)
-        t.update(
-            round_robin(
-                {
-                    "act": lambda: activation_patching(
-                        model, ids, corrupted, chunk_size=args.patch_chunk
-                    )
-                },
-                1,
-            )
+        # timed once, after the others, no warm-up (its cost is linear in the
+        # patched rows, minutes per prompt); its ratios are of medians
+        exact = harness.interleave(
+            {
+                "act": lambda: activation_patching(
+                    model, ids, corrupted, chunk_size=args.patch_chunk
+                )
+            },
+            1,
+            warmup=False,
+            peaks=True,
         )
         rows.append(
             row(bench, "activation_patching", f"corrupted prompt, {sites}, "
-                f"chunk_size={args.patch_chunk}", t["act"], n,
+                f"chunk_size={args.patch_chunk}", exact, "act",
                 note=f"{n_sites * seq_len} patched forwards per prompt")
         )  # fmt: skip
 
     def versus_exact(name: str) -> str:
-        return f"x_act {t[name]['cpu'] / t['act']['cpu']:.4f}" if "act" in t else ""
+        if exact is None:
+            return ""
+        return f"x_act {t.median(name) / exact.median('act'):.4f}"
 
     return rows + [
         row(bench, "AttributionPatching", f"unlearned baseline, {sites}",
-            t["ap_unlearned"], n, note=versus_exact("ap_unlearned")),
+            t, "ap_unlearned", note=versus_exact("ap_unlearned")),
         row(bench, "AttributionPatching", f"corrupted prompt, {sites}",
-            t["ap_corrupted"], n, note=versus_exact("ap_corrupted")),
+            t, "ap_corrupted", note=versus_exact("ap_corrupted")),
         row(bench, "LLMGradientAttribution + LayerIG", f"n_steps=50, {one_target}",
-            t["llm_lig"], n, ig50=1.0, note=versus_exact("llm_lig")),
+            t, "llm_lig", ig50=1.0, note=versus_exact("llm_lig")),
         row(bench, "LLMGradientAttribution + LayerUNI", f"defaults, {one_target}",
-            t["llm_uni"], n, ig50=t["llm_uni"]["cpu"] / t["llm_lig"]["cpu"],
+            t, "llm_uni", ig50=t.ratio("llm_uni", "llm_lig"),
             note=versus_exact("llm_uni")),
     ]  # fmt: skip
 
@@ -619,22 +556,25 @@ def row(
     bench: Bench,
     method: str,
     settings: str,
-    timing: dict,
-    n: int,
+    timings: harness.Timings,
+    name: str,
     ig50: float | None = None,
     floor: float | None = None,
     note: str = "",
 ) -> dict:
+    """One table row: ``name``'s median seconds per example and its peak."""
+    n = bench.inputs.shape[0]
+    low, high = timings.spread(name)
     return {
         "model": bench.name,
         "method": method,
         "settings": settings,
         "batch": n,
-        "cpu_s_per_image": timing["cpu"] / n,
-        "wall_s_per_image": timing["wall"] / n,
+        "s_per_image": timings.median(name) / n,
+        "range": f"{low / n:.3g}–{high / n:.3g}",
         "x_captum_ig50": ig50,
         "x_floor": floor,
-        "peak_mb": timing["peak_mb"],
+        "peak_mb": timings.peaks.get(name),
         "note": note,
     }
 
@@ -756,17 +696,16 @@ def metrics_rows(bench: Bench, args: argparse.Namespace) -> list[dict]:
         fns = {"metric": call}
         for chunk in args.floor_chunks:
             fns[f"floor{chunk}"] = lambda c=chunk: floor(c)
-        t = round_robin(fns, args.repeats)
-        best = min(args.floor_chunks, key=lambda c: t[f"floor{c}"]["cpu"])
-        n = bench.inputs.shape[0]
+        t = timed(fns, args)
+        best = min(args.floor_chunks, key=lambda c: t.median(f"floor{c}"))
         rows.append(
             row(
                 bench,
                 name,
                 settings,
-                t["metric"],
-                n,
-                floor=t["metric"]["cpu"] / t[f"floor{best}"]["cpu"],
+                t,
+                "metric",
+                floor=t.ratio("metric", f"floor{best}"),
                 note=f"{forwarded.shape[0]} images forwarded; floor at chunk {best}",
             )
         )
@@ -908,14 +847,12 @@ def memory_child(sweep: str, model: str, n: int, chunk: int, seq_len: int) -> di
             ),
         }
         call = calls[metric]
-    cpu, wall, peak = measure(call)
     return {
         "sweep": sweep,
         "model": model,
         "batch": n,
         "chunk": chunk,
-        "peak_mb": peak,
-        "cpu_s": cpu,
+        "peak_mb": harness.peak_memory_mb(call),
     }
 
 
@@ -924,7 +861,10 @@ def memory_child(sweep: str, model: str, n: int, chunk: int, seq_len: int) -> di
 
 def _child(argv: list[str]) -> Any:
     result = subprocess.run(
-        [sys.executable, __file__, *argv], capture_output=True, text=True
+        [sys.executable, "-m", "benchmarks.bench_scale", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     if result.returncode != 0:
         sys.stderr.write(result.stderr)
@@ -977,7 +917,14 @@ def main() -> None:
         help=f"comma-separated subset of {','.join(PARTS)}",
     )
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1)
+    harness.add_arguments(parser, rounds=1)
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="no warm-up call (halves the run; the first call's one-off costs are "
+        "then timed, and peaks are read in the timed call)",
+    )
     parser.add_argument(
         "--ibs",
         type=int,
@@ -1007,7 +954,6 @@ def main() -> None:
         help="rows per forward of exact activation patching (language models)",
     )
     parser.add_argument("--floor-chunks", default="16,64")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write every row to this file")
     parser.add_argument(
         "--child", nargs=2, metavar=("MODEL", "PART"), help=argparse.SUPPRESS
@@ -1026,7 +972,7 @@ def main() -> None:
     args.metrics = [m for m in args.metrics.split(",") if m]
     if any(m not in METRICS for m in args.metrics):
         parser.error(f"--metrics must be a subset of {','.join(METRICS)}")
-    torch.set_num_threads(args.threads)
+    machine = harness.configure()
     warnings.filterwarnings("ignore")
     if args.child:
         bench = Bench(args.child[0], args.batch, args.seq_len)
@@ -1047,18 +993,18 @@ def main() -> None:
     ]
     if unknown:
         parser.error(f"unknown model or part: {unknown}")
-    if os.environ.get("OMP_NUM_THREADS") != str(args.threads):
-        print(f"(warning: OMP_NUM_THREADS is not {args.threads})", file=sys.stderr)
+    print(machine)
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, "
-        f"{args.repeats} round(s), internal_batch_size {args.ibs}, "
-        f"FEI {args.fei_iters} iterations"
+        f"batch {args.batch}, {args.rounds} round(s)"
+        f"{' after a warm-up' if args.warmup else ', no warm-up'}, "
+        f"internal_batch_size {args.ibs}, FEI {args.fei_iters} iterations"
     )
     common = [
         "--batch",
         str(args.batch),
-        "--repeats",
-        str(args.repeats),
+        "--rounds",
+        str(args.rounds),
+        *([] if args.warmup else ["--no-warmup"]),
         "--ibs",
         str(args.ibs),
         "--fei-iters",
@@ -1067,8 +1013,6 @@ def main() -> None:
         str(args.seq_len),
         "--patch-chunk",
         str(args.patch_chunk),
-        "--threads",
-        str(args.threads),
         "--floor-chunks",
         ",".join(map(str, args.floor_chunks)),
         "--methods",
@@ -1080,8 +1024,8 @@ def main() -> None:
         "model",
         "method",
         "settings",
-        "cpu_s_per_image",
-        "wall_s_per_image",
+        "s_per_image",
+        "range",
         "x_captum_ig50",
         "x_floor",
         "peak_mb",
@@ -1121,6 +1065,7 @@ def main() -> None:
         print("\n## peak MB against the chunking argument (columns)\n")
         print(chunk_table(rows))
         everything += rows
+    print(f"\n({harness.load_note()})")
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=1))
 

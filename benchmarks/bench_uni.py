@@ -2,11 +2,11 @@
 
 Run from the repository root (not part of CI; needs scikit-learn and timm)::
 
-    python benchmarks/bench_uni.py                 # both tables
-    python benchmarks/bench_uni.py --only speed    # or --only faithfulness
+    python -m benchmarks.bench_uni                 # both tables
+    python -m benchmarks.bench_uni --only speed    # or --only faithfulness
 
-Speed (batch 16, 3x32x32, a small CNN and a small timm ViT), each timing the
-minimum over ``--repeats`` runs:
+Speed (batch 16, 3x32x32, the harness's small CNN and small timm ViT), measured
+with ``benchmarks/_harness.py`` (interleaved rounds, median, within-round ratios):
 
 - UNI with defaults / Captum ``IntegratedGradients(n_steps=50)`` (target <= 0.5).
 - UNI / its floor (target <= 1.5). Floor = ``pgd_steps`` forward+backward passes
@@ -16,8 +16,8 @@ minimum over ``--repeats`` runs:
 - Vectorised / per-sample-loop unlearning at batch 16 (target >= 4), next to
   ``bound``: 16 batch-1 calls / one batch-16 call of forward, parameter gradient
   and forward with shared weights, the most any vectorisation can gain here.
-- Extra peak heap memory of the unlearning step (glibc ``mallinfo2`` polled from
-  a thread; Linux only) against ``unlearning_batch_size``.
+- Peak memory the unlearning step adds (the harness's ``VmHWM`` reading; Linux
+  only) against ``unlearning_batch_size``.
 
 Faithfulness: a small CNN (4x4 pooled head) trained for about a minute on
 scikit-learn digits at 3x32x32, each drawn on a random-colour noisy background,
@@ -30,78 +30,30 @@ and path monotonicity along each method's own path.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import sys
-import threading
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from captum.attr import IntegratedGradients
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from captum.attr import IntegratedGradients  # noqa: E402
-
-from captum_faithful import UnlearnedIntegratedGradients  # noqa: E402
-from captum_faithful.attr._utils.unlearning import (  # noqa: E402
+from benchmarks import _harness as harness
+from captum_faithful import UnlearnedIntegratedGradients
+from captum_faithful.attr._utils.unlearning import (
     ParametrizedForward,
     buffer_copies,
     unlearned_log_probs,
     unlearned_parameters,
 )
-from captum_faithful.metrics import path_monotonicity  # noqa: E402
+from captum_faithful.metrics import path_monotonicity
 
 BATCH = 16
 UNI_DEFAULTS = {"n_steps": 15, "pgd_steps": 10}
 
 
-def small_cnn(n_classes: int = 10, pool: int = 1) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(pool),
-        nn.Flatten(),
-        nn.Linear(64 * pool * pool, n_classes),
-    )
-
-
-def small_vit(n_classes: int = 10) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
-    return VisionTransformer(
-        img_size=32,
-        patch_size=4,
-        embed_dim=64,
-        depth=4,
-        num_heads=4,
-        num_classes=n_classes,
-    )
-
-
-MODELS = {"cnn": small_cnn, "vit": small_vit}
-
-
-def interleaved_best(fns: dict, repeats: int) -> dict[str, float]:
-    """Minimum time of each function, runs interleaved so load hits all alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in times.items()}
+MODELS = {"cnn": harness.small_cnn, "vit": harness.small_vit}
 
 
 def input_fwd_bwd(model: nn.Module, x: Tensor, target: Tensor) -> None:
@@ -142,9 +94,9 @@ def shared_weight_passes(model: nn.Module, x: Tensor, target: Tensor) -> None:
         model(x)
 
 
-def speed(name: str, repeats: int) -> dict:
+def speed(name: str, rounds: int) -> dict:
     torch.manual_seed(0)
-    model = MODELS[name]().eval()
+    model = MODELS[name]()
     x = torch.randn(BATCH, 3, 32, 32)
     target = model(x).argmax(1)
     uni = UnlearnedIntegratedGradients(model)
@@ -177,71 +129,30 @@ def speed(name: str, repeats: int) -> dict:
             input_fwd_bwd(model, path[i : i + c], target)
             for i in range(0, len(path), c)
         ]
-    t = interleaved_best(fns, repeats)
-    best_chunk = min(chunks, key=lambda c: t[f"path{c}"])
-    floor = (
-        UNI_DEFAULTS["pgd_steps"] * t["pass"]
-        + t[f"path{best_chunk}"]
-        + t["raw_unlearn"]
+    t = harness.interleave(fns, rounds)
+    best_chunk = min(chunks, key=lambda c: t.median(f"path{c}"))
+    t.derive(
+        "floor",
+        {"pass": UNI_DEFAULTS["pgd_steps"], f"path{best_chunk}": 1, "raw_unlearn": 1},
     )
     return {
         "model": name,
         "params": sum(p.numel() for p in model.parameters()),
-        "uni_s": t["uni"],
-        "ig50_s": t["ig50"],
-        "uni/ig50": t["uni"] / t["ig50"],
-        "floor_s": floor,
-        "uni/floor": t["uni"] / floor,
-        "floor_chunk": best_chunk,
-        "unlearn_vmap_s": t["vmap"],
-        "unlearn_loop_s": t["loop"],
-        "loop/vmap": t["loop"] / t["vmap"],
-        "vmap/raw": t["vmap"] / t["raw_unlearn"],
-        "bound": t["shared_loop"] / t["shared_batched"],
+        "uni s": harness.seconds_cell(t, "uni"),
+        "uni / ig50": harness.ratio_cell(t, "uni", "ig50"),
+        "floor s": harness.seconds_cell(t, "floor"),
+        "uni / floor": harness.ratio_cell(t, "uni", "floor"),
+        "floor chunk": best_chunk,
+        "unlearn vmap s": harness.seconds_cell(t, "vmap"),
+        "loop / vmap": harness.ratio_cell(t, "loop", "vmap"),
+        "vmap / raw": harness.ratio_cell(t, "vmap", "raw_unlearn"),
+        "bound": harness.ratio_cell(t, "shared_loop", "shared_batched"),
     }
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (field, ctypes.c_size_t)
-        for field in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def _heap_in_use() -> int:
-    """Bytes malloc has handed out (glibc mallinfo2: heap + mmapped chunks)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
-def extra_peak_mb(fn) -> float:
-    """Peak heap growth during ``fn()``, polled every 0.2 ms from a thread."""
-    base = _heap_in_use()
-    peak, running = [base], [True]
-
-    def poll() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], _heap_in_use())
-            time.sleep(0.0002)
-
-    thread = threading.Thread(target=poll)
-    thread.start()
-    try:
-        fn()
-    finally:
-        running[0] = False
-        thread.join()
-    return (max(peak[0], _heap_in_use()) - base) / 2**20
-
-
-def memory(name: str, chunks: list[int], repeats: int) -> list[dict]:
+def memory(name: str, chunks: list[int]) -> list[dict]:
     torch.manual_seed(0)
-    model = MODELS[name]().eval()
+    model = MODELS[name]()
     x = torch.randn(BATCH, 3, 32, 32)
     with torch.no_grad():
         target = model(x).argmax(1)
@@ -256,12 +167,11 @@ def memory(name: str, chunks: list[int], repeats: int) -> list[dict]:
                 wrapper, params, buffers, (x,), target, None, 1.0, c
             )
 
-        run()
         rows.append(
             {
                 "model": name,
                 "unlearning_batch_size": chunk,
-                "extra_peak_mb": min(extra_peak_mb(run) for _ in range(repeats)),
+                "peak MB": harness.peak_memory_mb(run),
                 "chunk*|theta|*4B (MB)": chunk * n_params * 4 / 2**20,
             }
         )
@@ -323,7 +233,7 @@ def faithfulness(n_images: int, train_seconds: float) -> list[dict]:
     images, labels = digits_dataset()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
     train_idx, test_idx = order[:1400], order[1400:]
-    model = small_cnn(pool=4)
+    model = harness.small_cnn(pool=4)
     epochs = train(model, images[train_idx], labels[train_idx], train_seconds)
     x_test, y_test = images[test_idx], labels[test_idx]
     with torch.no_grad():
@@ -343,9 +253,9 @@ def faithfulness(n_images: int, train_seconds: float) -> list[dict]:
     has_auc = hasattr(metrics, "insertion_auc") and hasattr(metrics, "deletion_auc")
     rows = []
     for name, (explain, baseline) in methods.items():
-        start = time.perf_counter()
+        start = harness.CLOCK()
         attributions = explain()
-        seconds = (time.perf_counter() - start) / len(x)
+        seconds = (harness.CLOCK() - start) / len(x)
         monotonicity = path_monotonicity(model, x, baseline, target=y)
         row = {
             "method": name,
@@ -370,40 +280,26 @@ def _mean_std(values: Tensor) -> str:
     return f"{values.mean().item():.3f} ± {values.std().item():.3f}"
 
 
-def markdown(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = [
-            f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["speed", "faithfulness"])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
+    harness.add_arguments(parser, rounds=7)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--train-seconds", type=float, default=60.0)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(harness.configure())
     if args.only in (None, "speed"):
-        print("\n## Speed (batch 16, 3x32x32, min of repeats)\n")
-        print(markdown([speed(name, args.repeats) for name in MODELS]))
-        print(
-            "\n## Unlearning step: extra peak heap (mallinfo2) vs unlearning_batch_size\n"
-        )
+        print(f"\n## Speed (batch 16, 3x32x32, {args.rounds} interleaved rounds)\n")
+        print(harness.markdown_table([speed(name, args.rounds) for name in MODELS]))
+        print(f"\n({harness.load_note()})")
+        print("\n## Unlearning step: peak MB added vs unlearning_batch_size\n")
         rows = []
         for name in MODELS:
-            rows += memory(name, [1, 2, 4, 8, 16], 3)
-        print(markdown(rows))
+            rows += memory(name, [1, 2, 4, 8, 16])
+        print(harness.markdown_table(rows))
     if args.only in (None, "faithfulness"):
         print("\n## Faithfulness (trained CNN, held-out digits, mean ± std)\n")
-        print(markdown(faithfulness(args.images, args.train_seconds)))
+        print(harness.markdown_table(faithfulness(args.images, args.train_seconds)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,18 +31,16 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from captum_faithful import UnlearnedIntegratedGradients  # noqa: E402
-from captum_faithful.demo import load_demo  # noqa: E402
-from captum_faithful.demo.registry import (  # noqa: E402
+from captum_faithful import UnlearnedIntegratedGradients
+from captum_faithful.demo import load_demo
+from captum_faithful.demo.registry import (
     METHODS,
     METRIC_INFO,
     Explainer,
     Settings,
     metrics_for,
 )
-from captum_faithful.evaluation import Results, evaluate  # noqa: E402
+from captum_faithful.evaluation import Results, evaluate
 
 #: Elements of one 3x224x224 image, the input of the paper's epsilon = 0.25.
 PAPER_ELEMENTS = 3 * 224 * 224

@@ -54,15 +54,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from captum_faithful.attr import FaithfulnessEnsemble, blank_image_diagnostic
+from captum_faithful._baselines import monochrome_reference
+from captum_faithful.attr import FaithfulnessEnsemble
 from captum_faithful.attr._core.clip_grad import CLIP_RULES
-from captum_faithful.attr._core.faithfulness_ensemble import monochrome_reference
 from captum_faithful.demo.registry import EvidencePrecision
 from captum_faithful.metrics import (
     deletion_auc,
     insertion_activation_deviation,
     insertion_auc,
 )
+from captum_faithful.studies import blank_image_diagnostic
 
 LAYER_SETS = ("conv", "early", "late")
 #: Columns of the table: key, label.

@@ -1,8 +1,6 @@
 """Shared test utilities: tiny models (one that counts its forwards, one whose pixel
 contributions are known exactly), a digits set, a forward that fails on cue, a
-bit-for-bit model snapshot, and what a test needs to start a child Python.
-
-``benchmarks/bench_metrics.py`` imports the small CNN from here too."""
+bit-for-bit model snapshot, and what a test needs to start a child Python."""
 
 from __future__ import annotations
 

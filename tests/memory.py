@@ -46,7 +46,7 @@ def peak_memory_mb(fn: Callable[[], Any]) -> float:
     The freed heap is returned to the system first (``malloc_trim``), then the
     process's high-water mark is reset (``/proc/self/clear_refs``), so the peak is
     the most memory the call held at any moment, not what earlier calls left behind.
-    The same method as ``benchmarks/bench_scale.py``.
+    The same method as the benchmarks' (``benchmarks/_harness.py``).
     """
     clear_refs = Path("/proc/self/clear_refs")
     if not sys.platform.startswith("linux") or not clear_refs.exists():
