@@ -26,6 +26,7 @@ from captum_faithful._layers import (
     model_places,
     record_activations,
 )
+from captum_faithful._typing import BaselineInput
 from captum_faithful._utils import check_finite, check_int, preserve_model_state
 from captum_faithful.metrics._utils import (
     build_perturbed_inputs,
@@ -50,7 +51,7 @@ def activation_deviation(
     layers: LayerSpec,
     inputs: Tensor | tuple[Tensor, ...],
     perturbed_inputs: Tensor | tuple[Tensor, ...],
-    additional_forward_args: Any = None,
+    additional_forward_args: object = None,
     max_examples_per_batch: int | None = None,
 ) -> dict[str, Tensor]:
     r"""How far a perturbation moves the model's internal activations.
@@ -170,8 +171,8 @@ def insertion_activation_deviation(
     layers: LayerSpec,
     inputs: Tensor | tuple[Tensor, ...],
     attributions: Tensor | tuple[Tensor, ...],
-    baselines: Any = "blur",
-    additional_forward_args: Any = None,
+    baselines: BaselineInput = "blur",
+    additional_forward_args: object = None,
     feature_mask: Tensor | tuple[Tensor, ...] | None = None,
     n_steps: int = 100,
     max_examples_per_batch: int | None = None,
