@@ -575,7 +575,7 @@ def _game_loss(
     games: tuple[int, ...],
     classes: Tensor,
     weight: float,
-    additional_forward_args: Any,
+    additional_forward_args: object,
 ) -> Tensor:
     """Total loss of the games, shape (1,); ``logits`` are the parameters u per input
     (the tensors held by ``maps``, passed again so that gradients flow to them).
