@@ -168,9 +168,9 @@ def monochrome_reference(
     if value_range is not None:
         low, high = value_range
         return low + draws * (high - low)
-    low = inputs.amin(dim=(2, 3), keepdim=True)
-    high = inputs.amax(dim=(2, 3), keepdim=True)
-    return low + draws * (high - low)
+    lowest = inputs.amin(dim=(2, 3), keepdim=True)
+    highest = inputs.amax(dim=(2, 3), keepdim=True)
+    return lowest + draws * (highest - lowest)
 
 
 BASELINE_PRESETS = {"zero": zero_baseline, "mean": mean_baseline, "blur": blur_baseline}

@@ -39,7 +39,7 @@ C_MAXS = (2.0, 10.0, 50.0)
 def layer_sets(blocks: Sequence[int]) -> list[tuple[int, ...]]:
     """Every block alone, every run of three adjacent blocks, and all blocks."""
     blocks = sorted(blocks)
-    sets = [(block,) for block in blocks]
+    sets: list[tuple[int, ...]] = [(block,) for block in blocks]
     sets += [
         tuple(blocks[i : i + 3])
         for i in range(len(blocks) - 2)
@@ -109,7 +109,7 @@ def choose_gating(
 ) -> GatingChoice:
     """Run the protocol on the validation ``images`` (two :func:`select_gating`
     runs under ``out``) and return the choice."""
-    common = dict(
+    common: dict[str, Any] = dict(
         metric=METRIC,
         batch_size=batch_size,
         device=device,

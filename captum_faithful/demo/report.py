@@ -160,7 +160,7 @@ def best_versus_next(outcome: Any) -> list[dict[str, Any]]:
             ranked = ranking(outcome, summary, model, metric)
             if not ranked:
                 continue
-            entry = {"metric": metric, "model": model, "best": ranked[0]}
+            entry: dict[str, Any] = dict(metric=metric, model=model, best=ranked[0])
             entry["mean_best"] = float(summary.loc[(ranked[0], metric)]["mean"])
             entry["next"], entry["mean_next"], entry["pvalue"] = (
                 None,

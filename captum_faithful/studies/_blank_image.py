@@ -9,7 +9,6 @@ above both rather than part of either: attribution methods do not import metrics
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from captum.log import log_usage
@@ -54,7 +53,7 @@ def blank_image_diagnostic(
     maps: str = "smooth",
     map_stride: int = DEFAULT_MAP_STRIDE,
     n_steps: int = 100,
-    additional_forward_args: Any = None,
+    additional_forward_args: object = None,
     generator: torch.Generator | None = None,
     show_progress: bool = False,
 ) -> dict[str, dict[str, Tensor]]:

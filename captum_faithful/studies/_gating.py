@@ -163,7 +163,7 @@ class _PatchMetric:
 
     def __init__(self, metric: Callable, patch_size: tuple[int, int]) -> None:
         self.metric = metric
-        self.patch_size = tuple(int(p) for p in patch_size)
+        self.patch_size = (int(patch_size[0]), int(patch_size[1]))
 
     def __call__(
         self,
@@ -487,7 +487,7 @@ def _check_sae_blocks(saes: Any) -> list[int]:
 
 def _check_layers(layers: Any, blocks: list[int]) -> list[tuple[int, ...]]:
     if layers is None:
-        singles = [(block,) for block in blocks]
+        singles: list[tuple[int, ...]] = [(block,) for block in blocks]
         return singles + [tuple(blocks)] if len(blocks) > 1 else singles
 
     def as_set(label: str, entry: Any) -> tuple[int, ...]:

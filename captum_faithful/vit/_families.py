@@ -9,6 +9,7 @@ family is recognised from its class's module and attributes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -91,19 +92,22 @@ def hf_adapter(model: nn.Module) -> ViTAdapter | None:
     """Adapter for the Hugging Face families in :data:`HF_FAMILIES`."""
     if not _from_library(model, "transformers"):
         return None
-    config = getattr(model, "config", None)
-    family = HF_FAMILIES.get(getattr(config, "model_type", None))
+    # a Hugging Face config: an untyped attribute bag
+    config: Any = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    family = HF_FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         return None
     tower = getattr(model, "vision_model", model)
-    vision_config = getattr(config, "vision_config", config)
+    vision_config: Any = getattr(config, "vision_config", config)
     layer_class = _recorded_class(model, "hidden_states")
     attention_class = _recorded_class(model, "attentions")
     blocks = None
     for children in _block_lists(tower):
         if layer_class is None or isinstance(children[0], layer_class):
-            attentions = [_attention_by_class(b, attention_class) for b in children]
-            if all(a is not None for a in attentions):
+            found = [_attention_by_class(b, attention_class) for b in children]
+            attentions = [a for a in found if a is not None]
+            if len(attentions) == len(found):
                 blocks = children
                 break
     if blocks is None:
@@ -129,19 +133,22 @@ def timm_adapter(model: nn.Module) -> ViTAdapter | None:
         hasattr(model, name) for name in ("blocks", "patch_embed", "num_prefix_tokens")
     ):
         return None
-    blocks = list(model.blocks)
-    dropouts = [getattr(getattr(b, "attn", None), "attn_drop", None) for b in blocks]
-    if not blocks or any(d is None for d in dropouts):
+    # a timm model: its attributes (checked above) are untyped for nn.Module
+    timm_model: Any = model
+    blocks = list(timm_model.blocks)
+    found = [getattr(getattr(b, "attn", None), "attn_drop", None) for b in blocks]
+    dropouts = [d for d in found if d is not None]
+    if not blocks or len(dropouts) < len(found):
         return None
     return ViTAdapter(
         model,
         blocks=blocks,
         attention_modules=dropouts,
-        num_prefix_tokens=model.num_prefix_tokens,
-        patch_size=tuple(model.patch_embed.patch_size),
+        num_prefix_tokens=timm_model.num_prefix_tokens,
+        patch_size=tuple(timm_model.patch_embed.patch_size),
         hidden_size=getattr(model, "embed_dim", None),
         family="timm VisionTransformer",
-        pads_image=bool(getattr(model.patch_embed, "dynamic_img_pad", False)),
+        pads_image=bool(getattr(timm_model.patch_embed, "dynamic_img_pad", False)),
     )
 
 
@@ -163,8 +170,9 @@ def generic_adapter(model: nn.Module) -> ViTAdapter | None:
     """
     best: tuple[list[nn.Module], list[nn.Module]] | None = None
     for children in _block_lists(model):
-        attentions = [_named_attention(child) for child in children]
-        if all(a is not None for a in attentions) and (
+        found = [_named_attention(child) for child in children]
+        attentions = [a for a in found if a is not None]
+        if len(attentions) == len(found) and (
             best is None or len(children) > len(best[0])
         ):
             best = (children, attentions)
@@ -191,7 +199,7 @@ def generic_adapter(model: nn.Module) -> ViTAdapter | None:
         blocks=best[0],
         attention_modules=best[1],
         num_prefix_tokens=prefix,
-        patch_size=tuple(convs[0].stride),
+        patch_size=(convs[0].stride[0], convs[0].stride[1]),  # Conv2d: a pair
         hidden_size=norms[0].normalized_shape[-1] if norms else None,
         family="generic",
     )

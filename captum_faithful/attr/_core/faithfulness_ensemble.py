@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 import torch
 from captum.attr import GradientAttribution
@@ -40,6 +40,7 @@ from captum_faithful._compat import (
     compute_gradients,
 )
 from captum_faithful._layers import LayerSpec, model_places
+from captum_faithful._typing import BaselineInput
 from captum_faithful._utils import (
     check_bool,
     check_choice,
@@ -262,18 +263,51 @@ class FaithfulnessEnsemble(GradientAttribution):
             with model_places(self.model, layers):
                 pass  # checks `layers` now, before any call
 
+    # The attributions alone, or with the quantile maps when return_quantile_maps
+    # is True (as Captum's return_convergence_delta). The overloads are undecorated:
+    # log_usage is untyped and would hide them from type checkers.
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: BaselineInput = None,
+        target: TargetType = None,
+        additional_forward_args: object = None,
+        feature_mask: Tensor | tuple[Tensor, ...] | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        return_quantile_maps: Literal[True],
+        show_progress: bool = False,
+    ) -> tuple[TensorOrTupleOfTensorsGeneric, TensorOrTupleOfTensorsGeneric]: ...
+
+    @overload
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        baselines: BaselineInput = None,
+        target: TargetType = None,
+        additional_forward_args: object = None,
+        feature_mask: Tensor | tuple[Tensor, ...] | None = None,
+        generator: torch.Generator | None = None,
+        return_quantile_maps: Literal[False] = False,
+        show_progress: bool = False,
+    ) -> TensorOrTupleOfTensorsGeneric: ...
+
     @log_usage()
     def attribute(
         self,
         inputs: TensorOrTupleOfTensorsGeneric,
-        baselines: Any = None,
+        baselines: BaselineInput = None,
         target: TargetType = None,
-        additional_forward_args: Any = None,
+        additional_forward_args: object = None,
         feature_mask: Tensor | tuple[Tensor, ...] | None = None,
         generator: torch.Generator | None = None,
         return_quantile_maps: bool = False,
         show_progress: bool = False,
-    ) -> TensorOrTupleOfTensorsGeneric | tuple[Any, Any]:
+    ) -> (
+        TensorOrTupleOfTensorsGeneric
+        | tuple[TensorOrTupleOfTensorsGeneric, TensorOrTupleOfTensorsGeneric]
+    ):
         r"""Optimise the quantile maps and return their mean.
 
         Args:
@@ -379,16 +413,12 @@ class FaithfulnessEnsemble(GradientAttribution):
         with ExitStack() as stack:
             if self.model is not None:
                 stack.enter_context(preserve_model_state(self.model))
-            places = (
-                stack.enter_context(model_places(self.model, self.layers))
-                if self._clipped
-                else None
-            )
-            clip = (
-                stack.enter_context(ClipGrad(places, self.clip))
-                if self._clipped
-                else None
-            )
+            clip = None
+            if self._clipped:
+                # the constructor resolves the model whenever the maps are clipped
+                model = cast(nn.Module, self.model)
+                places = stack.enter_context(model_places(model, self.layers))
+                clip = stack.enter_context(ClipGrad(places, self.clip))
             with explained_dtype_errors(xs, self.model):
                 if clip is not None:
                     # the insertion game's rows are sample-major: K per sample
@@ -449,9 +479,15 @@ class FaithfulnessEnsemble(GradientAttribution):
             .contiguous()
             for m, x in zip(all_maps, xs, strict=True)
         )
-        result = _format_output(is_tuple, attributions)
+        # _format_output mirrors `inputs` (a tuple exactly when `inputs` is one)
+        result = cast(
+            TensorOrTupleOfTensorsGeneric, _format_output(is_tuple, attributions)
+        )
         if return_quantile_maps:
-            return result, _format_output(is_tuple, all_maps)
+            maps_out = cast(
+                TensorOrTupleOfTensorsGeneric, _format_output(is_tuple, all_maps)
+            )
+            return result, maps_out
         return result
 
     def _check_images(self, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -508,7 +544,7 @@ class FaithfulnessEnsemble(GradientAttribution):
     def _references(
         self,
         xs: tuple[Tensor, ...],
-        baselines: Any,
+        baselines: BaselineInput,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, ...]:
         if baselines is None:
@@ -557,7 +593,7 @@ def _game_loss(
     games: tuple[int, ...],
     classes: Tensor,
     weight: float,
-    additional_forward_args: Any,
+    additional_forward_args: object,
 ) -> Tensor:
     """Total loss of the games, shape (1,); ``logits`` are the parameters u per input
     (the tensors held by ``maps``, passed again so that gradients flow to them).
@@ -567,7 +603,8 @@ def _game_loss(
     ``differences`` are ``x - R`` per input, shaped (N, 1, C, H, W).
     """
     n_games = logits[0].shape[0]
-    images, area = [], 0.0
+    images: list[Tensor] = []
+    area: Tensor | float = 0.0
     for x, ref, difference, input_maps, u in zip(
         xs, references, differences, maps, logits, strict=True
     ):
@@ -590,4 +627,5 @@ def _game_loss(
     # whatever N (the samples' losses are independent, so their sum has the same
     # gradient per sample)
     played = sum(game * p.sum() for game, p in zip(games, prob, strict=True))
-    return (weight * area.sum() - played).view(1)
+    # `xs` is never empty, so `area` is a tensor
+    return (weight * cast(Tensor, area).sum() - played).view(1)

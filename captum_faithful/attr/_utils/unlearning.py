@@ -37,6 +37,7 @@ from torch.func import functional_call, grad, vmap
 
 from captum_faithful._arguments import class_scores, is_batched, repeat_rows
 from captum_faithful._compat import (
+    TargetType,
     _reshape_and_sum,
     _run_forward,
     approximation_parameters,
@@ -530,8 +531,8 @@ def gradient_function(grad_kwargs: dict[str, Any]) -> Callable:
     def gradients(
         forward_fn: Callable[..., Tensor],
         inputs: tuple[Tensor, ...],
-        target_ind: Any = None,
-        additional_forward_args: Any = None,
+        target_ind: TargetType = None,
+        additional_forward_args: object = None,
     ) -> tuple[Tensor, ...]:
         with torch.enable_grad():
             # a tensor: forward_fn is synchronous (no torch.futures.Future)

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from captum.log import log_usage
@@ -26,6 +26,7 @@ from captum_faithful._layers import (
     model_places,
     record_activations,
 )
+from captum_faithful._typing import BaselineInput
 from captum_faithful._utils import check_finite, check_int, preserve_model_state
 from captum_faithful.metrics._utils import (
     build_perturbed_inputs,
@@ -50,7 +51,7 @@ def activation_deviation(
     layers: LayerSpec,
     inputs: Tensor | tuple[Tensor, ...],
     perturbed_inputs: Tensor | tuple[Tensor, ...],
-    additional_forward_args: Any = None,
+    additional_forward_args: object = None,
     max_examples_per_batch: int | None = None,
 ) -> dict[str, Tensor]:
     r"""How far a perturbation moves the model's internal activations.
@@ -139,15 +140,16 @@ def activation_deviation(
         for start in range(0, n, chunk_size):
             samples = torch.arange(start, min(n, start + chunk_size))
             args = select_rows(additional_forward_args, samples)
-            values = _deviation(
-                places,
-                lambda args=args, start=start: _run_forward(
-                    model, _rows(clean, start, chunk_size), None, args
-                ),
-                lambda args=args, start=start: _run_forward(
+
+            def run_clean(args: Any = args, start: int = start) -> Any:
+                return _run_forward(model, _rows(clean, start, chunk_size), None, args)
+
+            def run_perturbed(args: Any = args, start: int = start) -> Any:
+                return _run_forward(
                     model, _rows(perturbed, start, chunk_size), None, args
-                ),
-            )
+                )
+
+            values = _deviation(places, run_clean, run_perturbed)
             mse.append(values["mse"])
             cosine.append(values["cosine"])
     return _nan_for_non_finite(
@@ -169,8 +171,8 @@ def insertion_activation_deviation(
     layers: LayerSpec,
     inputs: Tensor | tuple[Tensor, ...],
     attributions: Tensor | tuple[Tensor, ...],
-    baselines: Any = "blur",
-    additional_forward_args: Any = None,
+    baselines: BaselineInput = "blur",
+    additional_forward_args: object = None,
     feature_mask: Tensor | tuple[Tensor, ...] | None = None,
     n_steps: int = 100,
     max_examples_per_batch: int | None = None,
@@ -255,23 +257,29 @@ def insertion_activation_deviation(
             first, last = int(samples[0]), int(samples[-1])
             chunk_samples = torch.arange(first, last + 1)
             take = ranks[samples.to(ranks.device)] < counts[points].unsqueeze(1)
-            values = _deviation(
-                places,
-                lambda first=first, last=last, chunk_samples=chunk_samples: (
-                    _run_forward(
-                        model,
-                        _rows(setup.inputs, first, last + 1 - first),
-                        None,
-                        select_rows(additional_forward_args, chunk_samples),
-                    )
-                ),
-                lambda samples=samples, take=take: _run_forward(
+
+            def run_clean(
+                first: int = first,
+                last: int = last,
+                chunk_samples: Tensor = chunk_samples,
+            ) -> Any:
+                return _run_forward(
+                    model,
+                    _rows(setup.inputs, first, last + 1 - first),
+                    None,
+                    select_rows(additional_forward_args, chunk_samples),
+                )
+
+            def run_perturbed(samples: Tensor = samples, take: Tensor = take) -> Any:
+                return _run_forward(
                     model,
                     build_perturbed_inputs(setup, samples, take),
                     None,
                     select_rows(additional_forward_args, samples),
-                ),
-                clean_rows=samples - first,
+                )
+
+            values = _deviation(
+                places, run_clean, run_perturbed, clean_rows=samples - first
             )
             mse.append(values["mse"])
             cosine.append(values["cosine"])
@@ -328,9 +336,10 @@ def _deviation(
     count = sum(state.calls)
     if count == 0:
         raise ValueError("none of the selected layers ran during the forward pass")
+    # count > 0: a hook ran, and its first call set both sums
     return {
-        "mse": state.mse / count,
-        "cosine": state.cosine / count,
+        "mse": cast(Tensor, state.mse) / count,
+        "cosine": cast(Tensor, state.cosine) / count,
     }
 
 
@@ -370,18 +379,20 @@ def _comparing_hooks(
                     "perturbed inputs"
                 )
             h = clean[index][call]
-            if state.mse is None:
-                state.mse = torch.zeros(
+            mse_sums, cosine_sums = state.mse, state.cosine
+            if mse_sums is None or cosine_sums is None:  # the first call: both None
+                mse_sums = torch.zeros(
                     out.shape[0], dtype=torch.float64, device=out.device
                 )
-                state.cosine = torch.zeros_like(state.mse)
+                cosine_sums = torch.zeros_like(mse_sums)
+                state.mse, state.cosine = mse_sums, cosine_sums
             for segment in segments:
                 reference = (
                     h if segment.clean is None else h[segment.clean : segment.clean + 1]
                 )
                 mse, cosine = _compare(reference, out[segment.rows])
-                state.mse[segment.rows] += mse.to(state.mse.device)
-                state.cosine[segment.rows] += cosine.to(state.mse.device)
+                mse_sums[segment.rows] += mse.to(mse_sums.device)
+                cosine_sums[segment.rows] += cosine.to(mse_sums.device)
 
         return hook
 

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from captum.log import log_usage
 from torch import Tensor
 
 from captum_faithful._compat import (
-    BaselineType,
     TargetType,
     TensorOrTupleOfTensorsGeneric,
 )
+from captum_faithful._typing import BaselineInput
 from captum_faithful._utils import check_bool, check_int
 from captum_faithful.metrics._utils import (
     MetricInputs,
@@ -42,12 +41,12 @@ def trapezoid_auc(curves: Tensor) -> Tensor:
 def _curve(
     insertion: bool,
     forward_func: Callable,
-    inputs: Any,
-    attributions: Any,
+    inputs: TensorOrTupleOfTensorsGeneric,
+    attributions: TensorOrTupleOfTensorsGeneric,
     target: TargetType,
-    additional_forward_args: Any,
-    baselines: Any,
-    feature_mask: Any,
+    additional_forward_args: object,
+    baselines: BaselineInput,
+    feature_mask: Tensor | tuple[Tensor, ...] | None,
     n_steps: int,
     apply_softmax: bool,
     max_examples_per_batch: int | None,
@@ -119,8 +118,8 @@ def insertion_auc(
     inputs: TensorOrTupleOfTensorsGeneric,
     attributions: TensorOrTupleOfTensorsGeneric,
     target: TargetType = None,
-    additional_forward_args: Any = None,
-    baselines: BaselineType | str | Callable = "blur",
+    additional_forward_args: object = None,
+    baselines: BaselineInput = "blur",
     feature_mask: Tensor | tuple[Tensor, ...] | None = None,
     n_steps: int = 100,
     apply_softmax: bool = True,
@@ -253,8 +252,8 @@ def deletion_auc(
     inputs: TensorOrTupleOfTensorsGeneric,
     attributions: TensorOrTupleOfTensorsGeneric,
     target: TargetType = None,
-    additional_forward_args: Any = None,
-    baselines: BaselineType | str | Callable = "zero",
+    additional_forward_args: object = None,
+    baselines: BaselineInput = "zero",
     feature_mask: Tensor | tuple[Tensor, ...] | None = None,
     n_steps: int = 100,
     apply_softmax: bool = True,
