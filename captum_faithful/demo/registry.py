@@ -356,9 +356,25 @@ def duplicate_rows(
     return duplicates
 
 
+#: The curve metrics' rows, each under two references: row → (its ``baselines``
+#: argument, the reference's name in the row's label). Insertion's default reference,
+#: a blur, is IG (blur)'s baseline, and deletion's, black, IG (black)'s; a random
+#: colour per image (drawn by :func:`~captum_faithful.evaluate` from the run's seed,
+#: the same for every method) is no path method's baseline: the neutral ground on
+#: which UNI and IG are compared (issue #24).
+CURVE_REFERENCES: dict[str, tuple[str, str]] = {
+    "insertion": ("blur", "blur"),
+    "insertion_random_color": ("random_color", "random colour"),
+    "deletion": ("zero", "black"),
+    "deletion_random_color": ("random_color", "random colour"),
+}
+
 #: Welch comparisons the papers make: (method a, method b, metrics or None for all).
+#: UNI is compared with IG from either of its baselines, on every metric: so on the
+#: curve metrics under IG's own reference and under the neutral one.
 COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("uni", "ig-black", None),
+    ("uni", "ig-blur", None),
     ("fg-transmm", "transmm", None),
     *(
         (f"fg-transmm-{variant}", "transmm", None)
@@ -367,12 +383,8 @@ COMPARISONS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     # the control against the same score with the real decoder, and against TransMM
     (f"fg-transmm-{SHUFFLED_VARIANT}", "fg-transmm-shuffled", None),
     ("fg-transmm-shuffled", "transmm", None),
-    ("fei-vm", "fei-none", ("activation_deviation", "insertion", "deletion")),
-    (
-        "fei-vm-attention",
-        "fei-none-vit",
-        ("activation_deviation", "insertion", "deletion"),
-    ),
+    ("fei-vm", "fei-none", ("activation_deviation", *CURVE_REFERENCES)),
+    ("fei-vm-attention", "fei-none-vit", ("activation_deviation", *CURVE_REFERENCES)),
 )
 
 
@@ -466,10 +478,13 @@ class EvidencePrecision(_EvidenceMetric):
 
 
 #: The demo's metric rows, in the report's order: row name → the metric it is
-#: (and the entry read from a metric that returns a dictionary).
+#: (and the entry read from a metric that returns a dictionary). The curve metrics'
+#: rows under each reference sit side by side (:data:`CURVE_REFERENCES`).
 METRIC_ROWS: dict[str, tuple[Any, str | None]] = {
     "insertion": (metrics_module.insertion_auc, None),
+    "insertion_random_color": (metrics_module.insertion_auc, None),
     "deletion": (metrics_module.deletion_auc, None),
+    "deletion_random_color": (metrics_module.deletion_auc, None),
     "saco": (metrics_module.saco, None),
     "faithfulness_correlation": (metrics_module.faithfulness_correlation, None),
     "path_monotonicity": (metrics_module.path_monotonicity, None),
@@ -477,10 +492,22 @@ METRIC_ROWS: dict[str, tuple[Any, str | None]] = {
     "localisation": (EvidenceLocalisation, None),
     "precision": (EvidencePrecision, None),
 }
+
+
+def _row_reading(name: str) -> tuple[str, bool]:
+    """``(label, higher_is_better)`` of the metric row ``name``: as its metric
+    carries them, with the reference named for a curve metric."""
+    metric, key = METRIC_ROWS[name]
+    label, higher = metric_reading(metric, key)
+    if name in CURVE_REFERENCES:
+        label = f"{label} ({CURVE_REFERENCES[name][1]})"
+    return label, higher
+
+
 #: Metric row → (label in the report, True when higher is better), as each metric
 #: carries them.
 METRIC_INFO: dict[str, tuple[str, bool]] = {
-    name: metric_reading(metric, key) for name, (metric, key) in METRIC_ROWS.items()
+    name: _row_reading(name) for name in METRIC_ROWS
 }
 
 
@@ -501,19 +528,20 @@ def metrics_for(
     steps = 50 if settings.quick else 100
     samples = 50 if settings.quick else 100
     chunk = 256
+    # each curve metric under each of its references; "random_color" draws from
+    # the generator evaluate() hands the metric (seeded from the run's seed, the
+    # batch and the row's name: the same colours for every method)
     metrics: dict[str, Callable] = {
-        "insertion": functools.partial(
-            metrics_module.insertion_auc,
+        name: functools.partial(
+            METRIC_ROWS[name][0],
+            baselines=baselines,
             feature_mask=feature_mask,
             n_steps=steps,
             max_examples_per_batch=chunk,
-        ),
-        "deletion": functools.partial(
-            metrics_module.deletion_auc,
-            feature_mask=feature_mask,
-            n_steps=steps,
-            max_examples_per_batch=chunk,
-        ),
+        )
+        for name, (baselines, _) in CURVE_REFERENCES.items()
+    }
+    metrics |= {
         "saco": functools.partial(
             metrics_module.saco, feature_mask=feature_mask, max_examples_per_batch=chunk
         ),

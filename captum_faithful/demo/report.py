@@ -407,7 +407,8 @@ def render_report(outcome: Any) -> str:
         f"- Images: the first {n_images} test images; batch size {settings.batch_size}; "
         f"seed {settings.seed}; device {settings.device}.",
         "- Metrics: insertion AUC (blur baseline) and deletion AUC (black baseline), "
-        f"{50 if settings.quick else 100} steps; SaCo (10 groups, mean-colour baseline); "
+        "and both again from one random colour per image (drawn from the seed, the "
+        f"same for every method), {50 if settings.quick else 100} steps; SaCo (10 groups, mean-colour baseline); "
         f"faithfulness correlation ({50 if settings.quick else 100} random subsets of 25 % "
         "of the features, black baseline, Pearson); path monotonicity (15 steps along "
         "the method's own path); evidence localisation (share of the positive "
@@ -511,6 +512,20 @@ METRIC_GUIDE: dict[str, str] = {
         "background and ink colours are random (the colour-bias setting), so black is "
         "itself evidence for some colours and not others."
     ),
+    "insertion_random_color": (
+        "the same insertion game started from **one random colour** per image "
+        "instead of the blur (a colour inside the image's range, drawn from the "
+        "run's seed: the same colour for every method). No path method starts from "
+        "it, so it favours neither IG nor UNI: the fair ground on which to compare "
+        "them. FEI's masks blend the image with random single colours too (other "
+        "draws), so it may favour FEI somewhat."
+    ),
+    "deletion_random_color": (
+        "the same deletion game with features set to **one random colour** per image "
+        "instead of black (drawn as for insertion). No path method attributes "
+        "relative to it, so it favours neither IG nor UNI: the fair ground on which "
+        "to compare them; as FEI's kind of reference it may favour FEI somewhat."
+    ),
     "saco": (
         "cuts the ranked features into 10 groups, replaces each group on its own with "
         "the image's **mean colour**, and checks that a group with more attribution "
@@ -562,6 +577,18 @@ METRIC_GUIDE: dict[str, str] = {
     ),
 }
 
+#: Why insertion and deletion are scored twice.
+REFERENCE_NOTE = (
+    "**Insertion and deletion are scored under two references each, side by "
+    "side.** Every reference is some method's home ground or none: insertion's "
+    "usual blur is the baseline of IG (blur), and deletion's black that of IG "
+    "(black), so each favours the IG that integrates from it. A random single colour "
+    "per image is no path method's baseline; it is FEI's kind of reference (with "
+    "other draws), so it may favour FEI somewhat. UNI against IG (black) and IG "
+    "(blur) is therefore compared under both references (see the comparisons "
+    "below), and the random-colour columns are the fair ground for it."
+)
+
 #: Why a map optimised for insertion and deletion can still lose on deletion.
 FEI_NOTE = (
     "**Why FEI can lose on deletion although it optimises insertion/deletion "
@@ -581,6 +608,11 @@ def reading_guide(outcome: Any) -> list[str]:
     table, and the FEI note when an FEI row ran."""
     present = set(outcome.results.table["metric"])
     lines = ["", "## How to read this", ""]
+    if {"insertion", "insertion_random_color"} <= present or {
+        "deletion",
+        "deletion_random_color",
+    } <= present:
+        lines += [REFERENCE_NOTE, ""]
     for metric, (label, higher) in METRIC_INFO.items():
         if metric not in present:
             continue

@@ -77,7 +77,9 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
         assert method.label in report and method.label in printed
         expected = {
             "insertion",
+            "insertion_random_color",
             "deletion",
+            "deletion_random_color",
             "saco",
             "faithfulness_correlation",
             "localisation",
@@ -121,6 +123,7 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
     # the comparisons the papers make, with p-values, each once
     for a, b in (
         ("uni", "ig-black"),
+        ("uni", "ig-blur"),
         ("fg-transmm", "transmm"),
         ("fg-transmm-combined", "transmm"),
         ("fg-transmm-activation", "transmm"),
@@ -130,8 +133,9 @@ def test_quick_demo_end_to_end(quick_demo, tmp_path, capsys, monkeypatch):
         ("fg-transmm-combined", "fg-transmm-shuffled"),
         ("fg-transmm-shuffled", "transmm"),
     ):
-        assert f"| {label(a)} | {label(b)} | insertion AUC |" in report
-        assert report.count(f"| {label(a)} | {label(b)} | insertion AUC |") == 1
+        for reference in ("blur", "random colour"):
+            row = f"| {label(a)} | {label(b)} | insertion AUC ({reference}) |"
+            assert report.count(row) == 1, row
     # the gating was chosen once, on validation images none of which was scored
     assert len(chosen_on) == 1
     validation = chosen_on[0].flatten(1)

@@ -1,19 +1,29 @@
-"""The demo registry's FG-TransMM rows on a small ViT with random SAEs, where the
-real and the shuffled decoders must give different maps."""
+"""The demo registry: its FG-TransMM rows on a small ViT with random SAEs, where
+the real and the shuffled decoders must give different maps; its curve metrics
+under each reference, and the comparisons of UNI with IG under both."""
 
+import inspect
 from types import SimpleNamespace
 
 import gating_fixtures as fx
+import pandas as pd
 import pytest
 import torch
 
+from captum_faithful import metrics
 from captum_faithful.demo.gating import GatingChoice
 from captum_faithful.demo.registry import (
     COMPARISONS,
+    CURVE_REFERENCES,
     METHODS,
+    METRIC_INFO,
     SHUFFLED_VARIANT,
+    Explainer,
     Settings,
+    comparisons,
+    metrics_for,
 )
+from captum_faithful.evaluation import Results
 from captum_faithful.studies import GatingConfiguration
 
 GATED = [key for key, method in METHODS.items() if method.gated]
@@ -71,3 +81,119 @@ def test_the_control_is_compared_with_the_same_score():
     # never the chosen variant against a control of another score
     assert ("fg-transmm", "fg-transmm-shuffled") not in pairs
     assert SHUFFLED_VARIANT in METHODS["fg-transmm-shuffled"].label
+
+
+class _TinyViT(torch.nn.Module):
+    """A classifier with the ``config.patch_size`` the demo reads from its ViT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(patch_size=4)
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("key", ["saliency", "transmm"])
+def test_curve_metrics_under_both_references(key, tmp_path):
+    """The demo scores insertion and deletion under the methods' references (blur,
+    black) and under one random colour per image drawn from the generator
+    evaluate() hands the metric: each row equals the metric called directly with
+    that reference (on the ViT with its patches as features), and the neutral rows
+    differ from the default ones."""
+    torch.manual_seed(0)
+    if METHODS[key].model == "cnn":
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 8 * 8, 3),
+        )
+        feature_mask = None
+    else:
+        model = _TinyViT()
+        feature_mask = metrics.patch_mask(torch.zeros(1, 3, 8, 8), 4)
+    images = torch.rand(5, 3, 8, 8)
+    masks = torch.zeros(5, 1, 8, 8)
+    attributions = torch.randn(5, 3, 8, 8)
+    target = model(images).argmax(-1)
+    settings = Settings(out=tmp_path, quick=True)
+    explainer = Explainer(lambda x, t: attributions)
+    rows = metrics_for(METHODS[key], explainer, model, images, masks, settings)
+    assert set(CURVE_REFERENCES) <= set(rows)
+    expected = {
+        "insertion": (metrics.insertion_auc, "blur"),
+        "deletion": (metrics.deletion_auc, "zero"),
+        "insertion_random_color": (metrics.insertion_auc, "random_color"),
+        "deletion_random_color": (metrics.deletion_auc, "random_color"),
+    }
+    values = {}
+    for name, (metric, baselines) in expected.items():
+        # evaluate() passes a generator to every metric that takes one
+        assert "generator" in inspect.signature(rows[name]).parameters
+        values[name] = rows[name](
+            model,
+            images,
+            attributions,
+            target=target,
+            generator=torch.Generator().manual_seed(7),
+        )
+        direct = metric(
+            model,
+            images,
+            attributions,
+            target=target,
+            baselines=baselines,
+            feature_mask=feature_mask,
+            n_steps=50,
+            generator=torch.Generator().manual_seed(7),
+        )
+        torch.testing.assert_close(values[name], direct, rtol=0, atol=1e-12)
+    for curve in ("insertion", "deletion"):
+        assert not torch.allclose(values[curve], values[f"{curve}_random_color"])
+    # another generator state draws other colours
+    other = rows["insertion_random_color"](
+        model,
+        images,
+        attributions,
+        target=target,
+        generator=torch.Generator().manual_seed(8),
+    )
+    assert not torch.allclose(other, values["insertion_random_color"])
+
+
+def test_uni_is_compared_with_both_igs_under_both_references():
+    """Each of UNI vs IG (black) and UNI vs IG (blur) is tested on insertion and
+    deletion under the methods' references and under the random colour."""
+    n = 6
+    rows = [
+        {
+            "index": i,
+            "method": method,
+            "metric": metric,
+            "value": 0.1 * shift + 0.01 * i,
+            "seconds": 0.1,
+        }
+        for shift, method in enumerate(("uni", "ig-black", "ig-blur"))
+        for metric in METRIC_INFO
+        for i in range(n)
+    ]
+    results = Results(
+        pd.DataFrame(rows),
+        {"settings": {"methods": ["uni", "ig-black", "ig-blur"]}},
+    )
+    tests = comparisons(results, ("uni", "ig-black", "ig-blur"))
+    compared = {(t.a, t.b, t.metric) for t in tests}
+    for ig in ("ig-black", "ig-blur"):
+        for metric in CURVE_REFERENCES:
+            assert ("uni", ig, metric) in compared
+    labels = {METRIC_INFO[m][0] for m in CURVE_REFERENCES}
+    assert labels == {
+        "insertion AUC (blur)",
+        "insertion AUC (random colour)",
+        "deletion AUC (black)",
+        "deletion AUC (random colour)",
+    }

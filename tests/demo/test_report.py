@@ -10,7 +10,14 @@ import torch
 from captum_faithful.demo import report
 from captum_faithful.demo.registry import METHODS, METRIC_INFO, Settings
 
-REFERENCES = ("blurred copy", "black", "mean colour", "own", "no reference image")
+REFERENCES = (
+    "blurred copy",
+    "black",
+    "random colour",
+    "mean colour",
+    "own",
+    "no reference image",
+)
 
 
 def _outcome(methods, metrics, tmp_path, demo=None, figure_maps=None):
@@ -51,7 +58,7 @@ def test_every_metric_has_a_guide_naming_its_reference(tmp_path):
     text = "\n".join(report.reading_guide(with_fei))
     assert "Why FEI can lose on deletion" in text
     # only the metrics that were scored are explained
-    assert "**SaCo**" not in text and "**deletion AUC**" in text
+    assert "**SaCo**" not in text and "**deletion AUC (black)**" in text
 
 
 @pytest.mark.slow  # trains the quick demo (once per session)
@@ -128,3 +135,47 @@ def test_quiet_transformers_restores_the_library_setting():
 def test_method_labels_are_unique():
     labels = [method.label for method in METHODS.values()]
     assert len(labels) == len(set(labels))
+
+
+def test_how_to_read_names_each_reference_and_whom_it_favours(tmp_path):
+    """Insertion and deletion under the methods' references and under the random
+    colour: the guide says which method each reference favours and that the
+    random colour is the fair ground for UNI against IG."""
+    curves = [
+        "insertion",
+        "insertion_random_color",
+        "deletion",
+        "deletion_random_color",
+    ]
+    outcome = _outcome(["uni", "ig-black", "ig-blur"], curves, tmp_path)
+    lines = report.reading_guide(outcome)
+    text = "\n".join(lines)
+
+    def entry(label):
+        (line,) = [line for line in lines if line.startswith(f"- **{label}**")]
+        return line
+
+    assert "blurred copy" in entry("insertion AUC (blur)")
+    assert "favours IG (blur)" in entry("insertion AUC (blur)")
+    assert "**black**" in entry("deletion AUC (black)")
+    assert "favours IG (black)" in entry("deletion AUC (black)")
+    for label in ("insertion AUC (random colour)", "deletion AUC (random colour)"):
+        neutral = entry(label)
+        assert "**one random colour** per image" in neutral
+        assert "favours neither IG nor UNI" in neutral
+        assert "may favour FEI somewhat" in neutral
+    # the note on the two references, once, before the entries
+    assert text.count(report.REFERENCE_NOTE) == 1
+    assert lines.index(report.REFERENCE_NOTE) < lines.index(
+        entry("insertion AUC (blur)")
+    )
+    for words in (
+        "baseline of IG (blur)",
+        "that of IG (black)",
+        "may favour FEI somewhat",
+        "fair ground",
+    ):
+        assert words in report.REFERENCE_NOTE
+    # without the neutral rows there is nothing side by side to explain
+    alone = _outcome(["uni"], ["insertion", "deletion"], tmp_path)
+    assert report.REFERENCE_NOTE not in report.reading_guide(alone)

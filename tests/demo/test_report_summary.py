@@ -120,13 +120,18 @@ def test_summary_names_best_and_runner_up_with_holm_corrected_welch_p():
     assert second["holm_p"] == pytest.approx(min(1.0, expected[p2]))
     text = "\n".join(report.summary_section(outcome))
     assert "Holm's step-down method over the 2 best-vs-runner-up comparisons" in text
-    lines = [line for line in text.splitlines() if line.startswith("| insertion AUC")]
+    lines = [
+        line for line in text.splitlines() if line.startswith("| insertion AUC (blur)")
+    ]
     assert lines == [
-        "| insertion AUC ↑ | UNI: 0.900 | IG (black): 0.500 | **yes** (p = "
+        "| insertion AUC (blur) ↑ | UNI: 0.900 | IG (black): 0.500 | **yes** (p = "
         f"{report._pvalue(first['holm_p'])}) | TransMM: 0.700 | – | – (the only "
         "method) |"
     ]
-    assert "| deletion AUC ↓ | IG (black): 0.300 | Saliency: 0.310 | no (p = " in text
+    assert (
+        "| deletion AUC (black) ↓ | IG (black): 0.300 | Saliency: 0.310 | no (p = "
+        in text
+    )
     # the summary comes before the big table, and 40 images are not "little power"
     assert "little power" not in text
 
@@ -201,7 +206,7 @@ def test_the_chosen_variant_is_shown_once():
     assert [row[0] for row in rows] == ["TransMM", label, "FG-TransMM combined"]
     compared = [(row[0], row[1], row[2]) for row in report.comparison_rows(outcome)]
     assert len(compared) == len(set(compared))
-    for metric in ("SaCo", "insertion AUC"):
+    for metric in ("SaCo", "insertion AUC (blur)"):
         assert (label, "TransMM", metric) in compared
         assert ("FG-TransMM combined", "TransMM", metric) in compared
     assert all("activation" not in a or a == label for a, _, _ in compared)
