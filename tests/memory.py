@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +9,8 @@ from typing import Any
 
 import pytest
 from torch import nn
+
+from benchmarks._harness import peak_memory_mb as harness_peak_memory_mb
 
 
 class LargestBatch:
@@ -33,27 +33,14 @@ class LargestBatch:
         self._handle.remove()
 
 
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
 def peak_memory_mb(fn: Callable[[], Any]) -> float:
-    """Peak resident memory one call of ``fn`` adds, in MB (Linux only).
-
-    The freed heap is returned to the system first (``malloc_trim``), then the
-    process's high-water mark is reset (``/proc/self/clear_refs``), so the peak is
-    the most memory the call held at any moment, not what earlier calls left behind.
-    The same method as the benchmarks' (``benchmarks/_harness.py``).
-    """
+    """Peak resident memory one call of ``fn`` adds, in MB (Linux only): the
+    benchmarks' measurement (:func:`benchmarks._harness.peak_memory_mb`: freed heap
+    returned first, high-water mark reset, so the peak is the most memory the call
+    held at any moment), skipping the test where ``/proc`` cannot say."""
     clear_refs = Path("/proc/self/clear_refs")
     if not sys.platform.startswith("linux") or not clear_refs.exists():
         pytest.skip("peak memory is read from /proc (Linux only)")
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _status_kb("VmRSS")
-    clear_refs.write_text("5")
-    fn()
-    return (_status_kb("VmHWM") - base) / 1024
+    peak = harness_peak_memory_mb(fn)
+    assert peak is not None
+    return peak
