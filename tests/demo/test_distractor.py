@@ -58,35 +58,54 @@ def test_digit_distractor_class_is_spread_over_the_other_nine():
         assert seen == set(range(N_CLASSES)) - {label}, (label, seen)
 
 
-def test_only_the_distractor_block_differs_from_the_shuffled_rendering(renderings):
+def _ring(masks):
+    """The pixels of each mask's block on its edge (hand-built: first and last row
+    and column of the block)."""
+    ring = torch.zeros_like(masks)
+    for i, mask in enumerate(masks[:, 0]):
+        rows, cols = torch.nonzero(mask, as_tuple=True)
+        top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+        ring[i, 0, top, left : right + 1] = True
+        ring[i, 0, bottom, left : right + 1] = True
+        ring[i, 0, top : bottom + 1, left] = True
+        ring[i, 0, top : bottom + 1, right] = True
+    return ring
+
+
+def test_only_the_distractor_block_and_the_frame_differ(renderings):
     shuffled, digit = renderings["shuffled"], renderings["digit"]
     for name in ("labels", "masks", "distractor_masks", "ink"):
         assert torch.equal(getattr(shuffled, name), getattr(digit, name)), name
-    outside = ~digit.distractor_masks.expand_as(digit.images)
+    changed = digit.distractor_masks | _ring(digit.masks)
+    outside = ~changed.expand_as(digit.images)
     assert torch.equal(shuffled.images[outside], digit.images[outside])
-    inside = ~outside
+    inside = digit.distractor_masks.expand_as(digit.images)
     assert not torch.equal(shuffled.images[inside], digit.images[inside])
     # the shuffled rendering records the class of the scan it shuffled
     assert shuffled.distractor == "shuffled"
     assert shuffled.distractor_labels is not None
 
 
-def test_digit_distractor_is_a_whole_scan_of_its_class(monkeypatch):
+def test_digit_distractor_is_a_whole_scan_of_its_class_and_the_evidence_framed(
+    monkeypatch,
+):
     # without pixel noise, the distractor block's ink density can be read back from
-    # the image: (image - background) / (ink colour - background)
+    # the image: (image - background) / (ink colour - background), the ink colour
+    # being the frame's (full density on the evidence block's edge)
     monkeypatch.setattr(data_module, "NOISE_STD", 0.0)
     scans, labels = load_scans()
     index = split_scans(len(scans), 0)["validation"][:40]
     pool, pool_labels = scans[index], labels[index]
     blocks = render(pool, pool_labels, pool, [0, 5], pool_labels, distractor="digit")
     upsampled = _upsample(pool)[:, 0]  # (M, 16, 16)
+    rings = _ring(blocks.masks)
     for i in range(len(index)):
         image = blocks.images[i].double()
         background = image[:, 0, 0]  # a corner: outside both blocks
-        evidence = blocks.masks[i, 0]
-        peak = blocks.ink[i, 0] == blocks.ink[i, 0].max()
-        colour_delta = image[:, evidence & peak][:, 0] - background
-        colour_delta = colour_delta / blocks.ink[i, 0].max().double()
+        frame = image[:, rings[i, 0]]  # (3, 60): one colour all round
+        assert float((frame - frame[:, :1]).abs().max()) < 1e-6
+        colour_delta = frame[:, 0] - background
+        assert float(colour_delta.abs().max()) > 0.3
         rows = torch.nonzero(blocks.distractor_masks[i, 0].any(1)).flatten()
         block = image[:, rows.min() : rows.max() + 1, COLUMNS]
         channel = int(colour_delta.abs().argmax())
