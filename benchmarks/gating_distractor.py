@@ -172,6 +172,7 @@ def run_distractor(
         out=os.path.join(runs, distractor, "test"),
         target="predicted",
         resume=False,
+        show_progress=False,
         seed=0,
     )
     test_seconds = time.perf_counter() - clock
@@ -225,7 +226,13 @@ def report(distractor: str, run: dict[str, Any]) -> str:
     ]
     body = []
     for row, name in rows.items():
-        cells = [row]
+        protocol = row.split(":")[0]
+        if row.endswith("combined") and name == rows[f"{protocol}: chosen"]:
+            continue  # the choice is the combined score: the row above
+        label = row
+        if row.endswith("chosen"):
+            label = f"{row} ({choices[protocol].configuration.variant})"
+        cells = [label]
         for metric in COLUMNS:
             entry = summary.loc[(name, metric)]
             cells.append(f"{_number(entry['mean'])} ± {_number(entry['sem'])}")
