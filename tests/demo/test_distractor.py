@@ -225,3 +225,46 @@ def test_demo_cli_refuses_an_unknown_distractor(tmp_path, capsys):
         main(["demo", "--out", str(tmp_path / "out"), "--distractor", "noise"])
     assert exit_info.value.code == 2
     assert "--distractor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_choose_gating_runs_stage_one_on_the_protocol_candidates(
+    protocol, tmp_path, monkeypatch
+):
+    from captum_faithful.demo import gating
+    from captum_faithful.evaluation import GatingConfiguration
+
+    calls = []
+
+    class Stage:
+        def __init__(self, configuration):
+            self.configuration = configuration
+
+    def fake_select(model, saes, images, out, layers, kappas, c_maxs, variants, **kw):
+        calls.append(
+            dict(layers=layers, kappas=kappas, c_maxs=c_maxs, variants=variants)
+        )
+        return Stage(GatingConfiguration(tuple(layers[-1]), 0.5, 10.0, variants[-1]))
+
+    monkeypatch.setattr(gating, "select_gating", fake_select)
+    saes = {block: None for block in range(5)}
+    choice = gating.choose_gating(
+        torch.nn.Identity(), saes, torch.zeros(2, 3, 4, 4), tmp_path, protocol=protocol
+    )
+    first, second = calls
+    if protocol == "thesis":
+        assert first["layers"] == [(1,), (2,), (3,), (1, 2, 3)]
+        assert first["variants"] == ["combined"]
+    else:
+        assert first["layers"] == layer_sets(range(5))
+        assert first["variants"] == list(VARIANTS)
+    assert first["kappas"] == [0.5] and first["c_maxs"] == [10.0]
+    # stage 2: the kappa x c_max grid on stage 1's choice, whatever the protocol
+    assert second["layers"] == [first["layers"][-1]]
+    assert second["variants"] == [first["variants"][-1]]
+    assert len(second["kappas"]) == len(second["c_maxs"]) == 3
+    assert choice.n_images == 2
+    with pytest.raises(ValueError, match="protocol"):
+        gating.choose_gating(
+            torch.nn.Identity(), saes, torch.zeros(2, 3, 4, 4), tmp_path, protocol="x"
+        )
