@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_faithful._utils import check_int
-from captum_faithful.demo.data import DigitBlocks, make_blocks
+from captum_faithful.demo.data import DigitBlocks, check_distractor, make_blocks
 from captum_faithful.demo.language import LanguageDemo, load_language_demo
 from captum_faithful.demo.models import (
     FULL_RECIPE,
@@ -71,6 +71,10 @@ class Demo:
         meta (dict): The training record of that folder (``meta.json``): the
                     recipe, the seed, the measurements above, and the training's
                     thread count and seconds.
+        distractor (str): What the distractor block holds, ``"shuffled"`` or
+                    ``"digit"`` (see :func:`load_demo`).
+        distractor_masks_test (Tensor, optional): ``(N, 1, 32, 32)`` bool, True on
+                    each test image's distractor block.
     """
 
     cnn: nn.Module
@@ -89,6 +93,8 @@ class Demo:
     sae_dead_fraction: dict = field(default_factory=dict)
     cache_dir: Path | None = None
     meta: dict = field(default_factory=dict)
+    distractor: str = "shuffled"
+    distractor_masks_test: Tensor | None = None
 
 
 def load_demo(
@@ -96,13 +102,15 @@ def load_demo(
     device: str | torch.device = "cpu",
     seed: int = 0,
     show_progress: bool = False,
+    distractor: str = "shuffled",
 ) -> Demo:
     """The demo's trained CNN, ViT and SAEs with the BlockMNIST-style held-out images.
 
     The models are trained on first use on the CPU (at most ten minutes on two
     cores with the full recipe, about a minute with ``quick=True``) and cached
     under ``~/.cache/captum_faithful`` (or ``$CAPTUM_FAITHFUL_CACHE``), in a folder
-    keyed by the training recipe and ``seed``; later calls load the cache. The SAEs
+    keyed by the training recipe, ``seed`` and ``distractor``; later calls load the
+    cache. The SAEs
     are saved in sae-lens's folder format and loaded back with
     :func:`captum_faithful.sae.load_sae`.
 
@@ -119,6 +127,12 @@ def load_demo(
         seed (int, optional): seed of the data split, the rendering and the training.
             Default: 0
         show_progress (bool, optional): progress bars while training. Default: False
+        distractor (str, optional): what the block beside the evidence holds, in
+            every image the models are trained and evaluated on: ``"shuffled"``,
+            a digit scan cut into shuffled 2 × 2 tiles (no class information), or
+            ``"digit"``, a real digit of a class other than the label (see
+            :mod:`captum_faithful.demo.data`). Each has its own trained models,
+            with the same recipes. Default: "shuffled"
 
     Returns:
         Demo: with ``cnn`` and ``vit`` (a ``ViTForImageClassification``, eager
@@ -130,7 +144,8 @@ def load_demo(
         part), and per SAE block ``sae_explained_variance`` and
         ``sae_dead_fraction`` (the share of features that never fire), measured on
         the patch tokens of eight renderings of the validation scans (see
-        :func:`captum_faithful.demo.models.held_out_tokens`).
+        :func:`captum_faithful.demo.models.held_out_tokens`); ``distractor`` and
+        ``distractor_masks_test``.
 
     Examples::
 
@@ -141,13 +156,16 @@ def load_demo(
     if not isinstance(quick, bool):
         raise TypeError(f"`quick` must be a bool, got {quick!r}")
     check_int("seed", seed, minimum=0)
+    check_distractor(distractor)
     device = torch.device(device)
     recipe = QUICK_RECIPE if quick else FULL_RECIPE
-    folder = ensure_trained(recipe, seed, show_progress=show_progress)
+    folder = ensure_trained(
+        recipe, seed, show_progress=show_progress, distractor=distractor
+    )
     cnn, vit, saes, meta = load_models(folder, str(device))
-    test = make_blocks("test", seed)
-    validation = make_blocks("validation", seed)
-    train = make_blocks("train", seed)
+    test = make_blocks("test", seed, distractor=distractor)
+    validation = make_blocks("validation", seed, distractor=distractor)
+    train = make_blocks("train", seed, distractor=distractor)
     return Demo(
         cnn=cnn,
         vit=vit,
@@ -167,4 +185,6 @@ def load_demo(
         sae_dead_fraction={int(k): v for k, v in meta["sae_dead_fraction"].items()},
         cache_dir=folder,
         meta=meta,
+        distractor=distractor,
+        distractor_masks_test=test.distractor_masks.to(device),
     )

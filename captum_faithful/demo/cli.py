@@ -11,6 +11,7 @@ from captum_faithful._cli import UsageError, device, non_negative_int, positive_
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand (the default job) to ``subparsers``."""
+    from captum_faithful.demo.data import DISTRACTORS
     from captum_faithful.demo.models import CACHE_ENV, cache_root
     from captum_faithful.demo.registry import METHODS
 
@@ -103,6 +104,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "are reused whatever --threads is (the cache is keyed by recipe and seed), "
         "and the report names the count it ran with",
     )
+    parser.add_argument(
+        "--distractor",
+        choices=list(DISTRACTORS),
+        default="shuffled",
+        help="what the block beside the digit holds: 'shuffled', a digit scan cut "
+        "into shuffled 2x2 tiles (no class information; the default), or 'digit', a "
+        "real digit of a class other than the label, where the ViT's SAE features "
+        "can carry class meaning outside the evidence. Each has its own trained "
+        "models (the same recipes; the full 'digit' models train once, in about as "
+        "long as the default ones)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=main)
     return parser
@@ -138,6 +150,7 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         threads=free_cores() if args.threads is None else args.threads,
         show_progress=not args.no_progress,
+        distractor=args.distractor,
     )
     try:
         check_output_folder(settings.out)

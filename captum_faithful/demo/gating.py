@@ -6,6 +6,14 @@ It follows the thesis (§7.3): first every variant on every block alone, on runs
 three adjacent blocks and on all blocks together, at κ = 0.5 and c_max = 10 (the
 thesis's starting point); then κ × c_max on the best (layers, variant). SaCo
 decides, as in the thesis's sweeps.
+
+That is the ``"all"`` protocol, the demo's. The ``"thesis"`` protocol restricts
+stage 1 the way the thesis does: the combined score only (the thesis's method; the
+activation and gradient scores are its ablations) and no SAE at the first or the
+last block that has one (the thesis sweeps layers 2–10 of ViT-B's 12 and leaves
+out the extreme ones, whose SAE features "often show poor reconstruction quality
+and interpretability", §7.3; the last block of ViT-B, like the demo ViT's, has no
+gradient at its patch tokens, so the last gated block is the one before it).
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ STAGE_ONE_C_MAX = 10.0
 #: Stage 2: the thesis's κ × c_max grid on the best layers and variant.
 KAPPAS = (0.1, 0.5, 1.0)
 C_MAXS = (2.0, 10.0, 50.0)
+#: The protocols of :func:`choose_gating`: ``"all"`` (every variant, every block
+#: with an SAE) and ``"thesis"`` (the combined score, the first and last blocks with
+#: an SAE left out).
+PROTOCOLS = ("all", "thesis")
 
 
 def layer_sets(blocks: Sequence[int]) -> list[tuple[int, ...]]:
@@ -48,6 +60,35 @@ def layer_sets(blocks: Sequence[int]) -> list[tuple[int, ...]]:
     if len(blocks) > 1 and tuple(blocks) not in sets:
         sets.append(tuple(blocks))
     return sets
+
+
+def protocol_candidates(
+    protocol: str, blocks: Sequence[int]
+) -> tuple[list[tuple[int, ...]], list[str]]:
+    """Stage 1's layer sets and variants under ``protocol``, for SAEs at ``blocks``.
+
+    ``"all"``: :func:`layer_sets` of every block, every variant. ``"thesis"``: the
+    :func:`layer_sets` of the blocks between the first and the last (both left
+    out; at least three blocks are needed), the combined score only.
+
+    Args:
+        protocol (str): One of :data:`PROTOCOLS`.
+        blocks (Sequence[int]): The 0-based blocks that have an SAE.
+
+    Returns:
+        tuple: ``(layer sets, variants)``.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"`protocol` must be one of {PROTOCOLS}, got {protocol!r}")
+    blocks = sorted(blocks)
+    if protocol == "all":
+        return layer_sets(blocks), list(FeatureGatedTransMM.VARIANTS)
+    if len(blocks) < 3:
+        raise ValueError(
+            'the "thesis" protocol leaves out the first and the last block with an '
+            f"SAE and needs at least one between them; the SAEs are at blocks {blocks}"
+        )
+    return layer_sets(blocks[1:-1]), ["combined"]
 
 
 @dataclass(frozen=True)
@@ -106,9 +147,13 @@ def choose_gating(
     device: str | None = None,
     seed: int = 0,
     show_progress: bool = False,
+    protocol: str = "all",
 ) -> GatingChoice:
     """Run the protocol on the validation ``images`` (two :func:`select_gating`
-    runs under ``out``) and return the choice."""
+    runs under ``out``) and return the choice. ``protocol`` (one of
+    :data:`PROTOCOLS`, default ``"all"``) decides stage 1's layer sets and
+    variants (:func:`protocol_candidates`); stage 2 is the same for both."""
+    layers, variants = protocol_candidates(protocol, list(saes))
     common: dict[str, Any] = dict(
         metric=METRIC,
         batch_size=batch_size,
@@ -121,10 +166,10 @@ def choose_gating(
         saes,
         images,
         out=Path(out) / "stage1",
-        layers=layer_sets(list(saes)),
+        layers=layers,
         kappas=[STAGE_ONE_KAPPA],
         c_maxs=[STAGE_ONE_C_MAX],
-        variants=list(FeatureGatedTransMM.VARIANTS),
+        variants=variants,
         **common,
     )
     second = select_gating(

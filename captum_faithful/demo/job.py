@@ -93,6 +93,7 @@ def _run(settings: Settings) -> Outcome:
         device=settings.device,
         seed=settings.seed,
         show_progress=settings.show_progress,
+        distractor=settings.distractor,
     )
     timings["models"] = clock.lap()
     n = min(settings.resolved_n_images(), len(demo.y_test))

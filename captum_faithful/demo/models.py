@@ -31,7 +31,13 @@ from captum_faithful._utils import (
     progress,
 )
 from captum_faithful.demo._stopwatch import Stopwatch
-from captum_faithful.demo.data import IMAGE_SIZE, N_CLASSES, DigitBlocks, make_blocks
+from captum_faithful.demo.data import (
+    IMAGE_SIZE,
+    N_CLASSES,
+    DigitBlocks,
+    check_distractor,
+    make_blocks,
+)
 
 #: Bump when the training code changes in a way the recipe fields do not capture.
 RECIPE_VERSION = 4
@@ -76,10 +82,14 @@ class Recipe:
     sae_batch_tokens: int = 1024
     batch_size: int = 64
 
-    def key(self, seed: int) -> str:
-        blob = json.dumps(
-            {"version": RECIPE_VERSION, "seed": seed, **asdict(self)}, sort_keys=True
-        )
+    def key(self, seed: int, distractor: str = "shuffled") -> str:
+        """The cache key of this recipe trained with ``seed`` on the rendering with
+        ``distractor`` (see :mod:`captum_faithful.demo.data`). The default
+        rendering's key leaves ``distractor`` out, so it is the key it always was."""
+        fields = {"version": RECIPE_VERSION, "seed": seed, **asdict(self)}
+        if check_distractor(distractor) != "shuffled":
+            fields["distractor"] = distractor
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -336,15 +346,20 @@ def patch_tokens(
 
 
 def held_out_tokens(
-    vit: nn.Module, layers: tuple[int, ...], seed: int = 0
+    vit: nn.Module, layers: tuple[int, ...], seed: int = 0, distractor: str = "shuffled"
 ) -> dict[int, Tensor]:
     """Patch tokens of :data:`DIAGNOSTIC_RENDERINGS` renderings of the validation
     scans, which neither the ViT nor the SAEs saw: what the SAEs' explained variance
     and dead features are measured on. One rendering has too few tokens for rare
     features: with 2,000 tokens and features firing once in 1,000, a third of the
-    features of a well-trained SAE never fire on it."""
+    features of a well-trained SAE never fire on it. ``distractor`` names the
+    rendering (:func:`~captum_faithful.demo.data.make_blocks`)."""
     parts = [
-        patch_tokens(vit, make_blocks("validation", seed, rendering=r).images, layers)
+        patch_tokens(
+            vit,
+            make_blocks("validation", seed, rendering=r, distractor=distractor).images,
+            layers,
+        )
         for r in range(DIAGNOSTIC_RENDERINGS)
     ]
     return {layer: torch.cat([part[layer] for part in parts]) for layer in layers}
@@ -511,22 +526,33 @@ def _load_sae(path: Path, device: str) -> Any:
 
 
 def train_all(
-    recipe: Recipe, seed: int, folder: Path, show_progress: bool = False
+    recipe: Recipe,
+    seed: int,
+    folder: Path,
+    show_progress: bool = False,
+    distractor: str = "shuffled",
 ) -> dict:
     """Train the CNN, the ViT and the SAEs; write them and ``meta.json`` to ``folder``.
 
-    ``meta.json`` holds the recipe, the test accuracies, each SAE's explained
-    variance and share of dead features (:func:`held_out_tokens`),
-    and the CPU and wall seconds of every training phase with the thread count.
+    Every image comes from the rendering with ``distractor``
+    (:func:`~captum_faithful.demo.data.make_blocks`). ``meta.json`` holds the
+    recipe, the distractor, the test accuracies, each SAE's explained variance and
+    share of dead features (:func:`held_out_tokens`), and the CPU and wall seconds
+    of every training phase with the thread count.
     """
+    check_distractor(distractor)
     clock = Stopwatch()
 
     def rendering(index: int) -> DigitBlocks:
-        return make_blocks("train", seed, rendering=index % recipe.renderings)
+        return make_blocks(
+            "train", seed, rendering=index % recipe.renderings, distractor=distractor
+        )
 
     def sae_rendering(index: int) -> DigitBlocks:
         # renderings the classifiers never saw: more distinct training images
-        return make_blocks("train", seed, rendering=recipe.renderings + index)
+        return make_blocks(
+            "train", seed, rendering=recipe.renderings + index, distractor=distractor
+        )
 
     with clock.phase("cnn"):
         torch.manual_seed(seed)
@@ -563,8 +589,8 @@ def train_all(
     with clock.phase("saes"):
         saes = train_saes(vit, sae_rendering, recipe, seed, show_progress)
 
-    test = make_blocks("test", seed)
-    diagnostic_tokens = held_out_tokens(vit, recipe.sae_layers, seed)
+    test = make_blocks("test", seed, distractor=distractor)
+    diagnostic_tokens = held_out_tokens(vit, recipe.sae_layers, seed, distractor)
     folder.mkdir(parents=True, exist_ok=True)
     safetensors = optional_import("safetensors.torch", "demo")
     safetensors.save_file(cnn.state_dict(), str(folder / "cnn.safetensors"))
@@ -575,6 +601,7 @@ def train_all(
     meta = {
         "recipe": asdict(recipe),
         "seed": seed,
+        "distractor": distractor,
         "accuracy": {
             "cnn": accuracy(cnn, test.images, test.labels),
             "vit": accuracy(vit, test.images, test.labels),
@@ -596,14 +623,29 @@ def train_all(
     return meta
 
 
-def ensure_trained(recipe: Recipe, seed: int, show_progress: bool = False) -> Path:
-    """The cache folder of ``(recipe, seed)``, training into it first if needed."""
+def cache_folder(recipe: Recipe, seed: int, distractor: str = "shuffled") -> Path:
+    """The cache folder of ``(recipe, seed, distractor)``: ``demo-<key>`` under
+    :func:`cache_root` (:meth:`Recipe.key`)."""
+    return cache_root() / f"demo-{recipe.key(seed, distractor)}"
+
+
+def ensure_trained(
+    recipe: Recipe, seed: int, show_progress: bool = False, distractor: str = "shuffled"
+) -> Path:
+    """The cache folder of ``(recipe, seed, distractor)``, training into it first if
+    needed."""
 
     def train(staging: Path) -> None:
         with _training_threads():
-            train_all(recipe, seed, staging, show_progress=show_progress)
+            train_all(
+                recipe,
+                seed,
+                staging,
+                show_progress=show_progress,
+                distractor=distractor,
+            )
 
-    return cached_training(cache_root() / f"demo-{recipe.key(seed)}", train)
+    return cached_training(cache_folder(recipe, seed, distractor), train)
 
 
 def cached_training(folder: Path, train: Callable[[Path], None]) -> Path:

@@ -47,6 +47,7 @@ class Settings:
     show_progress: bool = True
     n_validation: int | None = None
     threads: int = 1
+    distractor: str = "shuffled"
 
     def resolved_n_images(self) -> int:
         """Test images every method explains."""

@@ -405,7 +405,9 @@ def render_report(outcome: Any) -> str:
         "",
         f"- Methods: {', '.join(METHODS[k].label for k in settings.methods)}.",
         f"- Images: the first {n_images} test images; batch size {settings.batch_size}; "
-        f"seed {settings.seed}; device {settings.device}.",
+        f"seed {settings.seed}; device {settings.device}; the distractor block "
+        f"holds {distractor_phrase(outcome)} (`--distractor "
+        f"{getattr(settings, 'distractor', 'shuffled')}`).",
         "- Metrics: insertion AUC (blur baseline) and deletion AUC (black baseline), "
         "and both again from one random colour per image (drawn from the seed, the "
         f"same for every method), {50 if settings.quick else 100} steps; SaCo (10 groups, mean-colour baseline); "
@@ -436,6 +438,13 @@ def figure_models(outcome: Any) -> list[str]:
     return [m for m in MODEL_NAMES if any(METHODS[k].model == m for k in keys)]
 
 
+def distractor_phrase(outcome: Any) -> str:
+    """What the distractor block of the run's images holds, in words."""
+    if getattr(outcome.settings, "distractor", "shuffled") == "digit":
+        return "a real digit of another class"
+    return "shuffled strokes"
+
+
 def figure_lines(outcome: Any) -> list[str]:
     """The figures, one per model, right after the summary."""
     models = figure_models(outcome)
@@ -452,7 +461,7 @@ def figure_lines(outcome: Any) -> list[str]:
         "",
         f"The first {shown} test image{'s' if shown != 1 else ''}: each input with its true class and "
         "the class the model predicts (which every map explains), the block that "
-        "holds the digit (white; the other block holds shuffled strokes), and one "
+        f"holds the digit (white; the other block holds {distractor_phrase(outcome)}), and one "
         "map per method. Red: evidence for the explained class, blue: against it; "
         "each map is divided by its largest |attribution|.",
         "",
@@ -563,7 +572,8 @@ METRIC_GUIDE: dict[str, str] = {
     "localisation": (
         "no reference image: the share of the map's positive attribution that lies "
         "in the block holding the digit (the other block holds shuffled strokes "
-        "with no class information). It favours maps concentrated on the digit, "
+        "with no class information; with `--distractor digit`, a real digit of "
+        "another class). It favours maps concentrated on the digit, "
         "whether or not the model depends on every part of it; a map of the ViT has "
         "one value per patch, so it can spill over the block's edge."
     ),
