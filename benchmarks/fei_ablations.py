@@ -26,7 +26,7 @@ error over the images:
 - activation deviation along the hard insertion curve (mean-colour baseline,
   20 steps) on *all* convolutions of the model, whichever layers were clipped
   (comparable within a model, not across models: the layers differ);
-- blank-image insertion: :func:`~captum_faithful.attr.blank_image_diagnostic`'s
+- blank-image insertion: :func:`~captum_faithful.studies.blank_image_diagnostic`'s
   insertion AUC (20 steps) on constant images of random colours, evidence found
   where there is none; the row "random map" scores a random ranking of the same
   blank images against the same references, the level of a map that finds nothing.
