@@ -170,17 +170,7 @@ def test_protocol_candidates_against_hand_built_lists():
     assert sets == [(1,), (2,), (3,), (1, 2, 3)]
     assert variants == ["combined"]
     sets, variants = protocol_candidates("all", [4, 3, 2, 1, 0])
-    assert sets == [
-        (0,),
-        (1,),
-        (2,),
-        (3,),
-        (4,),
-        (0, 1, 2),
-        (1, 2, 3),
-        (2, 3, 4),
-        (0, 1, 2, 3, 4),
-    ]
+    # every layer set of the demo's protocol (pinned by hand in test_gating.py)
     assert sets == layer_sets([0, 1, 2, 3, 4])
     assert variants == list(FeatureGatedTransMM.VARIANTS) and len(variants) == 3
     # the quick recipe: SAEs at blocks 0-2
