@@ -525,6 +525,30 @@ def _load_sae(path: Path, device: str) -> Any:
     return load_sae(path, device=device)
 
 
+def train_with_cnn_recipe(
+    model: nn.Module,
+    recipe: Recipe,
+    seed: int,
+    rendering: Callable[[int], DigitBlocks],
+    show_progress: bool,
+    desc: str,
+) -> nn.Module:
+    """Train ``model`` as the demo trains its CNN: torch seeded with ``seed``, then
+    :func:`train_classifier` with the recipe's CNN epochs, learning rate and batch
+    size (the demo CNN and the residual CNN of the FEI ablations share it)."""
+    torch.manual_seed(seed)
+    return train_classifier(
+        model,
+        rendering,
+        recipe.cnn_epochs,
+        recipe.cnn_lr,
+        recipe.batch_size,
+        seed,
+        show_progress=show_progress,
+        desc=desc,
+    )
+
+
 def train_all(
     recipe: Recipe,
     seed: int,
@@ -555,16 +579,8 @@ def train_all(
         )
 
     with clock.phase("cnn"):
-        torch.manual_seed(seed)
-        cnn = train_classifier(
-            build_cnn(),
-            rendering,
-            recipe.cnn_epochs,
-            recipe.cnn_lr,
-            recipe.batch_size,
-            seed,
-            show_progress=show_progress,
-            desc="train CNN",
+        cnn = train_with_cnn_recipe(
+            build_cnn(), recipe, seed, rendering, show_progress, "train CNN"
         )
     with clock.phase("vit"):
         torch.manual_seed(seed)
@@ -800,16 +816,13 @@ def train_residual_cnn(
         return make_blocks("train", seed, rendering=index % recipe.renderings)
 
     with clock.phase("residual_cnn"):
-        torch.manual_seed(seed)
-        model = train_classifier(
+        model = train_with_cnn_recipe(
             build_residual_cnn(),
-            rendering,
-            recipe.cnn_epochs,
-            recipe.cnn_lr,
-            recipe.batch_size,
+            recipe,
             seed,
-            show_progress=show_progress,
-            desc="train residual CNN",
+            rendering,
+            show_progress,
+            "train residual CNN",
         )
     test = make_blocks("test", seed)
     folder.mkdir(parents=True, exist_ok=True)
