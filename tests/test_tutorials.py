@@ -461,8 +461,10 @@ def _check_evaluation(values: dict) -> None:
     method's by >= 0.120; UNI's and IG (blur)'s insertion above the random map's by
     >= 0.192; on deletion the gap of UNI or IG (blur) to the random map 0.007 to
     0.097, which is why the prose claims no ranking there, only that the gap is
-    within about two standard errors (the check allows 2.5); FEI (vm)'s infidelity
-    minus the random map's -0.003 to +0.014 (no better beyond its uncertainty);
+    within about two standard errors: 0.20 to 1.64 combined standard errors over
+    the seeds (the check allows 2.5); FEI (vm)'s infidelity minus the random map's
+    -0.003 to +0.014, at most 0.25 standard errors better (no better beyond its
+    uncertainty; the check allows 2);
     similarity after every layer is randomised |rho| <= 0.097; evaluate's means
     equal the direct calls exactly."""
     assert {
