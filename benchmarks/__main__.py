@@ -1,6 +1,6 @@
 """Run every benchmark with the settings of ``docs/performance.md`` and keep the output.
 
-    python -m benchmarks                     # everything (about 3 h 45 min)
+    python -m benchmarks                     # everything (about 3 h 25 min)
     python -m benchmarks --only fei,uni      # some of them
     python -m benchmarks --list              # the commands, with their run times
     python -m benchmarks --no-warmup         # bench_scale without its warm-up call
@@ -24,9 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: entry -> (script, arguments, expected wall time on a quiet machine like that of
-#: docs/performance.md: estimated from the per-call times there, about 3 h 45 min
-#: in all, three quarters of it bench_scale's warm-up and timed round at real scale)
+#: entry -> (script, arguments, wall time on the quiet machine of docs/performance.md:
+#: the bench_scale entries measured there without warm-up, 50, 25, 10 and 5 min, and
+#: doubled for the warm-up; about 3 h 25 min in all, three quarters bench_scale)
 ENTRIES: dict[str, tuple[str, list[str], str]] = {
     "fei": ("bench_fei", ["--images", "8", "--skip-table"], "~5 min"),
     "fei_variants": ("bench_fei", ["--skip-speed"], "~15 min"),
@@ -37,23 +37,23 @@ ENTRIES: dict[str, tuple[str, list[str], str]] = {
     "scale_images": (
         "bench_scale",
         ["--only", "resnet50,vgg16,vit_hf,vit_timm,bert", "--parts", "methods,metrics"],
-        "~1 h 55 min",
+        "~1 h 40 min",
     ),
     "scale_memory": (
         "bench_scale",
         ["--only", "resnet50,vgg16,bert", "--parts", "memory"],
-        "~8 min",
+        "~5 min",
     ),
     "scale_lm": (
         "bench_scale",
         ["--only", "gpt2,pythia160m", "--parts", "methods", "--batch", "1"],
-        "~30 min",
+        "~28 min",
     ),
     "scale_lm_batch4": (
         "bench_scale",
         ["--only", "gpt2,pythia160m", "--parts", "methods", "--batch", "4"]
         + ["--methods", "uni"],
-        "~22 min",
+        "~20 min",
     ),
 }
 
@@ -83,7 +83,7 @@ def main() -> None:
         dest="warmup",
         action="store_false",
         help="pass --no-warmup to the bench_scale entries: about half their time "
-        "(1 h 35 min instead of 2 h 55 min), the first call's one-off costs timed",
+        "(90 min instead of about 2 h 30 min), the first call's one-off costs timed",
     )
     args = parser.parse_args()
     entries = list(ENTRIES) if not args.only else args.only.split(",")
