@@ -74,6 +74,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from captum_faithful import _utils
+
 #: The clock of every timing (see the module docstring).
 CLOCK: Callable[[], float] = time.perf_counter
 
@@ -444,7 +446,8 @@ def peak_cell(timings: Timings, name: str) -> str:
 
 
 def markdown_table(rows: list[Mapping[str, Any]], keys: list[str] | None = None) -> str:
-    """A markdown table of ``rows`` (floats to 3 significant digits)."""
+    """A markdown table of ``rows``, one column per key (floats to 3 significant
+    digits, a missing value as ``–``), written by the package's table writer."""
     keys = list(rows[0]) if keys is None else keys
 
     def cell(value: Any) -> str:
@@ -454,6 +457,5 @@ def markdown_table(rows: list[Mapping[str, Any]], keys: list[str] | None = None)
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
         return str(value)
 
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(row.get(k)) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
+    cells = ([cell(row.get(k)) for k in keys] for row in rows)
+    return _utils.markdown_table(keys, cells, text_columns=len(keys))

@@ -872,36 +872,25 @@ def _child(argv: list[str]) -> Any:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
-
-
-def table(rows: list[dict], keys: list[str]) -> str:
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def chunk_table(rows: list[dict]) -> str:
     """One line per (sweep, model, batch), one column per chunk size."""
     chunks = sorted({r["chunk"] for r in rows})
-    lines = [
-        "| sweep | model | batch | " + " | ".join(f"{c}" for c in chunks) + " |",
-        "|" + "---|" * (3 + len(chunks)),
-    ]
     groups: dict[tuple, dict] = {}
     for r in rows:
         groups.setdefault((r["sweep"], r["model"], r["batch"]), {})[r["chunk"]] = r
-    for (sweep, model, n), by_chunk in groups.items():
-        cells = [
-            f"{by_chunk[c]['peak_mb']:.0f}" if c in by_chunk else "" for c in chunks
-        ]
-        lines.append(f"| {sweep} | {model} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    lines = [
+        {
+            "sweep": sweep,
+            "model": model,
+            "batch": n,
+            **{
+                str(c): f"{by_chunk[c]['peak_mb']:.0f}" if c in by_chunk else ""
+                for c in chunks
+            },
+        }
+        for (sweep, model, n), by_chunk in groups.items()
+    ]
+    return harness.markdown_table(lines, ["sweep", "model", "batch", *map(str, chunks)])
 
 
 def main() -> None:
@@ -1042,7 +1031,7 @@ def main() -> None:
             rows += _child(["--child", model, part, *common])
             print(f"  ({part}: {model} done)", file=sys.stderr, flush=True)
         print(f"\n## {part}\n")
-        print(table(rows, keys))
+        print(harness.markdown_table(rows, keys))
         everything += rows
     if "memory" in parts:
         rows = []

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_faithful._baselines import monochrome_reference
+from captum_faithful._utils import markdown_table
 from captum_faithful.attr import FaithfulnessEnsemble
 from captum_faithful.attr._core.clip_grad import CLIP_RULES
 from captum_faithful.demo.registry import EvidencePrecision
@@ -202,32 +203,30 @@ def run_cell(
 
 
 def print_table(name: str, results: dict, random_blank: Tensor | None) -> None:
-    print(f"\n### {name}\n")
-    print("| clip | layers | " + " | ".join(label for _, label in METRICS) + " |")
-    print("|---|---|" + "---:|" * len(METRICS))
-    for condition, values in results.items():
-        cells = [
+    rows = [
+        [condition.clip, condition.label]
+        + [
             fmt(values[key], 4 if key == "deviation" else 3) if key in values else "–"
             for key, _ in METRICS
         ]
-        print(f"| {condition.clip} | {condition.label} | " + " | ".join(cells) + " |")
+        for condition, values in results.items()
+    ]
     if random_blank is not None:
-        cells = ["–"] * (len(METRICS) - 1) + [fmt(random_blank)]
-        print("| random map | – | " + " | ".join(cells) + " |")
+        rows.append(
+            ["random map", "–"] + ["–"] * (len(METRICS) - 1) + [fmt(random_blank)]
+        )
+    header = ["clip", "layers", *(label for _, label in METRICS)]
+    print(f"\n### {name}\n")
+    print(markdown_table(header, rows, text_columns=2))
 
 
 def print_differences(name: str, results: dict, random_blank: Tensor | None) -> None:
-    print(f"\n{name}, paired differences (mean ± s.e. over the same images):\n")
-    print(
-        "| clip | insertion: early − all | insertion: late − all | "
-        "blank-image insertion: rule − random map |"
-    )
-    print("|---|---:|---:|---:|")
     by_key = {(c.clip, c.layers): v for c, v in results.items()}
+    rows = []
     for condition, values in results.items():
         if condition.layers not in (None, "conv"):
             continue
-        cells = []
+        cells = [condition.clip]
         for layers in ("early", "late"):
             other = by_key.get((condition.clip, layers))
             cells.append(
@@ -239,7 +238,15 @@ def print_differences(name: str, results: dict, random_blank: Tensor | None) -> 
             cells.append(fmt(values["blank"] - random_blank))
         else:
             cells.append("–")
-        print(f"| {condition.clip} | " + " | ".join(cells) + " |")
+        rows.append(cells)
+    header = [
+        "clip",
+        "insertion: early − all",
+        "insertion: late − all",
+        "blank-image insertion: rule − random map",
+    ]
+    print(f"\n{name}, paired differences (mean ± s.e. over the same images):\n")
+    print(markdown_table(header, rows))
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from captum_faithful._utils import markdown_table
 from captum_faithful.attr import TransMM
 from captum_faithful.demo import load_demo
 from captum_faithful.demo.data import DISTRACTORS
@@ -82,12 +83,6 @@ def _p(value: float) -> str:
     if value != value:
         return "nan"
     return f"{value:.2g}" if value >= 1e-3 else f"{value:.0e}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 class _Explain:
@@ -205,7 +200,7 @@ def report(distractor: str, run: dict[str, Any]) -> str:
         "",
         "Chosen on the validation images (SaCo, mean):",
         "",
-        _table(
+        markdown_table(
             ["protocol", "layers", "κ", "c_max", "variant", "SaCo", "TransMM"],
             [
                 [
@@ -237,7 +232,9 @@ def report(distractor: str, run: dict[str, Any]) -> str:
             entry = summary.loc[(name, metric)]
             cells.append(f"{_number(entry['mean'])} ± {_number(entry['sem'])}")
         body.append(cells)
-    lines.append(_table(["method", *(label for label, _ in COLUMNS.values())], body))
+    lines.append(
+        markdown_table(["method", *(label for label, _ in COLUMNS.values())], body)
+    )
     lines += ["", "Welch tests on the test images (difference a − b, p):", ""]
     pairs = []
     for protocol in choices:
@@ -252,7 +249,9 @@ def report(distractor: str, run: dict[str, Any]) -> str:
             test = results.compare(rows[a], rows[b], metric)
             cells.append(f"{test.difference:+.3f} (p {_p(test.pvalue)})")
         body.append(cells)
-    lines.append(_table(["a − b", *(label for label, _ in COLUMNS.values())], body))
+    lines.append(
+        markdown_table(["a − b", *(label for label, _ in COLUMNS.values())], body)
+    )
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in run["seconds"].items())
     lines += ["", f"Wall time: {seconds}.", ""]
     return "\n".join(lines)
