@@ -281,8 +281,9 @@ class UnlearnedIntegratedGradients(GradientAttribution):
                         Default: 0.1
             unlearning_batch_size (int, optional): Samples unlearned together in one
                         vectorised chunk; memory grows as this times the number of
-                        parameters (measured: about 3.5 float32 copies of the
-                        parameters per sample, 360 MB per sample on ResNet-50). None
+                        parameters (measured: about 3 float32 copies of the
+                        parameters per sample, 280 to 320 MB per sample on
+                        ResNet-50). None
                         takes as many as fit ``2**26`` parameter values (256 MB per
                         copy at float32).
                         Default: None
